@@ -1,0 +1,180 @@
+//! CPU model: the CPUID answers and the features they promise.
+//!
+//! The feature set is coherent by construction: every bit offered here is
+//! implemented by the emulator, and the VMM can only remove bits (never add
+//! ones the emulator lacks).
+
+use serde::{Deserialize, Serialize};
+
+/// Features the VMM may switch off. Everything else in CPUID is fixed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Features {
+    pub sse3: bool,
+    pub ssse3: bool,
+    pub cx16: bool,
+    pub popcnt: bool,
+    pub nx: bool,
+    pub pdpe1gb: bool,
+    pub rdtscp: bool,
+    pub smep: bool,
+    pub smap: bool,
+    pub tsc_deadline: bool,
+    pub x2apic: bool,
+    /// Advertise the hypervisor bit and the 0x4000_0000 leaves.
+    pub hypervisor: bool,
+}
+
+impl Default for Features {
+    fn default() -> Self {
+        Features {
+            sse3: true,
+            ssse3: true,
+            cx16: true,
+            popcnt: false,
+            nx: true,
+            pdpe1gb: true,
+            rdtscp: false,
+            smep: false,
+            smap: false,
+            tsc_deadline: true,
+            x2apic: false,
+            hypervisor: true,
+        }
+    }
+}
+
+/// Static configuration of one vCPU.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuConfig {
+    pub apic_id: u32,
+    /// Number of vCPUs in the machine (CPUID topology).
+    pub cpu_count: u32,
+    /// TSC frequency reported through CPUID 0x15/0x16 and 0x4000_0010, in kHz.
+    pub tsc_khz: u32,
+    pub features: Features,
+}
+
+impl Default for CpuConfig {
+    fn default() -> Self {
+        CpuConfig {
+            apic_id: 0,
+            cpu_count: 1,
+            tsc_khz: 2_000_000,
+            features: Features::default(),
+        }
+    }
+}
+
+/// Vendor string "GenuineIntel" split into EBX, EDX, ECX.
+const VENDOR: [u32; 3] = [0x756e_6547, 0x4965_6e69, 0x6c65_746e];
+
+fn bit(on: bool, n: u32) -> u32 {
+    if on {
+        1 << n
+    } else {
+        0
+    }
+}
+
+impl CpuConfig {
+    /// The CPUID answer for `leaf`/`subleaf` as (eax, ebx, ecx, edx).
+    pub fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let f = &self.features;
+        match leaf {
+            0 => [0x16, VENDOR[0], VENDOR[2], VENDOR[1]],
+            1 => {
+                // Family 6, model 0x3a-ish signature; no real CPU quirks implied.
+                let eax = 0x0003_06a9;
+                let ebx = (self.apic_id << 24) | (self.cpu_count.min(255) << 16) | (8 << 8);
+                let ecx = bit(f.sse3, 0)
+                    | bit(f.ssse3, 9)
+                    | bit(f.cx16, 13)
+                    | bit(f.x2apic, 21)
+                    | bit(f.popcnt, 23)
+                    | bit(f.tsc_deadline, 24)
+                    | bit(f.hypervisor, 31);
+                // FPU VME? no. DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA
+                // CMOV PAT PSE36 CLFSH MMX FXSR SSE SSE2 (HTT when SMP).
+                let edx = (1 << 0)
+                    | (1 << 3)
+                    | (1 << 4)
+                    | (1 << 5)
+                    | (1 << 6)
+                    | (1 << 8)
+                    | (1 << 9)
+                    | (1 << 11)
+                    | (1 << 13)
+                    | (1 << 15)
+                    | (1 << 16)
+                    | (1 << 19)
+                    | (1 << 23)
+                    | (1 << 24)
+                    | (1 << 25)
+                    | (1 << 26)
+                    | bit(self.cpu_count > 1, 28);
+                [eax, ebx, ecx, edx]
+            }
+            // No cache descriptors through leaf 2; leaf 4 describes none.
+            2 => [1, 0, 0, 0],
+            4 => [0, 0, 0, 0],
+            7 if subleaf == 0 => [0, bit(f.smep, 7) | bit(f.smap, 20), 0, 0],
+            0xb => {
+                // x2APIC topology: one thread per core, cpu_count cores.
+                let shift = 32 - self.cpu_count.max(1).saturating_sub(1).leading_zeros();
+                match subleaf {
+                    0 => [0, 1, 0x100, self.apic_id],
+                    1 => [shift, self.cpu_count, 0x201, self.apic_id],
+                    _ => [0, 0, subleaf, self.apic_id],
+                }
+            }
+            0x15 => [1, 1, self.tsc_khz.saturating_mul(1000), 0],
+            0x16 => {
+                let mhz = self.tsc_khz / 1000;
+                [mhz, mhz, 100, 0]
+            }
+            0x4000_0000 if f.hypervisor => [0x4000_0010, 0x7373_6556, 0x6d65_6c65, 0x7373_6556], // "VesselmeVess"
+            0x4000_0010 if f.hypervisor => [self.tsc_khz, 1_000_000, 0, 0],
+            0x8000_0000 => [0x8000_0008, VENDOR[0], VENDOR[2], VENDOR[1]],
+            0x8000_0001 => {
+                // LAHF/SAHF in 64-bit mode; SYSCALL, NX, 1G pages, RDTSCP, LM.
+                let ecx = 1;
+                let edx = (1 << 11) | bit(f.nx, 20) | bit(f.pdpe1gb, 26) | bit(f.rdtscp, 27) | (1 << 29);
+                [0, 0, ecx, edx]
+            }
+            0x8000_0002..=0x8000_0004 => {
+                let name = b"Vessel x86emu virtual CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+                let base = (leaf - 0x8000_0002) as usize * 16;
+                let w = |i: usize| u32::from_le_bytes(name[base + i * 4..base + i * 4 + 4].try_into().unwrap());
+                [w(0), w(1), w(2), w(3)]
+            }
+            0x8000_0008 => [(48 << 8) | crate::mmu::PHYS_ADDR_BITS, 0, 0, 0],
+            _ => [0, 0, 0, 0],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn baseline_features() {
+        let c = CpuConfig::default();
+        let [_, _, ecx, edx] = c.cpuid(1, 0);
+        assert!(edx & (1 << 25) != 0 && edx & (1 << 26) != 0, "SSE and SSE2");
+        assert!(ecx & 1 != 0 && ecx & (1 << 9) != 0, "SSE3 and SSSE3");
+        // Not implemented, never offered: SSE4.1/4.2, AVX, XSAVE, MONITOR.
+        assert_eq!(ecx & ((1 << 19) | (1 << 20) | (1 << 28) | (1 << 26) | (1 << 3)), 0);
+        let [_, _, _, edx] = c.cpuid(0x8000_0001, 0);
+        assert!(edx & (1 << 29) != 0, "long mode");
+    }
+
+    #[test]
+    fn features_can_be_removed() {
+        let mut c = CpuConfig::default();
+        c.features.ssse3 = false;
+        c.features.nx = false;
+        assert_eq!(c.cpuid(1, 0)[2] & (1 << 9), 0);
+        assert_eq!(c.cpuid(0x8000_0001, 0)[3] & (1 << 20), 0);
+    }
+}

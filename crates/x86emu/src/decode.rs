@@ -1,0 +1,237 @@
+//! Instruction fetch and the decoded-block cache.
+//!
+//! A block is a run of instructions from one guest-physical page, ending at
+//! the first control-flow instruction or the page end. Blocks are keyed by
+//! linear address and code size, and validated on every use against the
+//! current translation of that address and the page's code-map tag, so that
+//! remapping, self-modifying code and DMA all invalidate them.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction};
+
+use crate::bus::{Bus, PAGE_SIZE};
+use crate::cpu::Cpu;
+use crate::exception::{ExecResult, Fault};
+use crate::exec::{handler_for, Handler};
+use crate::mmu::{self, Access};
+use crate::state::Seg;
+
+/// Most instructions in one block.
+const MAX_BLOCK: usize = 64;
+/// Blocks kept before the cache is cleared wholesale.
+const MAX_BLOCKS: usize = 1 << 16;
+
+/// One decoded instruction with its handler resolved.
+pub struct Decoded {
+    pub ins: Instruction,
+    pub handler: Handler,
+}
+
+pub struct Block {
+    pub instrs: Vec<Decoded>,
+    /// Physical page the block was decoded from.
+    phys: u64,
+    /// Code-map tag at decode time; `None` for uncacheable blocks.
+    tag: Option<u32>,
+}
+
+/// A fast hasher for u64 keys (Fx-style multiply).
+#[derive(Default)]
+pub struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+#[derive(Default)]
+pub struct DecodeCache {
+    blocks: HashMap<u64, Arc<Block>, BuildHasherDefault<FxHasher>>,
+}
+
+impl DecodeCache {
+    pub fn clear(&mut self) {
+        self.blocks.clear();
+    }
+}
+
+/// Cache key: linear address with the code size folded into the top bits
+/// (linear addresses are at most 57 bits significant once canonical).
+fn key(lin: u64, bits: u32) -> u64 {
+    (lin & 0x00ff_ffff_ffff_ffff) | ((bits as u64) << 56)
+}
+
+impl Cpu {
+    /// Linear address of RIP, checked against the CS limit outside 64-bit mode.
+    fn code_linear(&self) -> ExecResult<u64> {
+        let s = &self.state;
+        if s.in_64bit() {
+            if !crate::memory::is_canonical(s.rip) {
+                return Err(Fault::gp0());
+            }
+            return Ok(s.rip);
+        }
+        let cs = s.seg(Seg::Cs);
+        if s.rip > cs.limit as u64 {
+            return Err(Fault::gp0());
+        }
+        Ok(cs.base.wrapping_add(s.rip) & 0xffff_ffff)
+    }
+
+    /// Find or decode the block at the current RIP.
+    pub(crate) fn fetch_block(&mut self, bus: &mut dyn Bus) -> ExecResult<Arc<Block>> {
+        let lin = self.code_linear()?;
+        let bits = self.state.code_bits();
+        let user = self.state.cpl() == 3;
+        let t = mmu::translate(&mut self.tlb, bus, &self.state, lin, Access::Execute, user)?;
+        let k = key(lin, bits);
+        if let Some(b) = self.cache.blocks.get(&k) {
+            if b.phys == t.phys && b.tag.is_some() && b.tag == Some(self.code_map.tag(t.phys)) {
+                return Ok(b.clone());
+            }
+        }
+        let block = Arc::new(self.decode_block(bus, lin, bits, t)?);
+        self.stats.blocks_decoded += 1;
+        if block.tag.is_some() {
+            if self.cache.blocks.len() >= MAX_BLOCKS {
+                self.cache.blocks.clear();
+            }
+            self.cache.blocks.insert(k, block.clone());
+        }
+        Ok(block)
+    }
+
+    fn decode_block(&mut self, bus: &mut dyn Bus, lin: u64, bits: u32, t: mmu::Translation) -> ExecResult<Block> {
+        let off = (lin & (PAGE_SIZE - 1)) as usize;
+        let ip = self.state.rip;
+        if let Some(host) = t.host {
+            // Mark before reading so a concurrent write after our read bumps the tag.
+            let tag = self.code_map.mark_code(t.phys);
+            // SAFETY: the bus guarantees PAGE_SIZE valid bytes at `host`;
+            // we only read [off, PAGE_SIZE). Concurrent writers can change
+            // bytes under us, which the code-map tag then reports.
+            let bytes = unsafe { std::slice::from_raw_parts(host.as_ptr().add(off), PAGE_SIZE as usize - off) };
+            let mut dec = Decoder::with_ip(bits, bytes, ip, DecoderOptions::NONE);
+            let mut instrs = Vec::with_capacity(8);
+            let mut ins = Instruction::default();
+            while dec.can_decode() && instrs.len() < MAX_BLOCK {
+                let pos = dec.position();
+                dec.decode_out(&mut ins);
+                if ins.is_invalid() {
+                    // Out of bytes at the page end: decode across the page
+                    // boundary on its own, uncached.
+                    if dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
+                        if instrs.is_empty() {
+                            return self.decode_slow(bus, lin, bits);
+                        }
+                        break;
+                    }
+                    let _ = pos;
+                    instrs.push(Decoded {
+                        ins,
+                        handler: crate::exec::invalid,
+                    });
+                    break;
+                }
+                let flow = ins.flow_control();
+                instrs.push(Decoded {
+                    handler: handler_for(ins.mnemonic()),
+                    ins,
+                });
+                if flow != FlowControl::Next {
+                    break;
+                }
+                // Mode-changing instructions end blocks through `end_block`.
+            }
+            if instrs.is_empty() {
+                return self.decode_slow(bus, lin, bits);
+            }
+            return Ok(Block {
+                instrs,
+                phys: t.phys,
+                tag,
+            });
+        }
+        self.decode_slow(bus, lin, bits)
+    }
+
+    /// Decode one instruction byte by byte through the MMU (page-crossing
+    /// instructions, code outside RAM). The result is not cached.
+    fn decode_slow(&mut self, bus: &mut dyn Bus, lin: u64, bits: u32) -> ExecResult<Block> {
+        let mut buf = [0u8; 15];
+        let mut n = 0;
+        let user = self.state.cpl() == 3;
+        // Fetch up to 15 bytes; a fault past the first byte only matters if
+        // the instruction really needs those bytes.
+        let mut fetch_fault = None;
+        while n < 15 {
+            let a = if bits == 64 {
+                lin.wrapping_add(n as u64)
+            } else {
+                lin.wrapping_add(n as u64) & 0xffff_ffff
+            };
+            match self.fetch_byte(bus, a, user) {
+                Ok(b) => buf[n] = b,
+                Err(f) => {
+                    fetch_fault = Some(f);
+                    break;
+                }
+            }
+            n += 1;
+        }
+        if n == 0 {
+            return Err(fetch_fault.unwrap_or_else(Fault::gp0));
+        }
+        let mut dec = Decoder::with_ip(bits, &buf[..n], self.state.rip, DecoderOptions::NONE);
+        let ins = dec.decode();
+        if ins.is_invalid() {
+            if dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
+                if let Some(f) = fetch_fault {
+                    return Err(f);
+                }
+            }
+            return Ok(Block {
+                instrs: vec![Decoded {
+                    ins,
+                    handler: crate::exec::invalid,
+                }],
+                phys: u64::MAX,
+                tag: None,
+            });
+        }
+        Ok(Block {
+            instrs: vec![Decoded {
+                handler: handler_for(ins.mnemonic()),
+                ins,
+            }],
+            phys: u64::MAX,
+            tag: None,
+        })
+    }
+
+    fn fetch_byte(&mut self, bus: &mut dyn Bus, lin: u64, user: bool) -> ExecResult<u8> {
+        let t = mmu::translate(&mut self.tlb, bus, &self.state, lin, Access::Execute, user)?;
+        let off = (lin & (PAGE_SIZE - 1)) as usize;
+        match t.host {
+            // SAFETY: the bus guarantees PAGE_SIZE valid bytes at `host`, off < PAGE_SIZE.
+            Some(h) => Ok(unsafe { h.as_ptr().add(off).read_volatile() }),
+            None => {
+                let mut b = [0u8];
+                bus.mmio_read(t.phys + off as u64, &mut b);
+                Ok(b[0])
+            }
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! x86emu: a software x86-64 CPU.
+//!
+//! A pure library: architectural state ([`CpuState`], plain serde data),
+//! instruction decoding through iced-x86, execution, the MMU and TLB,
+//! exceptions and interrupt delivery. It owns no threads, files or devices;
+//! it reaches memory, port I/O, MMIO and the interrupt controller only
+//! through the [`Bus`] trait, and [`Cpu::run`] returns to its caller when
+//! the guest halts, the instruction budget runs out, or the bus asks.
+
+pub mod bus;
+pub mod codemap;
+pub mod config;
+pub mod cpu;
+pub mod decode;
+pub mod exception;
+pub mod exec;
+pub mod interrupt;
+pub mod memory;
+pub mod mmu;
+pub mod operand;
+pub mod state;
+pub mod testbus;
+
+pub use bus::Bus;
+pub use codemap::CodeMap;
+pub use config::{CpuConfig, Features};
+pub use cpu::{Cpu, Exit, Stats};
+pub use exception::Fault;
+pub use state::CpuState;

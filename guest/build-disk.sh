@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Build the Vessel test disk: $VESSEL_CACHE/disk.ext4, a 64 MiB ext4 image
+# made with mkfs.ext4 -d (no mount, no loop device). Its contents are fixed
+# so tests can check what a guest reads:
+#   /hello.txt    "hello from the vessel test disk\n"
+#   /pattern.bin  1 MiB: byte i is (i mod 251)
+#   /SHA256SUMS   sha256sum of both, in sha256sum -c format
+# The image is reproducible (fixed UUID, hash seed and timestamps).
+# Skips the work when nothing changed; FORCE=1 redoes it.
+set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+OUT=${VESSEL_CACHE}/disk.ext4
+STAMP=${VESSEL_CACHE}/disk.inputs.sha256
+SIZE=64M
+UUID=5e55e100-0000-4000-8000-000000000001
+
+ensure_pkgs e2fsprogs python3
+
+want=$(hash_of "${BASH_SOURCE[0]}" "$(pkg_version e2fsprogs)")
+if [[ ${FORCE:-0} != 1 ]] && up_to_date "$STAMP" "$want" "$OUT"; then
+	log "disk up to date: $OUT"
+	exit 0
+fi
+rm -f "$STAMP"
+
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+root=$stage/root
+mkdir -p "$root"
+printf 'hello from the vessel test disk\n' >"$root/hello.txt"
+python3 -c 'import sys; sys.stdout.buffer.write(bytes(i % 251 for i in range(1 << 20)))' >"$root/pattern.bin"
+(cd "$root" && sha256sum hello.txt pattern.bin >SHA256SUMS)
+chmod 0644 "$root"/*
+touch -d @0 "$root" "$root"/*
+
+mkdir -p "$VESSEL_CACHE"
+rm -f "$OUT.tmp"
+E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -q -F -L vessel -U "$UUID" \
+	-E "hash_seed=$UUID,root_owner=0:0" -d "$root" "$OUT.tmp" "$SIZE" >/dev/null
+# mkfs -d copies each file's ctime, which touch cannot set: pin it here.
+for f in "$root"/*; do
+	printf 'set_inode_field /%s ctime 0\n' "${f##*/}"
+done | E2FSPROGS_FAKE_TIME=1 debugfs -w -f - "$OUT.tmp" >/dev/null 2>&1
+e2fsck -fn "$OUT.tmp" >/dev/null 2>&1 || die "e2fsck found errors in $OUT.tmp"
+mv "$OUT.tmp" "$OUT"
+printf '%s\n' "$want" >"$STAMP"
+log "disk: $OUT ($SIZE ext4, label vessel, UUID $UUID)"

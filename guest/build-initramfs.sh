@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Build the Vessel test initramfs from Debian's busybox-static and guest/init:
+#   $VESSEL_CACHE/initramfs.cpio     (uncompressed newc cpio)
+#   $VESSEL_CACHE/initramfs.cpio.gz  (the same, gzip)
+# The archive is written by the kernel's usr/gen_init_cpio from a file list,
+# so /dev/console exists in it without mknod, and it is reproducible (all
+# mtimes 0, owner root). Skips the work when nothing changed; FORCE=1 redoes it.
+set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+BUSYBOX=/bin/busybox
+INIT=${GUEST_DIR}/init
+OUT_CPIO=${VESSEL_CACHE}/initramfs.cpio
+OUT_GZ=${VESSEL_CACHE}/initramfs.cpio.gz
+STAMP=${VESSEL_CACHE}/initramfs.inputs.sha256
+TOOLS=${VESSEL_CACHE}/tools
+GEN_INIT_CPIO=${TOOLS}/gen_init_cpio
+
+ensure_pkgs busybox-static gcc libc6-dev gzip xz-utils linux-source-6.1
+
+want=$(hash_of "$INIT" "${BASH_SOURCE[0]}" "$(pkg_version busybox-static)")
+if [[ ${FORCE:-0} != 1 ]] && up_to_date "$STAMP" "$want" "$OUT_CPIO" "$OUT_GZ" ; then
+	log "initramfs up to date: $OUT_GZ"
+	exit 0
+fi
+rm -f "$STAMP"
+
+# gen_init_cpio: a single C file from the kernel tree. Take it from the
+# unpacked source when build-kernel.sh has run, else from the tarball.
+if [[ ! -x $GEN_INIT_CPIO ]]; then
+	mkdir -p "$TOOLS"
+	if [[ -f $LINUX_SRC/usr/gen_init_cpio.c ]]; then
+		cp "$LINUX_SRC/usr/gen_init_cpio.c" "$TOOLS/gen_init_cpio.c"
+	else
+		log "extracting usr/gen_init_cpio.c from ${LINUX_TARBALL}"
+		tar -xJf "$LINUX_TARBALL" -O linux-source-6.1/usr/gen_init_cpio.c >"$TOOLS/gen_init_cpio.c"
+	fi
+	cc -O2 -o "$GEN_INIT_CPIO" "$TOOLS/gen_init_cpio.c"
+fi
+
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+
+# Files go in with their own mtime; pin it so the archive is reproducible.
+install -m 0755 "$BUSYBOX" "$stage/busybox"
+install -m 0755 "$INIT" "$stage/init"
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$stage/passwd"
+printf 'root:x:0:\n' >"$stage/group"
+touch -d @0 "$stage"/*
+
+list=$stage/list
+{
+	for d in /bin /sbin /usr /usr/bin /usr/sbin /dev /etc /proc /sys /tmp /root /mnt /run; do
+		echo "dir $d 0755 0 0"
+	done
+	echo "nod /dev/console 0600 0 0 c 5 1"
+	echo "nod /dev/null 0666 0 0 c 1 3"
+	echo "file /init $stage/init 0755 0 0"
+	echo "file /bin/busybox $stage/busybox 0755 0 0"
+	echo "file /etc/passwd $stage/passwd 0644 0 0"
+	echo "file /etc/group $stage/group 0644 0 0"
+	# Applet links. --list-full includes bin/busybox itself: never link over it.
+	"$BUSYBOX" --list-full | sort | while read -r applet; do
+		case /$applet in
+		/bin/busybox | /init) continue ;;
+		esac
+		echo "slink /$applet /bin/busybox 0777 0 0"
+	done
+} >"$list"
+
+"$GEN_INIT_CPIO" -t 0 "$list" >"$OUT_CPIO.tmp"
+gzip -9 -n -c "$OUT_CPIO.tmp" >"$OUT_GZ.tmp"
+mv "$OUT_CPIO.tmp" "$OUT_CPIO"
+mv "$OUT_GZ.tmp" "$OUT_GZ"
+printf '%s\n' "$want" >"$STAMP"
+log "initramfs: $OUT_GZ ($(stat -c %s "$OUT_GZ") bytes), $OUT_CPIO ($(stat -c %s "$OUT_CPIO") bytes), $(grep -c '^slink' "$list") applet links"

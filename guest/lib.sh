@@ -1,0 +1,70 @@
+# shellcheck shell=bash
+# Shared helpers for the guest build scripts. Source it; do not run it.
+#
+# Everything built here lives outside the repository, in
+# ${VESSEL_CACHE:-$HOME/.cache/vessel}.
+
+VESSEL_CACHE=${VESSEL_CACHE:-${HOME}/.cache/vessel}
+GUEST_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LINUX_TARBALL=/usr/src/linux-source-6.1.tar.xz
+LINUX_SRC=${VESSEL_CACHE}/linux-source-6.1
+export VESSEL_CACHE GUEST_DIR LINUX_TARBALL LINUX_SRC
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# pkg_installed PKG: true if dpkg has PKG fully installed.
+pkg_installed() {
+	[[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed" ]]
+}
+
+# pkg_version PKG: the installed version of PKG.
+pkg_version() {
+	dpkg-query -W -f='${Version}' "$1"
+}
+
+# ensure_pkgs PKG...: install the Debian packages that are missing.
+ensure_pkgs() {
+	local missing=() p
+	for p in "$@"; do
+		pkg_installed "$p" || missing+=("$p")
+	done
+	((${#missing[@]} == 0)) && return 0
+	log "installing ${missing[*]}"
+	local sudo=()
+	((EUID == 0)) || sudo=(sudo)
+	"${sudo[@]}" apt-get update -q
+	DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+# hash_of FILE|STRING...: one sha256 over the given files' contents and strings.
+hash_of() {
+	local a
+	for a in "$@"; do
+		if [[ -f $a ]]; then cat -- "$a"; else printf '%s\n' "$a"; fi
+	done | sha256sum | cut -d' ' -f1
+}
+
+# up_to_date STAMP HASH OUTPUT...: true if every output exists and STAMP holds HASH.
+up_to_date() {
+	local stamp=$1 want=$2 f
+	shift 2
+	for f in "$@"; do [[ -e $f ]] || return 1; done
+	[[ -f $stamp && $(<"$stamp") == "$want" ]]
+}
+
+# ensure_linux_src: unpack Debian's linux-source-6.1 into the cache, once.
+ensure_linux_src() {
+	ensure_pkgs linux-source-6.1 xz-utils
+	local ver stamp=${LINUX_SRC}/.vessel-unpacked
+	ver=$(pkg_version linux-source-6.1)
+	if [[ -f $stamp && $(<"$stamp") == "$ver" ]]; then
+		return 0
+	fi
+	log "unpacking ${LINUX_TARBALL} (${ver}) into ${VESSEL_CACHE}"
+	rm -rf "${LINUX_SRC}"
+	mkdir -p "${VESSEL_CACHE}"
+	tar -C "${VESSEL_CACHE}" -xJf "${LINUX_TARBALL}"
+	[[ -f ${LINUX_SRC}/Makefile ]] || die "unexpected layout in ${LINUX_TARBALL}"
+	printf '%s\n' "$ver" >"$stamp"
+}
