@@ -26,4 +26,4 @@ pub use codemap::CodeMap;
 pub use config::{CpuConfig, Features};
 pub use cpu::{Cpu, Exit, Stats};
 pub use exception::Fault;
-pub use state::CpuState;
+pub use state::{CpuState, FpuState};

@@ -206,6 +206,106 @@ impl Default for FpuState {
     }
 }
 
+impl FpuState {
+    /// Tag of one 80-bit register value: 0 valid, 1 zero, 2 special.
+    fn classify(reg: &[u8; 10]) -> u16 {
+        let exp = u16::from_le_bytes([reg[8], reg[9]]) & 0x7fff;
+        let mant = u64::from_le_bytes(reg[..8].try_into().unwrap_or([0; 8]));
+        if exp == 0 {
+            if mant == 0 {
+                1
+            } else {
+                2
+            }
+        } else if exp == 0x7fff || mant >> 63 == 0 {
+            2
+        } else {
+            0
+        }
+    }
+
+    /// The abridged (one bit per register, 1 = valid) tag byte of FXSAVE.
+    pub fn abridged_tags(&self) -> u8 {
+        (0..8).fold(0u8, |acc, i| {
+            if (self.ftw >> (2 * i)) & 3 != 3 {
+                acc | (1 << i)
+            } else {
+                acc
+            }
+        })
+    }
+
+    /// Rebuild the full tag word from an abridged tag byte and the values.
+    pub fn set_abridged_tags(&mut self, tags: u8) {
+        let mut ftw = 0u16;
+        for i in 0..8 {
+            let t = if tags & (1 << i) == 0 {
+                3
+            } else {
+                Self::classify(&self.regs[i])
+            };
+            ftw |= t << (2 * i);
+        }
+        self.ftw = ftw;
+    }
+
+    /// The 512-byte FXSAVE image (64-bit format: FIP/FDP as 64-bit).
+    pub fn to_fxsave(&self) -> [u8; 512] {
+        let mut b = [0u8; 512];
+        b[0..2].copy_from_slice(&self.fcw.to_le_bytes());
+        b[2..4].copy_from_slice(&self.fsw.to_le_bytes());
+        b[4] = self.abridged_tags();
+        b[6..8].copy_from_slice(&self.last_opcode.to_le_bytes());
+        b[8..16].copy_from_slice(&self.last_ip.to_le_bytes());
+        b[16..24].copy_from_slice(&self.last_dp.to_le_bytes());
+        b[24..28].copy_from_slice(&self.mxcsr.to_le_bytes());
+        b[28..32].copy_from_slice(&0xffffu32.to_le_bytes()); // MXCSR_MASK: all bits we support
+                                                             // ST0..ST7 are stored in stack order, starting from TOP.
+        let top = ((self.fsw >> 11) & 7) as usize;
+        for i in 0..8 {
+            let phys = (top + i) & 7;
+            b[32 + i * 16..32 + i * 16 + 10].copy_from_slice(&self.regs[phys]);
+        }
+        for (i, x) in self.xmm.iter().enumerate() {
+            b[160 + i * 16..176 + i * 16].copy_from_slice(&x.to_le_bytes());
+        }
+        b
+    }
+
+    /// Load from a 512-byte FXSAVE image. Returns `None` when MXCSR has
+    /// reserved bits set (FXRSTOR raises #GP then).
+    pub fn from_fxsave(b: &[u8; 512]) -> Option<Self> {
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| u64::from(u32_at(o)) | (u64::from(u32_at(o + 4)) << 32);
+        let mxcsr = u32_at(24);
+        if mxcsr & !0xffff != 0 {
+            return None;
+        }
+        let mut f = FpuState {
+            fcw: u16_at(0),
+            fsw: u16_at(2),
+            last_opcode: u16_at(6),
+            last_ip: u64_at(8),
+            last_dp: u64_at(16),
+            mxcsr,
+            ..Default::default()
+        };
+        let top = ((f.fsw >> 11) & 7) as usize;
+        for i in 0..8 {
+            let phys = (top + i) & 7;
+            f.regs[phys].copy_from_slice(&b[32 + i * 16..32 + i * 16 + 10]);
+        }
+        for i in 0..16 {
+            let mut x = [0u8; 16];
+            x.copy_from_slice(&b[160 + i * 16..176 + i * 16]);
+            f.xmm[i] = u128::from_le_bytes(x);
+        }
+        f.set_abridged_tags(b[4]);
+        Some(f)
+    }
+}
+
 /// MSRs the CPU itself implements. Others go to the bus.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsrState {
@@ -456,6 +556,26 @@ mod tests {
         assert_eq!(s.code_bits(), 16);
         assert_eq!(s.seg(Seg::Cs).base + s.rip, 0xffff_fff0);
         assert_eq!(s.cpl(), 0);
+    }
+
+    #[test]
+    fn fxsave_image_round_trip() {
+        let mut f = FpuState {
+            fsw: 5 << 11, // TOP = 5
+            ..Default::default()
+        };
+        f.regs[5] = [0, 0, 0, 0, 0, 0, 0, 0x80, 0xff, 0x3f]; // 1.0 in ST0
+        f.regs[6] = [0; 10]; // +0.0 in ST1
+        f.ftw = 0xc3ff | (1 << 12); // R5 valid, R6 zero, the rest empty
+        f.xmm[3] = 0x0123_4567_89ab_cdef_0011_2233_4455_6677;
+        let img = f.to_fxsave();
+        assert_eq!(img[4], 0b0110_0000);
+        assert_eq!(&img[32..42], &f.regs[5]);
+        let back = FpuState::from_fxsave(&img).unwrap();
+        assert_eq!(back, f);
+        let mut bad = img;
+        bad[27] = 1;
+        assert!(FpuState::from_fxsave(&bad).is_none());
     }
 
     #[test]

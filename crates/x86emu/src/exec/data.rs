@@ -149,7 +149,11 @@ fn bswap(cpu: &mut Cpu, _bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
 }
 
 fn leave(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
-    let size = cpu.stack_op_size(ins);
+    let size = match ins.code() {
+        iced_x86::Code::Leavew => 2,
+        iced_x86::Code::Leaved => 4,
+        _ => 8,
+    };
     let bp = cpu.state.gpr[reg::RBP];
     let bits = cpu.state.stack_bits();
     let off = match bits {

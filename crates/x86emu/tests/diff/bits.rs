@@ -1,0 +1,1 @@
+//! Differential tests for exec/bits.rs.

@@ -1,0 +1,1 @@
+//! Differential tests for exec/sse.rs.

@@ -1,0 +1,1 @@
+//! Differential tests for exec/string.rs.

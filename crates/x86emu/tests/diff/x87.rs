@@ -1,0 +1,1 @@
+//! Differential tests for exec/x87.rs.
