@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod decode;
 pub mod exception;
 pub mod exec;
+pub mod fuzzing;
 pub mod interrupt;
 pub mod memory;
 pub mod mmu;

@@ -1,0 +1,125 @@
+//! x86emu interpreter speed on simple loops, side by side with the same
+//! machine code run natively on the host CPU.
+//!
+//! Usage: cargo run --release -p vessel-bench --bin cpu_loop [-- ITERATIONS]
+//! Prints guest instructions per second for x86emu, for native, and the ratio.
+
+use std::time::Instant;
+
+use x86emu::state::CpuState;
+use x86emu::testbus::TestBus;
+use x86emu::{Cpu, Exit};
+
+/// A loop body and how many instructions one iteration executes.
+struct Workload {
+    name: &'static str,
+    /// Code run with RCX = iterations; must end with `ret` (0xc3) for the
+    /// native run. The emulated run stops at the `ret`.
+    code: &'static [u8],
+    per_iter: u64,
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        // l: add rax, rcx; dec rcx; jnz l; ret
+        name: "add/dec/jnz",
+        code: &[0x48, 0x01, 0xc8, 0x48, 0xff, 0xc9, 0x75, 0xf8, 0xc3],
+        per_iter: 3,
+    },
+    Workload {
+        // l: mov rdx,[rsi]; add rdx,rcx; mov [rsi],rdx; xor rdx,rax; dec rcx; jnz l; ret
+        name: "load/add/store/xor/dec/jnz",
+        code: &[
+            0x48, 0x8b, 0x16, 0x48, 0x01, 0xca, 0x48, 0x89, 0x16, 0x48, 0x31, 0xc2, 0x48, 0xff, 0xc9, 0x75, 0xef, 0xc3,
+        ],
+        per_iter: 6,
+    },
+];
+
+fn run_emulated(w: &Workload, iters: u64) -> (f64, u64) {
+    let mut bus = TestBus::new(4 << 20);
+    // Identity map 0..1 GiB with 2 MiB pages.
+    bus.write_u64(0x1000, 0x2000 | 3);
+    bus.write_u64(0x2000, 0x3000 | 3);
+    for i in 0..512u64 {
+        bus.write_u64(0x3000 + i * 8, (i << 21) | 0x83);
+    }
+    let code_at = 0x10_0000u64;
+    bus.load(code_at, w.code);
+    let mut cpu = Cpu::standalone(4 << 20);
+    let mut s = CpuState::long_mode_flat(0x1000);
+    s.rip = code_at;
+    s.gpr[1] = iters;
+    s.gpr[4] = 0x20_0000;
+    s.gpr[6] = 0x30_0000;
+    cpu.set_state(s);
+    let ret_at = code_at + w.code.len() as u64 - 1;
+    let start = Instant::now();
+    let before = cpu.instret;
+    while cpu.state.rip != ret_at {
+        match cpu.run(&mut bus, 10_000_000) {
+            Exit::Budget => {}
+            other => panic!("unexpected exit {other:?} at {:#x}", cpu.state.rip),
+        }
+        if cpu.stats.exceptions > 0 {
+            panic!("guest exception at {:#x}: {:?}", cpu.state.rip, cpu.stats.unimplemented);
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    (secs, cpu.instret - before)
+}
+
+fn run_native(w: &Workload, iters: u64) -> f64 {
+    // SAFETY: an anonymous RWX mapping that we fill with the workload code,
+    // which only uses RAX/RCX/RDX/RSI (caller-saved) and memory at RSI.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        std::ptr::copy_nonoverlapping(w.code.as_ptr(), p as *mut u8, w.code.len());
+        let mut scratch = [0u64; 8];
+        let f: extern "sysv64" fn() = std::mem::transmute(p);
+        let start = Instant::now();
+        std::arch::asm!(
+            "call {f}",
+            f = in(reg) f,
+            inout("rcx") iters => _,
+            inout("rsi") scratch.as_mut_ptr() => _,
+            out("rax") _, out("rdx") _,
+        );
+        let secs = start.elapsed().as_secs_f64();
+        libc::munmap(p, 4096);
+        secs
+    }
+}
+
+fn main() {
+    let iters: u64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(50_000_000);
+    println!(
+        "{:<30} {:>14} {:>14} {:>10}",
+        "workload", "x86emu MIPS", "native MIPS", "ratio"
+    );
+    for w in WORKLOADS {
+        let (emu_secs, executed) = run_emulated(w, iters);
+        let native_secs = run_native(w, iters);
+        let instrs = (iters * w.per_iter) as f64;
+        let emu_mips = executed as f64 / emu_secs / 1e6;
+        let native_mips = instrs / native_secs / 1e6;
+        println!(
+            "{:<30} {:>14.1} {:>14.1} {:>9.1}x",
+            w.name,
+            emu_mips,
+            native_mips,
+            native_mips / emu_mips
+        );
+    }
+}
