@@ -1,0 +1,26 @@
+//! Vessel's machine: guest memory, Linux boot, legacy devices, and the
+//! engines that run vCPUs. Devices are plain structs with serde state.
+
+pub mod boot;
+pub mod devices;
+pub mod machine;
+pub mod memory;
+
+pub use machine::{Machine, MachineConfig, RunOutcome};
+
+/// Errors from building or running a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("kernel {path}: {reason}")]
+    Kernel { path: String, reason: String },
+    #[error("initrd {path}: {reason}")]
+    Initrd { path: String, reason: String },
+    #[error("command line: {0}")]
+    Cmdline(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
