@@ -19,7 +19,7 @@ UUID=5e55e100-0000-4000-8000-000000000001
 
 ensure_pkgs e2fsprogs python3
 
-want=$(hash_of "${BASH_SOURCE[0]}" "$(pkg_version e2fsprogs)")
+want=$(hash_of "${BASH_SOURCE[0]}" -- "$(pkg_version e2fsprogs)")
 if [[ ${FORCE:-0} != 1 ]] && up_to_date "$STAMP" "$want" "$OUT"; then
 	log "disk up to date: $OUT"
 	exit 0

@@ -20,7 +20,7 @@ GEN_INIT_CPIO=${TOOLS}/gen_init_cpio
 
 ensure_pkgs busybox-static gcc libc6-dev gzip xz-utils linux-source-6.1
 
-want=$(hash_of "$INIT" "${BASH_SOURCE[0]}" "$(pkg_version busybox-static)")
+want=$(hash_of "$INIT" "${BASH_SOURCE[0]}" -- "$(pkg_version busybox-static)")
 if [[ ${FORCE:-0} != 1 ]] && up_to_date "$STAMP" "$want" "$OUT_CPIO" "$OUT_GZ" ; then
 	log "initramfs up to date: $OUT_GZ"
 	exit 0

@@ -2,8 +2,10 @@
 # Build the Vessel test kernel: Debian's linux-source-6.1, `make tinyconfig`
 # plus guest/kernel.config. Outputs $VESSEL_CACHE/kernel/{bzImage,vmlinux}.
 #
-# Skips the build when both outputs exist and neither the fragment, this
-# script nor the linux-source-6.1 package changed. FORCE=1 rebuilds.
+# Skips the build when both outputs exist and neither the fragment, RECIPE
+# below nor the linux-source-6.1 package changed. FORCE=1 rebuilds.
+# The version string is pinned (user, host, build number, timestamp) so that
+# the same inputs give the same kernel (not yet checked bit for bit).
 # JOBS=N overrides the make parallelism (default: nproc).
 # CONFIG_ONLY=1 stops after writing and checking the .config.
 set -euo pipefail
@@ -16,11 +18,16 @@ OUT=${VESSEL_CACHE}/kernel
 BUILD=${OUT}/build
 JOBS=${JOBS:-$(nproc)}
 STAMP=${OUT}/inputs.sha256
+# Bump when the way the kernel is built changes, to force a rebuild.
+RECIPE=3
+
+export KBUILD_BUILD_USER=vessel KBUILD_BUILD_HOST=vessel KBUILD_BUILD_VERSION=1
+export KBUILD_BUILD_TIMESTAMP="Thu Jan  1 00:00:00 UTC 1970"
 
 ensure_pkgs linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev \
 	cpio lz4 xz-utils kmod binutils
 
-want=$(hash_of "$FRAGMENT" "${BASH_SOURCE[0]}" "$(pkg_version linux-source-6.1)")
+want=$(hash_of "$FRAGMENT" -- "recipe $RECIPE" "$(pkg_version linux-source-6.1)")
 if [[ ${FORCE:-0} != 1 ]] && up_to_date "$STAMP" "$want" "$OUT/bzImage" "$OUT/vmlinux"; then
 	log "kernel up to date: $OUT/bzImage $OUT/vmlinux"
 	exit 0

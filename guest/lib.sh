@@ -37,11 +37,17 @@ ensure_pkgs() {
 	DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 
-# hash_of FILE|STRING...: one sha256 over the given files' contents and strings.
+# hash_of FILE... [-- STRING...]: one sha256 over the files' contents and the strings.
 hash_of() {
-	local a
+	local a strings=0
 	for a in "$@"; do
-		if [[ -f $a ]]; then cat -- "$a"; else printf '%s\n' "$a"; fi
+		if [[ $strings == 0 && $a == -- ]]; then
+			strings=1
+		elif ((strings)); then
+			printf '%s\n' "$a"
+		else
+			cat -- "$a"
+		fi
 	done | sha256sum | cut -d' ' -f1
 }
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Boot the test guest under QEMU TCG with the reference microvm command line
-# (see docs: "The guest we test with"). The yardstick for Vessel's own boots.
+# (DESIGN.md, "The guest we test with"): the yardstick for Vessel's boots.
 #
 #   guest/qemu-run.sh [options] [--] [command...]
 #     -k FILE   kernel (default: $VESSEL_CACHE/kernel/bzImage; a vmlinux boots via PVH)
 #     -i FILE   initramfs (default: $VESSEL_CACHE/initramfs.cpio.gz)
 #     -s N      vCPUs (default 1)
 #     -m SIZE   memory (default 256M)
-#     -d FILE   attach FILE as a raw virtio-blk disk (/dev/vda in the guest)
+#     -d FILE   attach FILE as a raw virtio-blk disk, /dev/vda in the guest
+#               (snapshot=on: guest writes never reach FILE)
 #     -a ARGS   extra kernel command line
 #   The command runs through the guest's /init (vessel.cmd=); without one
 #   the guest starts an interactive shell on the serial console.
@@ -27,7 +28,7 @@ while getopts 'k:i:s:m:d:a:h' opt; do
 	m) mem=$OPTARG ;;
 	d) disk=$OPTARG ;;
 	a) extra=$OPTARG ;;
-	*) sed -n '2,14s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; exit 2 ;;
+	*) sed -n '2,15s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; exit 2 ;;
 	esac
 done
 shift $((OPTIND - 1))
@@ -46,7 +47,7 @@ args=(-accel tcg -M "microvm,x-option-roms=off,acpi=off" -cpu qemu64
 	-m "$mem" -smp "$smp" -nodefaults -no-user-config -nographic -no-reboot
 	-serial stdio -kernel "$kernel" -initrd "$initrd" -append "$append")
 if [[ -n $disk ]]; then
-	args+=(-drive "id=vda,file=$disk,format=raw,if=none" -device "virtio-blk-device,drive=vda")
+	args+=(-drive "id=vda,file=$disk,format=raw,if=none,snapshot=on" -device "virtio-blk-device,drive=vda")
 fi
 
 start=$(date +%s.%N)
