@@ -178,33 +178,42 @@ impl Cpu {
         None
     }
 
-    /// Fetch (or find cached) the block at RIP and execute up to `limit`
-    /// of its instructions.
+    /// Execute blocks, chained, until `limit` instructions ran, an
+    /// instruction ended the chain (mode change, fault, STI, HLT, write to
+    /// code), or enough blocks ran that events must be looked at again.
     fn run_block(&mut self, bus: &mut dyn Bus, limit: u64) {
-        let block = match self.fetch_block(bus) {
-            Ok(b) => b,
-            Err(fault) => {
-                self.raise(bus, fault);
-                return;
-            }
-        };
-        self.end_block = false;
-        self.code_written = false;
+        const MAX_CHAIN: u32 = 32;
         let mut executed = 0u64;
-        for d in block.instrs.iter() {
-            if executed >= limit {
-                break;
+        self.end_block = false;
+        for _ in 0..MAX_CHAIN {
+            let block = match self.fetch_block(bus) {
+                Ok(b) => b,
+                Err(fault) => {
+                    self.raise(bus, fault);
+                    break;
+                }
+            };
+            self.code_written = false;
+            let mask = block.ip_mask;
+            for d in block.instrs.iter() {
+                if executed >= limit {
+                    break;
+                }
+                let tf = self.state.rflags & flags::TF != 0;
+                executed += 1;
+                if !self.step_decoded(bus, &d.ins, d.handler, mask) {
+                    break;
+                }
+                if tf {
+                    self.single_step_trap(bus);
+                    break;
+                }
+                if self.end_block | self.code_written {
+                    break;
+                }
             }
-            let tf = self.state.rflags & flags::TF != 0;
-            executed += 1;
-            if !self.step_decoded(bus, &d.ins, d.handler) {
-                break;
-            }
-            if tf {
-                self.single_step_trap(bus);
-                break;
-            }
-            if self.end_block || self.code_written {
+            self.cache.put_back(block);
+            if executed >= limit || self.end_block || self.code_written {
                 break;
             }
         }
@@ -214,9 +223,15 @@ impl Cpu {
 
     /// Execute one decoded instruction. Returns false if it faulted.
     #[inline(always)]
-    pub(crate) fn step_decoded(&mut self, bus: &mut dyn Bus, ins: &Instruction, handler: crate::exec::Handler) -> bool {
+    pub(crate) fn step_decoded(
+        &mut self,
+        bus: &mut dyn Bus,
+        ins: &Instruction,
+        handler: crate::exec::Handler,
+        ip_mask: u64,
+    ) -> bool {
         self.cur_ip = self.state.rip;
-        self.state.rip = self.mask_ip(self.state.rip.wrapping_add(ins.len() as u64));
+        self.state.rip = self.state.rip.wrapping_add(ins.len() as u64) & ip_mask;
         match handler(self, bus, ins) {
             Ok(()) => true,
             Err(fault) => {
@@ -224,16 +239,6 @@ impl Cpu {
                 self.raise(bus, fault);
                 false
             }
-        }
-    }
-
-    /// Wrap an instruction pointer to the current code size.
-    #[inline(always)]
-    pub(crate) fn mask_ip(&self, ip: u64) -> u64 {
-        match self.state.code_bits() {
-            64 => ip,
-            32 => ip & 0xffff_ffff,
-            _ => ip & 0xffff,
         }
     }
 

@@ -6,10 +6,6 @@
 //! current translation of that address and the page's code-map tag, so that
 //! remapping, self-modifying code and DMA all invalidate them.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
-
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction};
 
 use crate::bus::{Bus, PAGE_SIZE};
@@ -21,8 +17,6 @@ use crate::state::Seg;
 
 /// Most instructions in one block.
 const MAX_BLOCK: usize = 64;
-/// Blocks kept before the cache is cleared wholesale.
-const MAX_BLOCKS: usize = 1 << 16;
 
 /// One decoded instruction with its handler resolved.
 pub struct Decoded {
@@ -32,38 +26,52 @@ pub struct Decoded {
 
 pub struct Block {
     pub instrs: Vec<Decoded>,
+    /// Linear address and code size the block was decoded for.
+    key: u64,
     /// Physical page the block was decoded from.
     phys: u64,
     /// Code-map tag at decode time; `None` for uncacheable blocks.
     tag: Option<u32>,
+    /// Mask that wraps RIP to the code size (16, 32 or 64 bits).
+    pub ip_mask: u64,
 }
 
-/// A fast hasher for u64 keys (Fx-style multiply).
-#[derive(Default)]
-pub struct FxHasher(u64);
+/// Direct-mapped cache of decoded blocks. A block is taken out of its slot
+/// while it executes (so the CPU can be borrowed mutably) and put back
+/// afterwards; no reference counting on the hot path.
+pub struct DecodeCache {
+    slots: Vec<Option<Box<Block>>>,
+}
 
-impl Hasher for FxHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(b as u64);
+const SLOTS: usize = 1 << 14;
+
+impl Default for DecodeCache {
+    fn default() -> Self {
+        DecodeCache {
+            slots: (0..SLOTS).map(|_| None).collect(),
         }
     }
-    fn write_u64(&mut self, i: u64) {
-        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-#[derive(Default)]
-pub struct DecodeCache {
-    blocks: HashMap<u64, Arc<Block>, BuildHasherDefault<FxHasher>>,
 }
 
 impl DecodeCache {
     pub fn clear(&mut self) {
-        self.blocks.clear();
+        for s in self.slots.iter_mut() {
+            *s = None;
+        }
+    }
+
+    #[inline(always)]
+    fn index(key: u64) -> usize {
+        ((key ^ (key >> 14) ^ (key >> 28)) as usize) & (SLOTS - 1)
+    }
+
+    /// Return a block after execution; cacheable blocks go back to their slot.
+    #[inline(always)]
+    pub fn put_back(&mut self, block: Box<Block>) {
+        if block.tag.is_some() {
+            let i = Self::index(block.key);
+            self.slots[i] = Some(block);
+        }
     }
 }
 
@@ -90,26 +98,31 @@ impl Cpu {
         Ok(cs.base.wrapping_add(s.rip) & 0xffff_ffff)
     }
 
-    /// Find or decode the block at the current RIP.
-    pub(crate) fn fetch_block(&mut self, bus: &mut dyn Bus) -> ExecResult<Arc<Block>> {
+    /// Find or decode the block at the current RIP. The caller hands it
+    /// back with `cache.put_back` after executing it.
+    #[inline]
+    pub(crate) fn fetch_block(&mut self, bus: &mut dyn Bus) -> ExecResult<Box<Block>> {
         let lin = self.code_linear()?;
         let bits = self.state.code_bits();
         let user = self.state.cpl() == 3;
         let t = mmu::translate(&mut self.tlb, bus, &self.state, lin, Access::Execute, user)?;
         let k = key(lin, bits);
-        if let Some(b) = self.cache.blocks.get(&k) {
-            if b.phys == t.phys && b.tag.is_some() && b.tag == Some(self.code_map.tag(t.phys)) {
-                return Ok(b.clone());
+        let slot = &mut self.cache.slots[DecodeCache::index(k)];
+        if let Some(b) = slot {
+            if b.key == k && b.phys == t.phys && b.tag == Some(self.code_map.tag(t.phys)) {
+                if let Some(b) = slot.take() {
+                    return Ok(b);
+                }
             }
         }
-        let block = Arc::new(self.decode_block(bus, lin, bits, t)?);
+        let mut block = Box::new(self.decode_block(bus, lin, bits, t)?);
+        block.key = k;
+        block.ip_mask = match bits {
+            64 => u64::MAX,
+            32 => 0xffff_ffff,
+            _ => 0xffff,
+        };
         self.stats.blocks_decoded += 1;
-        if block.tag.is_some() {
-            if self.cache.blocks.len() >= MAX_BLOCKS {
-                self.cache.blocks.clear();
-            }
-            self.cache.blocks.insert(k, block.clone());
-        }
         Ok(block)
     }
 
@@ -147,7 +160,7 @@ impl Cpu {
                 }
                 let flow = ins.flow_control();
                 instrs.push(Decoded {
-                    handler: handler_for(ins.mnemonic()),
+                    handler: crate::exec::fast::specialize(&ins).unwrap_or_else(|| handler_for(ins.mnemonic())),
                     ins,
                 });
                 if flow != FlowControl::Next {
@@ -160,8 +173,10 @@ impl Cpu {
             }
             return Ok(Block {
                 instrs,
+                key: 0,
                 phys: t.phys,
                 tag,
+                ip_mask: 0,
             });
         }
         self.decode_slow(bus, lin, bits)
@@ -207,17 +222,21 @@ impl Cpu {
                     ins,
                     handler: crate::exec::invalid,
                 }],
+                key: 0,
                 phys: u64::MAX,
                 tag: None,
+                ip_mask: 0,
             });
         }
         Ok(Block {
             instrs: vec![Decoded {
-                handler: handler_for(ins.mnemonic()),
+                handler: crate::exec::fast::specialize(&ins).unwrap_or_else(|| handler_for(ins.mnemonic())),
                 ins,
             }],
+            key: 0,
             phys: u64::MAX,
             tag: None,
+            ip_mask: 0,
         })
     }
 

@@ -13,6 +13,7 @@ use crate::exception::{ExecResult, Fault};
 pub mod alu;
 pub mod bits;
 pub mod data;
+pub mod fast;
 pub mod flags;
 pub mod flow;
 pub mod sse;
