@@ -580,3 +580,78 @@ fn real_mode_int_and_iret() {
     assert_eq!(cpu.state.rflags, flags::FIXED1 | flags::IF | flags::CF);
     assert_eq!(bus.ram()[0x7000 - 6], 0x02, "pushed IP");
 }
+
+#[test]
+fn ltr_marks_the_tss_busy_and_descriptor_probes() {
+    let mut e = Env::long();
+    // An available 64-bit TSS descriptor (16 bytes) for LTR to load.
+    let (lo, hi) = tss_descriptor(0x1234_5000, 0x67, 0x9);
+    e.bus.write_u64(GDT + 0x40, lo);
+    e.bus.write_u64(GDT + 0x48, hi);
+    e.cpu.state.gpr[reg::RBX] = u64::MAX;
+    e.cpu.state.gpr[R9] = 0x99;
+    assert_eq!(e.run_at(0x11c00), Exit::Halted);
+    assert_eq!((e.bus.read_u64(GDT + 0x40) >> 40) & 0xf, 0xb, "busy");
+    let tr = e.cpu.state.tr;
+    assert_eq!(
+        (tr.selector, tr.base, tr.limit, tr.type_),
+        (0x40, 0x1234_5000, 0x67, 0xb)
+    );
+    assert_eq!(e.gpr(reg::RBX), 0x40, "STR zero-extends");
+    assert_eq!(e.gpr(reg::RDX), 0x00c0_f300, "LAR");
+    assert_eq!(e.gpr(reg::RSI), 0xffff_ffff, "LSL");
+    assert_eq!(e.gpr(R8) & flags::ZF, flags::ZF, "VERW of writable user data");
+    assert_eq!(e.gpr(R9), 0x99, "LAR of an invalid selector leaves the destination");
+    assert_eq!(e.gpr(R10) & flags::ZF, 0);
+    assert_eq!(e.bus.read_u64(0x70002), GDT);
+    assert_eq!(e.cpu.state.gdtr, DescriptorTable { base: GDT, limit: 0x4f });
+}
+
+#[test]
+fn sysexit_and_sysenter() {
+    let mut e = Env::long();
+    assert_eq!(e.run_at(0x11d00), Exit::Halted);
+    assert_eq!(e.gpr(reg::RBX), 0x33, "SYSEXITQ to 64-bit user code");
+    assert_eq!(e.gpr(reg::RSI), 0x3b);
+    assert_eq!(e.gpr(reg::RDI), 0x10, "SYSENTER to kernel code");
+    assert_eq!(e.gpr(reg::RSP), 0x88000);
+    assert_eq!(e.cpu.state.cpl(), 0);
+    assert_eq!(e.cpu.state.rip, 0x11d43);
+}
+
+#[test]
+fn iret_unmasks_nmis() {
+    let mut e = Env::long();
+    e.cpu.inject_nmi();
+    assert_eq!(e.run_at(0x11440), Exit::Halted);
+    assert_eq!(e.vector(), 2);
+    assert!(e.cpu.state.events.nmi_masked);
+    // A second NMI waits while the first handler runs...
+    e.cpu.inject_nmi();
+    assert_eq!(e.run(), Exit::Halted);
+    assert_eq!(e.gpr(reg::RSP), KSTACK - 40);
+    // ...and arrives right after its IRET.
+    assert_eq!(e.run_at(0x11100), Exit::Halted);
+    assert_eq!(e.vector(), 2);
+    assert_eq!(e.stack64(0), 0x11440);
+    assert_eq!(e.gpr(reg::RSP), KSTACK - 40);
+    assert!(e.cpu.state.events.nmi_masked);
+}
+
+#[test]
+fn popf_at_cpl3_keeps_if_and_iopl() {
+    let mut e = Env::long();
+    e.user64();
+    e.cpu.state.rflags = flags::FIXED1;
+    assert_eq!(e.run_at(0x11e00), Exit::Halted);
+    assert_eq!(e.gpr(reg::RBX), flags::FIXED1 | flags::DF);
+    assert_eq!(e.vector(), 13, "HLT at CPL 3");
+}
+
+#[test]
+fn reserved_cr4_bits_fault() {
+    let mut e = Env::long();
+    assert_eq!(e.run_at(0x11e40), Exit::Halted);
+    assert_eq!((e.vector(), e.stack64(0), e.stack64(1)), (13, 0, 0x11e45));
+    assert_eq!(e.cpu.state.cr4, cr::CR4_PAE);
+}

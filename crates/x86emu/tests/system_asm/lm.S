@@ -231,3 +231,60 @@ compat:
 	.org	0x1b00
 	enter	$16, $2
 	hlt
+
+/* 0x11c00: LTR, STR, LAR, LSL, VERW, SGDT/LGDT at CPL 0. */
+	.org	0x1c00
+	mov	$0x40, %eax
+	ltr	%ax
+	str	%ebx
+	mov	$0x2b, %ecx
+	lar	%ecx, %edx
+	lsl	%ecx, %esi
+	verw	%cx
+	pushfq
+	pop	%r8
+	mov	$0x48, %ecx		/* upper half of the TSS descriptor */
+	lar	%ecx, %r9d
+	pushfq
+	pop	%r10
+	sgdt	0x70000
+	lgdt	0x70000
+	hlt
+
+/* 0x11d00: SYSEXITQ to user mode and SYSENTER back. */
+	.org	0x1d00
+	mov	$0x174, %ecx
+	mov	$0x10, %eax
+	mov	$0, %edx
+	wrmsr
+	mov	$0x175, %ecx
+	mov	$0x88000, %eax
+	wrmsr
+	mov	$0x176, %ecx
+	lea	sysenter_entry(%rip), %rax
+	wrmsr
+	lea	user_se(%rip), %rdx
+	mov	$0x50000, %ecx
+	sysexitq
+user_se:
+	mov	%cs, %ebx
+	mov	%ss, %esi
+	sysenter
+sysenter_entry:
+	mov	%cs, %edi
+	hlt
+
+/* 0x11e00: POPF at CPL 3 cannot change IF or IOPL. */
+	.org	0x1e00
+	push	$0x3602			/* IOPL 3, DF, IF */
+	popfq
+	pushfq
+	pop	%rbx
+	hlt
+
+/* 0x11e40: reserved CR4 bit (FSGSBASE is not offered). */
+	.org	0x1e40
+	mov	$0x10020, %eax
+	mov	%rax, %cr4
+	hlt
+
