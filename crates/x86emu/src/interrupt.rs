@@ -56,7 +56,7 @@ impl Cpu {
         }
     }
 
-    fn try_deliver(&mut self, bus: &mut dyn Bus, kind: EventKind, vec: u8, code: Option<u32>) -> ExecResult {
+    pub(crate) fn try_deliver(&mut self, bus: &mut dyn Bus, kind: EventKind, vec: u8, code: Option<u32>) -> ExecResult {
         if kind == EventKind::Nmi {
             self.state.events.nmi_masked = true;
         }

@@ -47,6 +47,8 @@ pub struct Walk {
     pub writable: bool,
     pub executable: bool,
     pub global: bool,
+    /// The translation comes from a page larger than 4 KiB.
+    pub large: bool,
 }
 
 /// Which TLB a lookup uses: the permission context of the access.
@@ -74,6 +76,8 @@ struct Entry {
     /// Host pointer to the page when it is RAM.
     host: Option<NonNull<u8>>,
     global: bool,
+    /// Part of a 2 MiB, 4 MiB or 1 GiB page (cached per 4 KiB piece).
+    large: bool,
 }
 
 const EMPTY: Entry = Entry {
@@ -83,6 +87,7 @@ const EMPTY: Entry = Entry {
     phys: 0,
     host: None,
     global: false,
+    large: false,
 };
 
 /// A direct-mapped TLB per permission context.
@@ -146,6 +151,7 @@ impl Tlb {
         slot.phys = walk.phys;
         slot.host = host;
         slot.global = walk.global;
+        slot.large = walk.large;
         // Reads are always allowed once the walk succeeded for any access
         // except in the SMAP case, which `allowed` already judged.
         if allowed(ctx, walk, Access::Read, state) {
@@ -178,15 +184,23 @@ impl Tlb {
         }
     }
 
-    /// Flush one linear page (INVLPG). Large pages are cached per 4 KiB page,
-    /// so the whole large page must be flushed: we flush every set entry whose
-    /// tag falls in it by flushing all entries that could alias.
+    /// Flush one linear page (INVLPG). Large pages are cached per 4 KiB
+    /// piece, and an entry does not record its page size, so every
+    /// large-page entry in the same 1 GiB region is dropped too (a superset
+    /// of the large page that contains `lin`).
     pub fn flush_page(&mut self, lin: u64) {
         let page = lin & !(PAGE_SIZE - 1);
+        let region = lin >> 30;
         for set in &mut self.sets {
             let e = &mut set[Self::index(lin)];
             if e.read_tag == page || e.write_tag == page || e.exec_tag == page {
                 *e = EMPTY;
+            }
+            for e in set.iter_mut().filter(|e| e.large) {
+                let tags = [e.read_tag, e.write_tag, e.exec_tag];
+                if tags.iter().any(|&t| t != INVALID && t >> 30 == region) {
+                    *e = EMPTY;
+                }
             }
         }
     }
@@ -302,6 +316,7 @@ pub fn walk(bus: &mut dyn Bus, s: &CpuState, lin: u64, access: Access, user: boo
             writable: true,
             executable: true,
             global: false,
+            large: false,
         });
     }
     let pae = s.cr4 & cr::CR4_PAE != 0;
@@ -395,6 +410,7 @@ pub fn walk(bus: &mut dyn Bus, s: &CpuState, lin: u64, access: Access, user: boo
         writable,
         executable: exec,
         global,
+        large: size_bits > 12,
     };
     let ctx = if user {
         Ctx::User
