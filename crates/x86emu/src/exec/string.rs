@@ -488,3 +488,395 @@ fn fast_chunk(cpu: &mut Cpu, bus: &mut dyn Bus, op: &Op, count: u64) -> ExecResu
     advance(cpu, op, reg::RDI, elements);
     Ok(elements)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exception::vector;
+    use crate::state::{CpuState, Segment};
+    use crate::testbus::TestBus;
+
+    const CODE: u64 = 0x10000;
+    const RAM: u64 = 1 << 21;
+
+    /// Long mode, the first 2 MiB identity-mapped with 4 KiB pages (PT at
+    /// 0x4000), a GDT, an IDT at 0x6000 and a stack at 0x80000.
+    fn long_mode(bus: &mut TestBus) -> Cpu {
+        bus.write_u64(0x1000, 0x2000 | 7);
+        bus.write_u64(0x2000, 0x3000 | 7);
+        bus.write_u64(0x3000, 0x4000 | 7);
+        for i in 0..512u64 {
+            bus.write_u64(0x4000 + i * 8, (i << 12) | 7);
+        }
+        bus.write_u64(0x5010, 0x00af_9b00_0000_ffff);
+        bus.write_u64(0x5018, 0x00cf_9300_0000_ffff);
+        let mut s = CpuState::long_mode_flat(0x1000);
+        s.gdtr.base = 0x5000;
+        s.gdtr.limit = 0x7f;
+        s.idtr.base = 0x6000;
+        s.idtr.limit = 0xfff;
+        s.tr.base = 0x7000;
+        s.rflags = flags::FIXED1;
+        s.gpr[reg::RSP] = 0x8_0000;
+        let mut cpu = Cpu::standalone(RAM);
+        cpu.set_state(s);
+        cpu
+    }
+
+    /// An interrupt gate for `vec` to `target` in the IDT at 0x6000.
+    fn set_gate(bus: &mut TestBus, vec: u64, target: u64) {
+        let lo = (target & 0xffff) | (0x10 << 16) | (0xe << 40) | (1 << 47) | ((target & 0xffff_0000) << 32);
+        bus.write_u64(0x6000 + vec * 16, lo);
+        bus.write_u64(0x6000 + vec * 16 + 8, target >> 32);
+    }
+
+    fn step_code(cpu: &mut Cpu, bus: &mut TestBus, code: &[u8]) {
+        bus.load(CODE, code);
+        // The bus write bypasses code-page tracking: drop decoded blocks.
+        cpu.flush_translations();
+        cpu.state.rip = CODE;
+        cpu.step(bus);
+    }
+
+    fn ram(bus: &TestBus, at: u64, len: usize) -> Vec<u8> {
+        bus.ram()[at as usize..at as usize + len].to_vec()
+    }
+
+    #[test]
+    fn address_size_prefix_uses_esi_edi_ecx() {
+        let mut bus = TestBus::new(RAM);
+        let mut cpu = long_mode(&mut bus);
+        bus.load(0x2_0000, b"hello, world");
+        cpu.state.gpr[reg::RSI] = 0xdead_0000_0002_0000;
+        cpu.state.gpr[reg::RDI] = 0xbeef_0000_0003_0000;
+        cpu.state.gpr[reg::RCX] = 0xffff_ffff_0000_0005;
+        // addr32 rep movsb
+        step_code(&mut cpu, &mut bus, &[0x67, 0xf3, 0xa4]);
+        assert_eq!(ram(&bus, 0x3_0000, 6), b"hello\0");
+        assert_eq!(cpu.state.gpr[reg::RSI], 0x2_0005);
+        assert_eq!(cpu.state.gpr[reg::RDI], 0x3_0005);
+        assert_eq!(cpu.state.gpr[reg::RCX], 0);
+        assert_eq!(cpu.state.rip, CODE + 3);
+
+        // addr32 stosd with DF=1: EDI goes down, the upper half is cleared.
+        cpu.state.rflags |= flags::DF;
+        cpu.state.gpr[reg::RDI] = 0x1234_5678_0003_0000;
+        cpu.state.gpr[reg::RAX] = 0xaabb_ccdd;
+        step_code(&mut cpu, &mut bus, &[0x67, 0xab]);
+        assert_eq!(bus.read_u32(0x3_0000), 0xaabb_ccdd);
+        assert_eq!(cpu.state.gpr[reg::RDI], 0x2_fffc);
+    }
+
+    #[test]
+    fn real_mode_rep_movsb_wraps_si_and_keeps_upper_bits() {
+        let mut bus = TestBus::new(RAM);
+        let mut cpu = Cpu::standalone(RAM);
+        cpu.state.segs[Seg::Cs as usize] = Segment::real_mode(0x1000, true);
+        cpu.state.segs[Seg::Ds as usize] = Segment::real_mode(0x2000, false);
+        cpu.state.segs[Seg::Es as usize] = Segment::real_mode(0x3000, false);
+        cpu.state.rflags = flags::FIXED1;
+        bus.load(0x2_fffe, &[1, 2]);
+        bus.load(0x2_0000, &[3, 4]);
+        cpu.state.gpr[reg::RSI] = 0x7777_fffe;
+        cpu.state.gpr[reg::RDI] = 0x8888_0010;
+        cpu.state.gpr[reg::RCX] = 0x9999_0004;
+        bus.load(CODE, &[0xf3, 0xa4]);
+        cpu.state.rip = 0; // CS base is CODE
+        cpu.step(&mut bus);
+        assert_eq!(cpu.state.rip, 2);
+        assert_eq!(ram(&bus, 0x3_0010, 4), [1, 2, 3, 4]);
+        assert_eq!(cpu.state.gpr[reg::RSI], 0x7777_0002);
+        assert_eq!(cpu.state.gpr[reg::RDI], 0x8888_0014);
+        assert_eq!(cpu.state.gpr[reg::RCX], 0x9999_0000);
+        // A word at offset 0xffff crosses the segment limit: #GP, nothing moved.
+        let mut cpu2 = Cpu::standalone(RAM);
+        cpu2.state = cpu.state.clone();
+        cpu2.state.gpr[reg::RSI] = 0xffff;
+        cpu2.state.gpr[reg::RCX] = 1;
+        let ins = decode(16, &[0xf3, 0xa5]);
+        assert_eq!(movs(&mut cpu2, &mut bus, &ins), Err(Fault::gp0()));
+        assert_eq!(cpu2.state.gpr[reg::RCX], 1);
+    }
+
+    fn decode(bits: u32, code: &[u8]) -> Instruction {
+        let mut d = iced_x86::Decoder::with_ip(bits, code, CODE, iced_x86::DecoderOptions::NONE);
+        d.decode()
+    }
+
+    #[test]
+    fn segment_override_on_source_only() {
+        let mut bus = TestBus::new(RAM);
+        let mut cpu = long_mode(&mut bus);
+        cpu.state.segs[Seg::Fs as usize].base = 0x4_0000;
+        bus.load(0x4_0100, &[0x5a; 8]);
+        cpu.state.gpr[reg::RSI] = 0x100;
+        cpu.state.gpr[reg::RDI] = 0x5_0000;
+        // fs movsq
+        step_code(&mut cpu, &mut bus, &[0x64, 0x48, 0xa5]);
+        assert_eq!(bus.read_u64(0x5_0000), 0x5a5a_5a5a_5a5a_5a5a);
+        // fs lodsb / fs outsb read through FS as well.
+        cpu.state.gpr[reg::RSI] = 0x100;
+        step_code(&mut cpu, &mut bus, &[0x64, 0xac]);
+        assert_eq!(cpu.state.gpr[reg::RAX] & 0xff, 0x5a);
+    }
+
+    #[test]
+    fn string_movsd_and_cmpsd_are_routed_here() {
+        let mut bus = TestBus::new(RAM);
+        let mut cpu = long_mode(&mut bus);
+        bus.write_u32(0x2_0000, 0x1122_3344);
+        cpu.state.gpr[reg::RSI] = 0x2_0000;
+        cpu.state.gpr[reg::RDI] = 0x3_0000;
+        step_code(&mut cpu, &mut bus, &[0xa5]);
+        assert_eq!(bus.read_u32(0x3_0000), 0x1122_3344);
+        assert_eq!(cpu.stats.exceptions, 0);
+        cpu.state.gpr[reg::RSI] = 0x2_0000;
+        cpu.state.gpr[reg::RDI] = 0x3_0000;
+        step_code(&mut cpu, &mut bus, &[0xa7]);
+        assert_ne!(cpu.state.rflags & flags::ZF, 0);
+        assert_eq!(cpu.stats.exceptions, 0);
+    }
+
+    #[test]
+    fn long_rep_resumes_at_the_instruction() {
+        let mut bus = TestBus::new(RAM);
+        let mut cpu = long_mode(&mut bus);
+        // rep stosb over 200 KiB: several calls.
+        let n = 200 * 1024;
+        cpu.state.gpr[reg::RDI] = 0x2_0000;
+        cpu.state.gpr[reg::RCX] = n;
+        cpu.state.gpr[reg::RAX] = 0xa5;
+        step_code(&mut cpu, &mut bus, &[0xf3, 0xaa]);
+        assert_eq!(cpu.state.rip, CODE);
+        let left = cpu.state.gpr[reg::RCX];
+        assert!(left > 0 && left < n);
+        assert_eq!(cpu.state.gpr[reg::RDI], 0x2_0000 + (n - left));
+        let mut calls = 1;
+        while cpu.state.rip == CODE {
+            cpu.step(&mut bus);
+            calls += 1;
+            assert!(calls < 1000);
+        }
+        assert_eq!(cpu.state.rip, CODE + 2);
+        assert_eq!(cpu.state.gpr[reg::RCX], 0);
+        assert!(bus.ram()[0x2_0000..0x2_0000 + n as usize].iter().all(|&b| b == 0xa5));
+        assert_eq!(bus.ram()[0x2_0000 + n as usize], 0);
+
+        // The element loop (DF=1) is bounded too: 10000 words.
+        cpu.state.rflags |= flags::DF;
+        cpu.state.gpr[reg::RDI] = 0x8_0000;
+        cpu.state.gpr[reg::RCX] = 10_000;
+        step_code(&mut cpu, &mut bus, &[0xf3, 0x66, 0xab]);
+        assert_eq!(cpu.state.rip, CODE);
+        assert_eq!(cpu.state.gpr[reg::RCX], 10_000 - REP_BUDGET);
+        assert_eq!(cpu.state.gpr[reg::RDI], 0x8_0000 - 2 * REP_BUDGET);
+    }
+
+    #[test]
+    fn rep_with_zero_count_does_nothing() {
+        let mut bus = TestBus::new(RAM);
+        let mut cpu = long_mode(&mut bus);
+        cpu.state.gpr[reg::RSI] = 0x4_0000_0000_0000; // unmapped: must not be touched
+        cpu.state.gpr[reg::RDI] = 0x4_0000_0000_0000;
+        cpu.state.rflags |= flags::ZF;
+        for code in [
+            &[0xf3, 0xa4][..],
+            &[0xf3, 0xa6],
+            &[0xf2, 0xae],
+            &[0xf3, 0x48, 0xab],
+            &[0xf3, 0x6c],
+        ] {
+            step_code(&mut cpu, &mut bus, code);
+            assert_eq!(cpu.stats.exceptions, 0, "{code:x?}");
+            assert_eq!(cpu.state.rip, CODE + code.len() as u64);
+        }
+        assert_ne!(cpu.state.rflags & flags::ZF, 0);
+        assert!(bus.io_writes.is_empty());
+    }
+
+    #[test]
+    fn repe_cmps_and_repne_scas_stop_early() {
+        let mut bus = TestBus::new(RAM);
+        let mut cpu = long_mode(&mut bus);
+        bus.load(0x2_0000, b"abcdefgh");
+        bus.load(0x3_0000, b"abcdXfgh");
+        cpu.state.gpr[reg::RSI] = 0x2_0000;
+        cpu.state.gpr[reg::RDI] = 0x3_0000;
+        cpu.state.gpr[reg::RCX] = 8;
+        step_code(&mut cpu, &mut bus, &[0xf3, 0xa6]);
+        assert_eq!(cpu.state.gpr[reg::RCX], 3);
+        assert_eq!(cpu.state.gpr[reg::RSI], 0x2_0005);
+        assert_eq!(cpu.state.rflags & flags::ZF, 0);
+        // 'e' < 'X' is false: 0x65 - 0x58 has no borrow.
+        assert_eq!(cpu.state.rflags & flags::CF, 0);
+
+        cpu.state.gpr[reg::RDI] = 0x2_0000;
+        cpu.state.gpr[reg::RCX] = 100;
+        cpu.state.gpr[reg::RAX] = b'f' as u64;
+        step_code(&mut cpu, &mut bus, &[0xf2, 0xae]);
+        assert_eq!(cpu.state.gpr[reg::RCX], 94);
+        assert_eq!(cpu.state.gpr[reg::RDI], 0x2_0006);
+        assert_ne!(cpu.state.rflags & flags::ZF, 0);
+    }
+
+    #[test]
+    fn page_fault_mid_rep_movsb_is_precise() {
+        let mut bus = TestBus::new(RAM);
+        let mut cpu = long_mode(&mut bus);
+        set_gate(&mut bus, vector::PF as u64, 0x9000);
+        bus.write_u64(0x4000 + 0x21 * 8, 0); // page 0x21000 not present
+        for i in 0..0x200u64 {
+            bus.ram_mut()[0x3_0000 + i as usize] = i as u8;
+        }
+        cpu.state.gpr[reg::RSI] = 0x3_0000;
+        cpu.state.gpr[reg::RDI] = 0x2_0f00; // 0x100 bytes before the hole
+        cpu.state.gpr[reg::RCX] = 0x180;
+        step_code(&mut cpu, &mut bus, &[0xf3, 0xa4]);
+        assert_eq!(cpu.state.rip, 0x9000, "the #PF was delivered");
+        assert_eq!(cpu.state.cr2, 0x2_1000);
+        assert_eq!(cpu.state.gpr[reg::RCX], 0x80);
+        assert_eq!(cpu.state.gpr[reg::RSI], 0x3_0100);
+        assert_eq!(cpu.state.gpr[reg::RDI], 0x2_1000);
+        assert_eq!(ram(&bus, 0x2_0f00, 0x100), ram(&bus, 0x3_0000, 0x100));
+        // The frame's return address is the REP instruction itself.
+        let sp = cpu.state.gpr[reg::RSP];
+        assert_eq!(bus.read_u64(sp), 2, "error code: write to a non-present page");
+        assert_eq!(bus.read_u64(sp + 8), CODE);
+
+        // The same with qwords and a source fault, through the element path
+        // (DF=1): RCX/RSI/RDI stop at the last good element.
+        let mut cpu = long_mode(&mut bus);
+        bus.write_u64(0x4000 + 0x21 * 8, 0);
+        cpu.state.rflags |= flags::DF;
+        cpu.state.gpr[reg::RSI] = 0x2_1010;
+        cpu.state.gpr[reg::RDI] = 0x5_0000;
+        cpu.state.gpr[reg::RCX] = 10;
+        let ins = decode(64, &[0xf3, 0x48, 0xa5]);
+        let err = movs(&mut cpu, &mut bus, &ins).unwrap_err();
+        assert_eq!(err.vector, vector::PF);
+        assert_eq!(cpu.state.gpr[reg::RCX], 10);
+        cpu.state.gpr[reg::RSI] = 0x2_2010;
+        let err = movs(&mut cpu, &mut bus, &ins).unwrap_err();
+        assert_eq!(err.cr2, Some(0x2_1ff8));
+        assert_eq!(cpu.state.gpr[reg::RCX], 7);
+        assert_eq!(cpu.state.gpr[reg::RSI], 0x2_1ff8);
+        assert_eq!(cpu.state.gpr[reg::RDI], 0x4_ffe8);
+    }
+
+    #[test]
+    fn rep_insb_reads_the_port_per_element() {
+        let mut bus = TestBus::new(RAM);
+        let mut cpu = long_mode(&mut bus);
+        for i in 0..600u32 {
+            bus.io_reads.push_back(i & 0xff);
+        }
+        cpu.state.gpr[reg::RDX] = 0x1f0;
+        cpu.state.gpr[reg::RDI] = 0x2_0ff0; // crosses a page
+        cpu.state.gpr[reg::RCX] = 600;
+        step_code(&mut cpu, &mut bus, &[0xf3, 0x6c]);
+        assert_eq!(cpu.state.rip, CODE + 2);
+        assert_eq!(cpu.state.gpr[reg::RCX], 0);
+        assert_eq!(cpu.state.gpr[reg::RDI], 0x2_0ff0 + 600);
+        assert!(bus.io_reads.is_empty());
+        for i in 0..600usize {
+            assert_eq!(bus.ram()[0x2_0ff0 + i], i as u8);
+        }
+        // insw / insd
+        bus.io_reads.extend([0xbeef, 0xdead_beef]);
+        step_code(&mut cpu, &mut bus, &[0x66, 0x6d]);
+        step_code(&mut cpu, &mut bus, &[0x6d]);
+        assert_eq!(ram(&bus, 0x2_0ff0 + 600, 6), [0xef, 0xbe, 0xef, 0xbe, 0xad, 0xde]);
+    }
+
+    #[test]
+    fn ins_does_not_read_the_port_when_the_write_faults() {
+        let mut bus = TestBus::new(RAM);
+        let mut cpu = long_mode(&mut bus);
+        set_gate(&mut bus, vector::PF as u64, 0x9000);
+        bus.write_u64(0x4000 + 0x21 * 8, 0);
+        bus.io_reads.extend([1, 2, 3]);
+        cpu.state.gpr[reg::RDI] = 0x2_0fff;
+        // insw straddling into the missing page.
+        step_code(&mut cpu, &mut bus, &[0x66, 0x6d]);
+        assert_eq!(cpu.state.rip, 0x9000);
+        assert_eq!(bus.io_reads.len(), 3);
+    }
+
+    #[test]
+    fn rep_outs_writes_each_element() {
+        let mut bus = TestBus::new(RAM);
+        let mut cpu = long_mode(&mut bus);
+        bus.load(0x2_0000, &[1, 0, 2, 0, 3, 0]);
+        cpu.state.gpr[reg::RDX] = 0x3f8;
+        cpu.state.gpr[reg::RSI] = 0x2_0000;
+        cpu.state.gpr[reg::RCX] = 3;
+        step_code(&mut cpu, &mut bus, &[0xf3, 0x66, 0x6f]);
+        assert_eq!(bus.io_writes, [(0x3f8, 2, 1), (0x3f8, 2, 2), (0x3f8, 2, 3)]);
+        assert_eq!(cpu.state.gpr[reg::RSI], 0x2_0006);
+        step_code(&mut cpu, &mut bus, &[0x6e]);
+        assert_eq!(bus.io_writes.last(), Some(&(0x3f8, 1, 0)));
+    }
+
+    #[test]
+    fn io_permission_bitmap() {
+        let mut bus = TestBus::new(RAM);
+        let mut cpu = long_mode(&mut bus);
+        cpu.state.segs[Seg::Cs as usize].dpl = 3;
+        cpu.state.tr.limit = 0x67 + 0x2000 / 8 + 1;
+        bus.ram_mut()[0x7066..0x7068].copy_from_slice(&0x68u16.to_le_bytes());
+        // Deny everything, then allow ports 0x3f8..0x3ff.
+        bus.ram_mut()[0x7068..0x7068 + 0x2000 / 8 + 1].fill(0xff);
+        bus.ram_mut()[0x7068 + 0x3f8 / 8] = 0;
+        assert_eq!(io_permitted(&mut cpu, &mut bus, 0x3f8, 1), Ok(()));
+        assert_eq!(io_permitted(&mut cpu, &mut bus, 0x3fc, 4), Ok(()));
+        assert_eq!(io_permitted(&mut cpu, &mut bus, 0x3fe, 4), Err(Fault::gp0()));
+        assert_eq!(io_permitted(&mut cpu, &mut bus, 0x60, 1), Err(Fault::gp0()));
+        // Beyond the TSS limit.
+        assert_eq!(io_permitted(&mut cpu, &mut bus, 0xfff8, 1), Err(Fault::gp0()));
+        // IOPL 3 allows everything at CPL 3.
+        cpu.state.rflags |= flags::IOPL;
+        assert_eq!(io_permitted(&mut cpu, &mut bus, 0x60, 1), Ok(()));
+        // A denied REP OUTS faults before any output.
+        cpu.state.rflags &= !flags::IOPL;
+        cpu.state.gpr[reg::RDX] = 0x60;
+        cpu.state.gpr[reg::RCX] = 4;
+        let ins = decode(64, &[0xf3, 0x6e]);
+        assert_eq!(outs(&mut cpu, &mut bus, &ins), Err(Fault::gp0()));
+        assert!(bus.io_writes.is_empty());
+        assert_eq!(cpu.state.gpr[reg::RCX], 4);
+        // CPL 0 needs no bitmap.
+        cpu.state.segs[Seg::Cs as usize].dpl = 0;
+        assert_eq!(io_permitted(&mut cpu, &mut bus, 0x60, 1), Ok(()));
+    }
+
+    #[test]
+    fn fast_stos_invalidates_code() {
+        let mut bus = TestBus::new(RAM);
+        let mut cpu = long_mode(&mut bus);
+        cpu.code_map.mark_code(0x2_0000);
+        let tag = cpu.code_map.tag(0x2_0000);
+        cpu.state.gpr[reg::RDI] = 0x2_0000;
+        cpu.state.gpr[reg::RCX] = 16;
+        step_code(&mut cpu, &mut bus, &[0xf3, 0x48, 0xab]);
+        assert_ne!(cpu.code_map.tag(0x2_0000), tag);
+        assert!(cpu.code_written);
+    }
+
+    #[test]
+    fn element_sizes_from_iced() {
+        for (code, size) in [
+            (&[0xa4][..], 1),
+            (&[0x66, 0xa5], 2),
+            (&[0xa5], 4),
+            (&[0x48, 0xa5], 8),
+            (&[0x6c], 1),
+            (&[0x66, 0x6d], 2),
+            (&[0x6f], 4),
+            (&[0x48, 0xaf], 8),
+        ] {
+            let cpu = Cpu::standalone(RAM);
+            let ins = decode(64, code);
+            assert_eq!(Op::decode(&cpu, &ins, Kind::Movs).size, size, "{code:x?}");
+        }
+    }
+}
