@@ -11,7 +11,7 @@ use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction};
 use crate::bus::{Bus, PAGE_SIZE};
 use crate::cpu::Cpu;
 use crate::exception::{ExecResult, Fault};
-use crate::exec::{handler_for, Handler};
+use crate::exec::{handler_for_instruction, Handler};
 use crate::mmu::{self, Access};
 use crate::state::Seg;
 
@@ -160,7 +160,7 @@ impl Cpu {
                 }
                 let flow = ins.flow_control();
                 instrs.push(Decoded {
-                    handler: crate::exec::fast::specialize(&ins).unwrap_or_else(|| handler_for(ins.mnemonic())),
+                    handler: handler_for_instruction(&ins),
                     ins,
                 });
                 if flow != FlowControl::Next {
@@ -230,7 +230,7 @@ impl Cpu {
         }
         Ok(Block {
             instrs: vec![Decoded {
-                handler: crate::exec::fast::specialize(&ins).unwrap_or_else(|| handler_for(ins.mnemonic())),
+                handler: handler_for_instruction(&ins),
                 ins,
             }],
             key: 0,

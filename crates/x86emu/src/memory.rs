@@ -2,6 +2,7 @@
 //! the TLB, RAM through host pointers, MMIO through the bus, atomic
 //! read-modify-write for locked instructions, and code-page invalidation.
 
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
@@ -130,6 +131,32 @@ impl Cpu {
         mmu::translate(&mut self.tlb, bus, &self.state, next, Access::Write, user)?;
         self.write_linear(bus, lin, &data[..first], user)?;
         self.write_linear(bus, next, &data[first..], user)
+    }
+
+    /// Host address of the `len` bytes at linear `lin` for a bulk access
+    /// with the current privilege, translated through the TLB (faulting as
+    /// a read or write of that page would), with the physical address of
+    /// the page. `None` when the range is not inside one page or the page is
+    /// not RAM. The pointer is valid for `len` bytes. A caller that writes
+    /// through it must note the write in `code_map` itself.
+    pub(crate) fn host_range(
+        &mut self,
+        bus: &mut dyn Bus,
+        lin: u64,
+        len: usize,
+        write: bool,
+    ) -> ExecResult<Option<(NonNull<u8>, u64)>> {
+        let off = (lin & (PAGE_SIZE - 1)) as usize;
+        if len == 0 || off + len > PAGE_SIZE as usize {
+            return Ok(None);
+        }
+        let access = if write { Access::Write } else { Access::Read };
+        let user = self.user_access();
+        let t = mmu::translate(&mut self.tlb, bus, &self.state, lin, access, user)?;
+        // SAFETY: the bus guarantees PAGE_SIZE valid bytes at `host`, and
+        // off < PAGE_SIZE, so the result is inside that page and non-null.
+        Ok(t.host
+            .map(|h| (unsafe { NonNull::new_unchecked(h.as_ptr().add(off)) }, t.phys)))
     }
 
     fn wrap_linear(&self, lin: u64) -> u64 {

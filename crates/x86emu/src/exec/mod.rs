@@ -77,6 +77,17 @@ pub fn handler_for(m: Mnemonic) -> Handler {
     TABLE.get_or_init(build)[m as usize]
 }
 
+/// The handler for a decoded instruction. iced names both the string
+/// MOVSD/CMPSD and the SSE2 scalar-double ones `Movsd`/`Cmpsd`; the string
+/// forms go to exec/string.rs here, so the mnemonic slots stay free for SSE.
+pub fn handler_for_instruction(ins: &Instruction) -> Handler {
+    match ins.code() {
+        iced_x86::Code::Movsd_m32_m32 => string::movs,
+        iced_x86::Code::Cmpsd_m32_m32 => string::cmps,
+        _ => fast::specialize(ins).unwrap_or_else(|| handler_for(ins.mnemonic())),
+    }
+}
+
 /// Whether a mnemonic has a handler.
 pub fn is_implemented(m: Mnemonic) -> bool {
     handler_for(m) as usize != unimplemented as Handler as usize

@@ -209,6 +209,8 @@ pub fn run_native(case: &Case) -> Outcome {
     e.riprel(&[0x8f, 0x05], st + ST_OUT_FLAGS as u64, &[]);
     // fxsave64 [rip+out_fx]
     e.riprel(&[0x48, 0x0f, 0xae, 0x05], st + ST_OUT_FX as u64, &[]);
+    // cld: the Rust caller relies on DF=0 (the ABI), and cases may set it.
+    e.buf.push(0xfc);
     e.mov_load(RSP, st + ST_HOST_RSP as u64);
     e.buf
         .extend_from_slice(&[0x41, 0x5f, 0x41, 0x5e, 0x41, 0x5d, 0x41, 0x5c, 0x5d, 0x5b, 0xc3]);
