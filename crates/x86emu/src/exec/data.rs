@@ -25,6 +25,62 @@ pub fn register(r: &mut Registry) {
     r.add(M::Bswap, G, bswap);
     r.add(M::Leave, G, leave);
     r.add(M::Xlatb, G, xlat);
+    r.add_all(&[M::Pusha, M::Pushad], G, pusha);
+    r.add_all(&[M::Popa, M::Popad], G, popa);
+}
+
+/// PUSHA/PUSHAD: AX CX DX BX (original) SP BP SI DI. Not encodable in
+/// 64-bit mode, so iced never hands us one there.
+fn pusha(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
+    let size = if ins.mnemonic() == M::Pushad { 4 } else { 2 };
+    let saved = cpu.state.gpr;
+    let sp = cpu.state.gpr[reg::RSP];
+    for (i, v) in saved.iter().take(8).enumerate() {
+        let v = if i == reg::RSP { sp } else { *v };
+        if let Err(e) = cpu.push(bus, v, size) {
+            cpu.state.gpr[reg::RSP] = sp;
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// POPA/POPAD: the reverse, skipping the saved SP.
+fn popa(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
+    let size = if ins.mnemonic() == M::Popad { 4 } else { 2 };
+    let sp = cpu.sp();
+    let mut vals = [0u64; 8];
+    for (i, v) in vals.iter_mut().enumerate() {
+        *v = cpu.read_sized(bus, Seg::Ss, sp.wrapping_add((i as u64) * size as u64), size)?;
+    }
+    let regs16 = [
+        Register::DI,
+        Register::SI,
+        Register::BP,
+        Register::SP,
+        Register::BX,
+        Register::DX,
+        Register::CX,
+        Register::AX,
+    ];
+    let regs32 = [
+        Register::EDI,
+        Register::ESI,
+        Register::EBP,
+        Register::ESP,
+        Register::EBX,
+        Register::EDX,
+        Register::ECX,
+        Register::EAX,
+    ];
+    for (i, v) in vals.iter().enumerate() {
+        if i == 3 {
+            continue;
+        }
+        cpu.set_reg(if size == 4 { regs32[i] } else { regs16[i] }, *v);
+    }
+    cpu.set_sp(sp.wrapping_add(8 * size as u64));
+    Ok(())
 }
 
 fn is_special(r: Register) -> bool {
@@ -179,4 +235,48 @@ fn xlat(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
     let v = cpu.read_u8(bus, cpu.mem_seg(ins), bx.wrapping_add(al) & mask)?;
     cpu.set_reg(Register::AL, v as u64);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::state::{cr, CpuState, Segment};
+    use crate::testbus::TestBus;
+    use crate::Cpu;
+
+    /// 32-bit flat protected mode, no paging.
+    fn cpu32() -> Cpu {
+        let mut cpu = Cpu::standalone(1 << 20);
+        let mut s = CpuState::reset();
+        s.cr0 |= cr::CR0_PE;
+        let cs = Segment::from_descriptor(0x08, 0x00cf_9b00_0000_ffff);
+        let ds = Segment::from_descriptor(0x10, 0x00cf_9300_0000_ffff);
+        s.segs = [ds, cs, ds, ds, ds, ds];
+        cpu.set_state(s);
+        cpu
+    }
+
+    #[test]
+    fn pushad_popad_round_trip() {
+        let mut bus = TestBus::new(1 << 20);
+        bus.load(0x1000, &[0x60, 0x31, 0xc0, 0x61]); // pushad; xor eax,eax (or #UD); popad
+        let mut cpu = cpu32();
+        cpu.state.rip = 0x1000;
+        for i in 0..8 {
+            cpu.state.gpr[i] = 0x1111_1111 * (i as u64 + 1);
+        }
+        cpu.state.gpr[4] = 0x8000;
+        cpu.step(&mut bus);
+        assert_eq!(cpu.state.gpr[4], 0x8000 - 32);
+        // EAX at the highest address, EDI at the lowest, original ESP in between.
+        assert_eq!(bus.read_u32(0x8000 - 4), 0x1111_1111);
+        assert_eq!(bus.read_u32(0x8000 - 20), 0x8000);
+        assert_eq!(bus.read_u32(0x8000 - 32), 0x8888_8888);
+        cpu.state.gpr[0] = 0;
+        cpu.state.gpr[5] = 0;
+        cpu.state.rip = 0x1003;
+        cpu.step(&mut bus);
+        assert_eq!(cpu.state.gpr[0], 0x1111_1111);
+        assert_eq!(cpu.state.gpr[5], 0x6666_6666);
+        assert_eq!(cpu.state.gpr[4], 0x8000);
+    }
 }
