@@ -567,18 +567,29 @@ fn compare_exchange_128(cpu: &mut Cpu, bus: &mut dyn Bus, lin: u64, expected: u1
 
 #[cfg(target_arch = "x86_64")]
 fn host_cmpxchg16b(p: *mut u128, expected: u128, new: u128) -> u128 {
-    use std::sync::atomic::Ordering::SeqCst;
-    #[target_feature(enable = "cmpxchg16b")]
-    unsafe fn cas(p: *mut u128, expected: u128, new: u128) -> u128 {
-        // SAFETY: the caller passes a valid, 16-byte aligned pointer.
-        unsafe { std::arch::x86_64::cmpxchg16b(p, expected, new, SeqCst, SeqCst) }
+    if !std::arch::is_x86_feature_detected!("cmpxchg16b") {
+        return locked_fallback(p, expected, new);
     }
-    if std::arch::is_x86_feature_detected!("cmpxchg16b") {
-        // SAFETY: the feature is present; `p` is valid and 16-byte aligned
-        // (see compare_exchange_128).
-        return unsafe { cas(p, expected, new) };
+    let (mut lo, mut hi) = (expected as u64, (expected >> 64) as u64);
+    // Inline assembly because the intrinsic becomes a libcall in builds
+    // without the target feature. RBX is reserved by LLVM: swap the new low
+    // half into it and restore it afterwards.
+    // SAFETY: `p` is valid and 16-byte aligned (see compare_exchange_128),
+    // the CPU has CMPXCHG16B, and RBX is restored before the block ends.
+    unsafe {
+        std::arch::asm!(
+            "xchg {new_lo}, rbx",
+            "lock cmpxchg16b xmmword ptr [{p}]",
+            "mov rbx, {new_lo}",
+            p = in(reg) p,
+            new_lo = inout(reg) new as u64 => _,
+            in("rcx") (new >> 64) as u64,
+            inout("rax") lo,
+            inout("rdx") hi,
+            options(nostack),
+        );
     }
-    locked_fallback(p, expected, new)
+    ((hi as u128) << 64) | lo as u128
 }
 
 #[cfg(not(target_arch = "x86_64"))]
