@@ -67,7 +67,7 @@ static PARITY: [u8; 256] = {
     let mut t = [0u8; 256];
     let mut i = 0;
     while i < 256 {
-        if (i as u8).count_ones() % 2 == 0 {
+        if (i as u8).count_ones() & 1 == 0 {
             t[i] = PF as u8;
         }
         i += 1;
@@ -742,4 +742,269 @@ fn aad(cpu: &mut Cpu, _bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
     cpu.set_reg(Register::AX, al);
     set_status(&mut cpu.state.rflags, szp::<8>(al));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use iced_x86::{Decoder, DecoderOptions};
+
+    use super::*;
+    use crate::exception::vector;
+    use crate::state::{CpuState, Segment};
+    use crate::testbus::TestBus;
+
+    const CODE: u64 = 0x7c00;
+
+    /// Run one instruction in real mode with AX and the status flags given;
+    /// returns (AX, RFLAGS, whether it raised an exception).
+    fn run16(code: &[u8], ax: u64, rflags: u64) -> (u64, u64, bool) {
+        let mut bus = TestBus::new(1 << 20);
+        bus.load(CODE, code);
+        let mut cpu = Cpu::standalone(1 << 20);
+        cpu.state.segs[1] = Segment::real_mode(0, true);
+        cpu.state.rip = CODE;
+        cpu.state.gpr[0] = ax;
+        cpu.state.rflags = 2 | rflags;
+        cpu.step(&mut bus);
+        (cpu.state.gpr[0] & 0xffff, cpu.state.rflags, cpu.stats.exceptions != 0)
+    }
+
+    /// Decode one 64-bit instruction (without iced's LOCK validity check)
+    /// and run its handler on `cpu`.
+    fn exec64(cpu: &mut Cpu, code: &[u8]) -> ExecResult {
+        let mut dec = Decoder::with_ip(64, code, 0x1000, DecoderOptions::NO_INVALID_CHECK);
+        let ins = dec.decode();
+        assert!(!ins.is_invalid(), "{code:02x?} does not decode");
+        let mut bus = TestBus::new(1 << 16);
+        crate::exec::handler_for(ins.mnemonic())(cpu, &mut bus, &ins)
+    }
+
+    fn cpu64() -> Cpu {
+        let mut cpu = Cpu::standalone(1 << 16);
+        cpu.state = CpuState::long_mode_flat(0);
+        cpu
+    }
+
+    fn bit(b: bool, f: u64) -> u64 {
+        if b {
+            f
+        } else {
+            0
+        }
+    }
+
+    fn szp8(al: u64) -> u64 {
+        bit(al == 0, ZF) | bit(al & 0x80 != 0, SF) | bit((al as u8).count_ones() & 1 == 0, PF)
+    }
+
+    /// SDM DAA pseudo-code, literally: (AL, flags).
+    #[allow(unused_assignments)] // the SDM assigns CF and then overrides it
+    fn ref_daa(al: u64, af_in: bool, cf_in: bool) -> (u64, u64) {
+        let (old_al, old_cf) = (al, cf_in);
+        let mut al = al;
+        let mut cf = false;
+        let af;
+        if (al & 0x0f) > 9 || af_in {
+            let sum = al + 6;
+            al = sum & 0xff;
+            cf = old_cf || sum > 0xff;
+            af = true;
+        } else {
+            af = false;
+        }
+        if old_al > 0x99 || old_cf {
+            al = (al + 0x60) & 0xff;
+            cf = true;
+        } else {
+            cf = false;
+        }
+        (al, szp8(al) | bit(cf, CF) | bit(af, AF))
+    }
+
+    /// SDM DAS pseudo-code, literally.
+    fn ref_das(al: u64, af_in: bool, cf_in: bool) -> (u64, u64) {
+        let (old_al, old_cf) = (al, cf_in);
+        let mut al = al;
+        let mut cf = false;
+        let af;
+        if (al & 0x0f) > 9 || af_in {
+            cf = old_cf || al < 6;
+            al = al.wrapping_sub(6) & 0xff;
+            af = true;
+        } else {
+            af = false;
+        }
+        if old_al > 0x99 || old_cf {
+            al = al.wrapping_sub(0x60) & 0xff;
+            cf = true;
+        }
+        (al, szp8(al) | bit(cf, CF) | bit(af, AF))
+    }
+
+    #[test]
+    fn daa_das_match_the_sdm_for_every_input() {
+        for al in 0..256u64 {
+            for fl in 0..4u64 {
+                let (af, cf) = (fl & 1 != 0, fl & 2 != 0);
+                let rflags = bit(af, AF) | bit(cf, CF) | OF;
+                for (code, reference) in [(0x27u8, ref_daa as fn(u64, bool, bool) -> (u64, u64)), (0x2f, ref_das)] {
+                    let (ax, out, faulted) = run16(&[code], 0x5500 | al, rflags);
+                    let (want_al, want_flags) = reference(al, af, cf);
+                    assert!(!faulted);
+                    assert_eq!(ax, 0x5500 | want_al, "{code:#x} al={al:#x} af={af} cf={cf}");
+                    // OF is undefined (left unchanged here).
+                    assert_eq!(out & STATUS, want_flags | OF, "{code:#x} al={al:#x} af={af} cf={cf}");
+                }
+            }
+        }
+        // SDM examples: 79h + 35h = AEh, DAA -> 14h CF=1; 35h - 47h = EEh, DAS -> 88h CF=1.
+        assert_eq!(run16(&[0x27], 0xae, 0).0, 0x14);
+        assert_eq!(run16(&[0x2f], 0xee, AF | CF).0, 0x88);
+    }
+
+    #[test]
+    fn aaa_aas_match_the_sdm() {
+        for ax in (0..0x10000u64).step_by(29) {
+            for af in [false, true] {
+                let adjust = ax & 0xf > 9 || af;
+                let (aaa, aas) = if adjust {
+                    (
+                        (ax + 0x106) & 0xff0f,
+                        ((ax.wrapping_sub(6) & 0xffff).wrapping_sub(0x100) & 0xff0f),
+                    )
+                } else {
+                    (ax & 0xff0f, ax & 0xff0f)
+                };
+                for (code, want) in [(0x37u8, aaa), (0x3f, aas)] {
+                    let (got, fl, faulted) = run16(&[code], ax, bit(af, AF));
+                    assert!(!faulted);
+                    assert_eq!(got, want, "{code:#x} ax={ax:#x} af={af}");
+                    assert_eq!(fl & (AF | CF), bit(adjust, AF | CF));
+                }
+            }
+        }
+        // 6 + 9: AL=0Fh -> AAA -> AX=0105h.
+        assert_eq!(run16(&[0x37], 0x000f, 0).0, 0x0105);
+        // 8 - 9: AL=FFh, AF=1 -> AAS -> AH-1, AL=9.
+        assert_eq!(run16(&[0x3f], 0x00ff, AF).0, 0xff09);
+    }
+
+    #[test]
+    fn aam_aad() {
+        for base in [10u64, 16, 7, 1, 0xff] {
+            for ax in (0..0x10000u64).step_by(59) {
+                let al = ax & 0xff;
+                let (got, fl, faulted) = run16(&[0xd4, base as u8], ax, STATUS);
+                assert!(!faulted);
+                let want = ((al / base) << 8) | (al % base);
+                assert_eq!(got, want);
+                assert_eq!(fl & STATUS, szp8(want & 0xff));
+                let (got, fl, faulted) = run16(&[0xd5, base as u8], ax, STATUS);
+                assert!(!faulted);
+                let want = (al + (ax >> 8) * base) & 0xff;
+                assert_eq!(got, want);
+                assert_eq!(fl & STATUS, szp8(want));
+            }
+        }
+        assert_eq!(run16(&[0xd4, 0x0a], 0x3f, 0).0, 0x0603);
+        assert_eq!(run16(&[0xd5, 0x0a], 0x0603, 0).0, 0x3f);
+        // AAM 0 raises #DE and leaves AX alone.
+        let (ax, _, faulted) = run16(&[0xd4, 0x00], 0x1234, 0);
+        assert!(faulted);
+        assert_eq!(ax, 0x1234);
+    }
+
+    #[test]
+    fn bcd_is_invalid_in_64bit_mode() {
+        let mut cpu = cpu64();
+        let ins = Instruction::with(iced_x86::Code::Daa);
+        let mut bus = TestBus::new(1 << 16);
+        assert_eq!(daa(&mut cpu, &mut bus, &ins), Err(Fault::ud()));
+        assert_eq!(aam(&mut cpu, &mut bus, &ins), Err(Fault::ud()));
+    }
+
+    #[test]
+    fn divide_faults_leave_state_alone() {
+        // div rcx with rcx = 0; div ecx with edx >= ecx; idiv with MIN / -1.
+        let cases: [(&[u8], [u64; 3]); 6] = [
+            (&[0x48, 0xf7, 0xf1], [5, 0, 0]),
+            (&[0xf7, 0xf1], [5, 7, 7]),
+            (&[0xf6, 0xf1], [0x0200, 0, 2]),
+            (&[0x48, 0xf7, 0xf9], [0, 1 << 63, u64::MAX]),
+            (&[0x48, 0xf7, 0xf9], [0, 0, 0]),
+            (&[0x66, 0xf7, 0xf9], [0x0000, 0x8000, 0xffff]),
+        ];
+        for (code, [rax, rdx, rcx]) in cases {
+            let mut cpu = cpu64();
+            cpu.state.gpr[0] = rax;
+            cpu.state.gpr[2] = rdx;
+            cpu.state.gpr[1] = rcx;
+            let before = cpu.state.clone();
+            assert_eq!(
+                exec64(&mut cpu, code).map_err(|f| f.vector),
+                Err(vector::DE),
+                "{code:02x?}"
+            );
+            assert_eq!(cpu.state.gpr, before.gpr);
+            assert_eq!(cpu.state.rflags, before.rflags);
+        }
+        // 64-bit IDIV at the edge that fits: -2^127 / 2^63... use -2^64 / 2 = -2^63.
+        let mut cpu = cpu64();
+        cpu.state.gpr[0] = 0;
+        cpu.state.gpr[2] = u64::MAX;
+        cpu.state.gpr[1] = 2;
+        assert_eq!(exec64(&mut cpu, &[0x48, 0xf7, 0xf9]), Ok(()));
+        assert_eq!(cpu.state.gpr[0], 1 << 63);
+        assert_eq!(cpu.state.gpr[2], 0);
+    }
+
+    #[test]
+    fn lock_needs_a_memory_destination_and_a_lockable_instruction() {
+        for code in [
+            &[0xf0, 0x48, 0x01, 0xc8][..],   // lock add rax, rcx
+            &[0xf0, 0x48, 0xff, 0xc0],       // lock inc rax
+            &[0xf0, 0x48, 0x0f, 0xc1, 0xc8], // lock xadd rax, rcx
+            &[0xf0, 0x48, 0x0f, 0xb1, 0xc8], // lock cmpxchg rax, rcx
+            &[0xf0, 0x48, 0x39, 0x08],       // lock cmp [rax], rcx
+            &[0xf0, 0x48, 0x85, 0x08],       // lock test [rax], rcx
+            &[0xf0, 0x48, 0xf7, 0x20],       // lock mul qword [rax]
+        ] {
+            let mut cpu = cpu64();
+            cpu.state.gpr[0] = 0x100;
+            let before = cpu.state.clone();
+            assert_eq!(exec64(&mut cpu, code), Err(Fault::ud()), "{code:02x?}");
+            assert_eq!(cpu.state.gpr, before.gpr);
+        }
+    }
+
+    #[test]
+    fn cmpxchg16b_needs_16_byte_alignment() {
+        let mut cpu = cpu64();
+        cpu.state.gpr[6] = 0x2008; // rsi
+        let before = cpu.state.clone();
+        // lock cmpxchg16b [rsi]
+        assert_eq!(exec64(&mut cpu, &[0xf0, 0x48, 0x0f, 0xc7, 0x0e]), Err(Fault::gp0()));
+        assert_eq!(cpu.state.gpr, before.gpr);
+        assert_eq!(cpu.state.rflags, before.rflags);
+    }
+
+    #[test]
+    fn host_cmpxchg16b_swaps_only_when_equal() {
+        #[repr(align(16))]
+        struct Slot(u128);
+        let mut slot = Slot(0x1111_2222_3333_4444_5555_6666_7777_8888);
+        let p = &mut slot.0 as *mut u128;
+        let old = host_cmpxchg16b(p, 1, 2);
+        assert_eq!(old, slot.0);
+        let want = slot.0;
+        assert_eq!(host_cmpxchg16b(p, want, 42), want);
+        assert_eq!(slot.0, 42);
+    }
+
+    #[test]
+    fn adcx_adox_are_not_offered() {
+        assert!(!crate::exec::is_implemented(M::Adcx));
+        assert!(!crate::exec::is_implemented(M::Adox));
+        assert_eq!(crate::config::CpuConfig::default().cpuid(7, 0)[1] & (1 << 19), 0);
+    }
 }

@@ -328,19 +328,15 @@ fn emit_imul3(a: &mut CodeAssembler, f: Form, size: u32, r: Regs, imm: i32) -> R
 
 type Emitter = fn(&mut CodeAssembler, Form, u32, Regs, i32) -> Result<(), IcedError>;
 
+/// An instruction under test: name, emitter, flags the SDM leaves undefined.
+#[derive(Clone, Copy)]
+struct Op<'a>(&'a str, Emitter, u64);
+
 /// Run `cases_per_form()` cases of one instruction in one form and size.
 /// `fix` adjusts the start state (e.g. to keep DIV from faulting).
-fn run_form(
-    op: &str,
-    emit: Emitter,
-    size: u32,
-    form: Form,
-    undefined: u64,
-    seed: u64,
-    avoid: &[usize],
-    fix: &dyn Fn(&mut Rng, &mut Case, &Regs),
-) {
-    let name = format!("{op}{} {}", size * 8, form.name());
+fn run_form(op: Op, size: u32, form: Form, seed: u64, avoid: &[usize], fix: &dyn Fn(&mut Rng, &mut Case, &Regs)) {
+    let Op(op, emit, undefined) = op;
+    let name = format!("{op}/{} {}", size * 8, form.name());
     run_cases(&name, cases_per_form(), seed, |rng| {
         let (mut c, r) = setup(rng, size, form, 1, avoid);
         let imm = pick_imm(rng, size, form);
@@ -383,7 +379,7 @@ fn arith_logic() {
             }
             for form in forms {
                 seed += 1;
-                run_form(op, emit, size, form, undefined, seed, &[], &no_fix);
+                run_form(Op(op, emit, undefined), size, form, seed, &[], &no_fix);
             }
         }
     }
@@ -402,7 +398,7 @@ fn unary() {
         for size in SIZES {
             for form in [Form::R, Form::M, Form::LockM] {
                 seed += 1;
-                run_form(op, emit, size, form, 0, seed, &[], &no_fix);
+                run_form(Op(op, emit, 0), size, form, seed, &[], &no_fix);
             }
         }
     }
@@ -414,21 +410,21 @@ fn multiply() {
     for size in SIZES {
         for form in [Form::R, Form::M] {
             seed += 1;
-            run_form("mul", emit_mul, size, form, MUL_UNDEF, seed, &[], &no_fix);
+            run_form(Op("mul", emit_mul, MUL_UNDEF), size, form, seed, &[], &no_fix);
             seed += 1;
-            run_form("imul", emit_imul1, size, form, MUL_UNDEF, seed, &[], &no_fix);
+            run_form(Op("imul", emit_imul1, MUL_UNDEF), size, form, seed, &[], &no_fix);
         }
         if size == 1 {
             continue;
         }
         for form in [Form::RR, Form::RM] {
             seed += 1;
-            run_form("imul2 ", emit_imul2, size, form, MUL_UNDEF, seed, &[], &no_fix);
+            run_form(Op("imul2", emit_imul2, MUL_UNDEF), size, form, seed, &[], &no_fix);
         }
         for form in [Form::RI8, Form::RI, Form::MI8, Form::MI] {
             seed += 1;
-            let name = format!("imul3 r,{}", if form.has_mem() { "m" } else { "r" });
-            run_form(&name, emit_imul3, size, form, MUL_UNDEF, seed, &[], &no_fix);
+            // Forms name the second operand and the immediate: r,r,imm8 = "r,imm8".
+            run_form(Op("imul3", emit_imul3, MUL_UNDEF), size, form, seed, &[], &no_fix);
         }
     }
 }
@@ -507,7 +503,7 @@ fn divide() {
                     set_dividend_high(c, size, hi % dv);
                 }
             };
-            run_form("div", emit_div, size, form, DIV_UNDEF, seed, &avoid, &fix_div);
+            run_form(Op("div", emit_div, DIV_UNDEF), size, form, seed, &avoid, &fix_div);
             seed += 1;
             let fix_idiv = move |rng: &mut Rng, c: &mut Case, r: &Regs| {
                 let mut dv = divisor_of(c, r, form, size);
@@ -526,7 +522,7 @@ fn divide() {
                     }
                 }
             };
-            run_form("idiv", emit_idiv, size, form, DIV_UNDEF, seed, &avoid, &fix_idiv);
+            run_form(Op("idiv", emit_idiv, DIV_UNDEF), size, form, seed, &avoid, &fix_idiv);
         }
     }
 }
@@ -537,7 +533,7 @@ fn exchange_add_and_compare_exchange() {
     for size in SIZES {
         for form in [Form::RR, Form::MR, Form::LockMR] {
             seed += 1;
-            run_form("xadd", emit_xadd, size, form, 0, seed, &[], &no_fix);
+            run_form(Op("xadd", emit_xadd, 0), size, form, seed, &[], &no_fix);
             seed += 1;
             // Half the cases make the destination equal to the accumulator.
             let fix = move |rng: &mut Rng, c: &mut Case, r: &Regs| {
@@ -546,7 +542,7 @@ fn exchange_add_and_compare_exchange() {
                     set_divisor(c, r, if form == Form::RR { Form::R } else { Form::M }, size, acc);
                 }
             };
-            run_form("cmpxchg", emit_cmpxchg, size, form, 0, seed, &[], &fix);
+            run_form(Op("cmpxchg", emit_cmpxchg, 0), size, form, seed, &[], &fix);
         }
     }
 }
