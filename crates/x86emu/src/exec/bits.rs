@@ -53,7 +53,11 @@ const CMOVCC: [M; 16] = [
 
 pub fn register(r: &mut Registry) {
     const G: &str = "bits";
-    r.add_all(&[M::Shl, M::Sal, M::Shr, M::Sar, M::Rol, M::Ror, M::Rcl, M::Rcr], G, shift_rotate);
+    r.add_all(
+        &[M::Shl, M::Sal, M::Shr, M::Sar, M::Rol, M::Ror, M::Rcl, M::Rcr],
+        G,
+        shift_rotate,
+    );
     r.add_all(&[M::Shld, M::Shrd], G, double_shift);
     r.add(M::Bt, G, bt);
     r.add_all(&[M::Bts, M::Btr, M::Btc], G, bt_modify);
@@ -236,7 +240,9 @@ fn double_shift(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResu
     let count = (cpu.read_op(bus, ins, 2)? & count_mask(size)) as u32;
     let left = ins.mnemonic() == M::Shld;
     let rflags = cpu.state.rflags;
-    let old = cpu.rmw_op(bus, ins, &mut |d| double_shift_value(left, d, src, count, size, rflags).0)?;
+    let old = cpu.rmw_op(bus, ins, &mut |d| {
+        double_shift_value(left, d, src, count, size, rflags).0
+    })?;
     cpu.state.rflags = double_shift_value(left, old, src, count, size, rflags).1;
     Ok(())
 }
