@@ -383,3 +383,126 @@ fn cmovcc(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
     cpu.set_reg(dst, v);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use iced_x86::{Decoder, DecoderOptions};
+
+    use super::*;
+    use crate::state::CpuState;
+    use crate::testbus::TestBus;
+
+    /// Run one register-only instruction in 64-bit mode.
+    fn exec(cpu: &mut Cpu, code: &[u8]) -> ExecResult {
+        let ins = Decoder::new(64, code, DecoderOptions::NONE).decode();
+        let mut bus = TestBus::new(4096);
+        crate::exec::handler_for(ins.mnemonic())(cpu, &mut bus, &ins)
+    }
+
+    fn cpu() -> Cpu {
+        let mut cpu = Cpu::standalone(1 << 20);
+        cpu.set_state(CpuState::long_mode_flat(0));
+        cpu
+    }
+
+    const RDX: usize = 2;
+    const RSI: usize = 6;
+
+    #[test]
+    fn tzcnt_and_lzcnt_run_as_bsf_and_bsr() {
+        // (F3 form, plain form): tzcnt/bsf and lzcnt/bsr rdx, rsi, in all sizes.
+        let pairs: [(&[u8], &[u8]); 6] = [
+            (&[0xf3, 0x48, 0x0f, 0xbc, 0xd6], &[0x48, 0x0f, 0xbc, 0xd6]),
+            (&[0xf3, 0x0f, 0xbc, 0xd6], &[0x0f, 0xbc, 0xd6]),
+            (&[0x66, 0xf3, 0x0f, 0xbc, 0xd6], &[0x66, 0x0f, 0xbc, 0xd6]),
+            (&[0xf3, 0x48, 0x0f, 0xbd, 0xd6], &[0x48, 0x0f, 0xbd, 0xd6]),
+            (&[0xf3, 0x0f, 0xbd, 0xd6], &[0x0f, 0xbd, 0xd6]),
+            (&[0x66, 0xf3, 0x0f, 0xbd, 0xd6], &[0x66, 0x0f, 0xbd, 0xd6]),
+        ];
+        for (rep, plain) in pairs {
+            for src in [0u64, 1, 0x8000, 0x10_0000, 0x8000_0000_0000_0000, u64::MAX, 0xffff_0000] {
+                let mut a = cpu();
+                a.state.gpr[RDX] = 0x1234_5678_9abc_def0;
+                a.state.gpr[RSI] = src;
+                let mut b = cpu();
+                b.state = a.state.clone();
+                exec(&mut a, rep).unwrap();
+                exec(&mut b, plain).unwrap();
+                assert_eq!(a.state.gpr, b.state.gpr, "{rep:02x?} src {src:#x}");
+                assert_eq!(a.state.rflags & ZF, b.state.rflags & ZF);
+            }
+        }
+        // A zero source: ZF set, destination untouched (not TZCNT's 64, CF).
+        let mut c = cpu();
+        c.state.gpr[RDX] = 0x1234_5678_9abc_def0;
+        c.state.gpr[RSI] = 0;
+        exec(&mut c, &[0xf3, 0x0f, 0xbc, 0xd6]).unwrap();
+        assert_eq!(c.state.gpr[RDX], 0x1234_5678_9abc_def0);
+        assert!(c.state.rflags & ZF != 0);
+        // LZCNT of 1 would be 63; BSR gives the bit index 0.
+        c.state.gpr[RSI] = 1;
+        exec(&mut c, &[0xf3, 0x48, 0x0f, 0xbd, 0xd6]).unwrap();
+        assert_eq!(c.state.gpr[RDX], 0);
+        assert!(c.state.rflags & ZF == 0);
+    }
+
+    #[test]
+    fn popcnt_needs_the_feature() {
+        let code = [0xf3, 0x48, 0x0f, 0xb8, 0xd6]; // popcnt rdx, rsi
+        let mut c = cpu();
+        c.state.gpr[RSI] = 0xf0f0;
+        c.state.gpr[RDX] = 7;
+        assert_eq!(exec(&mut c, &code), Err(Fault::ud()));
+        assert_eq!(c.state.gpr[RDX], 7);
+        c.config.features.popcnt = true;
+        c.state.rflags |= CF | OF | SF | AF | PF | ZF;
+        exec(&mut c, &code).unwrap();
+        assert_eq!(c.state.gpr[RDX], 8);
+        assert_eq!(c.state.rflags & STATUS, 0);
+        c.state.gpr[RSI] = 0;
+        exec(&mut c, &code).unwrap();
+        assert_eq!((c.state.gpr[RDX], c.state.rflags & STATUS), (0, ZF));
+    }
+
+    #[test]
+    fn rotate_through_carry_counts_modulo_width_plus_one() {
+        // RCL of a byte by 9 is the identity and keeps CF.
+        assert_eq!(shift_rotate_value(M::Rcl, 0x81, 9, 1, CF), (0x81, CF));
+        // RCL by 1: the old CF enters at bit 0, bit 7 leaves into CF.
+        let (v, f) = shift_rotate_value(M::Rcl, 0x80, 1, 1, 0);
+        assert_eq!((v, f & (CF | OF)), (0, CF | OF));
+        // RCR of a word by 17 is the identity.
+        assert_eq!(shift_rotate_value(M::Rcr, 0x1234, 17, 2, 0), (0x1234, 0));
+        // RCR of a qword by 63 equals RCL by 2 on the 65-bit value.
+        let v = 0x8000_0000_0000_0001;
+        assert_eq!(
+            shift_rotate_value(M::Rcr, v, 63, 8, CF).0,
+            shift_rotate_value(M::Rcl, v, 2, 8, CF).0
+        );
+    }
+
+    #[test]
+    fn zero_counts_leave_flags() {
+        let all = STATUS;
+        assert_eq!(shift_rotate_value(M::Shl, 5, 0, 4, all), (5, all));
+        assert_eq!(double_shift_value(true, 5, 9, 0, 2, all), (5, all));
+    }
+
+    #[test]
+    fn double_shift_full_width_takes_the_source() {
+        let (v, f) = double_shift_value(true, 0x8001, 0x1234, 16, 2, 0);
+        assert_eq!(v, 0x1234);
+        assert!(f & CF != 0, "last bit out is bit 0 of the destination");
+        let (v, _) = double_shift_value(false, 0xdead_beef, 0x1, 4, 4, 0);
+        assert_eq!(v, 0x1dea_dbee);
+    }
+
+    #[test]
+    fn cmov_false_zero_extends_32_bit_destination() {
+        let mut c = cpu();
+        c.state.gpr[RDX] = 0xffff_ffff_0000_0001;
+        c.state.rflags &= !ZF;
+        exec(&mut c, &[0x0f, 0x44, 0xd6]).unwrap(); // cmove edx, esi
+        assert_eq!(c.state.gpr[RDX], 1);
+    }
+}

@@ -6,7 +6,7 @@
 //! and checked against the intended mnemonic before it runs.
 
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-use x86emu::state::flags::{AF, CF, OF, PF, SF, STATUS, ZF};
+use x86emu::state::flags::{AF, CF, OF, PF, SF, STATUS};
 
 use crate::harness::*;
 
