@@ -198,7 +198,8 @@ fn shift_rotate(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResu
 
 /// SHLD/SHRD of `dest` with bits from `src` by a masked `count`. Returns the
 /// result and new RFLAGS. Counts above the operand size (16-bit only) have
-/// undefined results; they shift through src:dest:src as Intel cores do.
+/// undefined results and flags; here they keep shifting through a 48-bit
+/// dest:src:dest.
 pub fn double_shift_value(left: bool, dest: u64, src: u64, count: u32, size: u32, rflags: u64) -> (u64, u64) {
     let mask = size_mask(size);
     let (dest, src) = (dest & mask, src & mask);
