@@ -278,6 +278,12 @@ impl Tables {
 
 /// Run in x86emu with the same virtual layout as natively.
 pub fn run_emulated(case: &Case) -> Result<Outcome, String> {
+    run_emulated_with(case, x86emu::CpuConfig::default())
+}
+
+/// `run_emulated` with a chosen CPU configuration (for features that are
+/// off by default).
+pub fn run_emulated_with(case: &Case, config: x86emu::CpuConfig) -> Result<Outcome, String> {
     let (code_lin, scratch) = {
         let n = native();
         (n.code() as u64 + 0x800, n.scratch() as u64)
@@ -301,6 +307,7 @@ pub fn run_emulated(case: &Case) -> Result<Outcome, String> {
     bus.write_u64(scratch_phys + SCRATCH as u64 - 256 - 8, fl);
 
     let mut cpu = Cpu::standalone(1 << 20);
+    cpu.config = config;
     let mut s = CpuState::long_mode_flat(pml4);
     s.cr4 |= x86emu::state::cr::CR4_OSFXSR | x86emu::state::cr::CR4_OSXMMEXCPT;
     s.cr0 &= !x86emu::state::cr::CR0_EM;
