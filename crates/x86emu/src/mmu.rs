@@ -62,7 +62,7 @@ pub enum Ctx {
     SupervisorAc = 2,
 }
 
-const TLB_BITS: usize = 8;
+const TLB_BITS: usize = 9;
 const TLB_SIZE: usize = 1 << TLB_BITS;
 const INVALID: u64 = 1;
 
@@ -111,7 +111,7 @@ unsafe impl Send for Tlb {}
 impl Default for Tlb {
     fn default() -> Self {
         Tlb {
-            sets: vec![[EMPTY; TLB_SIZE]; 3],
+            sets: vec![[EMPTY; TLB_SIZE]; 6],
         }
     }
 }
@@ -122,11 +122,18 @@ impl Tlb {
         ((lin >> 12) as usize) & (TLB_SIZE - 1)
     }
 
+    /// Code and data translations live in separate sets (like an ITLB and a
+    /// DTLB), so a loop whose code and data share an index does not thrash.
+    #[inline(always)]
+    fn set(ctx: Ctx, access: Access) -> usize {
+        ctx as usize * 2 + (access == Access::Execute) as usize
+    }
+
     /// Look up a page; returns the physical page base and host pointer.
     #[inline(always)]
     pub fn lookup(&self, ctx: Ctx, lin: u64, access: Access) -> Option<Translation> {
         let page = lin & !(PAGE_SIZE - 1);
-        let e = &self.sets[ctx as usize][Self::index(lin)];
+        let e = &self.sets[Self::set(ctx, access)][Self::index(lin)];
         let tag = match access {
             Access::Read => e.read_tag,
             Access::Write => e.write_tag,
@@ -144,25 +151,28 @@ impl Tlb {
 
     fn insert(&mut self, ctx: Ctx, lin: u64, walk: &Walk, access: Access, host: Option<NonNull<u8>>, state: &CpuState) {
         let page = lin & !(PAGE_SIZE - 1);
-        let slot = &mut self.sets[ctx as usize][Self::index(lin)];
-        if slot.phys != walk.phys || slot.read_tag != page {
+        let slot = &mut self.sets[Self::set(ctx, access)][Self::index(lin)];
+        if slot.phys != walk.phys || (slot.read_tag != page && slot.exec_tag != page) {
             *slot = EMPTY;
         }
         slot.phys = walk.phys;
         slot.host = host;
         slot.global = walk.global;
         slot.large = walk.large;
-        // Reads are always allowed once the walk succeeded for any access
-        // except in the SMAP case, which `allowed` already judged.
+        if access == Access::Execute {
+            if allowed(ctx, walk, Access::Execute, state) {
+                slot.exec_tag = page;
+            }
+            return;
+        }
+        // Reads are allowed once the walk succeeded for any data access,
+        // except in the SMAP case, which `allowed` judges.
         if allowed(ctx, walk, Access::Read, state) {
             slot.read_tag = page;
         }
         // A write entry only after a write walk, so the dirty bit is set.
         if access == Access::Write {
             slot.write_tag = page;
-        }
-        if allowed(ctx, walk, Access::Execute, state) {
-            slot.exec_tag = page;
         }
     }
 
