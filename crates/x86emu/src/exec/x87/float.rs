@@ -143,10 +143,15 @@ impl F80 {
     }
     pub fn from_ext(x: Ext) -> Self {
         let b = x.to_bits();
-        F80 {
+        let mut v = F80 {
             sig: b as u64,
             se: (b >> 64) as u16,
+        };
+        // apfloat encodes the smallest normals as pseudo-denormals.
+        if v.exp() == 0 && v.sig >> 63 == 1 {
+            v.se |= 1;
         }
+        v
     }
     /// Tag of a value: 0 valid, 1 zero, 2 special.
     pub fn tag(self) -> u16 {
@@ -307,11 +312,7 @@ fn round_wide(w: StatusAnd<Wide>, ctl: Ctl) -> StatusAnd<Ext> {
             (r.value, r.status)
         }
     };
-    let mut status = s;
-    if w.status.contains(Status::INEXACT) {
-        status |= Status::INEXACT;
-    }
-    status.and(v)
+    (s | w.status).and(v)
 }
 
 fn to_wide(x: F80) -> Wide {
@@ -330,12 +331,39 @@ fn compute(op: Op, a: F80, b: F80, ctl: Ctl) -> StatusAnd<Ext> {
 
 /// Finish a rounded result: exception bits, C1 if rounding increased the
 /// magnitude (found by redoing the operation toward zero).
-fn finish(r: StatusAnd<Ext>, again: impl FnOnce(Ctl) -> StatusAnd<Ext>, ctl: Ctl) -> Res {
+fn finish(r: StatusAnd<Ext>, again: impl Fn(Ctl) -> StatusAnd<Ext>, ctl: Ctl) -> Res {
     let mut flags = status_bits(r.status);
     if flags & IE != 0 {
         return (INDEFINITE, IE);
     }
-    let v = F80::from_ext(r.value);
+    let mut v = F80::from_ext(r.value);
+    // apfloat reports no overflow when a directed mode gives the largest
+    // finite value (and ignores the sign there): decide overflow with
+    // round-to-nearest and build the directed result here.
+    if flags & PE != 0 && (v.is_inf() || v.abs() == largest(ctl.bits)) {
+        // Toward zero the threshold is 2^16384 whatever the precision:
+        // round-to-nearest at 64 bits approximates it to half an ulp.
+        let bits = if v.is_inf() { ctl.bits } else { 64 };
+        let nearest = again(Ctl {
+            rc: Round::NearestTiesToEven,
+            bits,
+        });
+        if nearest.status.contains(Status::OVERFLOW) {
+            let neg = F80::from_ext(nearest.value).sign();
+            let to_inf = match ctl.rc {
+                Round::TowardZero => false,
+                Round::TowardPositive => !neg,
+                Round::TowardNegative => neg,
+                _ => true,
+            };
+            let inf = F80 {
+                sig: 1 << 63,
+                se: 0x7fff,
+            };
+            v = if to_inf { inf } else { largest(ctl.bits) }.with_sign(neg);
+            return (v, OE | PE | if to_inf { C1 } else { 0 });
+        }
+    }
     if flags & PE != 0 {
         let up = match ctl.rc {
             Round::TowardZero => false,
@@ -348,6 +376,14 @@ fn finish(r: StatusAnd<Ext>, again: impl FnOnce(Ctl) -> StatusAnd<Ext>, ctl: Ctl
         }
     }
     (v, flags)
+}
+
+/// Largest finite value with `bits` significand bits.
+fn largest(bits: u32) -> F80 {
+    F80 {
+        sig: !0u64 << (64 - bits),
+        se: 0x7ffe,
+    }
 }
 
 fn check_operands(a: F80, b: F80) -> Option<Res> {
@@ -375,7 +411,7 @@ pub fn arith(op: Op, a: F80, b: F80, ctl: Ctl) -> Res {
     }
     let de = denormal_flag(a, b);
     let (v, f) = finish(compute(op, a, b, ctl), |c| compute(op, a, b, c), ctl);
-    if f & IE != 0 {
+    if f & (IE | ZE) != 0 {
         return (v, f);
     }
     (v, f | de)
@@ -446,7 +482,7 @@ pub fn round_int(a: F80, rc: Round) -> Res {
     let de = if a.is_denormal() { DE } else { 0 };
     let ctl = Ctl { bits: 64, rc };
     let r = a.to_ext().round_to_integral(rc);
-    let (v, f) = finish(r, |c| a.to_ext().round_to_integral(c.rc), ctl);
+    let (v, f) = finish(r, move |c| a.to_ext().round_to_integral(c.rc), ctl);
     (v, f | de)
 }
 
@@ -538,8 +574,14 @@ pub fn prem(a: F80, b: F80, nearest: bool) -> Res {
         return (INDEFINITE, IE);
     }
     let de = denormal_flag(a, b);
+    // An unchanged pseudo-denormal comes back normalized.
+    let a_norm = if a.is_denormal() && a.sig >> 63 == 1 {
+        F80 { se: a.se | 1, ..a }
+    } else {
+        a
+    };
     if a.is_zero() || b.is_inf() {
-        return (a, de);
+        return (a_norm, de);
     }
     let (ma, ea) = a.unpack();
     let (mb, eb) = b.unpack();
@@ -561,7 +603,7 @@ pub fn prem(a: F80, b: F80, nearest: bool) -> Res {
             let v = r.with_sign(!a.sign());
             return (v, de | C1);
         }
-        return (a, de);
+        return (a_norm, de);
     }
     if d >= 64 {
         // Partial reduction by a multiple of b * 2^(d - n).
@@ -643,7 +685,7 @@ pub fn from_f32(bits: u32) -> Res {
         }
         .with_sign(neg);
         let f = if frac & (1 << 22) == 0 { IE } else { 0 };
-        return (v.quiet(), f);
+        return (v, f);
     }
     let de = if exp == 0 && frac != 0 { DE } else { 0 };
     let mut lost = false;
@@ -662,7 +704,7 @@ pub fn from_f64(bits: u64) -> Res {
         }
         .with_sign(neg);
         let f = if frac & (1 << 51) == 0 { IE } else { 0 };
-        return (v.quiet(), f);
+        return (v, f);
     }
     let de = if exp == 0 && frac != 0 { DE } else { 0 };
     let mut lost = false;
@@ -691,7 +733,6 @@ pub fn to_float(a: F80, double: bool, rc: Round) -> (u64, u16) {
         let v = nan_base | (q.sig & !(1 << 63)) >> nan_shift | (a.sign() as u64) << sign_bit;
         return (v, f);
     }
-    let de = if a.is_denormal() { DE } else { 0 };
     let mut lost = false;
     let x = a.to_ext();
     let (bits, status, tz_bits) = if double {
@@ -703,7 +744,41 @@ pub fn to_float(a: F80, double: bool, rc: Round) -> (u64, u16) {
         let t: StatusAnd<Single> = x.convert_r(Round::TowardZero, &mut lost);
         (r.value.to_bits() as u64, r.status, t.value.to_bits() as u64)
     };
-    let mut f = status_bits(status) | de;
+    let mut f = status_bits(status);
+    let (inf, max) = if double {
+        (0x7ff0_0000_0000_0000u64, 0x7fef_ffff_ffff_ffffu64)
+    } else {
+        (0x7f80_0000, 0x7f7f_ffff)
+    };
+    let sign_bit = if double { 1u64 << 63 } else { 1 << 31 };
+    let magnitude = bits & !sign_bit;
+    if f & PE != 0 && magnitude == max {
+        // Directed rounding to the largest finite value: apfloat does not
+        // report the overflow (see `finish`).
+        let mut lost = false;
+        let over = if double {
+            let r: StatusAnd<Double> = x.convert_r(Round::NearestTiesToEven, &mut lost);
+            r.status.contains(Status::OVERFLOW)
+        } else {
+            let r: StatusAnd<Single> = x.convert_r(Round::NearestTiesToEven, &mut lost);
+            r.status.contains(Status::OVERFLOW)
+        };
+        if over {
+            f |= OE;
+        }
+    }
+    let bits = if f & OE != 0 {
+        // Overflow direction by rounding mode and sign.
+        let to_inf = match rc {
+            Round::TowardZero => false,
+            Round::TowardPositive => !a.sign(),
+            Round::TowardNegative => a.sign(),
+            _ => true,
+        };
+        (if to_inf { inf } else { max }) | if a.sign() { sign_bit } else { 0 }
+    } else {
+        bits
+    };
     if f & PE != 0 && bits != tz_bits {
         f |= C1;
     }
@@ -717,7 +792,6 @@ pub fn to_int(a: F80, width: u32, rc: Round) -> (i64, u16) {
     if a.is_unsupported() || a.is_nan() || a.is_inf() {
         return (indefinite, IE);
     }
-    let de = if a.is_denormal() { DE } else { 0 };
     let x = a.to_ext();
     let r = x.round_to_integral(rc);
     let mut exact = false;
@@ -727,7 +801,7 @@ pub fn to_int(a: F80, width: u32, rc: Round) -> (i64, u16) {
     if v.status.contains(Status::INVALID_OP) || v.value < lo || v.value > hi {
         return (indefinite, IE);
     }
-    let mut f = de;
+    let mut f = 0;
     if r.status.contains(Status::INEXACT) {
         f |= PE;
         if r.value.abs() > x.abs() {
@@ -790,7 +864,7 @@ pub fn to_bcd(a: F80, rc: Round) -> ([u8; 10], u16) {
     if a.sign() {
         out[9] = 0x80;
     }
-    let mut f = if a.is_denormal() { DE } else { 0 };
+    let mut f = 0;
     if r.status.contains(Status::INEXACT) {
         f |= PE;
         if r.value.abs() > x.abs() {

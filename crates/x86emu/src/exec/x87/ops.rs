@@ -148,7 +148,7 @@ fn load_mem(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult<(
 
 /// Push `v` (with `bits` from computing it), handling stack overflow.
 fn push_checked(cpu: &mut Cpu, v: F80, bits: u16) {
-    let (v, bits) = if !cpu.st_empty(7) {
+    let (v, bits) = if !cpu.st_empty(7) && bits & float::SF == 0 {
         (INDEFINITE, OVERFLOW)
     } else {
         (v, bits)
@@ -409,7 +409,9 @@ fn arith(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
         };
         let (x, y) = if reverse { (b, a) } else { (a, b) };
         let (v, bits) = float::arith(op, x, y, ctl(cpu));
-        (v, bits | load_bits)
+        let nan = a.is_nan() || b.is_nan() || a.is_unsupported();
+        let quiet = bits & (IE | ZE) != 0 || nan;
+        (v, if quiet { bits } else { bits | load_bits })
     };
     if cpu.fpu_report(bits) {
         cpu.set_st(dst, v);
@@ -446,7 +448,9 @@ fn fscale(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
     let (v, bits) = if cpu.st_empty(0) || cpu.st_empty(1) {
         (INDEFINITE, UNDERFLOW)
     } else {
-        float::scale(cpu.st(0), cpu.st(1), ctl(cpu))
+        // FSCALE ignores precision control.
+        let c = Ctl { bits: 64, rc: rc(cpu) };
+        float::scale(cpu.st(0), cpu.st(1), c)
     };
     if cpu.fpu_report(bits) {
         cpu.set_st(0, v);
@@ -487,7 +491,12 @@ fn fprem(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
     } else {
         float::prem(cpu.st(0), cpu.st(1), ins.mnemonic() == M::Fprem1)
     };
-    cpu.fpu_set_cc(C0 | C2 | C3, bits);
+    // NaN results (invalid or NaN operands) leave C0/C2/C3 alone.
+    if !v.is_nan() {
+        cpu.fpu_set_cc(C0 | C2 | C3, bits);
+    } else {
+        cpu.fpu_set_cc(C2, 0);
+    }
     if cpu.fpu_report(bits) {
         cpu.set_st(0, v);
     }
@@ -534,7 +543,8 @@ fn fcom(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
             Err(i) => cpu.st(i),
         };
         let (c, bits) = float::compare(cpu.st(0), b, quiet);
-        (c, bits | if bits & IE == 0 { load_bits } else { 0 })
+        let nan = b.is_nan() || cpu.st(0).is_nan() || cpu.st(0).is_unsupported();
+        (c, bits | if bits & IE == 0 && !nan { load_bits } else { 0 })
     };
     if cpu.fpu_report(bits) {
         cpu.fpu_set_cc(C0 | C2 | C3, cmp_cc(c));
@@ -554,7 +564,8 @@ fn fcomi(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
     let (c, bits) = if cpu.st_empty(0) || cpu.st_empty(i) {
         (Cmp::Unordered, UNDERFLOW)
     } else {
-        float::compare(cpu.st(0), cpu.st(i), quiet)
+        let (c, bits) = float::compare(cpu.st(0), cpu.st(i), quiet);
+        (c, bits | (cpu.state.fpu.fsw & C1))
     };
     if cpu.fpu_report(bits) {
         let f = match c {
@@ -617,7 +628,7 @@ fn fcmov(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
         }
         return Ok(());
     }
-    cpu.fpu_report(0);
+    // C1 is left unchanged when there is no stack fault.
     if take {
         let v = cpu.st(i);
         cpu.set_st(0, v);
@@ -669,6 +680,7 @@ fn ffree(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
     note(cpu, bus, ins);
     let i = st_index(ins.op0_register());
     cpu.set_empty(i);
+    cpu.fpu_set_cc(C1, 0);
     if ins.mnemonic() == M::Ffreep {
         let t = (cpu.fpu_top() + 1) & 7;
         cpu.set_fpu_top(t);
@@ -852,8 +864,8 @@ fn fxsave(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
         // Outside 64-bit mode only XMM0-7 exist.
         img[288..416].fill(0);
     }
-    // Bytes 464..511 are left to software.
-    cpu.write_bytes(bus, seg, ea, &img[..464])
+    // Bytes 416..511 are reserved or left to software: not written.
+    cpu.write_bytes(bus, seg, ea, &img[..416])
 }
 
 fn fxrstor(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
@@ -882,6 +894,7 @@ fn emms(cpu: &mut Cpu, _bus: &mut dyn Bus, _ins: &Instruction) -> ExecResult {
     }
     begin(cpu, true)?;
     cpu.state.fpu.ftw = 0xffff;
+    cpu.set_fpu_top(0);
     Ok(())
 }
 
@@ -939,7 +952,9 @@ fn transcendental(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecRe
     } else {
         None
     }) {
-        cpu.fpu_set_cc(C2, 0);
+        if periodic {
+            cpu.fpu_set_cc(C2, 0);
+        }
         if cpu.fpu_report(bits) {
             if binary {
                 cpu.set_st(1, v);
@@ -966,7 +981,9 @@ fn transcendental(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecRe
     let yf = float::to_f64(y);
     let out = |v: f64| float::from_host_f64(v);
     let inexact = |v: f64| if v == 0.0 && xf == 0.0 { 0 } else { PE };
-    cpu.fpu_set_cc(C2, 0);
+    if periodic {
+        cpu.fpu_set_cc(C2, 0);
+    }
     match m {
         M::Fsin | M::Fcos | M::Fptan | M::F2xm1 => {
             let v = match m {
