@@ -340,7 +340,7 @@ fn x87_transcendental() {
                 v[9] &= 0x7f;
             }
             if *name == "fyl2xp1" || *name == "f2xm1" {
-                let se = 0x3ffd - rng.below(10) as u16 | (v[9] as u16 & 0x80) << 8;
+                let se = (0x3ffd - rng.below(10) as u16) | ((v[9] as u16 & 0x80) << 8);
                 v[8..].copy_from_slice(&se.to_le_bytes());
             }
             c.fpu.regs[top] = v;

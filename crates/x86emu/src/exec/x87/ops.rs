@@ -790,7 +790,12 @@ fn fldenv(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
     begin(cpu, false)?;
     let (seg, ea) = cpu.fpu_ea(ins);
     let wide = env_wide(ins);
-    let img = cpu.read_bytes::<28>(bus, seg, if wide { ea } else { ea })?;
+    let mut img = [0u8; 28];
+    if wide {
+        img = cpu.read_bytes::<28>(bus, seg, ea)?;
+    } else {
+        img[..14].copy_from_slice(&cpu.read_bytes::<14>(bus, seg, ea)?);
+    }
     load_env(cpu, &img, wide);
     Ok(())
 }
