@@ -6,7 +6,7 @@
 //! done here.
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind};
-use rustc_apfloat::ieee::{Double, IeeeFloat, Semantics, Single};
+use rustc_apfloat::ieee::{Double, IeeeFloat, Quad, Semantics, Single};
 use rustc_apfloat::{Float, FloatConvert, Round, Status, StatusAnd};
 
 use super::{check_mmx, check_sse, load, mmx_transition, mx, simd_fault, store, xmm_of, G, LO};
@@ -70,11 +70,11 @@ trait Fmt {
     const FRAC: u32;
     /// Unbiased exponent of the smallest normal.
     const MIN_EXP: i32;
+    const MAX_FINITE: u64 = Self::EXP_MASK - (1 << Self::FRAC) + Self::FRAC_MASK;
     fn calc(op: Op, a: u64, b: u64, rm: Round) -> StatusAnd<u64>;
-    /// Whether the exact result, rounded to the format's precision with
-    /// an unbounded exponent, is below the smallest normal.
-    fn wide_tiny(op: Op, a: u64, b: u64, rm: Round) -> bool;
-    fn to_f64(a: u64) -> f64;
+    /// The exact result rounded to the format's precision with an
+    /// unbounded exponent: (below the smallest normal, above the largest).
+    fn wide(op: Op, a: u64, b: u64, rm: Round) -> (bool, bool);
     fn to_int(a: u64, width: usize, rm: Round) -> StatusAnd<i128>;
     fn from_int(i: i64, rm: Round) -> StatusAnd<u64>;
     /// Correctly rounded square root of a positive finite value; returns
@@ -102,6 +102,12 @@ trait Fmt {
     }
 }
 
+/// Tiny / overflowed classification of a result in a wide-exponent format.
+fn wide_class<T: Float>(r: T, min_exp: i32) -> (bool, bool) {
+    let finite = r.is_finite_non_zero();
+    (finite && r.ilogb() < min_exp, finite && r.ilogb() > 1 - min_exp)
+}
+
 fn apply<T: Float>(op: Op, x: T, y: T, rm: Round) -> StatusAnd<T> {
     match op {
         Op::Add => x.add_r(y, rm),
@@ -112,7 +118,7 @@ fn apply<T: Float>(op: Op, x: T, y: T, rm: Round) -> StatusAnd<T> {
 }
 
 macro_rules! fmt_impl {
-    ($name:ident, $ap:ty, $wide:ty, $native:ty, $bits:expr, $frac:expr, $min_exp:expr) => {
+    ($name:ident, $ap:ty, $wide:ty, $bits:expr, $frac:expr, $min_exp:expr) => {
         struct $name;
         impl Fmt for $name {
             const BITS: u32 = $bits;
@@ -122,16 +128,12 @@ macro_rules! fmt_impl {
                 let r = apply(op, <$ap>::from_bits(a as u128), <$ap>::from_bits(b as u128), rm);
                 r.status.and(r.value.to_bits() as u64)
             }
-            fn wide_tiny(op: Op, a: u64, b: u64, rm: Round) -> bool {
+            fn wide(op: Op, a: u64, b: u64, rm: Round) -> (bool, bool) {
                 let widen = |v: u64| -> IeeeFloat<$wide> {
                     let r: StatusAnd<IeeeFloat<$wide>> = <$ap>::from_bits(v as u128).convert(&mut false);
                     r.value
                 };
-                let r = apply(op, widen(a), widen(b), rm).value;
-                r.is_finite_non_zero() && r.ilogb() < Self::MIN_EXP
-            }
-            fn to_f64(a: u64) -> f64 {
-                <$native>::from_bits(a as _) as f64
+                wide_class(apply(op, widen(a), widen(b), rm).value, Self::MIN_EXP)
             }
             fn to_int(a: u64, width: usize, rm: Round) -> StatusAnd<i128> {
                 <$ap>::from_bits(a as u128).to_i128_r(width, rm, &mut false)
@@ -141,37 +143,48 @@ macro_rules! fmt_impl {
                 r.status.and(r.value.to_bits() as u64)
             }
             fn sqrt(a: u64, rm: Round) -> (u64, bool) {
-                // The host's square root is IEEE round-to-nearest; the
-                // square of the result (exact in the wider format) tells
-                // on which side the true root lies.
-                let x = <$native>::from_bits(a as _);
-                let r = x.sqrt();
-                let cmp = |r: $native| {
-                    let w = <$ap>::from_bits(r.to_bits() as u128);
-                    let wide: StatusAnd<rustc_apfloat::ieee::Quad> = w.convert(&mut false);
-                    let sq = wide.value.mul_r(wide.value, Round::NearestTiesToEven).value;
-                    let xa: StatusAnd<rustc_apfloat::ieee::Quad> = <$ap>::from_bits(a as u128).convert(&mut false);
-                    sq.partial_cmp(&xa.value)
+                // Integer square root of the significand, scaled so the
+                // root has 62+ bits; an inexact root gets a sticky half
+                // bit, and apfloat rounds that to the format.
+                let exp_field = ((a & Self::EXP_MASK) >> Self::FRAC) as i32;
+                let frac = a & Self::FRAC_MASK;
+                let (mut m, mut e) = if exp_field == 0 {
+                    (frac as u128, Self::MIN_EXP - Self::FRAC as i32)
+                } else {
+                    (
+                        (frac | 1 << Self::FRAC) as u128,
+                        exp_field + Self::MIN_EXP - 1 - Self::FRAC as i32,
+                    )
                 };
-                use std::cmp::Ordering::*;
-                let ord = cmp(r);
-                if ord == Some(Equal) {
-                    return (r.to_bits() as u64, false);
+                if e & 1 != 0 {
+                    m <<= 1;
+                    e -= 1;
                 }
-                let bits = r.to_bits() as u64;
-                let out = match (rm, ord) {
-                    (Round::TowardPositive, Some(Less)) => bits + 1,
-                    (Round::TowardNegative | Round::TowardZero, Some(Greater)) => bits - 1,
-                    _ => bits,
-                };
-                (out, true)
+                let sh = (m.leading_zeros() - 2) & !1;
+                let big = m << sh;
+                let q = big.isqrt();
+                let sticky = u128::from(q * q != big);
+                let exp = (e - sh as i32) / 2 - 1;
+                let wide = Quad::from_u128((q << 1) | sticky).value.scalbn(exp);
+                let r: StatusAnd<$ap> = wide.convert_r(rm, &mut false);
+                (r.value.to_bits() as u64, r.status.contains(Status::INEXACT))
             }
         }
     };
 }
 
-fmt_impl!(F32, Single, WideSingleS, f32, 32, 23, -126);
-fmt_impl!(F64, Double, WideDoubleS, f64, 64, 52, -1022);
+fmt_impl!(F32, Single, WideSingleS, 32, 23, -126);
+fmt_impl!(F64, Double, WideDoubleS, 64, 52, -1022);
+
+/// A key that orders non-NaN values numerically (both zeros equal).
+fn order_key<F: Fmt>(a: u64) -> i64 {
+    let mag = (a & !F::SIGN) as i64;
+    if a & F::SIGN != 0 {
+        -mag
+    } else {
+        mag
+    }
+}
 
 /// MXCSR controls for one instruction, and the flags it raises.
 struct Env {
@@ -219,7 +232,10 @@ impl Env {
     }
     /// Turn a rounded result and its IEEE status into the x86 result
     /// and flags: default NaN on invalid, tininess and flush-to-zero.
-    fn finish<F: Fmt>(&mut self, r: StatusAnd<u64>, tiny_wide: impl FnOnce() -> bool) -> u64 {
+    /// `wide` classifies the result with an unbounded exponent; it is only
+    /// consulted at the edges of the range, where apfloat's bounded
+    /// rounding hides x86's tininess and overflow.
+    fn finish<F: Fmt>(&mut self, r: StatusAnd<u64>, wide: impl FnOnce() -> (bool, bool)) -> u64 {
         let (st, mut v) = (r.status, r.value);
         if st.contains(Status::INVALID_OP) {
             self.flags |= mx::IE;
@@ -228,14 +244,14 @@ impl Env {
         if st.contains(Status::DIV_BY_ZERO) {
             self.flags |= mx::ZE;
         }
-        if st.contains(Status::OVERFLOW) {
-            self.flags |= mx::OE;
-        }
         let inexact = st.contains(Status::INEXACT);
         let mag = v & !F::SIGN;
-        let tiny = F::is_denormal(v)
-            || (mag == 0 && inexact)
-            || (mag == F::MIN_NORMAL && inexact && tiny_wide());
+        let edge = inexact && (mag == F::MIN_NORMAL || mag == F::MAX_FINITE);
+        let (wide_tiny, wide_over) = if edge { wide() } else { (false, false) };
+        if st.contains(Status::OVERFLOW) || wide_over {
+            self.flags |= mx::OE;
+        }
+        let tiny = F::is_denormal(v) || (mag == 0 && inexact) || wide_tiny;
         let um_masked = self.mxcsr & (mx::UE << mx::MASK_SHIFT) != 0;
         if tiny {
             if !um_masked {
@@ -258,10 +274,13 @@ impl Env {
         if let Some(n) = self.nan_result::<F>(a, b) {
             return n;
         }
-        self.denormal_check::<F>(a, b);
         let rm = self.round();
         let r = F::calc(op, a, b, rm);
-        self.finish::<F>(r, || F::wide_tiny(op, a, b, rm))
+        // Division by zero outranks the denormal-operand exception.
+        if !r.status.intersects(Status::DIV_BY_ZERO | Status::INVALID_OP) {
+            self.denormal_check::<F>(a, b);
+        }
+        self.finish::<F>(r, || F::wide(op, a, b, rm))
     }
 
     fn sqrt<F: Fmt>(&mut self, a: u64) -> u64 {
@@ -295,7 +314,7 @@ impl Env {
             return b;
         }
         self.denormal_check::<F>(a, b);
-        let (x, y) = (F::to_f64(a), F::to_f64(b));
+        let (x, y) = (order_key::<F>(a), order_key::<F>(b));
         let first = if max { x > y } else { x < y };
         if first {
             a
@@ -315,7 +334,7 @@ impl Env {
             return None;
         }
         self.denormal_check::<F>(a, b);
-        F::to_f64(a).partial_cmp(&F::to_f64(b))
+        Some(order_key::<F>(a).cmp(&order_key::<F>(b)))
     }
 
     /// CMPPS predicate (imm8 bits 0-2) as an all-ones mask.
@@ -342,7 +361,7 @@ impl Env {
 
     /// Float to signed integer of `width` bits; the integer indefinite
     /// value on NaN or overflow.
-    fn to_int<F: Fmt>(&mut self, a: u64, width: usize, truncate: bool) -> u64 {
+    fn convert_to_int<F: Fmt>(&mut self, a: u64, width: usize, truncate: bool) -> u64 {
         let a = self.daz::<F>(a);
         let indefinite = 1u64 << (width - 1);
         if F::is_nan(a) {
@@ -361,7 +380,7 @@ impl Env {
         r.value as u64 & (u64::MAX >> (64 - width))
     }
 
-    fn from_int<F: Fmt>(&mut self, i: i64) -> u64 {
+    fn convert_from_int<F: Fmt>(&mut self, i: i64) -> u64 {
         let r = F::from_int(i, self.round());
         if r.status.contains(Status::INEXACT) {
             self.flags |= mx::PE;
@@ -379,7 +398,8 @@ impl Env {
             return sign | F64::EXP_MASK | F64::QUIET | ((a & F32::FRAC_MASK) << 29);
         }
         self.denormal_check::<F32>(a, a);
-        (f32::from_bits(a as u32) as f64).to_bits()
+        let r: StatusAnd<Double> = Single::from_bits(a as u128).convert(&mut false);
+        r.value.to_bits() as u64
     }
 
     fn double_to_single(&mut self, a: u64) -> u64 {
@@ -398,31 +418,36 @@ impl Env {
         let r = r.status.and(r.value.to_bits() as u64);
         self.finish::<F32>(r, || {
             let w: StatusAnd<IeeeFloat<WideSingleS>> = d.convert_r(rm, &mut false);
-            w.value.is_finite_non_zero() && w.value.ilogb() < F32::MIN_EXP
+            wide_class(w.value, F32::MIN_EXP)
         })
     }
 
     /// Approximate reciprocal (square root): computed exactly and cut to
     /// 12 bits of precision; NaN, zero and infinity behave as on hardware.
+    /// Denormal inputs count as zero.
     fn approx(&mut self, a: u64, rsqrt: bool) -> u64 {
-        let a = a as u32;
-        let x = f32::from_bits(if a & 0x7f80_0000 == 0 { a & 0x8000_0000 } else { a });
-        if x.is_nan() {
-            return (a | 0x0040_0000) as u64;
+        let a = a & 0xffff_ffff;
+        let a = if F32::is_denormal(a) { a & F32::SIGN } else { a };
+        if F32::is_nan(a) {
+            return a | F32::QUIET;
         }
-        let r = if rsqrt {
-            if x == 0.0 {
-                return ((a & 0x8000_0000) | 0x7f80_0000) as u64;
-            }
-            if x < 0.0 {
-                return 0xffc0_0000;
-            }
-            1.0 / (x as f64).sqrt()
+        let sign = a & F32::SIGN;
+        if F32::is_zero(a) {
+            return sign | F32::EXP_MASK;
+        }
+        if rsqrt && sign != 0 {
+            return F32::DEFAULT_NAN;
+        }
+        if a & !F32::SIGN == F32::EXP_MASK {
+            return sign;
+        }
+        let x = if rsqrt {
+            F32::sqrt(a, Round::NearestTiesToEven).0
         } else {
-            1.0 / x as f64
+            a
         };
-        let r = r as f32;
-        (r.to_bits() & 0xffff_f000) as u64
+        let r = Single::from_bits(0x3f80_0000).div_r(Single::from_bits(x as u128), Round::NearestTiesToEven);
+        (r.value.to_bits() as u64) & 0xffff_f000
     }
 }
 
@@ -468,7 +493,13 @@ fn elementwise(shape: Shape, a: u128, b: u128, mut f: impl FnMut(u64, u64, usize
 
 /// The common handler: XMM destination = f(destination, source).
 #[inline(always)]
-fn fp_op(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction, shape: Shape, f: impl FnMut(&mut Env, u64, u64, usize) -> u64) -> ExecResult {
+fn fp_op(
+    cpu: &mut Cpu,
+    bus: &mut dyn Bus,
+    ins: &Instruction,
+    shape: Shape,
+    f: impl FnMut(&mut Env, u64, u64, usize) -> u64,
+) -> ExecResult {
     check_sse(cpu)?;
     let a = load(cpu, bus, ins, 0)?;
     let b = load(cpu, bus, ins, 1)?;
@@ -594,7 +625,10 @@ fn horizontal_ps(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction, op: Op) ->
         env.arith::<F32>(op, e(b, 2), e(b, 3)),
     ];
     commit(cpu, &env)?;
-    cpu.state.fpu.xmm[xmm_of(ins, 0)] = r.iter().enumerate().fold(0, |acc, (i, &v)| acc | (v as u128) << (32 * i));
+    cpu.state.fpu.xmm[xmm_of(ins, 0)] = r
+        .iter()
+        .enumerate()
+        .fold(0, |acc, (i, &v)| acc | (v as u128) << (32 * i));
     Ok(())
 }
 
@@ -645,7 +679,7 @@ fn cvtsi2f<F: Fmt>(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction, shape: S
     let v = load(cpu, bus, ins, 1)? as u64;
     let i = if size == 4 { v as u32 as i32 as i64 } else { v as i64 };
     let mut env = Env::new(cpu);
-    let r = env.from_int::<F>(i);
+    let r = env.convert_from_int::<F>(i);
     commit(cpu, &env)?;
     let x = &mut cpu.state.fpu.xmm[xmm_of(ins, 0)];
     *x = elementwise(shape, *x, 0, |_, _, _| r);
@@ -664,7 +698,7 @@ fn cvtf2si<F: Fmt>(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction, truncate
     let width = cpu.op_size(ins, 0) as usize * 8;
     let v = load(cpu, bus, ins, 1)? as u64 & (u64::MAX >> (64 - F::BITS));
     let mut env = Env::new(cpu);
-    let r = env.to_int::<F>(v, width, truncate);
+    let r = env.convert_to_int::<F>(v, width, truncate);
     commit(cpu, &env)?;
     cpu.set_reg(ins.op0_register(), r);
     Ok(())
@@ -683,7 +717,9 @@ fn cvttsd2si(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult 
 }
 
 fn cvtss2sd(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
-    fp_op(cpu, bus, ins, Shape::Sd, |e, _a, b, _| e.single_to_double(b & 0xffff_ffff))
+    fp_op(cpu, bus, ins, Shape::Sd, |e, _a, b, _| {
+        e.single_to_double(b & 0xffff_ffff)
+    })
 }
 fn cvtsd2ss(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
     check_sse(cpu)?;
@@ -748,16 +784,16 @@ macro_rules! cvt {
 cvt!(
     cvtps2pd: 32 => 64, 2, false, |e, v| e.single_to_double(v);
     cvtpd2ps: 64 => 32, 2, false, |e, v| e.double_to_single(v);
-    cvtdq2ps: 32 => 32, 4, false, |e, v| e.from_int::<F32>(v as u32 as i32 as i64);
-    cvtps2dq: 32 => 32, 4, false, |e, v| e.to_int::<F32>(v, 32, false);
-    cvttps2dq: 32 => 32, 4, false, |e, v| e.to_int::<F32>(v, 32, true);
-    cvtdq2pd: 32 => 64, 2, false, |e, v| e.from_int::<F64>(v as u32 as i32 as i64);
-    cvtpd2dq: 64 => 32, 2, false, |e, v| e.to_int::<F64>(v, 32, false);
-    cvttpd2dq: 64 => 32, 2, false, |e, v| e.to_int::<F64>(v, 32, true);
-    cvtpi2ps: 32 => 32, 2, true, |e, v| e.from_int::<F32>(v as u32 as i32 as i64);
-    cvtps2pi: 32 => 32, 2, false, |e, v| e.to_int::<F32>(v, 32, false);
-    cvttps2pi: 32 => 32, 2, false, |e, v| e.to_int::<F32>(v, 32, true);
-    cvtpi2pd: 32 => 64, 2, false, |e, v| e.from_int::<F64>(v as u32 as i32 as i64);
-    cvtpd2pi: 64 => 32, 2, false, |e, v| e.to_int::<F64>(v, 32, false);
-    cvttpd2pi: 64 => 32, 2, false, |e, v| e.to_int::<F64>(v, 32, true);
+    cvtdq2ps: 32 => 32, 4, false, |e, v| e.convert_from_int::<F32>(v as u32 as i32 as i64);
+    cvtps2dq: 32 => 32, 4, false, |e, v| e.convert_to_int::<F32>(v, 32, false);
+    cvttps2dq: 32 => 32, 4, false, |e, v| e.convert_to_int::<F32>(v, 32, true);
+    cvtdq2pd: 32 => 64, 2, false, |e, v| e.convert_from_int::<F64>(v as u32 as i32 as i64);
+    cvtpd2dq: 64 => 32, 2, false, |e, v| e.convert_to_int::<F64>(v, 32, false);
+    cvttpd2dq: 64 => 32, 2, false, |e, v| e.convert_to_int::<F64>(v, 32, true);
+    cvtpi2ps: 32 => 32, 2, true, |e, v| e.convert_from_int::<F32>(v as u32 as i32 as i64);
+    cvtps2pi: 32 => 32, 2, false, |e, v| e.convert_to_int::<F32>(v, 32, false);
+    cvttps2pi: 32 => 32, 2, false, |e, v| e.convert_to_int::<F32>(v, 32, true);
+    cvtpi2pd: 32 => 64, 2, false, |e, v| e.convert_from_int::<F64>(v as u32 as i32 as i64);
+    cvtpd2pi: 64 => 32, 2, false, |e, v| e.convert_to_int::<F64>(v, 32, false);
+    cvttpd2pi: 64 => 32, 2, false, |e, v| e.convert_to_int::<F64>(v, 32, true);
 );

@@ -68,7 +68,9 @@ fn words(v: u128) -> [u16; 8] {
 }
 #[inline(always)]
 fn from_words(w: [u16; 8]) -> u128 {
-    w.iter().enumerate().fold(0, |acc, (i, &x)| acc | (x as u128) << (16 * i))
+    w.iter()
+        .enumerate()
+        .fold(0, |acc, (i, &x)| acc | (x as u128) << (16 * i))
 }
 #[inline(always)]
 fn dwords(v: u128) -> [u32; 4] {
@@ -76,7 +78,9 @@ fn dwords(v: u128) -> [u32; 4] {
 }
 #[inline(always)]
 fn from_dwords(d: [u32; 4]) -> u128 {
-    d.iter().enumerate().fold(0, |acc, (i, &x)| acc | (x as u128) << (32 * i))
+    d.iter()
+        .enumerate()
+        .fold(0, |acc, (i, &x)| acc | (x as u128) << (32 * i))
 }
 
 #[inline(always)]
@@ -172,8 +176,10 @@ op!(pabsb, map8, |_x, y| (y as i8).unsigned_abs());
 op!(pabsw, map16, |_x, y| (y as i16).unsigned_abs());
 op!(pabsd, map32, |_x, y| (y as i32).unsigned_abs());
 op!(psignb, map8, |x, y| (x as i8).wrapping_mul((y as i8).signum()) as u8);
-op!(psignw, map16, |x, y| (x as i16).wrapping_mul((y as i16).signum()) as u16);
-op!(psignd, map32, |x, y| (x as i32).wrapping_mul((y as i32).signum()) as u32);
+op!(psignw, map16, |x, y| (x as i16).wrapping_mul((y as i16).signum())
+    as u16);
+op!(psignd, map32, |x, y| (x as i32).wrapping_mul((y as i32).signum())
+    as u32);
 op!(pmulhrsw, map16, |x, y| {
     let p = x as i16 as i32 * y as i16 as i32;
     (((p >> 14) + 1) >> 1) as u16
@@ -234,10 +240,20 @@ fn horizontal32(a: u128, b: u128, n: usize, f: impl Fn(u32, u32) -> u32) -> u128
 
 op!(phaddw, |a, b, n, _i| horizontal16(a, b, n, |x, y| x.wrapping_add(y)));
 op!(phaddd, |a, b, n, _i| horizontal32(a, b, n, |x, y| x.wrapping_add(y)));
-op!(phaddsw, |a, b, n, _i| horizontal16(a, b, n, |x, y| (x as i16).saturating_add(y as i16) as u16));
+op!(phaddsw, |a, b, n, _i| horizontal16(
+    a,
+    b,
+    n,
+    |x, y| (x as i16).saturating_add(y as i16) as u16
+));
 op!(phsubw, |a, b, n, _i| horizontal16(a, b, n, |x, y| x.wrapping_sub(y)));
 op!(phsubd, |a, b, n, _i| horizontal32(a, b, n, |x, y| x.wrapping_sub(y)));
-op!(phsubsw, |a, b, n, _i| horizontal16(a, b, n, |x, y| (x as i16).saturating_sub(y as i16) as u16));
+op!(phsubsw, |a, b, n, _i| horizontal16(
+    a,
+    b,
+    n,
+    |x, y| (x as i16).saturating_sub(y as i16) as u16
+));
 
 op!(pshufb, |a, b, n, _i| {
     let (a, b) = (bytes(a), bytes(b));
@@ -396,12 +412,20 @@ op!(pshufw, |_a, b, _n, ins| {
 op!(pshuflw, |_a, b, _n, ins| {
     let imm = ins.immediate8() as usize;
     let w = words(b);
-    from_words(std::array::from_fn(|i| if i < 4 { w[(imm >> (2 * i)) & 3] } else { w[i] }))
+    from_words(std::array::from_fn(
+        |i| if i < 4 { w[(imm >> (2 * i)) & 3] } else { w[i] },
+    ))
 });
 op!(pshufhw, |_a, b, _n, ins| {
     let imm = ins.immediate8() as usize;
     let w = words(b);
-    from_words(std::array::from_fn(|i| if i < 4 { w[i] } else { w[4 + ((imm >> (2 * (i - 4))) & 3)] }))
+    from_words(std::array::from_fn(|i| {
+        if i < 4 {
+            w[i]
+        } else {
+            w[4 + ((imm >> (2 * (i - 4))) & 3)]
+        }
+    }))
 });
 op!(shufps, |a, b, _n, ins| {
     let imm = ins.immediate8() as usize;

@@ -17,7 +17,15 @@ pub(crate) const G: &str = "sse";
 
 pub fn register(r: &mut Registry) {
     r.add_all(
-        &[M::Movaps, M::Movapd, M::Movdqa, M::Movups, M::Movupd, M::Movdqu, M::Lddqu],
+        &[
+            M::Movaps,
+            M::Movapd,
+            M::Movdqa,
+            M::Movups,
+            M::Movupd,
+            M::Movdqu,
+            M::Lddqu,
+        ],
         G,
         mov_full,
     );
