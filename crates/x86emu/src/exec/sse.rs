@@ -1,5 +1,0 @@
-//! (to be filled)
-
-use super::Registry;
-
-pub fn register(_r: &mut Registry) {}
