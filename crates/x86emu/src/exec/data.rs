@@ -19,7 +19,12 @@ pub fn register(r: &mut Registry) {
     r.add(M::Xchg, G, xchg);
     r.add(M::Push, G, push);
     r.add(M::Pop, G, pop);
-    r.add_all(&[M::Nop], G, nop);
+    // CET hints (ENDBR, RDSSP) execute as NOPs on a CPU without CET, as glibc expects.
+    r.add_all(
+        &[M::Nop, M::Reservednop, M::Endbr32, M::Endbr64, M::Rdsspd, M::Rdsspq],
+        G,
+        nop,
+    );
     r.add_all(&[M::Cbw, M::Cwde, M::Cdqe], G, cbw);
     r.add_all(&[M::Cwd, M::Cdq, M::Cqo], G, cwd);
     r.add(M::Bswap, G, bswap);
