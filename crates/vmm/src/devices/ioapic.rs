@@ -57,11 +57,13 @@ pub struct Ioapic {
 }
 
 impl Ioapic {
-    /// A reset IOAPIC with this APIC id (all pins masked).
+    /// A reset IOAPIC with this APIC id (all pins masked). The ID register
+    /// holds 8 bits (31:24, as Linux reads it and later IOAPICs have) rather
+    /// than the 82093AA's 4, so the MP table's id N fits with N >= 16 CPUs.
     pub fn new(id: u8) -> Self {
         Ioapic {
             s: IoapicState {
-                id: u32::from(id & 0xf) << 24,
+                id: u32::from(id) << 24,
                 ioregsel: 0,
                 redirtbl: [RTE_MASKED; NUM_PINS],
                 lines: 0,
@@ -168,7 +170,7 @@ impl Ioapic {
 
     fn write_reg(&mut self, index: u32, value: u32) -> Option<InterruptMessage> {
         match index {
-            REG_ID => self.s.id = value & 0x0f00_0000,
+            REG_ID => self.s.id = value & 0xff00_0000,
             REG_REDIR_FIRST..=0x3f => {
                 let pin = ((index - REG_REDIR_FIRST) / 2) as usize;
                 let old = self.s.redirtbl[pin];
@@ -251,7 +253,7 @@ mod tests {
         assert_eq!(read(&mut io, 1), 0x170011);
         assert_eq!(read(&mut io, 2), 4 << 24);
         write(&mut io, 0, 0xffff_ffff);
-        assert_eq!(read(&mut io, 0), 0x0f00_0000);
+        assert_eq!(read(&mut io, 0), 0xff00_0000);
         write(&mut io, 1, 0);
         assert_eq!(read(&mut io, 1), 0x170011);
         for i in 0..NUM_PINS as u32 {

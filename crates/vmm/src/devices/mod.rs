@@ -3,6 +3,8 @@
 pub mod i8042;
 pub mod ioapic;
 pub mod lapic;
+pub mod mptable;
 pub mod pic;
 pub mod pit;
+pub mod rtc;
 pub mod serial;
