@@ -415,7 +415,13 @@ impl Lapic {
             return;
         }
         match mode {
-            DeliveryMode::Fixed | DeliveryMode::LowestPriority => self.accept_fixed(vector, level),
+            // A software-disabled APIC keeps what its IRR holds but takes no
+            // new fixed interrupts (as KVM); NMI, INIT and SIPI still work.
+            DeliveryMode::Fixed | DeliveryMode::LowestPriority => {
+                if self.software_enabled() {
+                    self.accept_fixed(vector, level);
+                }
+            }
             DeliveryMode::Nmi => self.s.nmi_pending = true,
             DeliveryMode::Init => {
                 // INIT resets the APIC except its id and base (SDM 11.4.7.3).
@@ -444,6 +450,11 @@ impl Lapic {
             DeliveryMode::Fixed => self.accept_fixed((l & 0xff) as u8, l & LVT_LEVEL != 0),
             _ => {}
         }
+    }
+
+    /// An NMI, INIT or SIPI waits for the vCPU thread.
+    pub fn has_events(&self) -> bool {
+        self.s.nmi_pending || self.s.init_pending || self.s.sipi_vector.is_some()
     }
 
     pub fn take_nmi(&mut self) -> bool {
@@ -1017,7 +1028,9 @@ mod tests {
         let mut l = enabled(1);
         l.write_reg(REG_TPR, 0x20, 0);
         l.deliver(DeliveryMode::Nmi, 0, false);
+        assert!(l.has_events());
         assert!(l.take_nmi());
+        assert!(!l.has_events());
         assert!(!l.take_nmi());
         l.deliver(DeliveryMode::Init, 0, false);
         assert!(l.take_init());
@@ -1025,6 +1038,9 @@ mod tests {
         assert_eq!(l.read_reg(REG_TPR, 0), 0);
         assert!(!l.software_enabled());
         assert_eq!(l.id(), 1);
+        // Software-disabled after INIT: fixed messages are dropped.
+        l.deliver(DeliveryMode::Fixed, 0x40, false);
+        assert!(!l.irr_bit(0x40));
         l.deliver(DeliveryMode::StartUp, 0x9a, false);
         assert_eq!(l.take_sipi(), Some(0x9a));
         assert_eq!(l.take_sipi(), None);

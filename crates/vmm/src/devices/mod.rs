@@ -2,6 +2,7 @@
 
 pub mod i8042;
 pub mod ioapic;
+pub mod irq;
 pub mod lapic;
 pub mod mptable;
 pub mod pic;
