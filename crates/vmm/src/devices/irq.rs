@@ -17,6 +17,34 @@
 //! `Bus::interrupt_pending`, no lock), the vCPU's next timer deadline, and
 //! a `Condvar` that halted vCPUs sleep on. Every change that may make an
 //! interrupt deliverable to a vCPU, or bring its deadline closer, wakes it.
+//!
+//! # Wiring into the machine
+//!
+//! Build: `let mut r = InterruptRouter::new(cpus, tsc_hz); r.setup_virtual_wire();`
+//! then `Arc<Interrupts>` from `Interrupts::new(r)`, and write the MP table
+//! (`mptable::setup_mptable`). Each vCPU's bus holds the `Arc`, its index
+//! `cpu`, and the machine clock `now_ns()`:
+//! - `io_in/io_out`: `irqs.with(|r| r.io_read(port, now))` (`None`: not
+//!   ours) and `r.io_write(port, value as u8, now)` for ports 0x20, 0x21,
+//!   0xa0, 0xa1, 0x4d0, 0x4d1, 0x40-0x43, 0x61.
+//! - `mmio_read/mmio_write`: `r.mmio_read(cpu, gpa, data, now)` (`false`:
+//!   not ours) covers the vCPU's own LAPIC page and the IOAPIC.
+//! - `rdmsr/wrmsr`: if `InterruptRouter::handles_msr(index)`,
+//!   `r.rdmsr(cpu, index, now)` / `r.wrmsr(cpu, index, value, now, guest_tsc)`.
+//!   IA32_APIC_BASE stays with the CPU; report changes with `set_apic_base`.
+//! - `interrupt_pending`: `irqs.tick(cpu, now); irqs.interrupt_pending(cpu)`
+//!   (both lock-free unless a deadline passed); `acknowledge_interrupt`:
+//!   `irqs.acknowledge(cpu)`; `set_task_priority`:
+//!   `irqs.with(|r| r.set_task_priority(cpu, cr8))`.
+//! - `exit_requested`: `irqs.events_pending(cpu)` (then `take_events`:
+//!   NMI → `cpu.inject_nmi()`, INIT → reset to wait-for-SIPI, SIPI → start
+//!   at `vector << 12` if waiting; otherwise drop it).
+//! - On `Exit::Halted`: `irqs.halt(cpu, &now_ns, max, if_flag)` and run
+//!   again; on `Exit::WaitForSipi`: `irqs.halt(cpu, &now_ns, max, false)`.
+//! - Devices: `irqs.set_irq(line, level)` for level sources (held until
+//!   the guest clears the cause), `irqs.pulse_irq(line)` for edges.
+//!
+//! The RTC has no interrupt and lives outside the router.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -88,6 +116,17 @@ impl InterruptRouter {
             extint_pending: vec![false; n],
             touched: vec![true; n],
         }
+    }
+
+    /// Program the BSP's LINT0/LINT1 as firmware would (virtual wire mode:
+    /// the PIC reaches vCPU 0 through LINT0). Call once when building a
+    /// machine that boots Linux directly, not after restoring a snapshot.
+    /// The APs' LINT0 stays masked, so only the BSP takes PIC interrupts.
+    pub fn setup_virtual_wire(&mut self) {
+        if let Some(l) = self.lapics.first_mut() {
+            l.firmware_virtual_wire();
+        }
+        self.pic_changed();
     }
 
     pub fn state(&self) -> RouterState {
@@ -638,6 +677,17 @@ mod tests {
         let d = r.next_deadline_ns(0).unwrap();
         assert_eq!(r.next_deadline_ns(1), None);
         r.tick(0, d);
+        assert_eq!(r.acknowledge(0), Some(0x30));
+    }
+
+    #[test]
+    fn firmware_virtual_wire_before_linux_touches_the_apic() {
+        let mut r = InterruptRouter::new(2, 1);
+        r.setup_virtual_wire();
+        linux_pic_init(&mut r);
+        r.pulse_irq(0);
+        assert!(r.interrupt_pending(0));
+        assert!(!r.interrupt_pending(1));
         assert_eq!(r.acknowledge(0), Some(0x30));
     }
 

@@ -452,6 +452,16 @@ impl Lapic {
         }
     }
 
+    /// What firmware does before booting Linux (SeaBIOS, and Firecracker's
+    /// `set_lint`): LINT0 as ExtINT and LINT1 as NMI, both unmasked, so the
+    /// PIC reaches the CPU (virtual wire mode) and Linux keeps ExtINT on
+    /// the BSP until the IOAPIC takes over. SVR is left alone, as under
+    /// KVM: LINT0 passes ExtINT even while the APIC is software-disabled.
+    pub fn firmware_virtual_wire(&mut self) {
+        self.s.lvt[LVT_LINT0] = 0x700;
+        self.s.lvt[LVT_LINT1] = 0x400;
+    }
+
     /// An NMI, INIT or SIPI waits for the vCPU thread.
     pub fn has_events(&self) -> bool {
         self.s.nmi_pending || self.s.init_pending || self.s.sipi_vector.is_some()
@@ -1044,6 +1054,18 @@ mod tests {
         l.deliver(DeliveryMode::StartUp, 0x9a, false);
         assert_eq!(l.take_sipi(), Some(0x9a));
         assert_eq!(l.take_sipi(), None);
+    }
+
+    #[test]
+    fn firmware_virtual_wire_mode() {
+        let mut l = Lapic::new(0, 1);
+        l.firmware_virtual_wire();
+        assert!(!l.software_enabled());
+        assert!(l.accepts_extint());
+        assert_eq!(l.read_reg(0x350, 0), 0x700);
+        assert_eq!(l.read_reg(0x360, 0), 0x400);
+        l.lint_edge(1);
+        assert!(l.take_nmi());
     }
 
     #[test]
