@@ -582,7 +582,7 @@ impl Lapic {
                 // Skip the periods we missed: at most one interrupt per tick.
                 let period = u64::from(self.s.timer_initial).saturating_mul(self.ns_per_count());
                 let missed = (now_ns - expire) / period;
-                self.s.timer_expire_ns = Some(expire.saturating_add(period.saturating_mul(missed + 1)));
+                self.s.timer_expire_ns = Some(expire.saturating_add(period.saturating_mul(missed.saturating_add(1))));
             }
             TIMER_TSC_DEADLINE => {
                 self.s.tsc_deadline = 0;
@@ -1151,6 +1151,26 @@ mod tests {
         assert!(l.tick(6000));
         assert!(!l.has_pending());
         assert_eq!(l.next_deadline_ns(), Some(7000));
+    }
+
+    #[test]
+    fn hostile_timer_values() {
+        for mode in [0u32, 1, 2, 3] {
+            let mut l = enabled(0);
+            l.write_reg(REG_LVT_TIMER, (mode << 17) | 0x40, 0);
+            for (div, init, now) in [(0xa, u32::MAX, u64::MAX), (0xb, 1, u64::MAX - 1), (0xff, 7, 0)] {
+                l.write_reg(REG_TIMER_DIVIDE, div, now);
+                l.write_reg(REG_TIMER_INITIAL, init, now);
+                l.write_reg(REG_TIMER_DIVIDE, div ^ 1, now);
+                l.read_reg(REG_TIMER_CURRENT, 0);
+                l.read_reg(REG_TIMER_CURRENT, u64::MAX);
+                l.tick(u64::MAX);
+                l.tick(0);
+                l.write_tsc_deadline(u64::MAX, now, 0);
+                l.write_tsc_deadline(1, now, u64::MAX);
+                l.tick(u64::MAX);
+            }
+        }
     }
 
     #[test]
