@@ -1,4 +1,11 @@
 //! Emulated platform devices for the `emu` engine.
 
 pub mod i8042;
+pub mod ioapic;
+pub mod irq;
+pub mod lapic;
+pub mod mptable;
+pub mod pic;
+pub mod pit;
+pub mod rtc;
 pub mod serial;
