@@ -45,6 +45,7 @@ const ST_OUT_FLAGS: usize = 384;
 const ST_HOST_RSP: usize = 392;
 const ST_IN_FX: usize = 512; // 16-byte aligned
 const ST_OUT_FX: usize = 1024;
+const ST_HOST_FX: usize = 1536;
 
 /// One differential case.
 #[derive(Clone)]
@@ -188,6 +189,8 @@ pub fn run_native(case: &Case) -> Outcome {
     e.buf
         .extend_from_slice(&[0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57]);
     e.mov_store(RSP, st + ST_HOST_RSP as u64);
+    // fxsave64 [rip+host_fx]
+    e.riprel(&[0x48, 0x0f, 0xae, 0x05], st + ST_HOST_FX as u64, &[]);
     // The test's stack: the top of the scratch page.
     e.mov_load(RSP, st + (ST_IN_GPR + RSP * 8) as u64);
     // fxrstor64 [rip+in_fx]
@@ -209,6 +212,8 @@ pub fn run_native(case: &Case) -> Outcome {
     e.riprel(&[0x8f, 0x05], st + ST_OUT_FLAGS as u64, &[]);
     // fxsave64 [rip+out_fx]
     e.riprel(&[0x48, 0x0f, 0xae, 0x05], st + ST_OUT_FX as u64, &[]);
+    // Give the Rust caller back its own x87/SSE state (MXCSR, tags, TOP).
+    e.riprel(&[0x48, 0x0f, 0xae, 0x0d], st + ST_HOST_FX as u64, &[]);
     // cld: the Rust caller relies on DF=0 (the ABI), and cases may set it.
     e.buf.push(0xfc);
     e.mov_load(RSP, st + ST_HOST_RSP as u64);
