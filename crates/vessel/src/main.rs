@@ -84,7 +84,7 @@ fn run(args: RunArgs) -> ExitCode {
         mem_size: args.mem,
         cpus: args.cpus,
     };
-    let mut machine = match vmm::Machine::new(&cfg, Box::new(std::io::stdout())) {
+    let machine = match vmm::Machine::new(&cfg, Box::new(std::io::stdout())) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("error: {e}");

@@ -1,22 +1,32 @@
-//! The machine: guest memory, devices on the port and MMIO buses, and the
-//! boot vCPU run loop for the `emu` engine.
-//!
-//! Status: one vCPU, serial console and i8042 reset. The interrupt
-//! controllers, timers and SMP arrive with the rest of the boot work.
+//! The machine: guest memory, the devices on the port and MMIO buses, the
+//! interrupt router, and one thread per vCPU running the `emu` engine.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use x86emu::state::{flags, CpuState, Segment};
 use x86emu::{Bus, CodeMap, Cpu, CpuConfig, Exit};
 
 use crate::boot::{self, BootSpec};
 use crate::devices::i8042::{self, I8042};
-use crate::devices::serial::{SerialPort, COM1_BASE};
+use crate::devices::irq::{InterruptRouter, Interrupts};
+use crate::devices::mptable;
+use crate::devices::rtc::Rtc;
+use crate::devices::serial::{SerialPort, COM1_BASE, COM1_IRQ};
 use crate::memory;
-use crate::Result;
+use crate::{Error, Result};
+
+/// Guest TSC rate, advertised through CPUID.
+pub const TSC_KHZ: u32 = 2_000_000;
+/// Most vCPUs a machine may have.
+pub const MAX_CPUS: u32 = 64;
+/// Instructions a vCPU runs between checks of machine-wide state.
+const SLICE: u64 = 200_000;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -31,28 +41,71 @@ pub struct MachineConfig {
 /// How a run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RunOutcome {
-    /// The guest reset the machine through the i8042 (Linux `reboot=k`).
+    /// The guest reset the machine through the i8042 (Linux `reboot=k`);
+    /// with no ACPI this is how our guests power off, as in Firecracker.
     Reset,
-    /// The guest halted with interrupts disabled: nothing can wake it.
+    /// Every vCPU halted with interrupts disabled: nothing can wake it.
     HaltedForever,
-    /// A triple fault; the registers at the time, formatted.
+    /// A triple fault: the vCPU's registers at the time, formatted.
     TripleFault(String),
 }
 
-/// Devices and memory as the CPU sees them.
-pub struct MachineBus {
-    mem: GuestMemoryMmap,
+const RUNNING: u8 = 0;
+const STOP_RESET: u8 = 1;
+const STOP_TRIPLE: u8 = 2;
+const STOP_HALTED: u8 = 3;
+
+/// Devices behind one lock: the serial port, the i8042 and the RTC.
+pub struct Platform {
     pub serial: SerialPort<Box<dyn Write + Send>>,
     pub i8042: I8042,
+    pub rtc: Rtc,
 }
 
-// SAFETY: `ram_page` returns pointers into the mmap'd regions of `mem`,
-// which are never unmapped or resized while the bus (which owns `mem`)
-// lives; each returned page lies wholly inside one region because regions
-// are page aligned and page sized multiples.
-unsafe impl Bus for MachineBus {
+/// State shared by the vCPU threads.
+struct Shared {
+    mem: GuestMemoryMmap,
+    irqs: Interrupts,
+    platform: Mutex<Platform>,
+    start: Instant,
+    stop: AtomicU8,
+    triple_fault: Mutex<Option<String>>,
+    /// vCPUs halted with IF=0 (a guest that is off for good).
+    dead: std::sync::atomic::AtomicU32,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn platform(&self) -> MutexGuard<'_, Platform> {
+        self.platform.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn request_stop(&self, why: u8) {
+        let _ = self
+            .stop
+            .compare_exchange(RUNNING, why, Ordering::AcqRel, Ordering::Acquire);
+        for cpu in 0..self.irqs.num_cpus() {
+            self.irqs.kick(cpu);
+        }
+    }
+}
+
+/// One vCPU's view of the machine.
+struct VcpuBus {
+    id: usize,
+    shared: Arc<Shared>,
+}
+
+// SAFETY: `ram_page` returns pointers into the mmap'd regions of the guest
+// memory, which the `Shared` (kept alive by this bus's Arc) owns and never
+// unmaps or resizes while the machine exists; a returned page lies wholly
+// inside one region (checked against the region length).
+unsafe impl Bus for VcpuBus {
     fn ram_page(&mut self, gpa: u64) -> Option<NonNull<u8>> {
-        let region = self.mem.find_region(GuestAddress(gpa))?;
+        let region = self.shared.mem.find_region(GuestAddress(gpa))?;
         let off = gpa - region.start_addr().0;
         if off + x86emu::bus::PAGE_SIZE > region.len() {
             return None;
@@ -61,60 +114,132 @@ unsafe impl Bus for MachineBus {
         NonNull::new(host)
     }
 
-    fn mmio_read(&mut self, _gpa: u64, data: &mut [u8]) {
-        data.fill(0xff);
+    fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
+        let now = self.shared.now_ns();
+        let id = self.id;
+        if !self.shared.irqs.with(|r| r.mmio_read(id, gpa, data, now)) {
+            data.fill(0xff);
+        }
     }
 
-    fn mmio_write(&mut self, _gpa: u64, _data: &[u8]) {}
+    fn mmio_write(&mut self, gpa: u64, data: &[u8]) {
+        let now = self.shared.now_ns();
+        let id = self.id;
+        self.shared.irqs.with(|r| r.mmio_write(id, gpa, data, now));
+    }
 
     fn io_in(&mut self, port: u16, size: u8) -> u32 {
         let mask = if size >= 4 { u32::MAX } else { (1u32 << (size * 8)) - 1 };
+        let now = self.shared.now_ns();
         let v = match port {
-            COM1_BASE..=0x3ff => self.serial.read(port) as u32,
-            i8042::DATA_PORT | i8042::STATUS_PORT => self.i8042.read(port) as u32,
-            _ => u32::MAX,
+            COM1_BASE..=0x3ff => {
+                let mut p = self.shared.platform();
+                let v = p.serial.read(port);
+                self.serial_irq(&mut p);
+                v as u32
+            }
+            i8042::DATA_PORT | i8042::STATUS_PORT => self.shared.platform().i8042.read(port) as u32,
+            0x70 | 0x71 => self.shared.platform().rtc.read(port, now) as u32,
+            _ => match self.shared.irqs.with(|r| r.io_read(port, now)) {
+                Some(v) => v as u32,
+                None => u32::MAX,
+            },
         };
         v & mask
     }
 
     fn io_out(&mut self, port: u16, _size: u8, value: u32) {
+        let now = self.shared.now_ns();
         match port {
-            COM1_BASE..=0x3ff => self.serial.write(port, value as u8),
-            i8042::DATA_PORT | i8042::STATUS_PORT => self.i8042.write(port, value as u8),
-            _ => {}
+            COM1_BASE..=0x3ff => {
+                let mut p = self.shared.platform();
+                p.serial.write(port, value as u8);
+                self.serial_irq(&mut p);
+            }
+            i8042::DATA_PORT | i8042::STATUS_PORT => {
+                let mut p = self.shared.platform();
+                p.i8042.write(port, value as u8);
+                if p.i8042.reset_requested {
+                    drop(p);
+                    self.shared.request_stop(STOP_RESET);
+                }
+            }
+            0x70 | 0x71 => self.shared.platform().rtc.write(port, value as u8, now),
+            _ => {
+                self.shared.irqs.with(|r| r.io_write(port, value as u8, now));
+            }
         }
+    }
+
+    fn rdmsr(&mut self, index: u32) -> Option<u64> {
+        if InterruptRouter::handles_msr(index) {
+            let now = self.shared.now_ns();
+            let id = self.id;
+            return self.shared.irqs.with(|r| r.rdmsr(id, index, now));
+        }
+        None
+    }
+
+    fn wrmsr(&mut self, index: u32, value: u64) -> bool {
+        if InterruptRouter::handles_msr(index) {
+            let now = self.shared.now_ns();
+            let tsc = self.tsc(0);
+            let id = self.id;
+            return self.shared.irqs.with(|r| r.wrmsr(id, index, value, now, tsc));
+        }
+        false
     }
 
     fn tsc(&mut self, _instret: u64) -> u64 {
-        host_tsc()
+        self.shared.now_ns().saturating_mul(TSC_KHZ as u64) / 1_000_000
+    }
+
+    fn interrupt_pending(&mut self) -> bool {
+        let now = self.shared.now_ns();
+        self.shared.irqs.tick(self.id, now);
+        self.shared.irqs.interrupt_pending(self.id)
+    }
+
+    fn acknowledge_interrupt(&mut self) -> Option<u8> {
+        self.shared.irqs.acknowledge(self.id)
+    }
+
+    fn set_task_priority(&mut self, tpr: u8) {
+        let id = self.id;
+        self.shared.irqs.with(|r| r.set_task_priority(id, tpr as u64));
     }
 
     fn exit_requested(&mut self) -> bool {
-        self.i8042.reset_requested
+        self.shared.stop.load(Ordering::Acquire) != RUNNING || self.shared.irqs.events_pending(self.id)
     }
 }
 
-/// The host's time in TSC units at the advertised frequency (2 GHz).
-fn host_tsc() -> u64 {
-    use std::sync::OnceLock;
-    use std::time::Instant;
-    static START: OnceLock<Instant> = OnceLock::new();
-    let ns = START.get_or_init(Instant::now).elapsed().as_nanos() as u64;
-    ns.saturating_mul(2)
+impl VcpuBus {
+    /// The UART raised its interrupt: an edge on IRQ 4.
+    fn serial_irq(&self, p: &mut Platform) {
+        if p.serial.irq.0.swap(false, Ordering::AcqRel) {
+            self.shared.irqs.pulse_irq(COM1_IRQ);
+        }
+    }
 }
 
 pub struct Machine {
-    pub cpu: Cpu,
-    pub bus: MachineBus,
+    shared: Arc<Shared>,
+    cpus: Vec<Cpu>,
 }
 
 impl Machine {
+    /// Build the machine and load the guest. Errors are the user's to fix
+    /// (bad kernel, memory size, CPU count).
     pub fn new(cfg: &MachineConfig, console: Box<dyn Write + Send>) -> Result<Self> {
-        if cfg.cpus != 1 {
-            return Err(crate::Error::Config("only --cpus 1 is supported so far".into()));
+        if cfg.cpus == 0 || cfg.cpus > MAX_CPUS {
+            return Err(Error::Config(format!(
+                "--cpus must be between 1 and {MAX_CPUS}, not {}",
+                cfg.cpus
+            )));
         }
         let mem = memory::create(cfg.mem_size)?;
-        let state = boot::load(
+        let boot_state = boot::load(
             &mem,
             &BootSpec {
                 kernel: &cfg.kernel,
@@ -123,37 +248,179 @@ impl Machine {
                 mem_size: cfg.mem_size,
             },
         )?;
-        let limit = mem.last_addr().0 + 1;
-        let mut cpu = Cpu::new(CpuConfig::default(), Arc::new(CodeMap::new(limit)));
-        cpu.set_state(state);
-        Ok(Machine {
-            cpu,
-            bus: MachineBus {
-                mem,
+        mptable::setup_mptable(&mem, cfg.cpus as u8).map_err(|e| Error::Memory(format!("MP table: {e}")))?;
+        let mut router = InterruptRouter::new(cfg.cpus as usize, TSC_KHZ as u64 * 1000);
+        router.setup_virtual_wire();
+        let code_map = Arc::new(CodeMap::new(mem.last_addr().0 + 1));
+        let start = Instant::now();
+        let shared = Arc::new(Shared {
+            mem,
+            irqs: Interrupts::new(router),
+            platform: Mutex::new(Platform {
                 serial: SerialPort::new(console),
                 i8042: I8042::default(),
-            },
-        })
+                rtc: Rtc::new(0),
+            }),
+            start,
+            stop: AtomicU8::new(RUNNING),
+            triple_fault: Mutex::new(None),
+            dead: std::sync::atomic::AtomicU32::new(0),
+        });
+        let cpus = (0..cfg.cpus)
+            .map(|i| {
+                let config = CpuConfig {
+                    apic_id: i,
+                    cpu_count: cfg.cpus,
+                    tsc_khz: TSC_KHZ,
+                    ..CpuConfig::default()
+                };
+                let mut cpu = Cpu::new(config, code_map.clone());
+                if i == 0 {
+                    cpu.set_state(boot_state.clone());
+                    cpu.state.apic_base = 0xfee0_0000 | (1 << 11) | (1 << 8);
+                } else {
+                    // Application processors wait for INIT/SIPI.
+                    cpu.state.events.wait_for_sipi = true;
+                }
+                cpu
+            })
+            .collect();
+        Ok(Machine { shared, cpus })
     }
 
-    /// Run the boot vCPU until the guest ends.
-    pub fn run(&mut self) -> RunOutcome {
-        loop {
-            match self.cpu.run(&mut self.bus, 1_000_000) {
-                Exit::Budget => {}
-                Exit::ExitRequested => return RunOutcome::Reset,
-                Exit::Halted => {
-                    if !self.cpu.interrupts_enabled() {
-                        return RunOutcome::HaltedForever;
-                    }
-                    // No interrupt sources yet: nothing will ever wake it.
-                    return RunOutcome::HaltedForever;
-                }
-                Exit::TripleFault => return RunOutcome::TripleFault(format_regs(&self.cpu)),
-                Exit::WaitForSipi | Exit::Shutdown => return RunOutcome::HaltedForever,
-            }
+    /// Queue bytes typed by the user on the serial console.
+    pub fn console_input(&self, bytes: &[u8]) {
+        let mut p = self.shared.platform();
+        p.serial.input(bytes);
+        if p.serial.irq.0.swap(false, Ordering::AcqRel) {
+            drop(p);
+            self.shared.irqs.pulse_irq(COM1_IRQ);
         }
     }
+
+    /// A handle that can feed console input while `run` blocks.
+    pub fn input_handle(&self) -> ConsoleInput {
+        ConsoleInput {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Run all vCPUs until the guest ends.
+    pub fn run(self) -> RunOutcome {
+        let n = self.cpus.len();
+        let handles: Vec<_> = self
+            .cpus
+            .into_iter()
+            .enumerate()
+            .map(|(id, cpu)| {
+                let shared = self.shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("vcpu{id}"))
+                    .spawn(move || vcpu_thread(id, cpu, shared, n))
+                    .expect("spawning a vCPU thread")
+            })
+            .collect();
+        for h in handles {
+            let _ = h.join();
+        }
+        match self.shared.stop.load(Ordering::Acquire) {
+            STOP_TRIPLE => RunOutcome::TripleFault(
+                self.shared
+                    .triple_fault
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .unwrap_or_default(),
+            ),
+            STOP_HALTED => RunOutcome::HaltedForever,
+            _ => RunOutcome::Reset,
+        }
+    }
+}
+
+/// Feeds the serial console from another thread.
+#[derive(Clone)]
+pub struct ConsoleInput {
+    shared: Arc<Shared>,
+}
+
+impl ConsoleInput {
+    pub fn send(&self, bytes: &[u8]) {
+        let mut p = self.shared.platform();
+        p.serial.input(bytes);
+        if p.serial.irq.0.swap(false, Ordering::AcqRel) {
+            drop(p);
+            self.shared.irqs.pulse_irq(COM1_IRQ);
+        }
+    }
+
+    /// Stop the machine (the user quit).
+    pub fn quit(&self) {
+        self.shared.request_stop(STOP_RESET);
+    }
+}
+
+fn vcpu_thread(id: usize, mut cpu: Cpu, shared: Arc<Shared>, ncpus: usize) {
+    let mut bus = VcpuBus {
+        id,
+        shared: shared.clone(),
+    };
+    let now = || shared.now_ns();
+    let mut counted_dead = false;
+    while shared.stop.load(Ordering::Acquire) == RUNNING {
+        if shared.irqs.events_pending(id) {
+            let ev = shared.irqs.take_events(id);
+            if ev.init && id != 0 {
+                let apic_base = cpu.state.apic_base;
+                cpu.set_state(CpuState::reset());
+                cpu.state.apic_base = apic_base;
+                cpu.state.events.wait_for_sipi = true;
+            }
+            if let Some(vector) = ev.sipi {
+                if cpu.state.events.wait_for_sipi {
+                    start_at_sipi(&mut cpu, vector);
+                }
+            }
+            if ev.nmi {
+                cpu.inject_nmi();
+            }
+        }
+        match cpu.run(&mut bus, SLICE) {
+            Exit::Budget | Exit::ExitRequested | Exit::Shutdown => {}
+            Exit::Halted => {
+                let if_set = cpu.state.rflags & flags::IF != 0;
+                if !if_set && !counted_dead {
+                    counted_dead = true;
+                    // All vCPUs halted with interrupts off: the guest is done
+                    // (for example `reboot: System halted`).
+                    if shared.dead.fetch_add(1, Ordering::AcqRel) + 1 == ncpus as u32 {
+                        shared.request_stop(STOP_HALTED);
+                    }
+                }
+                shared.irqs.halt(id, &now, Duration::from_millis(100), if_set);
+            }
+            Exit::WaitForSipi => shared.irqs.halt(id, &now, Duration::from_millis(100), false),
+            Exit::TripleFault => {
+                *shared.triple_fault.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(format!("vcpu{id}: {}", format_regs(&cpu)));
+                shared.request_stop(STOP_TRIPLE);
+            }
+        }
+        if counted_dead && !cpu.state.events.halted {
+            counted_dead = false;
+            shared.dead.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Start an application processor in real mode at `vector << 12`.
+fn start_at_sipi(cpu: &mut Cpu, vector: u8) {
+    let mut s = cpu.state.clone();
+    s.segs[1] = Segment::real_mode((vector as u16) << 8, true);
+    s.rip = 0;
+    s.events.wait_for_sipi = false;
+    s.events.halted = false;
+    cpu.set_state(s);
 }
 
 /// The vCPU's registers, for error reports.

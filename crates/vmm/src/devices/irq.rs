@@ -482,6 +482,11 @@ pub struct Interrupts {
 }
 
 impl Interrupts {
+    /// Number of vCPUs the router serves.
+    pub fn num_cpus(&self) -> usize {
+        self.vcpus.len()
+    }
+
     pub fn new(router: InterruptRouter) -> Self {
         let vcpus = (0..router.num_cpus()).map(|_| VcpuSignal::default()).collect();
         let me = Interrupts {
