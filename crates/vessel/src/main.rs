@@ -93,10 +93,7 @@ fn run(args: RunArgs) -> ExitCode {
     };
     match machine.run() {
         vmm::RunOutcome::Reset => ExitCode::SUCCESS,
-        vmm::RunOutcome::HaltedForever => {
-            eprintln!("error: the guest halted with no way to wake up");
-            ExitCode::from(3)
-        }
+        vmm::RunOutcome::PowerOff => ExitCode::SUCCESS,
         vmm::RunOutcome::TripleFault(regs) => {
             eprintln!("error: guest triple fault: {regs}");
             ExitCode::from(4)

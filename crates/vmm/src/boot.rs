@@ -26,6 +26,8 @@ pub const CMDLINE_ADDR: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 4096;
 /// Where the kernel is loaded (the default physical start of x86-64 Linux).
 pub const KERNEL_START: u64 = 0x100_0000;
+/// Kernels may not be loaded below 1 MiB.
+pub const HIMEM_START: u64 = 0x10_0000;
 /// Firmware-ish area below 1 MiB that the e820 map reserves.
 const EBDA_START: u64 = 0x9fc00;
 
@@ -50,10 +52,10 @@ fn kernel_err(p: &Path, reason: impl ToString) -> Error {
 /// Load everything and return the boot CPU's initial state.
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<CpuState> {
     let mut file = File::open(spec.kernel).map_err(|e| kernel_err(spec.kernel, e))?;
-    let (entry, mut params) = match Elf::load(mem, None, &mut file, Some(GuestAddress(KERNEL_START))) {
+    let (entry, mut params) = match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
         Ok(r) => (r.kernel_load.0, boot_params::default()),
         Err(elf_err) => {
-            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(KERNEL_START))).map_err(|bz| {
+            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|bz| {
                 kernel_err(
                     spec.kernel,
                     format!("neither an ELF vmlinux ({elf_err}) nor a bzImage ({bz})"),

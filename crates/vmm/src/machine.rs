@@ -44,8 +44,9 @@ pub enum RunOutcome {
     /// The guest reset the machine through the i8042 (Linux `reboot=k`);
     /// with no ACPI this is how our guests power off, as in Firecracker.
     Reset,
-    /// Every vCPU halted with interrupts disabled: nothing can wake it.
-    HaltedForever,
+    /// Every vCPU halted with interrupts disabled. Without ACPI this is how
+    /// Linux powers off ("reboot: System halted"): nothing can wake it.
+    PowerOff,
     /// A triple fault: the vCPU's registers at the time, formatted.
     TripleFault(String),
 }
@@ -332,7 +333,7 @@ impl Machine {
                     .clone()
                     .unwrap_or_default(),
             ),
-            STOP_HALTED => RunOutcome::HaltedForever,
+            STOP_HALTED => RunOutcome::PowerOff,
             _ => RunOutcome::Reset,
         }
     }

@@ -29,11 +29,28 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap> {
             MIN_MEM >> 20
         )));
     }
+    if let Some(host) = host_memory() {
+        if size > host {
+            return Err(Error::Config(format!(
+                "memory size {} MiB is more than the host's {} MiB",
+                size >> 20,
+                host >> 20
+            )));
+        }
+    }
     let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)
         .into_iter()
         .map(|(a, l)| (GuestAddress(a), l as usize))
         .collect();
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(format!("cannot allocate {} MiB: {e}", size >> 20)))
+}
+
+/// The host's physical memory, from /proc/meminfo.
+fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]

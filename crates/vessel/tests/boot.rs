@@ -1,0 +1,278 @@
+//! End-to-end tests: the real `vessel` binary boots the real guest built by
+//! `guest/` (kernel, busybox initramfs) under the `emu` engine.
+//!
+//! The guest artifacts come from `guest/build-all.sh` (run by
+//! `scripts/test-all` first), cached in `$VESSEL_CACHE` or
+//! `~/.cache/vessel`.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn cache() -> PathBuf {
+    std::env::var_os("VESSEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/vessel"))
+}
+
+fn artifact(rel: &str) -> PathBuf {
+    let p = cache().join(rel);
+    assert!(
+        p.exists(),
+        "{} is missing: run guest/build-all.sh first (scripts/test-all does)",
+        p.display()
+    );
+    p
+}
+
+fn vessel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vessel"))
+}
+
+fn b64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Boot `kernel` with the minimal initramfs, run `cmd` in the guest, and
+/// wait for Vessel to exit.
+fn boot(kernel: &str, cpus: u32, mem: &str, cmd: &str, end: &str) -> Output {
+    let out = vessel()
+        .args(["run", "--accel", "emu", "--mem", mem, "--cpus", &cpus.to_string()])
+        .arg("--kernel")
+        .arg(artifact(kernel))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=-1 vessel.end={end} vessel.cmd={}",
+            b64(cmd)
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vessel");
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn assert_clean_run(o: &Output) {
+    assert!(
+        o.status.success(),
+        "vessel exited with {:?}\nstderr: {}\nstdout tail: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr),
+        stdout(o).lines().rev().take(30).collect::<Vec<_>>().join("\n")
+    );
+    let s = stdout(o);
+    assert!(s.contains("VESSEL-GUEST-READY"), "no marker in:\n{s}");
+    assert!(s.contains("VESSEL-CMD-EXIT=0"), "command failed:\n{s}");
+}
+
+#[test]
+fn boots_one_vcpu_and_runs_a_command() {
+    // The guest computes the answer, so an echo of the command line cannot pass.
+    let o = boot(
+        "kernel/vmlinux",
+        1,
+        "256M",
+        "echo answer=$((6*7)); grep -c ^processor /proc/cpuinfo",
+        "reboot",
+    );
+    assert_clean_run(&o);
+    let s = stdout(&o);
+    assert!(s.contains("answer=42"), "{s}");
+    assert!(s.lines().any(|l| l.trim() == "1"), "expected 1 CPU:\n{s}");
+}
+
+#[test]
+fn boots_two_vcpus() {
+    let o = boot(
+        "kernel/vmlinux",
+        2,
+        "256M",
+        "grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/cpu/online",
+        "reboot",
+    );
+    assert_clean_run(&o);
+    let s = stdout(&o);
+    assert!(s.lines().any(|l| l.trim() == "2"), "expected 2 CPUs:\n{s}");
+    assert!(s.lines().any(|l| l.trim() == "0-1"), "both CPUs online:\n{s}");
+}
+
+#[test]
+fn boots_a_bzimage() {
+    let o = boot("kernel/bzImage", 1, "256M", "echo bz=$((1+1))", "reboot");
+    assert_clean_run(&o);
+    assert!(stdout(&o).contains("bz=2"));
+}
+
+#[test]
+fn power_off_exits_zero() {
+    // Without ACPI the kernel turns power-off into a halt of every vCPU with
+    // interrupts disabled; Vessel treats that as the machine switching off.
+    let o = boot("kernel/vmlinux", 2, "256M", "true", "halt");
+    assert_clean_run(&o);
+    assert!(stdout(&o).contains("System halted"), "{}", stdout(&o));
+}
+
+#[test]
+fn reboot_exits_zero() {
+    let o = boot("kernel/vmlinux", 1, "256M", "true", "reboot");
+    assert_clean_run(&o);
+    assert!(stdout(&o).contains("reboot: Restarting system"));
+}
+
+/// `sleep 1` in the guest takes 1 s of host time, within 20%.
+#[test]
+fn guest_time_follows_host_time() {
+    let mut child = vessel()
+        .args(["run", "--accel", "emu", "--mem", "256M"])
+        .arg("--kernel")
+        .arg(artifact("kernel/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k vessel.end=reboot vessel.cmd={}",
+            b64("echo T0; sleep 1; echo T1")
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn vessel");
+    let reader = BufReader::new(child.stdout.take().expect("stdout"));
+    let (mut t0, mut t1) = (None, None);
+    for line in reader.lines() {
+        let Ok(line) = line else { break };
+        match line.trim() {
+            "T0" => t0 = Some(Instant::now()),
+            "T1" => t1 = Some(Instant::now()),
+            _ => {}
+        }
+    }
+    let status = child.wait().expect("wait");
+    assert!(status.success());
+    let elapsed = t1.expect("T1") - t0.expect("T0");
+    assert!(
+        elapsed > Duration::from_millis(800) && elapsed < Duration::from_millis(1200),
+        "sleep 1 took {elapsed:?}"
+    );
+}
+
+#[test]
+fn debian_stock_kernel_reaches_init() {
+    let o = boot("debian/vmlinux", 1, "512M", "echo debian=$(uname -r)", "reboot");
+    assert_clean_run(&o);
+    assert!(stdout(&o).contains("debian=6.1"), "{}", stdout(&o));
+}
+
+fn one_error_line(o: &Output) -> String {
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(e.lines().count(), 1, "expected one line, got: {e}");
+    assert!(e.starts_with("error: "), "{e}");
+    e
+}
+
+#[test]
+fn user_errors_are_one_line() {
+    let k = artifact("kernel/vmlinux");
+    let run = |args: &[&str]| vessel().arg("run").args(args).stdin(Stdio::null()).output().unwrap();
+    let e = one_error_line(&run(&["--kernel", "/nonexistent/kernel"]));
+    assert!(e.contains("/nonexistent/kernel"));
+    let e = one_error_line(&run(&["--kernel", k.to_str().unwrap(), "--mem", "1M"]));
+    assert!(e.contains("memory"));
+    let e = one_error_line(&run(&["--kernel", k.to_str().unwrap(), "--cpus", "0"]));
+    assert!(e.contains("cpus"));
+    let e = one_error_line(&run(&["--kernel", k.to_str().unwrap(), "--mem", "64G"]));
+    assert!(e.contains("memory"), "{e}");
+
+    let dir = std::env::temp_dir().join(format!("vessel-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let garbage = dir.join("garbage");
+    std::fs::write(&garbage, vec![0x42u8; 100_000]).unwrap();
+    let e = one_error_line(&run(&["--kernel", garbage.to_str().unwrap()]));
+    assert!(e.contains("neither an ELF"), "{e}");
+    let big = dir.join("big-initrd");
+    std::fs::write(&big, vec![0u8; 40 << 20]).unwrap();
+    let e = one_error_line(&run(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--mem",
+        "48M",
+        "--initrd",
+        big.to_str().unwrap(),
+    ]));
+    assert!(e.contains("does not fit"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A kernel whose first instruction faults with no IDT: the vCPU triple
+/// faults, Vessel prints its registers on one line and exits non-zero.
+#[test]
+fn triple_fault_reports_registers() {
+    let dir = std::env::temp_dir().join(format!("vessel-triple-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = dir.join("ud2.elf");
+    std::fs::write(&k, tiny_elf(&[0x0f, 0x0b])).unwrap();
+    let o = vessel()
+        .args(["run", "--kernel", k.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let e = one_error_line(&o);
+    assert!(
+        e.contains("triple fault") && e.contains("rip=0x0000000001000000"),
+        "{e}"
+    );
+    assert_eq!(o.status.code(), Some(4));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A minimal ELF64 executable with one PT_LOAD segment at 16 MiB.
+fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    let entry: u64 = 0x100_0000;
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&entry.to_le_bytes());
+    f.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    f.extend_from_slice(&0u32.to_le_bytes());
+    f.extend_from_slice(&64u16.to_le_bytes());
+    f.extend_from_slice(&56u16.to_le_bytes());
+    f.extend_from_slice(&1u16.to_le_bytes());
+    f.extend_from_slice(&64u16.to_le_bytes());
+    f.extend_from_slice(&0u16.to_le_bytes());
+    f.extend_from_slice(&0u16.to_le_bytes());
+    let off = 0x1000u64;
+    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    f.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    f.extend_from_slice(&off.to_le_bytes());
+    f.extend_from_slice(&entry.to_le_bytes());
+    f.extend_from_slice(&entry.to_le_bytes());
+    f.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    f.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    f.extend_from_slice(&0x1000u64.to_le_bytes());
+    f.resize(off as usize, 0);
+    f.extend_from_slice(code);
+    f
+}
