@@ -1,4 +1,11 @@
 //! `vessel`: run a virtual machine.
+//!
+//! Exit codes: 0 when the guest powers off or resets (Linux `reboot=k`) or
+//! the user quits with Ctrl-A x; 2 for a configuration or image error; 4 for
+//! a guest triple fault (the vCPU's registers are printed).
+
+mod config;
+mod console;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,43 +24,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a guest with its serial console on the terminal.
+    /// Boot a guest with its serial console on the terminal (Ctrl-A x quits).
     Run(RunArgs),
 }
 
 #[derive(clap::Args)]
-struct RunArgs {
-    /// Kernel: ELF vmlinux or bzImage.
+pub struct RunArgs {
+    /// Machine file (JSON) with the same settings as the flags; flags win.
     #[arg(long)]
-    kernel: PathBuf,
+    config: Option<PathBuf>,
+    /// Kernel: ELF vmlinux (64-bit entry) or bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1 pci=off")]
-    cmdline: String,
-    /// Guest memory, e.g. 256M or 1G.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    mem: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    cpus: u32,
-    /// CPU engine.
-    #[arg(long, default_value = "emu")]
-    accel: String,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1 << 20),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size like 256M or 1G"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+    /// Kernel command line [default: console=ttyS0 reboot=k panic=-1].
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory, e.g. 256M or 1G [default: 256M].
+    #[arg(long, value_parser = config::parse_size)]
+    mem: Option<u64>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// CPU engine: emu [default: emu].
+    #[arg(long)]
+    accel: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -73,27 +70,33 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    if args.accel != "emu" {
-        eprintln!("error: --accel {} is not available yet; use --accel emu", args.accel);
+    let settings = match config::resolve(args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if settings.accel != "emu" {
+        eprintln!(
+            "error: --accel {} is not available yet; use --accel emu",
+            settings.accel
+        );
         return ExitCode::from(2);
     }
-    let cfg = vmm::MachineConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        mem_size: args.mem,
-        cpus: args.cpus,
-    };
-    let machine = match vmm::Machine::new(&cfg, Box::new(std::io::stdout())) {
+    let machine = match vmm::Machine::new(&settings.machine, Box::new(std::io::stdout())) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    match machine.run() {
-        vmm::RunOutcome::Reset => ExitCode::SUCCESS,
-        vmm::RunOutcome::PowerOff => ExitCode::SUCCESS,
+    let raw = console::RawMode::enable();
+    console::spawn_input(machine.input_handle());
+    let outcome = machine.run();
+    drop(raw);
+    match outcome {
+        vmm::RunOutcome::Reset | vmm::RunOutcome::PowerOff => ExitCode::SUCCESS,
         vmm::RunOutcome::TripleFault(regs) => {
             eprintln!("error: guest triple fault: {regs}");
             ExitCode::from(4)
