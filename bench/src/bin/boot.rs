@@ -1,0 +1,108 @@
+//! Boot time, side by side: wall time from process start to the guest's
+//! marker line (`VESSEL-GUEST-READY`, printed by the initramfs's /init),
+//! for Vessel (engine emu) and for QEMU (TCG, microvm) on the same kernel
+//! and initramfs, runs alternating, in one invocation.
+//!
+//! Usage: cargo run --release -p vessel-bench --bin boot -- [RUNS] [KERNEL]
+//! (after `cargo build --release -p vessel` and `guest/build-all.sh`).
+//! KERNEL defaults to the minimal guest's vmlinux in the cache.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MARKER: &str = "VESSEL-GUEST-READY";
+
+fn cache() -> PathBuf {
+    std::env::var_os("VESSEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/vessel"))
+}
+
+/// Start `cmd`, return the time until its stdout shows the marker, then kill it.
+fn time_to_marker(mut cmd: Command) -> Option<Duration> {
+    let start = Instant::now();
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().ok()?;
+    let out = child.stdout.take()?;
+    let mut found = None;
+    for line in BufReader::new(out).lines() {
+        let Ok(line) = line else { break };
+        if line.contains(MARKER) {
+            found = Some(start.elapsed());
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    found
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+    let cache = cache();
+    let kernel = std::env::args().nth(2).map(PathBuf::from).unwrap_or_else(|| cache.join("kernel/vmlinux"));
+    let initrd = cache.join("initramfs.cpio.gz");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let vessel = root.join("target/release/vessel");
+    assert!(vessel.exists(), "build Vessel first: cargo build --release -p vessel");
+    // The guest's /init sees no command, so it would start a shell; we stop
+    // each run at the marker anyway.
+    let vessel_cmd = || {
+        let mut c = Command::new(&vessel);
+        c.args(["run", "--accel", "emu", "--mem", "256M"])
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--initrd")
+            .arg(&initrd)
+            .arg("--cmdline")
+            .arg("console=ttyS0 reboot=k");
+        c
+    };
+    let qemu_cmd = || {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args([
+            "-accel",
+            "tcg",
+            "-M",
+            "microvm,x-option-roms=off,acpi=off",
+            "-cpu",
+            "qemu64",
+            "-m",
+            "256M",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 reboot=t"]);
+        c
+    };
+    let (mut v, mut q) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let tv = time_to_marker(vessel_cmd()).expect("Vessel did not reach the marker");
+        let tq = time_to_marker(qemu_cmd()).expect("QEMU did not reach the marker");
+        println!("run {}: vessel {:.3} s, qemu {:.3} s", i + 1, tv.as_secs_f64(), tq.as_secs_f64());
+        v.push(tv);
+        q.push(tq);
+    }
+    let (mv, mq) = (median(&mut v), median(&mut q));
+    println!("kernel: {}", kernel.display());
+    println!(
+        "median boot to marker: vessel (emu) {:.3} s, qemu (tcg, microvm) {:.3} s, ratio vessel/qemu {:.2}",
+        mv.as_secs_f64(),
+        mq.as_secs_f64(),
+        mv.as_secs_f64() / mq.as_secs_f64()
+    );
+}
