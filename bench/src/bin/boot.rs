@@ -23,7 +23,12 @@ fn cache() -> PathBuf {
 /// Start `cmd`, return the time until its stdout shows the marker, then kill it.
 fn time_to_marker(mut cmd: Command) -> Option<Duration> {
     let start = Instant::now();
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().ok()?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
     let out = child.stdout.take()?;
     let mut found = None;
     for line in BufReader::new(out).lines() {
@@ -46,7 +51,10 @@ fn median(v: &mut [Duration]) -> Duration {
 fn main() {
     let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
     let cache = cache();
-    let kernel = std::env::args().nth(2).map(PathBuf::from).unwrap_or_else(|| cache.join("kernel/vmlinux"));
+    let kernel = std::env::args()
+        .nth(2)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache.join("kernel/vmlinux"));
     let initrd = cache.join("initramfs.cpio.gz");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let vessel = root.join("target/release/vessel");
@@ -93,7 +101,12 @@ fn main() {
     for i in 0..runs {
         let tv = time_to_marker(vessel_cmd()).expect("Vessel did not reach the marker");
         let tq = time_to_marker(qemu_cmd()).expect("QEMU did not reach the marker");
-        println!("run {}: vessel {:.3} s, qemu {:.3} s", i + 1, tv.as_secs_f64(), tq.as_secs_f64());
+        println!(
+            "run {}: vessel {:.3} s, qemu {:.3} s",
+            i + 1,
+            tv.as_secs_f64(),
+            tq.as_secs_f64()
+        );
         v.push(tv);
         q.push(tq);
     }

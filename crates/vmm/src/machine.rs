@@ -412,6 +412,15 @@ fn vcpu_thread(id: usize, mut cpu: Cpu, shared: Arc<Shared>, ncpus: usize) {
             shared.dead.fetch_sub(1, Ordering::AcqRel);
         }
     }
+    let st = &cpu.stats;
+    tracing::info!(
+        "vcpu{id}: {} instructions, {} blocks decoded, {} exceptions, {} interrupts; unimplemented (raised #UD): {:?}",
+        st.instructions,
+        st.blocks_decoded,
+        st.exceptions,
+        st.interrupts,
+        st.unimplemented
+    );
 }
 
 /// Start an application processor in real mode at `vector << 12`.

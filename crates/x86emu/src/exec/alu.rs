@@ -379,13 +379,18 @@ fn div(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
         }
         (q, dividend % divisor)
     };
+    store_quotient(cpu, size, lo_reg, hi_reg, q, r);
+    Ok(())
+}
+
+/// Quotient and remainder go to AL/AH for bytes, else to the accumulator pair.
+fn store_quotient(cpu: &mut Cpu, size: u32, lo_reg: Register, hi_reg: Register, q: u64, r: u64) {
     if size == 1 {
         cpu.set_reg(Register::AX, (r << 8) | q);
     } else {
         cpu.set_reg(lo_reg, q);
         cpu.set_reg(hi_reg, r);
     }
-    Ok(())
 }
 
 /// IDIV: signed divide, truncating toward zero. #DE on a zero divisor or a
@@ -416,12 +421,7 @@ fn idiv(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
     let r = dividend.checked_rem(divisor).ok_or(Fault::de())?;
     let (q, r) = (q as u64 & mask, r as u64 & mask);
     let (lo_reg, hi_reg) = acc_pair(size);
-    if size == 1 {
-        cpu.set_reg(Register::AX, (r << 8) | q);
-    } else {
-        cpu.set_reg(lo_reg, q);
-        cpu.set_reg(hi_reg, r);
-    }
+    store_quotient(cpu, size, lo_reg, hi_reg, q, r);
     Ok(())
 }
 
