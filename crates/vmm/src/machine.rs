@@ -84,6 +84,14 @@ impl Shared {
         self.platform.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The UART raised its interrupt: an edge on IRQ 4. Called with the
+    /// platform lock held (lock order: platform, then interrupts).
+    fn serial_irq(&self, p: &mut Platform) {
+        if p.serial.irq.0.swap(false, Ordering::AcqRel) {
+            self.irqs.pulse_irq(COM1_IRQ);
+        }
+    }
+
     fn request_stop(&self, why: u8) {
         let _ = self
             .stop
@@ -136,7 +144,7 @@ unsafe impl Bus for VcpuBus {
             COM1_BASE..=0x3ff => {
                 let mut p = self.shared.platform();
                 let v = p.serial.read(port);
-                self.serial_irq(&mut p);
+                self.shared.serial_irq(&mut p);
                 v as u32
             }
             i8042::DATA_PORT | i8042::STATUS_PORT => self.shared.platform().i8042.read(port) as u32,
@@ -155,7 +163,7 @@ unsafe impl Bus for VcpuBus {
             COM1_BASE..=0x3ff => {
                 let mut p = self.shared.platform();
                 p.serial.write(port, value as u8);
-                self.serial_irq(&mut p);
+                self.shared.serial_irq(&mut p);
             }
             i8042::DATA_PORT | i8042::STATUS_PORT => {
                 let mut p = self.shared.platform();
@@ -212,15 +220,6 @@ unsafe impl Bus for VcpuBus {
 
     fn exit_requested(&mut self) -> bool {
         self.shared.stop.load(Ordering::Acquire) != RUNNING || self.shared.irqs.events_pending(self.id)
-    }
-}
-
-impl VcpuBus {
-    /// The UART raised its interrupt: an edge on IRQ 4.
-    fn serial_irq(&self, p: &mut Platform) {
-        if p.serial.irq.0.swap(false, Ordering::AcqRel) {
-            self.shared.irqs.pulse_irq(COM1_IRQ);
-        }
     }
 }
 
@@ -289,16 +288,6 @@ impl Machine {
         Ok(Machine { shared, cpus })
     }
 
-    /// Queue bytes typed by the user on the serial console.
-    pub fn console_input(&self, bytes: &[u8]) {
-        let mut p = self.shared.platform();
-        p.serial.input(bytes);
-        if p.serial.irq.0.swap(false, Ordering::AcqRel) {
-            drop(p);
-            self.shared.irqs.pulse_irq(COM1_IRQ);
-        }
-    }
-
     /// A handle that can feed console input while `run` blocks.
     pub fn input_handle(&self) -> ConsoleInput {
         ConsoleInput {
@@ -349,10 +338,7 @@ impl ConsoleInput {
     pub fn send(&self, bytes: &[u8]) {
         let mut p = self.shared.platform();
         p.serial.input(bytes);
-        if p.serial.irq.0.swap(false, Ordering::AcqRel) {
-            drop(p);
-            self.shared.irqs.pulse_irq(COM1_IRQ);
-        }
+        self.shared.serial_irq(&mut p);
     }
 
     /// Stop the machine (the user quit).

@@ -140,7 +140,6 @@ impl Cpu {
             let mut instrs = Vec::with_capacity(8);
             let mut ins = Instruction::default();
             while dec.can_decode() && instrs.len() < MAX_BLOCK {
-                let pos = dec.position();
                 dec.decode_out(&mut ins);
                 if ins.is_invalid() {
                     // Out of bytes at the page end: decode across the page
@@ -151,7 +150,6 @@ impl Cpu {
                         }
                         break;
                     }
-                    let _ = pos;
                     instrs.push(Decoded {
                         ins,
                         handler: crate::exec::invalid,

@@ -214,18 +214,6 @@ impl Tlb {
             }
         }
     }
-
-    /// Flush every entry that maps physical page `phys` for writing
-    /// (used when a page becomes a code page).
-    pub fn flush_phys_writes(&mut self, phys: u64) {
-        for set in &mut self.sets {
-            for e in set.iter_mut() {
-                if e.phys == phys {
-                    e.write_tag = INVALID;
-                }
-            }
-        }
-    }
 }
 
 fn allowed(ctx: Ctx, walk: &Walk, access: Access, s: &CpuState) -> bool {

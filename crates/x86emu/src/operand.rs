@@ -112,16 +112,21 @@ impl Cpu {
         if index != Register::None {
             ea = ea.wrapping_add(self.get_reg(index).wrapping_mul(ins.memory_index_scale() as u64));
         }
-        match ins.memory_displ_size() {
-            _ if base.is_gpr64() || index.is_gpr64() => ea,
-            _ if base.is_gpr32() || index.is_gpr32() => ea & 0xffff_ffff,
-            _ if base.is_gpr16() || index.is_gpr16() => ea & 0xffff,
-            // No base or index: the address size decides.
-            _ => match self.address_bits(ins) {
-                64 => ea,
-                32 => ea & 0xffff_ffff,
-                _ => ea & 0xffff,
-            },
+        // The base or index register's width is the address size; with
+        // neither, the instruction's address size decides.
+        let bits = if base.is_gpr64() || index.is_gpr64() {
+            64
+        } else if base.is_gpr32() || index.is_gpr32() {
+            32
+        } else if base.is_gpr16() || index.is_gpr16() {
+            16
+        } else {
+            self.address_bits(ins)
+        };
+        match bits {
+            64 => ea,
+            32 => ea & 0xffff_ffff,
+            _ => ea & 0xffff,
         }
     }
 

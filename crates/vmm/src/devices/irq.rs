@@ -61,6 +61,14 @@ use super::mptable::isa_irq_to_pin;
 use super::pic::{self, Pic, PicState};
 use super::pit::{self, Pit, PitState};
 
+/// The 8259 pair's command/data ports and its edge/level control registers.
+fn is_pic_port(port: u16) -> bool {
+    matches!(
+        port,
+        pic::MASTER_CMD | pic::MASTER_DATA | pic::SLAVE_CMD | pic::SLAVE_DATA | pic::ELCR_MASTER | pic::ELCR_SLAVE
+    )
+}
+
 /// Number of interrupt lines devices can use (the IOAPIC's pins).
 pub const NUM_LINES: u32 = ioapic::NUM_PINS as u32;
 
@@ -345,12 +353,7 @@ impl InterruptRouter {
     /// (0x40-0x43, 0x61). `None`: not one of ours.
     pub fn io_read(&mut self, port: u16, now_ns: u64) -> Option<u8> {
         match port {
-            pic::MASTER_CMD
-            | pic::MASTER_DATA
-            | pic::SLAVE_CMD
-            | pic::SLAVE_DATA
-            | pic::ELCR_MASTER
-            | pic::ELCR_SLAVE => {
+            _ if is_pic_port(port) => {
                 let v = self.pic.read(port);
                 self.pic_changed(); // a poll read acknowledges
                 Some(v)
@@ -363,12 +366,7 @@ impl InterruptRouter {
     /// Port write; `false`: not one of ours.
     pub fn io_write(&mut self, port: u16, value: u8, now_ns: u64) -> bool {
         match port {
-            pic::MASTER_CMD
-            | pic::MASTER_DATA
-            | pic::SLAVE_CMD
-            | pic::SLAVE_DATA
-            | pic::ELCR_MASTER
-            | pic::ELCR_SLAVE => {
+            _ if is_pic_port(port) => {
                 self.pic.write(port, value);
                 self.pic_changed();
                 true

@@ -57,6 +57,13 @@ fn branch_bits(cpu: &Cpu, ins: &Instruction) -> u32 {
 
 /// Set RIP to a branch target, checking canonical form / CS limit.
 pub fn branch_to(cpu: &mut Cpu, target: u64, bits: u32) -> ExecResult {
+    cpu.state.rip = checked_target(cpu, target, bits)?;
+    Ok(())
+}
+
+/// A branch target truncated to the operand size and checked (canonical in
+/// 64-bit mode, inside CS otherwise).
+fn checked_target(cpu: &Cpu, target: u64, bits: u32) -> ExecResult<u64> {
     let t = match bits {
         16 => target & 0xffff,
         32 => target & 0xffff_ffff,
@@ -69,8 +76,7 @@ pub fn branch_to(cpu: &mut Cpu, target: u64, bits: u32) -> ExecResult {
     } else if t > cpu.state.seg(Seg::Cs).limit as u64 {
         return Err(Fault::gp0());
     }
-    cpu.state.rip = t;
-    Ok(())
+    Ok(t)
 }
 
 fn target(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult<u64> {
@@ -101,15 +107,10 @@ fn call(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
     }
     let t = target(cpu, bus, ins)?;
     let size = cpu.stack_op_size(ins);
-    let ret = cpu.state.rip;
     // Check the target before pushing so a bad target leaves RSP alone.
-    let bits = size * 8;
-    let old_rip = cpu.state.rip;
-    branch_to(cpu, t, bits)?;
-    let new_rip = cpu.state.rip;
-    cpu.state.rip = old_rip;
-    cpu.push(bus, ret, size)?;
-    cpu.state.rip = new_rip;
+    let t = checked_target(cpu, t, size * 8)?;
+    cpu.push(bus, cpu.state.rip, size)?;
+    cpu.state.rip = t;
     Ok(())
 }
 

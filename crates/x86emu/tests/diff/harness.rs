@@ -20,14 +20,7 @@ use x86emu::state::{flags, CpuState};
 use x86emu::testbus::TestBus;
 use x86emu::{Cpu, FpuState};
 
-pub const RAX: usize = 0;
-pub const RCX: usize = 1;
-pub const RDX: usize = 2;
-pub const RBX: usize = 3;
-pub const RSP: usize = 4;
-pub const RBP: usize = 5;
-pub const RSI: usize = 6;
-pub const RDI: usize = 7;
+pub use x86emu::state::reg::*;
 
 /// Size of the scratch page the code may read and write.
 pub const SCRATCH: usize = 4096;

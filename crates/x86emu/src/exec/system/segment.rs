@@ -141,7 +141,7 @@ pub(super) fn code_segment_for_transfer(cpu: &mut Cpu, bus: &mut dyn Bus, sel: u
         return Err(Fault::gp0());
     }
     let raw = cpu.read_descriptor(bus, sel)?;
-    let mut d = Segment::from_descriptor(sel, raw);
+    let d = Segment::from_descriptor(sel, raw);
     let err = Fault::gp(sel_err(sel));
     if !d.is_code() {
         // System descriptors (call/task gates, TSS): Linux uses none of them.
@@ -155,17 +155,7 @@ pub(super) fn code_segment_for_transfer(cpu: &mut Cpu, bus: &mut dyn Bus, sel: u
     } else if rpl > cpl || d.dpl != cpl {
         return Err(err);
     }
-    if !d.present {
-        return Err(Fault::with_code(vector::NP, sel_err(sel)));
-    }
-    if cpu.state.long_mode() && d.l && d.db {
-        return Err(err);
-    }
-    set_accessed(cpu, bus, sel, raw)?;
-    d.type_ |= 1;
-    d.selector = (sel & !3) | cpl as u16;
-    d.dpl = cpl;
-    Ok(d)
+    admit_code_segment(cpu, bus, sel, raw, d, cpl)
 }
 
 /// The code segment a far RET or IRET to `sel` would load; the new CPL is
@@ -176,7 +166,7 @@ pub(super) fn code_segment_for_return(cpu: &mut Cpu, bus: &mut dyn Bus, sel: u16
         return Err(Fault::gp0());
     }
     let raw = cpu.read_descriptor(bus, sel)?;
-    let mut d = Segment::from_descriptor(sel, raw);
+    let d = Segment::from_descriptor(sel, raw);
     let err = Fault::gp(sel_err(sel));
     let rpl = (sel & 3) as u8;
     if !d.is_code() || rpl < cpl {
@@ -189,15 +179,30 @@ pub(super) fn code_segment_for_return(cpu: &mut Cpu, bus: &mut dyn Bus, sel: u16
     } else if d.dpl != rpl {
         return Err(err);
     }
+    admit_code_segment(cpu, bus, sel, raw, d, rpl)
+}
+
+/// The checks and updates shared by far transfers and returns once the
+/// privilege rules passed: present, a valid L/D combination, the accessed
+/// bit, and the segment as loaded at `new_cpl`.
+fn admit_code_segment(
+    cpu: &mut Cpu,
+    bus: &mut dyn Bus,
+    sel: u16,
+    raw: u64,
+    mut d: Segment,
+    new_cpl: u8,
+) -> ExecResult<Segment> {
     if !d.present {
         return Err(Fault::with_code(vector::NP, sel_err(sel)));
     }
     if cpu.state.long_mode() && d.l && d.db {
-        return Err(err);
+        return Err(Fault::gp(sel_err(sel)));
     }
     set_accessed(cpu, bus, sel, raw)?;
     d.type_ |= 1;
-    d.dpl = rpl;
+    d.selector = (sel & !3) | new_cpl as u16;
+    d.dpl = new_cpl;
     Ok(d)
 }
 
