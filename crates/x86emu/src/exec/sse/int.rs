@@ -365,28 +365,22 @@ op!(punpckhwd, |a, b, n, _i| unpack(a, b, n, 2, true));
 op!(punpckhdq, |a, b, n, _i| unpack(a, b, n, 4, true));
 op!(punpckhqdq, |a, b, n, _i| unpack(a, b, n, 8, true));
 
-op!(packsswb, |a, b, n, _i| {
+/// PACKSSWB/PACKUSWB: signed words of `a` then `b`, saturated to bytes in
+/// `lo..=hi`; `n` is the register width in bytes.
+fn pack_words(a: u128, b: u128, n: usize, lo: i16, hi: i16) -> u128 {
     let (wa, wb) = (words(a), words(b));
     let k = n / 2;
-    let sat = |w: u16| (w as i16).clamp(-128, 127) as u8;
+    let sat = |w: u16| (w as i16).clamp(lo, hi) as u8;
     let mut r = [0u8; 16];
     for i in 0..k {
         r[i] = sat(wa[i]);
         r[k + i] = sat(wb[i]);
     }
     from_bytes(r)
-});
-op!(packuswb, |a, b, n, _i| {
-    let (wa, wb) = (words(a), words(b));
-    let k = n / 2;
-    let sat = |w: u16| (w as i16).clamp(0, 255) as u8;
-    let mut r = [0u8; 16];
-    for i in 0..k {
-        r[i] = sat(wa[i]);
-        r[k + i] = sat(wb[i]);
-    }
-    from_bytes(r)
-});
+}
+
+op!(packsswb, |a, b, n, _i| pack_words(a, b, n, -128, 127));
+op!(packuswb, |a, b, n, _i| pack_words(a, b, n, 0, 255));
 op!(packssdw, |a, b, n, _i| {
     let (da, db) = (dwords(a), dwords(b));
     let k = n / 4;
