@@ -144,7 +144,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<CpuState> {
         params.e820_table[i] = boot_e820_entry {
             addr: *addr,
             size: *size,
-            type_: *type_,
+            r#type: *type_,
         };
     }
     params.e820_entries = e820.len() as u8;

@@ -1,0 +1,67 @@
+//! Virtual disks: image files turned into block devices.
+//!
+//! A [`BlockBackend`] is what the virtio-blk device talks to. It works in
+//! bytes at byte offsets; the device checks that requests are in range and
+//! sector-aligned before they get here, and backends check again.
+
+mod raw;
+
+use std::path::Path;
+
+pub use raw::RawFile;
+
+/// Errors from opening or accessing a disk image.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Open { path: String, source: std::io::Error },
+    #[error("I/O error at offset {offset}: {source}")]
+    Io { offset: u64, source: std::io::Error },
+    #[error("access of {len} bytes at offset {offset} is outside the disk ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("the disk is read-only")]
+    ReadOnly,
+    #[error("{0}")]
+    Format(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A block device backed by an image. Shared between threads (a device's
+/// queues, a snapshot writer), so every method takes `&self`.
+pub trait BlockBackend: Send + Sync {
+    /// Size in bytes as the guest sees it.
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    /// Fill `buf` from `offset`. Holes read as zeroes.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Make every completed write durable (fdatasync or better).
+    fn flush(&self) -> Result<()>;
+    /// The range need not keep its data; reads may return zeroes or old data.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// The range must read back as zeroes. `may_unmap` lets the backend
+    /// free the space (punch a hole) instead of writing zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
+    /// A stable identifier for the guest (virtio-blk GET_ID, 20 bytes max).
+    fn id(&self) -> String;
+}
+
+/// How to open an image.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    pub read_only: bool,
+}
+
+/// Open an image file as a block device.
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockBackend>> {
+    Ok(Box::new(RawFile::open(path, opts.read_only)?))
+}
+
+/// Check that `[offset, offset+len)` lies inside a disk of `size` bytes.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
