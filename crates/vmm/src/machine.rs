@@ -66,7 +66,7 @@ pub struct Platform {
 /// State shared by the vCPU threads.
 struct Shared {
     mem: GuestMemoryMmap,
-    irqs: Interrupts,
+    irqs: Arc<Interrupts>,
     platform: Mutex<Platform>,
     start: Instant,
     stop: AtomicU8,
@@ -255,7 +255,7 @@ impl Machine {
         let start = Instant::now();
         let shared = Arc::new(Shared {
             mem,
-            irqs: Interrupts::new(router),
+            irqs: Arc::new(Interrupts::new(router)),
             platform: Mutex::new(Platform {
                 serial: SerialPort::new(console),
                 i8042: I8042::default(),

@@ -3,6 +3,7 @@
 pub mod i8042;
 pub mod ioapic;
 pub mod irq;
+pub mod irq_line;
 pub mod lapic;
 pub mod mptable;
 pub mod pic;
