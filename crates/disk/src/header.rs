@@ -19,6 +19,7 @@ const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+const EXT_BITMAPS: u32 = 0x2385_2875;
 
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
@@ -42,6 +43,8 @@ pub struct Header {
     pub refcount_order: u32,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
+    /// The image has persistent dirty bitmaps (clusters we do not walk).
+    pub has_bitmaps: bool,
     /// Length of the file the header was read from.
     pub file_len: u64,
 }
@@ -231,6 +234,7 @@ impl Header {
 
         // Header extensions: only in the first cluster.
         let mut backing_format = None;
+        let mut has_bitmaps = false;
         let mut at = header_len;
         let limit = cluster_size.min(file_len);
         loop {
@@ -257,6 +261,7 @@ impl Header {
                     let f = String::from_utf8(f).map_err(|_| corrupt("backing format is not UTF-8"))?;
                     backing_format = Some(f.trim_end_matches('\0').to_string());
                 }
+                EXT_BITMAPS => has_bitmaps = true,
                 EXT_DATA_FILE => return Err(Error::Unsupported("qcow2 images with an external data file".into())),
                 _ => {}
             }
@@ -277,6 +282,7 @@ impl Header {
             refcount_order,
             backing_file,
             backing_format,
+            has_bitmaps,
             file_len,
         })
     }

@@ -5,7 +5,10 @@
 //! sector-aligned before they get here, and backends check again.
 
 pub mod chain;
+pub mod check;
+pub mod fuzzing;
 pub mod header;
+pub mod ops;
 mod qcow2;
 mod raw;
 
