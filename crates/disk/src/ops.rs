@@ -70,17 +70,18 @@ fn create_qcow2(path: &Path, size: u64, backing: Option<(&str, Format)>) -> Resu
 }
 
 fn sync_dir(path: &Path) -> Result<()> {
-    let dir = parent(path);
+    let mut dir = parent(path);
+    if dir.as_os_str().is_empty() {
+        dir = PathBuf::from(".");
+    }
     std::fs::File::open(&dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(&dir))
 }
 
+/// The directory part of `path` ("" for a bare file name, as in `chain`).
 fn parent(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
+    path.parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 /// One layer as `vessel disk info` shows it.

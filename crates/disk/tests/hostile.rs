@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use disk::{BlockBackend, Error, OpenOptions};
+use disk::{Error, OpenOptions};
 
 fn ro() -> OpenOptions {
     OpenOptions {

@@ -1,0 +1,221 @@
+//! `vessel disk` end to end: the real binary on real files, with qemu-img
+//! and qemu-io as the independent judges.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn vessel(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .current_dir(dir)
+        .arg("disk")
+        .args(args)
+        .output()
+        .expect("run vessel")
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = vessel(dir, args);
+    assert!(
+        out.status.success(),
+        "vessel disk {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn tool(dir: &Path, cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd).current_dir(dir).args(args).output().expect(cmd)
+}
+
+fn qemu_io_write(dir: &Path, img: &str, pattern: u8, off: u64, len: u64) {
+    let c = format!("write -P {pattern} {off} {len}");
+    let out = tool(dir, "qemu-io", &["-f", "qcow2", "-c", &c, img]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `qemu-img check` exit status: 0 clean, 3 leaks, 2 corruption.
+fn qemu_check(dir: &Path, img: &str) -> i32 {
+    let out = tool(dir, "qemu-img", &["check", img]);
+    out.status.code().unwrap_or(-1)
+}
+
+/// The disk's contents, through `vessel disk convert --format raw`.
+fn contents(dir: &Path, img: &str) -> Vec<u8> {
+    let raw = dir.join("contents.raw");
+    let _ = std::fs::remove_file(&raw);
+    ok(dir, &["convert", img, "contents.raw", "--format", "raw"]);
+    std::fs::read(raw).unwrap()
+}
+
+fn expect(size: usize, fills: &[(u8, usize, usize)]) -> Vec<u8> {
+    let mut v = vec![0u8; size];
+    for &(p, off, len) in fills {
+        v[off..off + len].fill(p);
+    }
+    v
+}
+
+const M: usize = 1 << 20;
+
+#[test]
+fn snapshots_revert_and_commit() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    ok(d, &["create", "base.qcow2", "--size", "16M"]);
+    qemu_io_write(d, "base.qcow2", 0x61, 0, 3 * M as u64);
+    ok(d, &["create", "vm.qcow2", "--backing", "base.qcow2"]);
+    qemu_io_write(d, "vm.qcow2", 0x62, M as u64, M as u64);
+    let s1 = expect(16 * M, &[(0x61, 0, 3 * M), (0x62, M, M)]);
+    ok(d, &["snapshot", "vm.qcow2", "--name", "s1"]);
+    qemu_io_write(d, "vm.qcow2", 0x63, 2 * M as u64, M as u64);
+    ok(d, &["snapshot", "vm.qcow2", "--name", "s2"]);
+    qemu_io_write(d, "vm.qcow2", 0x64, 0, 4096);
+    let now = expect(
+        16 * M,
+        &[(0x61, 0, 3 * M), (0x62, M, M), (0x63, 2 * M, M), (0x64, 0, 4096)],
+    );
+    assert!(contents(d, "vm.qcow2") == now);
+    for img in ["vm.qcow2", "vm@s1.qcow2", "vm@s2.qcow2", "base.qcow2"] {
+        assert_eq!(qemu_check(d, img), 0, "{img}");
+    }
+
+    let info = ok(d, &["info", "vm.qcow2"]);
+    for want in [
+        "image: vm.qcow2",
+        "image: vm@s2.qcow2  [snapshot s2]",
+        "image: vm@s1.qcow2  [snapshot s1]",
+        "image: base.qcow2",
+        "virtual size: 16.0 MiB (16777216 bytes)",
+        "allocated size:",
+        "chain: 4 layer(s)",
+    ] {
+        assert!(info.contains(want), "{want:?} not in\n{info}");
+    }
+    let list = ok(d, &["snapshots", "vm.qcow2"]);
+    let names: Vec<&str> = list.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    assert_eq!(names, ["s2", "s1"]);
+
+    // Reverting drops s2 and everything written since s1.
+    let out = ok(d, &["revert", "vm.qcow2", "--to", "s1"]);
+    assert!(out.contains("removed vm@s2.qcow2"), "{out}");
+    assert!(!d.join("vm@s2.qcow2").exists());
+    assert!(contents(d, "vm.qcow2") == s1);
+    assert_eq!(qemu_check(d, "vm.qcow2"), 0);
+    let qinfo = tool(d, "qemu-img", &["info", "--backing-chain", "vm.qcow2"]);
+    assert!(String::from_utf8_lossy(&qinfo.stdout).contains("backing file: vm@s1.qcow2"));
+
+    // Commit merges the top into s1 and leaves an empty top.
+    qemu_io_write(d, "vm.qcow2", 0x65, 5 * M as u64, 100_000);
+    let after = expect(16 * M, &[(0x61, 0, 3 * M), (0x62, M, M), (0x65, 5 * M, 100_000)]);
+    ok(d, &["commit", "vm.qcow2"]);
+    assert!(contents(d, "vm.qcow2") == after);
+    assert!(contents(d, "vm@s1.qcow2") == after);
+    assert_eq!(qemu_check(d, "vm.qcow2"), 0);
+    assert_eq!(qemu_check(d, "vm@s1.qcow2"), 0);
+
+    let out = vessel(d, &["revert", "vm.qcow2", "--to", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: no snapshot named"));
+    let out = vessel(d, &["snapshot", "vm.qcow2", "--name", "../x"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn convert_matches_qemu_compare() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    ok(d, &["create", "src.qcow2", "--size", "8M"]);
+    qemu_io_write(d, "src.qcow2", 0x71, 12345, 3 * M as u64);
+    ok(d, &["convert", "src.qcow2", "out.raw", "--format", "raw"]);
+    ok(d, &["convert", "out.raw", "out.qcow2", "--format", "qcow2"]);
+    assert_eq!(qemu_check(d, "out.qcow2"), 0);
+    for (a, fa, b, fb) in [
+        ("src.qcow2", "qcow2", "out.raw", "raw"),
+        ("out.qcow2", "qcow2", "out.raw", "raw"),
+    ] {
+        let out = tool(d, "qemu-img", &["compare", "-f", fa, "-F", fb, a, b]);
+        assert!(
+            out.status.success(),
+            "{a} vs {b}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert_eq!(std::fs::metadata(d.join("out.raw")).unwrap().len(), 8 * M as u64);
+    // Never overwrites.
+    let out = vessel(d, &["convert", "src.qcow2", "out.raw", "--format", "raw"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn check_finds_and_repairs_leaks() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    ok(d, &["create", "leaky.qcow2", "--size", "4M"]);
+    qemu_io_write(d, "leaky.qcow2", 0x33, 0, 200_000);
+    assert!(ok(d, &["check", "leaky.qcow2"]).contains("No errors were found"));
+    // Leak a cluster: append one and give it refcount 1 (16-bit refcounts).
+    let p = d.join("leaky.qcow2");
+    let mut img = std::fs::read(&p).unwrap();
+    let cs = 65536usize;
+    img.resize(img.len().next_multiple_of(cs) + cs, 0);
+    let leaked = img.len() / cs - 1;
+    let rt = u64::from_be_bytes(img[48..56].try_into().unwrap()) as usize;
+    let rb = u64::from_be_bytes(img[rt..rt + 8].try_into().unwrap()) as usize;
+    img[rb + 2 * leaked..rb + 2 * leaked + 2].copy_from_slice(&1u16.to_be_bytes());
+    std::fs::write(&p, img).unwrap();
+    assert_eq!(qemu_check(d, "leaky.qcow2"), 3);
+
+    let out = vessel(d, &["check", "leaky.qcow2"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 leaked clusters were found"));
+    let out = ok(d, &["check", "leaky.qcow2", "--repair"]);
+    assert!(out.contains("1 leaked clusters were repaired"), "{out}");
+    assert_eq!(qemu_check(d, "leaky.qcow2"), 0);
+    assert!(contents(d, "leaky.qcow2")[..200_000].iter().all(|&b| b == 0x33));
+
+    // Corruption: an L2 entry pointing past the end of the file.
+    let mut img = std::fs::read(&p).unwrap();
+    let l1 = u64::from_be_bytes(img[40..48].try_into().unwrap()) as usize;
+    let l2 = (u64::from_be_bytes(img[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    img[l2..l2 + 8].copy_from_slice(&((1u64 << 40) | (1 << 63)).to_be_bytes());
+    std::fs::write(&p, img).unwrap();
+    let out = vessel(d, &["check", "leaky.qcow2", "--repair"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn backing_rules_and_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    std::fs::create_dir(d.join("sub")).unwrap();
+    ok(d, &["create", "base.qcow2", "--size", "1M"]);
+    let out = vessel(d, &["create", "sub/top.qcow2", "--backing", "../base.qcow2"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: ") && err.contains("--allow-absolute-backing"),
+        "{err}"
+    );
+    ok(
+        d,
+        &[
+            "create",
+            "sub/top.qcow2",
+            "--backing",
+            "../base.qcow2",
+            "--allow-absolute-backing",
+        ],
+    );
+    assert_eq!(vessel(d, &["info", "sub/top.qcow2"]).status.code(), Some(2));
+    ok(d, &["info", "sub/top.qcow2", "--allow-absolute-backing"]);
+
+    let out = vessel(d, &["create", "nosize.qcow2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("size"));
+    let out = vessel(d, &["create", "base.qcow2", "--size", "1M"]);
+    assert_eq!(out.status.code(), Some(2), "create must not overwrite");
+    std::fs::write(d.join("junk.qcow2"), b"QFI\xfb\0\0\0\x09garbage").unwrap();
+    let out = vessel(d, &["info", "junk.qcow2"]);
+    assert_eq!(out.status.code(), Some(2));
+}
