@@ -187,7 +187,7 @@ impl Walker<'_> {
     }
 }
 
-fn get_refcount(block: &[u8], j: u64, bits: u32) -> u64 {
+pub(crate) fn get_refcount(block: &[u8], j: u64, bits: u32) -> u64 {
     if bits >= 8 {
         let w = (bits / 8) as usize;
         let at = j as usize * w;
@@ -199,7 +199,7 @@ fn get_refcount(block: &[u8], j: u64, bits: u32) -> u64 {
     }
 }
 
-fn set_refcount(block: &mut [u8], j: u64, bits: u32, v: u64) {
+pub(crate) fn set_refcount(block: &mut [u8], j: u64, bits: u32, v: u64) {
     if bits >= 8 {
         let w = (bits / 8) as usize;
         let at = j as usize * w;

@@ -9,6 +9,7 @@ pub mod check;
 pub mod fuzzing;
 pub mod header;
 pub mod ops;
+mod prealloc;
 mod qcow2;
 mod raw;
 

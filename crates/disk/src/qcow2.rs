@@ -55,6 +55,11 @@ pub(crate) fn open_layer(layer: &Layer, writable: bool, backing: Option<Arc<Imag
 
 /// Open a chain (top first, as [`chain::walk`] returns it); only the top may be writable.
 pub(crate) fn open_chain(layers: &[Layer], writable: bool) -> Result<Image> {
+    if let (true, Some(top)) = (writable, layers.first()) {
+        if top.format == Format::Qcow2 {
+            crate::prealloc::preallocate_l2(&top.path)?;
+        }
+    }
     let mut below: Option<Arc<Image>> = None;
     let last = layers.len().saturating_sub(1);
     for (i, layer) in layers.iter().enumerate().rev() {
