@@ -41,10 +41,18 @@ fn crash_child() {
     };
     let disk = disk::open(Path::new(&path), &OpenOptions::default()).unwrap();
     let mut out = std::io::stdout().lock();
-    if std::env::var_os("VESSEL_CRASH_NOFLUSH").is_some() {
-        // Unflushed writes that allocate L2 tables, then wait to be killed.
-        for r in 0..8 {
-            disk.write_at(&[0xab; 512], r * REGION + 4096).unwrap();
+    if let Some(mode) = std::env::var_os("VESSEL_CRASH_NOFLUSH") {
+        // Unflushed writes that allocate L2 tables (or, on an image with
+        // 512-byte clusters, enough data to need new refcount blocks),
+        // then wait to be killed.
+        if mode == "refblocks" {
+            for c in 0..1500 {
+                disk.write_at(&[0xab; 512], c * 1024).unwrap();
+            }
+        } else {
+            for r in 0..8 {
+                disk.write_at(&[0xab; 512], r * REGION + 4096).unwrap();
+            }
         }
         writeln!(out, "written").unwrap();
         out.flush().unwrap();
@@ -70,7 +78,7 @@ fn qemu_check(img: &Path) -> (i32, String) {
     let out = Command::new("qemu-img")
         .args(["check", "-f", "qcow2", img.to_str().unwrap()])
         .output()
-        .unwrap();
+        .expect("qemu-img (the tests need qemu-img and qemu-io from qemu-utils)");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -156,6 +164,24 @@ fn crash_consistency_under_sigkill() {
     }
 }
 
+fn kill_unflushed(img: &Path, mode: &str) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("VESSEL_CRASH_IMAGE", img)
+        .env("VESSEL_CRASH_NOFLUSH", mode)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let written = lines.any(|l| l.is_ok_and(|l| l.ends_with("written")));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(written, "the child did not finish its writes");
+    let (code, report) = qemu_check(img);
+    assert!(code == 0 || code == 3, "qemu-img check exit {code}:\n{report}");
+}
+
 /// Killed after writes that allocated metadata (L2 tables) but before any
 /// flush: the image may leak, but must not be corrupt.
 #[test]
@@ -163,18 +189,27 @@ fn sigkill_before_flush_of_new_l2_tables() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("noflush.qcow2");
     disk::ops::create(&img, Some(REGIONS * REGION), None, &OpenOptions::default()).unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
-        .env("VESSEL_CRASH_IMAGE", &img)
-        .env("VESSEL_CRASH_NOFLUSH", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
+    kill_unflushed(&img, "l2");
+}
+
+/// The same for new refcount blocks: 512-byte clusters with 16-bit
+/// refcounts need a new refcount block every 128 KiB of file.
+#[test]
+fn sigkill_before_flush_of_new_refcount_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("rb.qcow2");
+    let out = Command::new("qemu-img")
+        .args([
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            img.to_str().unwrap(),
+            "2M",
+        ])
+        .output()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines.any(|l| l.is_ok_and(|l| l.ends_with("written"))));
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let (code, report) = qemu_check(&img);
-    assert!(code == 0 || code == 3, "qemu-img check exit {code}:\n{report}");
+    assert!(out.status.success());
+    kill_unflushed(&img, "refblocks");
 }

@@ -13,7 +13,10 @@ fn ro() -> OpenOptions {
 }
 
 fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (the tests need qemu-img and qemu-io from qemu-utils)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 

@@ -11,7 +11,7 @@ fn run(cmd: &str, args: &[&str]) -> std::process::Output {
     let out = Command::new(cmd)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (the tests need qemu-img and qemu-io from qemu-utils)"));
     assert!(
         out.status.success(),
         "{cmd} {args:?}: {}{}",
@@ -36,7 +36,7 @@ fn qemu_check(img: &Path) -> i32 {
     let out = Command::new("qemu-img")
         .args(["check", "-f", "qcow2", img.to_str().unwrap()])
         .output()
-        .unwrap();
+        .expect("qemu-img (the tests need qemu-img and qemu-io from qemu-utils)");
     if out.status.code() != Some(0) {
         eprintln!("{}", String::from_utf8_lossy(&out.stdout));
     }

@@ -25,7 +25,11 @@ fn ok(dir: &Path, args: &[&str]) -> String {
 }
 
 fn tool(dir: &Path, cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd).current_dir(dir).args(args).output().expect(cmd)
+    Command::new(cmd)
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (the tests need qemu-img and qemu-io from qemu-utils)"))
 }
 
 fn qemu_io_write(dir: &Path, img: &str, pattern: u8, off: u64, len: u64) {
