@@ -157,3 +157,44 @@ pub fn walk(top: &Path, opts: &OpenOptions) -> Result<Vec<Layer>> {
     }
     Ok(layers)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backing_names_resolve_relative_to_the_image() {
+        let o = OpenOptions::default();
+        let allow = OpenOptions {
+            allow_absolute_backing: true,
+            ..Default::default()
+        };
+        let img = Path::new("/images/vm/top.qcow2");
+        assert_eq!(
+            resolve_backing(img, "base.qcow2", &o).unwrap(),
+            Path::new("/images/vm/base.qcow2")
+        );
+        assert_eq!(
+            resolve_backing(img, "sub/b.raw", &o).unwrap(),
+            Path::new("/images/vm/sub/b.raw")
+        );
+        assert_eq!(
+            resolve_backing(Path::new("top.qcow2"), "b", &o).unwrap(),
+            Path::new("b")
+        );
+        for refused in ["/etc/shadow", "../base.qcow2", "a/../../b"] {
+            assert!(
+                matches!(resolve_backing(img, refused, &o), Err(Error::Backing { .. })),
+                "{refused}"
+            );
+        }
+        assert_eq!(resolve_backing(img, "/etc/b", &allow).unwrap(), Path::new("/etc/b"));
+        assert_eq!(
+            resolve_backing(img, "../b", &allow).unwrap(),
+            Path::new("/images/vm/../b")
+        );
+        for never in ["", "nbd://host/x", "json:{}"] {
+            assert!(resolve_backing(img, never, &allow).is_err(), "{never}");
+        }
+    }
+}

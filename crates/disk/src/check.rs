@@ -328,3 +328,35 @@ fn check_file(file: &File, h: &Header, repair: bool) -> Result<CheckReport> {
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refcount_entries_of_every_width_round_trip() {
+        for bits in [1u32, 2, 4, 8, 16, 32, 64] {
+            let mut block = vec![0u8; 512];
+            let per = 512 * 8 / u64::from(bits);
+            let max = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+            for j in 0..per {
+                set_refcount(&mut block, j, bits, (j * 2654435761) & max);
+            }
+            for j in 0..per {
+                assert_eq!(
+                    get_refcount(&block, j, bits),
+                    (j * 2654435761) & max,
+                    "{bits} bits, entry {j}"
+                );
+            }
+        }
+        // The qcow2 layout: 1-bit entries fill each byte from its low bit.
+        let mut b = [0u8; 1];
+        set_refcount(&mut b, 0, 1, 1);
+        set_refcount(&mut b, 3, 1, 1);
+        assert_eq!(b[0], 0b1001);
+        let mut b = [0u8; 2];
+        set_refcount(&mut b, 0, 16, 0x0102);
+        assert_eq!(b, [1, 2]);
+    }
+}

@@ -397,3 +397,30 @@ fn copy(input: &FormatAccess<ImagoFile>, out: &dyn crate::BlockBackend, size: u6
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_names() {
+        for ok in ["a", "before-upgrade", "v1.2_x", &"x".repeat(64)] {
+            assert!(valid_snapshot_name(ok), "{ok}");
+        }
+        for bad in ["", ".hidden", "a/b", "../x", "a b", "a@b", &"x".repeat(65), "é"] {
+            assert!(!valid_snapshot_name(bad), "{bad}");
+        }
+        assert_eq!(snapshot_name(Path::new("/d/vm@s1.qcow2")).as_deref(), Some("s1"));
+        assert_eq!(snapshot_name(Path::new("vm@s1")).as_deref(), Some("s1"));
+        assert_eq!(snapshot_name(Path::new("/d/vm.qcow2")), None);
+        assert_eq!(snapshot_name(Path::new("/d/vm@.qcow2")), None);
+        assert_eq!(
+            snapshot_path(Path::new("/d/vm.qcow2"), "s1").unwrap(),
+            Path::new("/d/vm@s1.qcow2")
+        );
+        assert_eq!(
+            snapshot_path(Path::new("vm.qcow2"), "s1").unwrap(),
+            Path::new("vm@s1.qcow2")
+        );
+    }
+}
