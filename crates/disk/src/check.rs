@@ -226,6 +226,12 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
             path: path.display().to_string(),
             source,
         })?;
+    if !crate::header::is_qcow2(&file)? {
+        return Err(Error::Unsupported(format!(
+            "{}: check works on qcow2 images; this is a raw file",
+            path.display()
+        )));
+    }
     let h = Header::read(&file).map_err(|e| e.in_file(path))?;
     check_file(&file, &h, repair).map_err(|e| e.in_file(path))
 }

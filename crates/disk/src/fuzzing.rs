@@ -5,8 +5,9 @@ use std::path::Path;
 
 use crate::{BlockBackend, OpenOptions};
 
-/// Write `data` as `dir/fuzz.qcow2`, open it read-only the way a VM would,
-/// read from it, and check it. Any error is fine; a panic, a hang or an
+/// Write `data` as `dir/fuzz.qcow2`; open it read-only, read from it and
+/// check it; then open it writable, write, flush, read, and check it with
+/// leak repair. Any error is fine; a panic, a hang or an
 /// absurd allocation is a bug.
 pub fn open_and_read(dir: &Path, data: &[u8]) {
     let path = dir.join("fuzz.qcow2");
@@ -21,6 +22,18 @@ pub fn open_and_read(dir: &Path, data: &[u8]) {
         read_some(&*disk);
     }
     let _ = crate::check::check(&path, false);
+    // Then as a VM's writable disk: L2 preallocation, copy-on-write
+    // and allocation all run on the hostile metadata.
+    if let Ok(disk) = crate::open(&path, &OpenOptions::default()) {
+        let size = disk.size();
+        for off in [0, size / 3, size.saturating_sub(4096)] {
+            let len = size.saturating_sub(off).min(4096) as usize;
+            let _ = disk.write_at(&[0xa5; 4096][..len], off);
+        }
+        let _ = disk.flush();
+        read_some(&*disk);
+    }
+    let _ = crate::check::check(&path, true);
     let _ = std::fs::remove_file(&path);
 }
 

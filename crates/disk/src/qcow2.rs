@@ -53,10 +53,29 @@ pub(crate) fn open_layer(layer: &Layer, writable: bool, backing: Option<Arc<Imag
     })
 }
 
+/// Before writing to an image, make sure its metadata is consistent: imago
+/// trusts the refcounts when it allocates, and a hostile refcount structure
+/// sent it into unbounded recursion (found by the fuzzer). Leaks are fine.
+/// Images too large for [`crate::check`] are not checked.
+fn refuse_corrupt(path: &Path) -> Result<()> {
+    match crate::check::check(path, false) {
+        Ok(r) if r.corruptions > 0 => Err(Error::Corrupt(format!(
+            "{}: {} errors in its metadata (first: {}); it can only be opened read-only. \
+             `vessel disk check` lists them; `qemu-img check -r all` can repair them",
+            path.display(),
+            r.corruptions,
+            r.messages.first().map_or("", |m| m.as_str()),
+        ))),
+        Ok(_) | Err(Error::Unsupported(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Open a chain (top first, as [`chain::walk`] returns it); only the top may be writable.
 pub(crate) fn open_chain(layers: &[Layer], writable: bool) -> Result<Image> {
     if let (true, Some(top)) = (writable, layers.first()) {
         if top.format == Format::Qcow2 {
+            refuse_corrupt(&top.path)?;
             crate::prealloc::preallocate_l2(&top.path)?;
         }
     }

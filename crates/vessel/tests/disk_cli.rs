@@ -222,4 +222,9 @@ fn backing_rules_and_errors() {
     std::fs::write(d.join("junk.qcow2"), b"QFI\xfb\0\0\0\x09garbage").unwrap();
     let out = vessel(d, &["info", "junk.qcow2"]);
     assert_eq!(out.status.code(), Some(2));
+    std::fs::write(d.join("plain.raw"), [0u8; 4096]).unwrap();
+    let out = vessel(d, &["check", "plain.raw"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("raw file"));
+    assert!(ok(d, &["info", "plain.raw"]).contains("format: raw"));
 }
