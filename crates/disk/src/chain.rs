@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::header::{self, Header};
-use crate::{Error, OpenOptions, Result};
+use crate::{BackingRules, Error, Result};
 
 /// The deepest backing chain we follow (QEMU has no fixed limit; a chain
 /// deeper than this is a loop we did not see or a hostile image).
@@ -84,8 +84,8 @@ impl Layer {
 ///
 /// Rules: a relative name is taken relative to the directory holding the
 /// image (as QEMU does). Absolute names and names with `..` components are
-/// refused unless `opts.allow_absolute_backing` is set.
-pub fn resolve_backing(image: &Path, name: &str, opts: &OpenOptions) -> Result<PathBuf> {
+/// refused unless `rules.allow_absolute_backing` is set.
+pub fn resolve_backing(image: &Path, name: &str, opts: &BackingRules) -> Result<PathBuf> {
     if name.is_empty() {
         return Err(Error::Corrupt(format!("{}: empty backing file name", image.display())));
     }
@@ -125,7 +125,7 @@ fn parse_format(image: &Path, name: Option<&str>) -> Result<Option<Format>> {
 }
 
 /// The chain from `top` down to its base, top first.
-pub fn walk(top: &Path, opts: &OpenOptions) -> Result<Vec<Layer>> {
+pub fn walk(top: &Path, opts: &BackingRules) -> Result<Vec<Layer>> {
     let mut layers: Vec<Layer> = Vec::new();
     let mut seen = HashSet::new();
     let mut next = Some((top.to_path_buf(), None));
@@ -164,10 +164,9 @@ mod tests {
 
     #[test]
     fn backing_names_resolve_relative_to_the_image() {
-        let o = OpenOptions::default();
-        let allow = OpenOptions {
+        let o = BackingRules::default();
+        let allow = BackingRules {
             allow_absolute_backing: true,
-            ..Default::default()
         };
         let img = Path::new("/images/vm/top.qcow2");
         assert_eq!(

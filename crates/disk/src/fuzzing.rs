@@ -14,10 +14,7 @@ pub fn open_and_read(dir: &Path, data: &[u8]) {
     if std::fs::write(&path, data).is_err() {
         return;
     }
-    let opts = OpenOptions {
-        read_only: true,
-        ..Default::default()
-    };
+    let opts = OpenOptions { read_only: true };
     if let Ok(disk) = crate::open(&path, &opts) {
         read_some(&*disk);
     }

@@ -85,20 +85,32 @@ pub trait BlockBackend: Send + Sync {
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
     pub read_only: bool,
-    /// Follow backing-file names that are absolute or contain `..`
-    /// (docs/DISKS.md, "Backing files").
+}
+
+/// Which backing-file names in an image may be followed (docs/DISKS.md,
+/// "Backing files"). The default follows only relative names that stay in
+/// or below the image's directory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BackingRules {
+    /// Also follow absolute names and names with `..` components.
     pub allow_absolute_backing: bool,
 }
 
 /// Open an image file as a block device: a qcow2 image (detected by its
-/// magic) with its backing chain, or else a raw file.
+/// magic) with its backing chain under the default [`BackingRules`], or
+/// else a raw file.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockBackend>> {
+    open_with(path, opts, &BackingRules::default())
+}
+
+/// [`open`] with explicit backing-file rules.
+pub fn open_with(path: &Path, opts: &OpenOptions, rules: &BackingRules) -> Result<Box<dyn BlockBackend>> {
     let file = std::fs::File::open(path).map_err(|source| Error::Open {
         path: path.display().to_string(),
         source,
     })?;
     if header::is_qcow2(&file)? {
-        Ok(Box::new(Qcow2Disk::open(path, opts)?))
+        Ok(Box::new(Qcow2Disk::open(path, opts, rules)?))
     } else {
         Ok(Box::new(RawFile::open(path, opts.read_only)?))
     }

@@ -12,7 +12,7 @@ use imago::{FormatAccess, FormatCreateBuilder, ShallowMapping, Storage, StorageC
 
 use crate::chain::{self, Format, Layer};
 use crate::qcow2::{open_chain, Image};
-use crate::{Error, OpenOptions, Result};
+use crate::{BackingRules, Error, Result};
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| Error::Open {
@@ -24,7 +24,7 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 /// Create a qcow2 image. `backing` is the name written into the header; it
 /// is resolved relative to the new image (and must obey the backing rules).
 /// With a backing file and no size, the size is the backing file's.
-pub fn create(path: &Path, size: Option<u64>, backing: Option<&str>, opts: &OpenOptions) -> Result<u64> {
+pub fn create(path: &Path, size: Option<u64>, backing: Option<&str>, opts: &BackingRules) -> Result<u64> {
     let (size, backing) = match backing {
         Some(name) => {
             let target = chain::resolve_backing(path, name, opts)?;
@@ -101,7 +101,7 @@ pub struct LayerInfo {
 }
 
 /// The chain from `path` down, top first.
-pub fn info(path: &Path, opts: &OpenOptions) -> Result<Vec<LayerInfo>> {
+pub fn info(path: &Path, opts: &BackingRules) -> Result<Vec<LayerInfo>> {
     let layers = chain::walk(path, opts)?;
     layers
         .iter()
@@ -179,7 +179,7 @@ pub struct SnapshotInfo {
 }
 
 /// The snapshots in the chain of `top`, newest first.
-pub fn snapshots(top: &Path, opts: &OpenOptions) -> Result<Vec<SnapshotInfo>> {
+pub fn snapshots(top: &Path, opts: &BackingRules) -> Result<Vec<SnapshotInfo>> {
     Ok(info(top, opts)?
         .into_iter()
         .filter_map(|l| {
@@ -195,7 +195,7 @@ pub fn snapshots(top: &Path, opts: &OpenOptions) -> Result<Vec<SnapshotInfo>> {
         .collect())
 }
 
-fn top_qcow2(top: &Path, opts: &OpenOptions) -> Result<Vec<Layer>> {
+fn top_qcow2(top: &Path, opts: &BackingRules) -> Result<Vec<Layer>> {
     let layers = chain::walk(top, opts)?;
     if layers[0].format != Format::Qcow2 {
         return Err(Error::Unsupported(format!(
@@ -218,7 +218,7 @@ fn replace_with_overlay(top: &Path, size: u64, backing_name: &str, backing_forma
 
 /// Take snapshot `name` of `top` (which no VM may have open). Returns the
 /// file that now holds the snapshot.
-pub fn snapshot(top: &Path, name: &str, opts: &OpenOptions) -> Result<PathBuf> {
+pub fn snapshot(top: &Path, name: &str, opts: &BackingRules) -> Result<PathBuf> {
     if !valid_snapshot_name(name) {
         return Err(Error::Format(format!(
             "invalid snapshot name {name:?}: use up to 64 letters, digits, '.', '_' or '-'"
@@ -258,7 +258,7 @@ pub fn snapshot(top: &Path, name: &str, opts: &OpenOptions) -> Result<PathBuf> {
 
 /// Revert `top` to snapshot `name`: a new empty top on that snapshot; the
 /// snapshots taken after it are deleted. Returns the deleted files.
-pub fn revert(top: &Path, name: &str, opts: &OpenOptions) -> Result<Vec<PathBuf>> {
+pub fn revert(top: &Path, name: &str, opts: &BackingRules) -> Result<Vec<PathBuf>> {
     let layers = top_qcow2(top, opts)?;
     let k = layers
         .iter()
@@ -294,7 +294,7 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
 /// Merge the top layer of `top` into its backing file and empty the top.
 /// Returns the number of bytes copied down.
-pub fn commit(top: &Path, opts: &OpenOptions, progress: Progress) -> Result<u64> {
+pub fn commit(top: &Path, opts: &BackingRules, progress: Progress) -> Result<u64> {
     let layers = top_qcow2(top, opts)?;
     if layers.len() < 2 {
         return Err(Error::Format(format!(
@@ -350,7 +350,7 @@ pub fn commit(top: &Path, opts: &OpenOptions, progress: Progress) -> Result<u64>
 
 /// Copy the whole disk of `src` (through its chain) into a new standalone
 /// image `dst`. Zero ranges stay unallocated.
-pub fn convert(src: &Path, dst: &Path, format: Format, opts: &OpenOptions, progress: Progress) -> Result<()> {
+pub fn convert(src: &Path, dst: &Path, format: Format, opts: &BackingRules, progress: Progress) -> Result<()> {
     let layers = chain::walk(src, opts)?;
     let input = open_chain(&layers, false)?;
     let size = input.size();
@@ -368,7 +368,7 @@ pub fn convert(src: &Path, dst: &Path, format: Format, opts: &OpenOptions, progr
             }
             Format::Qcow2 => {
                 create_qcow2(dst, size, None)?;
-                Box::new(crate::Qcow2Disk::open(dst, &OpenOptions::default())?)
+                Box::new(crate::Qcow2Disk::open(dst, &crate::OpenOptions::default(), opts)?)
             }
         };
         copy(&input, &*out, size, progress)?;

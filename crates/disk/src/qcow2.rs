@@ -15,7 +15,7 @@ use imago::raw::Raw;
 use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, Storage, StorageOpenOptions};
 
 use crate::chain::{self, Format, Layer};
-use crate::{check_range, BlockBackend, Error, OpenOptions, Result};
+use crate::{check_range, BackingRules, BlockBackend, Error, OpenOptions, Result};
 
 pub(crate) type Image = FormatAccess<ImagoFile>;
 
@@ -101,8 +101,8 @@ pub struct Qcow2Disk {
 }
 
 impl Qcow2Disk {
-    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self> {
-        let layers = chain::walk(path, opts)?;
+    pub fn open(path: &Path, opts: &OpenOptions, rules: &BackingRules) -> Result<Self> {
+        let layers = chain::walk(path, rules)?;
         let image = open_chain(&layers, !opts.read_only)?;
         let meta = std::fs::metadata(path).map_err(|source| Error::Open {
             path: path.display().to_string(),

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use disk::OpenOptions;
+use disk::{BackingRules, OpenOptions};
 
 /// Slots of 4 KiB; a prime, so `i * STRIDE % SLOTS` visits each slot once.
 const SLOTS: u64 = 16381;
@@ -101,7 +101,7 @@ fn crash_consistency_under_sigkill() {
     }
     for (round, kill_after) in [40u64, 150, 400].into_iter().enumerate() {
         let img = dir.path().join(format!("crash{round}.qcow2"));
-        disk::ops::create(&img, None, Some("base.raw"), &OpenOptions::default()).unwrap();
+        disk::ops::create(&img, None, Some("base.raw"), &BackingRules::default()).unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
             .env("VESSEL_CRASH_IMAGE", &img)
@@ -188,7 +188,7 @@ fn kill_unflushed(img: &Path, mode: &str) {
 fn sigkill_before_flush_of_new_l2_tables() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("noflush.qcow2");
-    disk::ops::create(&img, Some(REGIONS * REGION), None, &OpenOptions::default()).unwrap();
+    disk::ops::create(&img, Some(REGIONS * REGION), None, &BackingRules::default()).unwrap();
     kill_unflushed(&img, "l2");
 }
 

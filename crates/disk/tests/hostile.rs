@@ -3,13 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use disk::{Error, OpenOptions};
+use disk::{BackingRules, Error, OpenOptions};
 
 fn ro() -> OpenOptions {
-    OpenOptions {
-        read_only: true,
-        ..Default::default()
-    }
+    OpenOptions { read_only: true }
 }
 
 fn qemu_img(args: &[&str]) {
@@ -23,7 +20,7 @@ fn qemu_img(args: &[&str]) {
 /// A valid 1 MiB image with some data, as bytes.
 fn good_image(dir: &Path) -> Vec<u8> {
     let p = dir.join("good.qcow2");
-    disk::ops::create(&p, Some(1 << 20), None, &OpenOptions::default()).unwrap();
+    disk::ops::create(&p, Some(1 << 20), None, &BackingRules::default()).unwrap();
     let d = disk::open(&p, &OpenOptions::default()).unwrap();
     d.write_at(&[0x5a; 70000], 1000).unwrap();
     d.flush().unwrap();
@@ -180,18 +177,18 @@ fn backing_loops_are_refused() {
 #[test]
 fn chains_deeper_than_the_limit_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = OpenOptions::default();
+    let rules = BackingRules::default();
     let mut prev = "l0.qcow2".to_string();
-    disk::ops::create(&dir.path().join(&prev), Some(1 << 20), None, &opts).unwrap();
+    disk::ops::create(&dir.path().join(&prev), Some(1 << 20), None, &rules).unwrap();
     for i in 1..disk::MAX_CHAIN_DEPTH {
         let name = format!("l{i}.qcow2");
-        disk::ops::create(&dir.path().join(&name), None, Some(&prev), &opts).unwrap();
+        disk::ops::create(&dir.path().join(&name), None, Some(&prev), &rules).unwrap();
         prev = name;
     }
     // Exactly at the limit: fine.
     disk::open(&dir.path().join(&prev), &ro()).unwrap();
     let deep = dir.path().join("deep.qcow2");
-    let err = disk::ops::create(&deep, None, Some(&prev), &opts).unwrap_err();
+    let err = disk::ops::create(&deep, None, Some(&prev), &rules).unwrap_err();
     assert!(matches!(err, Error::ChainTooDeep { .. }), "{err}");
     qemu_img(&[
         "create",
@@ -214,16 +211,15 @@ fn absolute_and_parent_backing_paths_need_permission() {
     let sub = dir.path().join("sub");
     std::fs::create_dir(&sub).unwrap();
     let base = dir.path().join("base.qcow2");
-    disk::ops::create(&base, Some(1 << 20), None, &OpenOptions::default()).unwrap();
+    disk::ops::create(&base, Some(1 << 20), None, &BackingRules::default()).unwrap();
     let abs = sub.join("abs.qcow2");
     let up = sub.join("up.qcow2");
-    let allow = OpenOptions {
+    let allow = BackingRules {
         allow_absolute_backing: true,
-        ..Default::default()
     };
     // Creating them needs the permission too.
     assert!(matches!(
-        disk::ops::create(&abs, None, Some(base.to_str().unwrap()), &OpenOptions::default()),
+        disk::ops::create(&abs, None, Some(base.to_str().unwrap()), &BackingRules::default()),
         Err(Error::Backing { .. })
     ));
     disk::ops::create(&abs, None, Some(base.to_str().unwrap()), &allow).unwrap();
@@ -232,7 +228,7 @@ fn absolute_and_parent_backing_paths_need_permission() {
         let e = open_err(p);
         assert!(matches!(e, Error::Backing { .. }), "{e}");
         assert!(e.to_string().contains("--allow-absolute-backing"), "{e}");
-        let d = disk::open(p, &allow).unwrap();
+        let d = disk::open_with(p, &ro(), &allow).unwrap();
         assert_eq!(d.size(), 1 << 20);
     }
 }

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use disk::{BlockBackend, OpenOptions};
+use disk::{BackingRules, BlockBackend, OpenOptions};
 
 fn run(cmd: &str, args: &[&str]) -> std::process::Output {
     let out = Command::new(cmd)
@@ -108,14 +108,7 @@ fn reads_a_qemu_backing_chain_over_raw() {
     data[100000..105000].fill(0x22);
     data[4190000..4194000].fill(0x33);
 
-    let disk = disk::open(
-        &top,
-        &OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let disk = disk::open(&top, &OpenOptions { read_only: true }).unwrap();
     assert_eq!(disk.size(), 4 << 20);
     assert!(read_all(&*disk) == data, "chain contents differ");
 }
@@ -210,7 +203,7 @@ fn our_writes_pass_qemu_check_and_compare() {
 fn concurrent_writers_leave_a_clean_image() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("mt.qcow2");
-    disk::ops::create(&img, Some(16 << 20), None, &OpenOptions::default()).unwrap();
+    disk::ops::create(&img, Some(16 << 20), None, &BackingRules::default()).unwrap();
     let disk: std::sync::Arc<dyn BlockBackend> = disk::open(&img, &OpenOptions::default()).unwrap().into();
     std::thread::scope(|s| {
         for t in 0..4u64 {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 use disk::ops::{self, LayerInfo};
-use disk::{Format, OpenOptions};
+use disk::{BackingRules, Format};
 
 #[derive(clap::Args)]
 pub struct DiskArgs {
@@ -94,8 +94,7 @@ fn human(n: u64) -> String {
 }
 
 pub fn run(args: DiskArgs) -> ExitCode {
-    let opts = OpenOptions {
-        read_only: false,
+    let opts = BackingRules {
         allow_absolute_backing: args.allow_absolute_backing,
     };
     match dispatch(args.command, &opts) {
@@ -118,7 +117,7 @@ fn progress_bar(what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-fn dispatch(cmd: DiskCommand, opts: &OpenOptions) -> disk::Result<ExitCode> {
+fn dispatch(cmd: DiskCommand, opts: &BackingRules) -> disk::Result<ExitCode> {
     match cmd {
         DiskCommand::Create { image, size, backing } => {
             let size = ops::create(&image, size, backing.as_deref(), opts)?;
