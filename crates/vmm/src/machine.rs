@@ -20,6 +20,8 @@ use crate::devices::mptable;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{SerialPort, COM1_BASE, COM1_IRQ};
 use crate::memory;
+use crate::virtio::net::{random_mac, Net};
+use crate::virtio::tap::Tap;
 use crate::virtio::{self, blk::Block, mmio::MmioTransport, rng::Rng, Interrupt, VirtioDevice};
 use crate::{Error, Result};
 
@@ -390,6 +392,11 @@ fn create_virtio_devices(
         let backend = disk::open(&d.path, &disk::OpenOptions { read_only: d.read_only })
             .map_err(|e| Error::Config(format!("disk {e}")))?;
         models.push(Box::new(Block::new(Arc::from(backend))));
+    }
+    for n in &cfg.nets {
+        let tap = Tap::open(n.tap.as_deref()).map_err(|e| Error::Config(format!("--net: {e}")))?;
+        tracing::info!("virtio-net on tap {}", tap.name());
+        models.push(Box::new(Net::new(tap, n.mac.unwrap_or_else(random_mac))));
     }
     if cfg.rng {
         models.push(Box::new(Rng::default()));

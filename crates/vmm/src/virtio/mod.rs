@@ -11,10 +11,10 @@
 pub mod blk;
 // pub mod console;
 pub mod mmio;
-// pub mod net;
-pub mod rng;
-// pub mod tap;
+pub mod net;
 mod queue;
+pub mod rng;
+pub mod tap;
 mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};

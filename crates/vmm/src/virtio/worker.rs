@@ -70,6 +70,11 @@ impl Poller {
             .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
     }
 
+    pub fn modify(&self, fd: RawFd, token: u64, events: EventSet) -> io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
+    }
+
     /// Wait for events; returns the tokens that fired.
     pub fn wait(&self) -> Vec<u64> {
         let mut events = [EpollEvent::default(); 16];
