@@ -20,6 +20,7 @@ use crate::devices::mptable;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{SerialPort, COM1_BASE, COM1_IRQ};
 use crate::memory;
+use crate::virtio::console::Console;
 use crate::virtio::net::{random_mac, Net};
 use crate::virtio::tap::Tap;
 use crate::virtio::{self, blk::Block, mmio::MmioTransport, rng::Rng, Interrupt, VirtioDevice};
@@ -44,6 +45,8 @@ pub struct MachineConfig {
     pub nets: Vec<NetConfig>,
     /// Offer a virtio-rng device fed by the host's getrandom.
     pub rng: bool,
+    /// A virtio-console (`/dev/hvc0`) whose output goes to this file.
+    pub console_output: Option<PathBuf>,
 }
 
 /// A virtio-blk disk.
@@ -400,6 +403,14 @@ fn create_virtio_devices(
     }
     if cfg.rng {
         models.push(Box::new(Rng::default()));
+    }
+    if let Some(path) = &cfg.console_output {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::Config(format!("--console-output {}: {e}", path.display())))?;
+        models.push(Box::new(Console::new(file)));
     }
     if models.len() > virtio::MAX_DEVICES {
         return Err(Error::Config(format!(

@@ -144,8 +144,9 @@ impl VirtioDevice for Block {
                         return queues;
                     }
                     let _ = notify.read();
-                    if !broken.load(Ordering::Acquire) {
-                        serve_queue(&mut queues[0], &mem, &interrupt, &broken, &ctx);
+                    if !broken.load(Ordering::Acquire) && serve_queue(&mut queues[0], &mem, &interrupt, &broken, &ctx) {
+                        // Work left over: come back after other events.
+                        let _ = notify.write(1);
                     }
                 }
             }
@@ -159,18 +160,23 @@ impl VirtioDevice for Block {
     }
 }
 
+/// Serve the request queue; true when work is left for another round.
 fn serve_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     interrupt: &Interrupt,
     broken: &AtomicBool,
     ctx: &RequestContext,
-) {
+) -> bool {
     if !queue.ready() {
-        return;
+        return false;
     }
-    if let Err(e) = serve(queue, mem, interrupt, |chain| ctx.handle(mem, chain)) {
-        report_broken(broken, interrupt, "virtio-blk", &e);
+    match serve(queue, mem, interrupt, |chain| ctx.handle(mem, chain)) {
+        Ok(more) => more,
+        Err(e) => {
+            report_broken(broken, interrupt, "virtio-blk", &e);
+            false
+        }
     }
 }
 

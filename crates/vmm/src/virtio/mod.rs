@@ -9,10 +9,14 @@
 //! ioeventfd. Devices never learn which engine runs.
 
 pub mod blk;
-// pub mod console;
+pub mod console;
+#[cfg(test)]
+mod device_tests;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mmio;
 pub mod net;
-mod queue;
+pub mod queue;
 pub mod rng;
 pub mod tap;
 mod worker;

@@ -123,7 +123,11 @@ impl VirtioDevice for Net {
                         }
                         t if t == TX as u64 => {
                             let _ = notifiers[TX].read();
-                            port.transmit()
+                            port.transmit().map(|more| {
+                                if more {
+                                    let _ = notifiers[TX].write(1);
+                                }
+                            })
                         }
                         _ => port.receive(&poller),
                     };
@@ -165,7 +169,9 @@ impl Port {
         }
         let mut delivered = false;
         let mut want_tap = true;
-        loop {
+        // Bounded, so that overlapping rings cannot hold the worker; the
+        // tap stays readable and brings us back.
+        for _ in 0..4 * usize::from(QUEUE_SIZE) {
             if self.pending.is_none() {
                 match self.tap.read_frame(&mut self.buf[HDR_LEN..]) {
                     Ok(n) => self.pending = Some(n),
@@ -218,11 +224,12 @@ impl Port {
         Ok(())
     }
 
-    /// Send every frame the driver queued.
-    fn transmit(&mut self) -> Result<(), QueueError> {
+    /// Send the frames the driver queued; true when some are left for
+    /// another round.
+    fn transmit(&mut self) -> Result<bool, QueueError> {
         let tx = &mut self.queues[TX];
         if !tx.ready() {
-            return Ok(());
+            return Ok(false);
         }
         let tap = &self.tap;
         let metrics = &self.metrics;

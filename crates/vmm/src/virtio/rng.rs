@@ -87,6 +87,9 @@ impl VirtioDevice for Rng {
                         }
                         n as u32
                     });
+                    if let Ok(true) = result {
+                        let _ = notifiers[0].write(1);
+                    }
                     if let Err(e) = result {
                         report_broken(&broken, &interrupt, "virtio-rng", &e);
                     }
