@@ -57,6 +57,7 @@ impl VirtioDevice for Console {
             notifiers,
             interrupt,
             broken,
+            dma: _,
         } = a;
         self.worker = Some(Worker::spawn("virtio-console", move |poller| {
             if poller.add(notifiers[TX].as_raw_fd(), TX as u64, EventSet::IN).is_err() {

@@ -34,6 +34,7 @@ struct Rig {
     t: MmioTransport,
     line: Arc<Line>,
     image: std::path::PathBuf,
+    dma_log: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
 }
 
 impl Drop for Rig {
@@ -49,13 +50,22 @@ fn rig(name: &str, read_only: bool) -> Rig {
     std::fs::write(&image, data).unwrap();
     let disk = disk::open(&image, &disk::OpenOptions { read_only }).unwrap();
     let line = Arc::new(Line::default());
+    let dma_log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = dma_log.clone();
     let t = MmioTransport::new(
         Box::new(Block::new(Arc::from(disk))),
         mem.clone(),
         Arc::new(Interrupt::new(line.clone())),
+        Arc::new(move |gpa, len| log.lock().unwrap().push((gpa, len))),
     )
     .unwrap();
-    Rig { mem, t, line, image }
+    Rig {
+        mem,
+        t,
+        line,
+        image,
+        dma_log,
+    }
 }
 
 impl Rig {
@@ -146,6 +156,10 @@ fn reads_a_sector_and_reports_ok() {
     assert_eq!(used_len, 513);
     assert!(r.line.0.load(Ordering::SeqCst) >= 1);
     assert_eq!(r.r(VIRTIO_MMIO_INTERRUPT_STATUS) & 1, 1);
+    // The engine heard of both writable buffers (data and status), so it
+    // can drop code it decoded from those pages.
+    let log = r.dma_log.lock().unwrap().clone();
+    assert!(log.contains(&(0x20000, 512)) && log.contains(&(0x30000, 1)), "{log:?}");
 }
 
 #[test]

@@ -78,9 +78,11 @@ pub fn blk_queue(data: &[u8]) {
     let line = Arc::new(CountingLine::default());
     let interrupt = Interrupt::new(line);
     let metrics = BlockMetrics::default();
+    let dma = super::no_dma_observer();
     let ctx = RequestContext {
         disk: &*disk(),
         metrics: &metrics,
+        dma: &dma,
     };
     // The driver may move the available index while we serve: do a few
     // rounds with the index bumped, as a racing guest would.
@@ -96,7 +98,7 @@ pub fn mmio_registers(data: &[u8]) {
     let mem = memory(&[]);
     let line = Arc::new(CountingLine::default());
     let device: Box<dyn VirtioDevice> = Box::new(super::blk::Block::new(disk()));
-    let Ok(mut t) = MmioTransport::new(device, mem, Arc::new(Interrupt::new(line))) else {
+    let Ok(mut t) = MmioTransport::new(device, mem, Arc::new(Interrupt::new(line)), super::no_dma_observer()) else {
         return;
     };
     for op in data.chunks_exact(7) {
