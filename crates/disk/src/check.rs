@@ -60,6 +60,10 @@ struct Walker<'a> {
     h: &'a Header,
     refs: Vec<u32>,
     report: CheckReport,
+    /// Table entries we may still visit. Internal snapshots can share one
+    /// L1 table many times over; the budget keeps a small hostile file from
+    /// costing quadratic time.
+    budget: u64,
 }
 
 impl Walker<'_> {
@@ -71,6 +75,13 @@ impl Walker<'_> {
             .read_exact_at(&mut buf[..avail], off)
             .map_err(|source| Error::Io { offset: off, source })?;
         Ok(buf)
+    }
+
+    fn spend(&mut self, entries: u64) -> Result<()> {
+        self.budget = self.budget.checked_sub(entries).ok_or_else(|| {
+            Error::Unsupported("checking an image whose tables are referenced this many times".into())
+        })?;
+        Ok(())
     }
 
     /// Count a reference to the clusters in `[off, off+len)`; false if they
@@ -104,6 +115,7 @@ impl Walker<'_> {
             }
             return Ok(());
         }
+        self.spend(l1_entries)?;
         let l1 = self.read(l1_offset, l1_entries * 8)?;
         for (i, e) in l1.chunks_exact(8).enumerate() {
             let e = u64::from_be_bytes(e.try_into().unwrap_or_default());
@@ -123,6 +135,7 @@ impl Walker<'_> {
             if !self.add(l2, cs, "L2 table") {
                 continue;
             }
+            self.spend(cs / 8)?;
             let table = self.read(l2, cs)?;
             self.walk_l2(&table, active);
         }
@@ -248,6 +261,8 @@ fn check_file(file: &File, h: &Header, repair: bool) -> Result<CheckReport> {
         file,
         h,
         refs: vec![0; nclusters as usize],
+        // 64 visits of every entry the file could hold, plus slack.
+        budget: 64 * (h.file_len / 8) + (1 << 24),
         report: CheckReport {
             total_clusters: h.size.div_ceil(cs),
             image_end: h.file_len,

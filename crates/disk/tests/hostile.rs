@@ -340,3 +340,37 @@ fn inconsistent_refcounts_refuse_writable_open() {
     let _ = d.read_at(&mut b, 0);
     disk::fuzzing::open_and_read(dir.path(), &std::fs::read(&p).unwrap());
 }
+
+/// Many internal snapshots sharing one L1 table: check stays bounded.
+#[test]
+fn shared_snapshot_tables_do_not_make_check_quadratic() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("snaps.qcow2");
+    disk::ops::create(&p, Some(64 << 30), None, &BackingRules::default()).unwrap();
+    // Opening it writable gives all 128 L1 entries an L2 table.
+    drop(disk::open(&p, &OpenOptions::default()).unwrap());
+    let mut img = std::fs::read(&p).unwrap();
+    let cs = 65536usize;
+    let l1 = u64::from_be_bytes(img[40..48].try_into().unwrap());
+    let l1_entries = u32::from_be_bytes(img[36..40].try_into().unwrap());
+    // A snapshot table of 20000 entries, all naming the active L1 table.
+    let table = img.len().next_multiple_of(cs);
+    let n = 20_000u32;
+    img.resize(table + n as usize * 40, 0);
+    for i in 0..n as usize {
+        let e = &mut img[table + i * 40..][..40];
+        e[0..8].copy_from_slice(&l1.to_be_bytes());
+        e[8..12].copy_from_slice(&l1_entries.to_be_bytes());
+    }
+    img[60..64].copy_from_slice(&n.to_be_bytes());
+    img[64..72].copy_from_slice(&(table as u64).to_be_bytes());
+    std::fs::write(&p, &img).unwrap();
+    let start = std::time::Instant::now();
+    let r = disk::check::check(&p, false);
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
