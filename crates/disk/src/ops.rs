@@ -212,7 +212,10 @@ fn replace_with_overlay(top: &Path, size: u64, backing_name: &str, backing_forma
     let tmp = temp_path(top);
     let _ = std::fs::remove_file(&tmp);
     create_qcow2(&tmp, size, Some((backing_name, backing_format)))?;
-    std::fs::rename(&tmp, top).map_err(io_err(top))?;
+    if let Err(e) = std::fs::rename(&tmp, top) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(top)(e));
+    }
     sync_dir(top)
 }
 
@@ -247,7 +250,10 @@ pub fn snapshot(top: &Path, name: &str, opts: &BackingRules) -> Result<PathBuf> 
     let tmp = temp_path(top);
     let _ = std::fs::remove_file(&tmp);
     create_qcow2(&tmp, size, Some((&backing_name, Format::Qcow2)))?;
-    std::fs::rename(top, &snap).map_err(io_err(top))?;
+    if let Err(e) = std::fs::rename(top, &snap) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(top)(e));
+    }
     if let Err(e) = std::fs::rename(&tmp, top) {
         let _ = std::fs::rename(&snap, top);
         return Err(io_err(top)(e));
