@@ -92,6 +92,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings, String> {
                 .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
             mem_size: mem,
             cpus: args.cpus.or(file.cpus).unwrap_or(1),
+            virtio_slots: Vec::new(),
         },
         accel: args.accel.or(file.accel).unwrap_or_else(|| "emu".to_string()),
     })

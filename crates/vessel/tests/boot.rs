@@ -182,6 +182,33 @@ fn debian_stock_kernel_reaches_init() {
     assert!(stdout(&o).contains("debian=6.1"), "{}", stdout(&o));
 }
 
+/// Debian's kernel has ACPI: it finds our tables, takes the CPUs from the
+/// MADT, and powers off through the FADT's sleep control register.
+#[test]
+fn debian_stock_kernel_uses_acpi_and_powers_off() {
+    let o = boot(
+        "debian/vmlinux",
+        2,
+        "512M",
+        "dmesg | grep -E 'ACPI|smp|rtc'; grep -c ^processor /proc/cpuinfo",
+        "poweroff",
+    );
+    assert_clean_run(&o);
+    let s = stdout(&o);
+    for want in [
+        "ACPI: RSDP 0x00000000000E0000",
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        "ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2 dfl dfl)",
+        "smp: Brought up 1 node, 2 CPUs",
+        "ACPI: PM: (supports S0 S5)",
+        "rtc_cmos 00:01: registered as rtc0",
+        "reboot: Power down",
+    ] {
+        assert!(s.contains(want), "no {want:?} in:\n{s}");
+    }
+    assert!(s.lines().any(|l| l.trim() == "2"), "expected 2 CPUs:\n{s}");
+}
+
 fn one_error_line(o: &Output) -> String {
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr).into_owned();

@@ -15,8 +15,9 @@
 //! - MADT: one local APIC per CPU (ids 0..N-1), the IOAPIC (id N, GSI base
 //!   0), the ISA IRQ0 → GSI 2 interrupt source override and the NMI on LINT1,
 //!   which is what the MP table ([`crate::devices::mptable`]) says too;
-//! - DSDT: COM1 (`PNP0501`, ports 0x3f8-0x3ff, IRQ 4), one `LNRO0005`
-//!   device per virtio-mmio slot, and `_S5` so that the guest can power off.
+//! - DSDT: COM1 (`PNP0501`, ports 0x3f8-0x3ff, IRQ 4), the RTC (`PNP0B00`,
+//!   ports 0x70-0x71, IRQ 8), one `LNRO0005` device per virtio-mmio slot,
+//!   and `_S5` so that the guest can power off.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -44,6 +45,10 @@ pub const ACPI_START: u64 = 0xe_0000;
 pub const ACPI_END: u64 = 0x10_0000;
 /// At most this many virtio-mmio slots: they use IOAPIC pins 16-23.
 pub const MAX_VIRTIO_SLOTS: usize = NUM_PINS - 16;
+
+/// The CMOS RTC's index/data ports and ISA IRQ.
+const RTC_PORT: u16 = 0x70;
+const RTC_IRQ: u32 = 8;
 
 const OEM_ID: [u8; 6] = *b"VESSEL";
 const OEM_REVISION: u32 = 1;
@@ -164,6 +169,18 @@ fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
     ];
     let com1 = aml::Device::new("COM1".into(), com1_names.iter().map(|n| n as &dyn Aml).collect());
 
+    // The CMOS RTC: without it, a hardware-reduced kernel's rtc_cmos finds
+    // no usable interrupt for its legacy platform device.
+    let rtc_io = aml::IO::new(RTC_PORT, RTC_PORT, 1, 2);
+    let rtc_irq = aml::Interrupt::new(true, true, false, false, RTC_IRQ);
+    let rtc_crs = aml::ResourceTemplate::new(vec![&rtc_io, &rtc_irq]);
+    let rtc_hid = aml::EISAName::new("PNP0B00");
+    let rtc_names = [
+        aml::Name::new("_HID".into(), &rtc_hid),
+        aml::Name::new("_CRS".into(), &rtc_crs),
+    ];
+    let rtc = aml::Device::new("RTC_".into(), rtc_names.iter().map(|n| n as &dyn Aml).collect());
+
     // Each virtio device: its name, _HID, _UID, _CCA and _CRS, as Firecracker.
     let mut virtio_devices: Vec<Vec<u8>> = Vec::new();
     for (i, s) in virtio.iter().enumerate() {
@@ -183,7 +200,7 @@ fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
         virtio_devices.push(to_bytes(&dev));
     }
     let virtio_raw: Vec<RawAml> = virtio_devices.into_iter().map(RawAml).collect();
-    let mut sb_children: Vec<&dyn Aml> = vec![&com1];
+    let mut sb_children: Vec<&dyn Aml> = vec![&com1, &rtc];
     sb_children.extend(virtio_raw.iter().map(|d| d as &dyn Aml));
     let sb = aml::Scope::new("\\_SB_".into(), sb_children);
     let s5_type = S5_SLEEP_TYPE;
@@ -547,6 +564,7 @@ mod tests {
             if name == "dsdt" {
                 assert_eq!(dsl.matches("\"LNRO0005\"").count(), 4, "{dsl}");
                 assert!(dsl.contains("EisaId (\"PNP0501\")"), "{dsl}");
+                assert!(dsl.contains("EisaId (\"PNP0B00\")"), "{dsl}");
                 assert!(dsl.contains("Name (_S5, Package"), "{dsl}");
                 assert!(dsl.contains("0xD0003000,         // Address Base"), "{dsl}");
                 // Recompiling the disassembly must work too.

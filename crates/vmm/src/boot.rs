@@ -40,6 +40,9 @@ pub struct BootSpec<'a> {
     pub initrd: Option<&'a Path>,
     pub cmdline: &'a str,
     pub mem_size: u64,
+    /// Where the ACPI RSDP is, for `boot_params.acpi_rsdp_addr` (Linux
+    /// also finds it by scanning the BIOS area).
+    pub acpi_rsdp: Option<u64>,
 }
 
 fn kernel_err(p: &Path, reason: impl ToString) -> Error {
@@ -148,6 +151,9 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<CpuState> {
         };
     }
     params.e820_entries = e820.len() as u8;
+    if let Some(rsdp) = spec.acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
+    }
     mem.write_obj(params, GuestAddress(ZERO_PAGE))
         .map_err(|e| Error::Memory(e.to_string()))?;
 
@@ -220,6 +226,7 @@ mod tests {
                 initrd: None,
                 cmdline: "console=ttyS0",
                 mem_size: 64 << 20,
+                acpi_rsdp: None,
             },
         )
         .unwrap_err();
@@ -231,6 +238,7 @@ mod tests {
                 initrd: None,
                 cmdline: "",
                 mem_size: 64 << 20,
+                acpi_rsdp: None,
             },
         );
         assert!(missing.is_err());

@@ -12,7 +12,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use x86emu::state::{flags, CpuState, Segment};
 use x86emu::{Bus, CodeMap, Cpu, CpuConfig, Exit};
 
+use crate::acpi::{self, VirtioSlot};
 use crate::boot::{self, BootSpec};
+use crate::devices::acpi_pm::{self, PowerAction};
 use crate::devices::i8042::{self, I8042};
 use crate::devices::irq::{InterruptRouter, Interrupts};
 use crate::devices::mptable;
@@ -36,6 +38,8 @@ pub struct MachineConfig {
     pub cmdline: String,
     pub mem_size: u64,
     pub cpus: u32,
+    /// The virtio-mmio devices that ACPI describes (`LNRO0005` nodes).
+    pub virtio_slots: Vec<VirtioSlot>,
 }
 
 /// How a run ended.
@@ -44,8 +48,9 @@ pub enum RunOutcome {
     /// The guest reset the machine through the i8042 (Linux `reboot=k`);
     /// with no ACPI this is how our guests power off, as in Firecracker.
     Reset,
-    /// Every vCPU halted with interrupts disabled. Without ACPI this is how
-    /// Linux powers off ("reboot: System halted"): nothing can wake it.
+    /// The guest powered off through ACPI (S5 in the sleep control
+    /// register), or every vCPU halted with interrupts disabled: without
+    /// ACPI this is how Linux powers off ("reboot: System halted").
     PowerOff,
     /// A triple fault: the vCPU's registers at the time, formatted.
     TripleFault(String),
@@ -149,6 +154,7 @@ unsafe impl Bus for VcpuBus {
             }
             i8042::DATA_PORT | i8042::STATUS_PORT => self.shared.platform().i8042.read(port) as u32,
             0x70 | 0x71 => self.shared.platform().rtc.read(port, now) as u32,
+            p if acpi_pm::handles(p) => acpi_pm::read(p) as u32,
             _ => match self.shared.irqs.with(|r| r.io_read(port, now)) {
                 Some(v) => v as u32,
                 None => u32::MAX,
@@ -174,6 +180,11 @@ unsafe impl Bus for VcpuBus {
                 }
             }
             0x70 | 0x71 => self.shared.platform().rtc.write(port, value as u8, now),
+            p if acpi_pm::handles(p) => match acpi_pm::action(p, value as u8) {
+                PowerAction::PowerOff => self.shared.request_stop(STOP_HALTED),
+                PowerAction::Reset => self.shared.request_stop(STOP_RESET),
+                PowerAction::None => {}
+            },
             _ => {
                 self.shared.irqs.with(|r| r.io_write(port, value as u8, now));
             }
@@ -239,6 +250,8 @@ impl Machine {
             )));
         }
         let mem = memory::create(cfg.mem_size)?;
+        // ACPI for kernels that have it; the MP table for those that do not.
+        let rsdp = acpi::setup_acpi(&mem, cfg.cpus as u8, &cfg.virtio_slots)?;
         let boot_state = boot::load(
             &mem,
             &BootSpec {
@@ -246,6 +259,7 @@ impl Machine {
                 initrd: cfg.initrd.as_deref(),
                 cmdline: &cfg.cmdline,
                 mem_size: cfg.mem_size,
+                acpi_rsdp: Some(rsdp.0),
             },
         )?;
         mptable::setup_mptable(&mem, cfg.cpus as u8).map_err(|e| Error::Memory(format!("MP table: {e}")))?;
