@@ -6,6 +6,7 @@
 
 mod config;
 mod console;
+mod device_args;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +52,17 @@ pub struct RunArgs {
     /// CPU engine: emu [default: emu].
     #[arg(long)]
     accel: Option<String>,
+    /// A virtio-blk disk: path=IMAGE[,readonly=on]. Repeatable; the first
+    /// is /dev/vda in the guest.
+    #[arg(long = "disk", value_name = "path=IMG[,readonly=on]", value_parser = device_args::parse_disk)]
+    disks: Vec<vmm::machine::DiskConfig>,
+    /// A virtio-net device on a TAP interface: [tap=NAME][,mac=MAC].
+    /// Repeatable. The tap is opened if it exists and created otherwise.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = device_args::parse_net)]
+    nets: Vec<vmm::machine::NetConfig>,
+    /// Offer a virtio-rng device fed by the host's getrandom.
+    #[arg(long)]
+    rng: bool,
 }
 
 fn main() -> ExitCode {

@@ -6,6 +6,7 @@ pub mod boot;
 pub mod devices;
 pub mod machine;
 pub mod memory;
+pub mod virtio;
 
 pub use machine::{Machine, MachineConfig, RunOutcome};
 

@@ -17,10 +17,14 @@ use crate::boot::{self, BootSpec};
 use crate::devices::acpi_pm::{self, PowerAction};
 use crate::devices::i8042::{self, I8042};
 use crate::devices::irq::{InterruptRouter, Interrupts};
+use crate::devices::irq_line::EmuLine;
 use crate::devices::mptable;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{SerialPort, COM1_BASE, COM1_IRQ};
 use crate::memory;
+use crate::virtio::net::{random_mac, Net};
+use crate::virtio::tap::Tap;
+use crate::virtio::{self, blk::Block, mmio::MmioTransport, rng::Rng, Interrupt, VirtioDevice};
 use crate::{Error, Result};
 
 /// Guest TSC rate, advertised through CPUID.
@@ -38,8 +42,26 @@ pub struct MachineConfig {
     pub cmdline: String,
     pub mem_size: u64,
     pub cpus: u32,
-    /// The virtio-mmio devices that ACPI describes (`LNRO0005` nodes).
-    pub virtio_slots: Vec<VirtioSlot>,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    /// Offer a virtio-rng device fed by the host's getrandom.
+    pub rng: bool,
+}
+
+/// A virtio-blk disk.
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// A virtio-net device on a TAP interface.
+#[derive(Clone, Debug, Default)]
+pub struct NetConfig {
+    /// The TAP interface: opened if it exists, created if Vessel may
+    /// (CAP_NET_ADMIN). None: the kernel picks a name.
+    pub tap: Option<String>,
+    pub mac: Option<[u8; 6]>,
 }
 
 /// How a run ended.
@@ -78,6 +100,8 @@ struct Shared {
     triple_fault: Mutex<Option<String>>,
     /// vCPUs halted with IF=0 (a guest that is off for good).
     dead: std::sync::atomic::AtomicU32,
+    /// virtio-mmio devices, device i at `virtio::MMIO_BASE + i * MMIO_SIZE`.
+    virtio: Vec<Mutex<MmioTransport>>,
 }
 
 impl Shared {
@@ -95,6 +119,13 @@ impl Shared {
         if p.serial.irq.0.swap(false, Ordering::AcqRel) {
             self.irqs.pulse_irq(COM1_IRQ);
         }
+    }
+
+    /// The virtio-mmio device whose window holds `gpa`, and the offset.
+    fn virtio_at(&self, gpa: u64) -> Option<(MutexGuard<'_, MmioTransport>, u64)> {
+        let rel = gpa.checked_sub(virtio::MMIO_BASE)?;
+        let dev = self.virtio.get((rel / virtio::MMIO_SIZE) as usize)?;
+        Some((dev.lock().unwrap_or_else(|e| e.into_inner()), rel % virtio::MMIO_SIZE))
     }
 
     fn request_stop(&self, why: u8) {
@@ -129,6 +160,9 @@ unsafe impl Bus for VcpuBus {
     }
 
     fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
+        if let Some((mut dev, offset)) = self.shared.virtio_at(gpa) {
+            return dev.read(offset, data);
+        }
         let now = self.shared.now_ns();
         let id = self.id;
         if !self.shared.irqs.with(|r| r.mmio_read(id, gpa, data, now)) {
@@ -137,6 +171,9 @@ unsafe impl Bus for VcpuBus {
     }
 
     fn mmio_write(&mut self, gpa: u64, data: &[u8]) {
+        if let Some((mut dev, offset)) = self.shared.virtio_at(gpa) {
+            return dev.write(offset, data);
+        }
         let now = self.shared.now_ns();
         let id = self.id;
         self.shared.irqs.with(|r| r.mmio_write(id, gpa, data, now));
@@ -250,26 +287,46 @@ impl Machine {
             )));
         }
         let mem = memory::create(cfg.mem_size)?;
-        // ACPI for kernels that have it; the MP table for those that do not.
-        let rsdp = acpi::setup_acpi(&mem, cfg.cpus as u8, &cfg.virtio_slots)?;
+        let mut router = InterruptRouter::new(cfg.cpus as usize, TSC_KHZ as u64 * 1000);
+        router.setup_virtual_wire();
+        let irqs = Arc::new(Interrupts::new(router));
+        let devices = create_virtio_devices(cfg, &mem, &irqs)?;
+        let mut cmdline = cfg.cmdline.clone();
+        for i in 0..devices.len() {
+            // For kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; ACPI
+            // describes the same devices to the others.
+            cmdline.push_str(&format!(
+                " virtio_mmio.device=4K@{:#x}:{}",
+                virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE,
+                virtio::FIRST_IRQ + i as u32
+            ));
+        }
+        // ACPI for kernels that have it (the same virtio devices, as
+        // LNRO0005 nodes); the MP table for those that do not.
+        let slots: Vec<VirtioSlot> = (0..devices.len())
+            .map(|i| VirtioSlot {
+                base: virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE,
+                size: virtio::MMIO_SIZE,
+                gsi: virtio::FIRST_IRQ + i as u32,
+            })
+            .collect();
+        let rsdp = acpi::setup_acpi(&mem, cfg.cpus as u8, &slots)?;
         let boot_state = boot::load(
             &mem,
             &BootSpec {
                 kernel: &cfg.kernel,
                 initrd: cfg.initrd.as_deref(),
-                cmdline: &cfg.cmdline,
+                cmdline: &cmdline,
                 mem_size: cfg.mem_size,
                 acpi_rsdp: Some(rsdp.0),
             },
         )?;
         mptable::setup_mptable(&mem, cfg.cpus as u8).map_err(|e| Error::Memory(format!("MP table: {e}")))?;
-        let mut router = InterruptRouter::new(cfg.cpus as usize, TSC_KHZ as u64 * 1000);
-        router.setup_virtual_wire();
         let code_map = Arc::new(CodeMap::new(mem.last_addr().0 + 1));
         let start = Instant::now();
         let shared = Arc::new(Shared {
             mem,
-            irqs: Arc::new(Interrupts::new(router)),
+            irqs,
             platform: Mutex::new(Platform {
                 serial: SerialPort::new(console),
                 i8042: I8042::default(),
@@ -279,6 +336,7 @@ impl Machine {
             stop: AtomicU8::new(RUNNING),
             triple_fault: Mutex::new(None),
             dead: std::sync::atomic::AtomicU32::new(0),
+            virtio: devices.into_iter().map(Mutex::new).collect(),
         });
         let cpus = (0..cfg.cpus)
             .map(|i| {
@@ -340,6 +398,48 @@ impl Machine {
             _ => RunOutcome::Reset,
         }
     }
+}
+
+/// The virtio devices the configuration asks for, in window order: disks,
+/// then network devices, then the entropy device.
+fn create_virtio_devices(
+    cfg: &MachineConfig,
+    mem: &GuestMemoryMmap,
+    irqs: &Arc<Interrupts>,
+) -> Result<Vec<MmioTransport>> {
+    let mut models: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for d in &cfg.disks {
+        let backend = disk::open(&d.path, &disk::OpenOptions { read_only: d.read_only })
+            .map_err(|e| Error::Config(format!("disk {e}")))?;
+        models.push(Box::new(Block::new(Arc::from(backend))));
+    }
+    for n in &cfg.nets {
+        let tap = Tap::open(n.tap.as_deref()).map_err(|e| Error::Config(format!("--net: {e}")))?;
+        tracing::info!("virtio-net on tap {}", tap.name());
+        models.push(Box::new(Net::new(tap, n.mac.unwrap_or_else(random_mac))));
+    }
+    if cfg.rng {
+        models.push(Box::new(Rng::default()));
+    }
+    if models.len() > virtio::MAX_DEVICES {
+        return Err(Error::Config(format!(
+            "at most {} virtio devices, not {}",
+            virtio::MAX_DEVICES,
+            models.len()
+        )));
+    }
+    models
+        .into_iter()
+        .enumerate()
+        .map(|(i, model)| {
+            let line = Arc::new(EmuLine {
+                irqs: irqs.clone(),
+                pin: virtio::FIRST_IRQ + i as u32,
+            });
+            MmioTransport::new(model, mem.clone(), Arc::new(Interrupt::new(line)))
+                .map_err(|e| Error::Config(format!("virtio device: {e}")))
+        })
+        .collect()
 }
 
 /// Feeds the serial console from another thread.
