@@ -200,6 +200,30 @@ fn debian_stock_kernel_boots_from_ext4_root_on_virtio_blk() {
     assert!(!s.contains("vessel-initramfs:"), "the initramfs complained:\n{s}");
 }
 
+/// Without `reboot=k`, Debian's kernel on hardware-reduced ACPI reboots
+/// through EFI (absent) and then the BIOS reset vector, where Vessel's stub
+/// resets the machine through the i8042.
+#[test]
+fn debian_stock_kernel_reboots_without_reboot_k() {
+    let o = vessel()
+        .args(["run", "--accel", "emu", "--mem", "512M"])
+        .arg("--kernel")
+        .arg(artifact("debian/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 panic=-1 vessel.end=reboot vessel.cmd={}",
+            b64("echo x=$((3*3))")
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vessel");
+    assert_clean_run(&o);
+    let s = stdout(&o);
+    assert!(s.contains("x=9") && s.contains("reboot: machine restart"), "{s}");
+}
+
 fn one_error_line(o: &Output) -> String {
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr).into_owned();
@@ -260,6 +284,43 @@ fn triple_fault_reports_registers() {
         "{e}"
     );
     assert_eq!(o.status.code(), Some(4));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The ACPI power registers end the VM: S5 in the sleep control register
+/// (power-off) and the reset value in the reset register. The code spins
+/// afterwards, so only the register write can end the run.
+#[test]
+fn acpi_power_registers_end_the_vm() {
+    let dir = std::env::temp_dir().join(format!("vessel-acpi-pm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // mov al, VALUE; mov dx, PORT; out dx, al; jmp $
+    let code = |value: u8, port: u16| {
+        let p = port.to_le_bytes();
+        vec![0xb0, value, 0x66, 0xba, p[0], p[1], 0xee, 0xeb, 0xfe]
+    };
+    for (name, value, port) in [("poweroff", (5 << 2) | (1 << 5), 0x600), ("reset", 1, 0x602)] {
+        let k = dir.join(format!("{name}.elf"));
+        std::fs::write(&k, tiny_elf(&code(value, port))).unwrap();
+        let mut child = vessel()
+            .args(["run", "--kernel", k.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("{name}: the VM did not end");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{name}: {status:?}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

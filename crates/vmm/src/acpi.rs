@@ -41,8 +41,9 @@ use crate::{Error, Result};
 /// Where the tables go: the start of the BIOS area, where Linux looks for
 /// the RSDP when it is not told where it is.
 pub const ACPI_START: u64 = 0xe_0000;
-/// The end of the BIOS area (reserved in the e820 map).
-pub const ACPI_END: u64 = 0x10_0000;
+/// The tables end before the reset vector's code (the BIOS area, up to
+/// 1 MiB, is reserved in the e820 map).
+pub const ACPI_END: u64 = crate::boot::RESET_VECTOR;
 /// At most this many virtio-mmio slots: they use IOAPIC pins 16-23.
 pub const MAX_VIRTIO_SLOTS: usize = NUM_PINS - 16;
 
