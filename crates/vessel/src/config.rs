@@ -120,6 +120,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings, String> {
             disks,
             nets,
             rng: args.rng || file.rng.unwrap_or(false),
+            console_output: args.console_output,
         },
         accel: args.accel.or(file.accel).unwrap_or_else(|| "emu".to_string()),
     })
@@ -141,6 +142,7 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,
+            console_output: None,
         }
     }
 

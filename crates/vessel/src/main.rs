@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// Offer a virtio-rng device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// Add a virtio-console (/dev/hvc0 in the guest) and append its output
+    /// to this file.
+    #[arg(long, value_name = "FILE")]
+    console_output: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {

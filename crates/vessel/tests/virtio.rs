@@ -282,3 +282,19 @@ fn tcp_transfer_both_ways_over_tap() {
     assert_eq!(back.len(), payload.len());
     assert!(back == payload, "the bytes that came back differ");
 }
+
+/// The virtio-console is a second console: what the guest writes to
+/// /dev/hvc0 lands in the host file.
+#[test]
+fn virtio_console_output_reaches_the_host_file() {
+    let dir = Scratch::new("hvc");
+    let file = dir.0.join("hvc0.log");
+    let o = guest("echo second-console-$((40+2)) > /dev/hvc0", "reboot")
+        .arg("--console-output")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_clean_run(&o);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("second-console-42"), "{text:?}");
+}

@@ -22,6 +22,7 @@ use crate::devices::mptable;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{SerialPort, COM1_BASE, COM1_IRQ};
 use crate::memory;
+use crate::virtio::console::Console;
 use crate::virtio::net::{random_mac, Net};
 use crate::virtio::tap::Tap;
 use crate::virtio::{self, blk::Block, mmio::MmioTransport, rng::Rng, Interrupt, VirtioDevice};
@@ -46,6 +47,8 @@ pub struct MachineConfig {
     pub nets: Vec<NetConfig>,
     /// Offer a virtio-rng device fed by the host's getrandom.
     pub rng: bool,
+    /// A virtio-console (`/dev/hvc0`) whose output goes to this file.
+    pub console_output: Option<PathBuf>,
 }
 
 /// A virtio-blk disk.
@@ -290,7 +293,8 @@ impl Machine {
         let mut router = InterruptRouter::new(cfg.cpus as usize, TSC_KHZ as u64 * 1000);
         router.setup_virtual_wire();
         let irqs = Arc::new(Interrupts::new(router));
-        let devices = create_virtio_devices(cfg, &mem, &irqs)?;
+        let code_map = Arc::new(CodeMap::new(mem.last_addr().0 + 1));
+        let devices = create_virtio_devices(cfg, &mem, &irqs, &code_map)?;
         let mut cmdline = cfg.cmdline.clone();
         for i in 0..devices.len() {
             // For kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; ACPI
@@ -322,7 +326,6 @@ impl Machine {
             },
         )?;
         mptable::setup_mptable(&mem, cfg.cpus as u8).map_err(|e| Error::Memory(format!("MP table: {e}")))?;
-        let code_map = Arc::new(CodeMap::new(mem.last_addr().0 + 1));
         let start = Instant::now();
         let shared = Arc::new(Shared {
             mem,
@@ -406,7 +409,11 @@ fn create_virtio_devices(
     cfg: &MachineConfig,
     mem: &GuestMemoryMmap,
     irqs: &Arc<Interrupts>,
+    code_map: &Arc<CodeMap>,
 ) -> Result<Vec<MmioTransport>> {
+    // Device writes to guest memory drop x86emu's cached decoded code there.
+    let code_map = code_map.clone();
+    let dma: virtio::DmaObserver = Arc::new(move |gpa, len| code_map.invalidate_range(gpa, len));
     let mut models: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for d in &cfg.disks {
         let backend = disk::open(&d.path, &disk::OpenOptions { read_only: d.read_only })
@@ -420,6 +427,14 @@ fn create_virtio_devices(
     }
     if cfg.rng {
         models.push(Box::new(Rng::default()));
+    }
+    if let Some(path) = &cfg.console_output {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::Config(format!("--console-output {}: {e}", path.display())))?;
+        models.push(Box::new(Console::new(file)));
     }
     if models.len() > virtio::MAX_DEVICES {
         return Err(Error::Config(format!(
@@ -436,7 +451,7 @@ fn create_virtio_devices(
                 irqs: irqs.clone(),
                 pin: virtio::FIRST_IRQ + i as u32,
             });
-            MmioTransport::new(model, mem.clone(), Arc::new(Interrupt::new(line)))
+            MmioTransport::new(model, mem.clone(), Arc::new(Interrupt::new(line)), dma.clone())
                 .map_err(|e| Error::Config(format!("virtio device: {e}")))
         })
         .collect()

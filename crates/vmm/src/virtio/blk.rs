@@ -20,7 +20,10 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::queue::{report_broken, serve, Chain};
 use super::worker::{Worker, STOP_TOKEN};
-use super::{read_config_bytes, Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::{
+    note_dma_writes, read_config_bytes, Activation, DmaObserver, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -127,6 +130,7 @@ impl VirtioDevice for Block {
             notifiers,
             interrupt,
             broken,
+            dma,
         } = a;
         let worker = Worker::spawn("virtio-blk", move |poller| {
             let notify = &notifiers[0];
@@ -137,6 +141,7 @@ impl VirtioDevice for Block {
             let ctx = RequestContext {
                 disk: &*disk,
                 metrics: &metrics,
+                dma: &dma,
             };
             loop {
                 for token in poller.wait() {
@@ -144,8 +149,9 @@ impl VirtioDevice for Block {
                         return queues;
                     }
                     let _ = notify.read();
-                    if !broken.load(Ordering::Acquire) {
-                        serve_queue(&mut queues[0], &mem, &interrupt, &broken, &ctx);
+                    if !broken.load(Ordering::Acquire) && serve_queue(&mut queues[0], &mem, &interrupt, &broken, &ctx) {
+                        // Work left over: come back after other events.
+                        let _ = notify.write(1);
                     }
                 }
             }
@@ -159,18 +165,23 @@ impl VirtioDevice for Block {
     }
 }
 
+/// Serve the request queue; true when work is left for another round.
 fn serve_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     interrupt: &Interrupt,
     broken: &AtomicBool,
     ctx: &RequestContext,
-) {
+) -> bool {
     if !queue.ready() {
-        return;
+        return false;
     }
-    if let Err(e) = serve(queue, mem, interrupt, |chain| ctx.handle(mem, chain)) {
-        report_broken(broken, interrupt, "virtio-blk", &e);
+    match serve(queue, mem, interrupt, |chain| ctx.handle(mem, chain)) {
+        Ok(more) => more,
+        Err(e) => {
+            report_broken(broken, interrupt, "virtio-blk", &e);
+            false
+        }
     }
 }
 
@@ -178,6 +189,7 @@ fn serve_queue(
 pub struct RequestContext<'a> {
     pub disk: &'a dyn BlockBackend,
     pub metrics: &'a BlockMetrics,
+    pub dma: &'a DmaObserver,
 }
 
 /// A request the device will not carry out, and the status it gets.
@@ -191,6 +203,12 @@ impl RequestContext<'_> {
     /// (data plus the status byte), or 0 for a chain with no room for a
     /// status byte.
     pub fn handle(&self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
+        let written = self.handle_request(mem, chain.clone());
+        note_dma_writes(&chain, self.dma);
+        written
+    }
+
+    fn handle_request(&self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
         let (Ok(mut reader), Ok(mut writer)) = (Reader::<()>::new(mem, chain.clone()), Writer::<()>::new(mem, chain))
         else {
             self.metrics.invalid_requests.fetch_add(1, Ordering::Relaxed);

@@ -17,7 +17,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::{Activation, DmaObserver, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VENDOR: u32 = 0x4c53_5356; // "VSSL"
@@ -76,6 +76,7 @@ pub struct MmioTransport {
     regs: Vec<QueueRegs>,
     notifiers: Vec<EventFd>,
     broken: Arc<AtomicBool>,
+    dma: DmaObserver,
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -90,6 +91,7 @@ impl MmioTransport {
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
+        dma: DmaObserver,
     ) -> std::io::Result<Self> {
         let sizes = device.queue_max_sizes().to_vec();
         let notifiers = sizes
@@ -104,6 +106,7 @@ impl MmioTransport {
             regs: Vec::new(),
             notifiers,
             broken: Arc::new(AtomicBool::new(false)),
+            dma,
             status: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -349,6 +352,7 @@ impl MmioTransport {
             notifiers,
             interrupt: self.interrupt.clone(),
             broken: self.broken.clone(),
+            dma: self.dma.clone(),
         };
         match self.device.activate(self.driver_features, activation) {
             Ok(()) => self.active = true,

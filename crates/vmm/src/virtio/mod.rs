@@ -9,10 +9,14 @@
 //! ioeventfd. Devices never learn which engine runs.
 
 pub mod blk;
-// pub mod console;
+pub mod console;
+#[cfg(test)]
+mod device_tests;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mmio;
 pub mod net;
-mod queue;
+pub mod queue;
 pub mod rng;
 pub mod tap;
 mod worker;
@@ -79,6 +83,23 @@ impl Interrupt {
     }
 }
 
+/// Told of every guest-memory range a device wrote (DMA), so the engine
+/// can drop what it derived from the old bytes: under `emu`, cached
+/// decoded code; later, dirty-page tracking for migration.
+pub type DmaObserver = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// A [`DmaObserver`] for engines that need none.
+pub fn no_dma_observer() -> DmaObserver {
+    Arc::new(|_, _| {})
+}
+
+/// Report the device-writable buffers of `chain` as written.
+pub fn note_dma_writes(chain: &queue::Chain<'_>, dma: &DmaObserver) {
+    for d in chain.clone().writable() {
+        dma(d.addr().0, u64::from(d.len()));
+    }
+}
+
 /// What a device gets when the driver starts it.
 pub struct Activation {
     pub mem: GuestMemoryMmap,
@@ -88,6 +109,7 @@ pub struct Activation {
     /// Set when the device finds the driver broke the protocol (a bad
     /// ring index, say): the transport then shows NEEDS_RESET.
     pub broken: Arc<std::sync::atomic::AtomicBool>,
+    pub dma: DmaObserver,
 }
 
 /// A virtio device model, behind a transport.

@@ -17,7 +17,10 @@ use vmm_sys_util::epoll::EventSet;
 use super::queue::{report_broken, serve, QueueError};
 use super::tap::Tap;
 use super::worker::{Poller, Worker, STOP_TOKEN};
-use super::{read_config_bytes, Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::{
+    note_dma_writes, read_config_bytes, Activation, DmaObserver, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
 
 const QUEUE_SIZE: u16 = 256;
 /// struct virtio_net_hdr_v1: every frame is preceded by one.
@@ -93,6 +96,7 @@ impl VirtioDevice for Net {
             notifiers,
             interrupt,
             broken,
+            dma,
         } = a;
         self.worker = Some(Worker::spawn("virtio-net", move |poller| {
             let mut port = Port {
@@ -101,6 +105,7 @@ impl VirtioDevice for Net {
                 queues,
                 interrupt,
                 metrics,
+                dma,
                 pending: None,
                 buf: vec![0u8; HDR_LEN + MAX_FRAME],
                 tap_watched: true,
@@ -123,7 +128,11 @@ impl VirtioDevice for Net {
                         }
                         t if t == TX as u64 => {
                             let _ = notifiers[TX].read();
-                            port.transmit()
+                            port.transmit().map(|more| {
+                                if more {
+                                    let _ = notifiers[TX].write(1);
+                                }
+                            })
                         }
                         _ => port.receive(&poller),
                     };
@@ -149,6 +158,7 @@ struct Port {
     queues: Vec<Queue>,
     interrupt: Arc<Interrupt>,
     metrics: Arc<NetMetrics>,
+    dma: DmaObserver,
     /// A frame read from the tap that waits for a receive buffer.
     pending: Option<usize>,
     buf: Vec<u8>,
@@ -165,7 +175,9 @@ impl Port {
         }
         let mut delivered = false;
         let mut want_tap = true;
-        loop {
+        // Bounded, so that overlapping rings cannot hold the worker; the
+        // tap stays readable and brings us back.
+        for _ in 0..4 * usize::from(QUEUE_SIZE) {
             if self.pending.is_none() {
                 match self.tap.read_frame(&mut self.buf[HDR_LEN..]) {
                     Ok(n) => self.pending = Some(n),
@@ -187,6 +199,7 @@ impl Port {
             self.buf[..HDR_LEN].fill(0);
             self.buf[10] = 1;
             let frame = &self.buf[..HDR_LEN + len];
+            note_dma_writes(&chain, &self.dma);
             let written = match Writer::<()>::new(mem, chain) {
                 Ok(mut w) if w.available_bytes() >= frame.len() => w.write_all(frame).ok().map(|_| frame.len()),
                 _ => None,
@@ -218,11 +231,12 @@ impl Port {
         Ok(())
     }
 
-    /// Send every frame the driver queued.
-    fn transmit(&mut self) -> Result<(), QueueError> {
+    /// Send the frames the driver queued; true when some are left for
+    /// another round.
+    fn transmit(&mut self) -> Result<bool, QueueError> {
         let tx = &mut self.queues[TX];
         if !tx.ready() {
-            return Ok(());
+            return Ok(false);
         }
         let tap = &self.tap;
         let metrics = &self.metrics;

@@ -19,8 +19,15 @@ pub enum QueueError {
     NoProgress,
 }
 
-/// Serve all chains now available on `queue`. `handle` returns the number
-/// of bytes it wrote into the chain's device-writable buffers.
+/// Chains served in one call at most, in queue lengths: a driver that
+/// keeps the queue full (or rings that overlap, so that every used entry
+/// looks like a new available one) cannot hold the worker forever.
+const BUDGET_ROUNDS: usize = 4;
+
+/// Serve the chains available on `queue`. `handle` returns the number of
+/// bytes it wrote into the chain's device-writable buffers. Returns true
+/// when the budget ran out with work left: the caller must come back (by
+/// signalling the queue's eventfd to itself).
 ///
 /// A driver that breaks the ring protocol (an available index running more
 /// than a queue's length ahead, a head outside the table) gets an error
@@ -30,14 +37,19 @@ pub fn serve(
     mem: &GuestMemoryMmap,
     interrupt: &Interrupt,
     mut handle: impl FnMut(Chain<'_>) -> u32,
-) -> Result<(), QueueError> {
+) -> Result<bool, QueueError> {
     let mut used_any = false;
+    let mut budget = BUDGET_ROUNDS * usize::from(queue.size().max(1));
     let result = (|| loop {
+        if budget == 0 {
+            return Ok(true);
+        }
         queue.disable_notification(mem)?;
         let chains: Vec<Chain<'_>> = queue.iter(mem)?.collect();
         if chains.is_empty() && queue.avail_idx(mem, Ordering::Acquire)? != std::num::Wrapping(queue.next_avail()) {
             return Err(QueueError::NoProgress);
         }
+        budget = budget.saturating_sub(chains.len());
         for chain in chains {
             let head = chain.head_index();
             let len = handle(chain);
@@ -45,7 +57,7 @@ pub fn serve(
             used_any = true;
         }
         if !queue.enable_notification(mem)? {
-            return Ok(());
+            return Ok(false);
         }
     })();
     if used_any && queue.needs_notification(mem).unwrap_or(true) {

@@ -10,7 +10,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::queue::{report_broken, serve};
 use super::worker::{Worker, STOP_TOKEN};
-use super::{Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{note_dma_writes, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 64;
 /// Bytes given per request at most; the driver asks again for more.
@@ -62,6 +62,7 @@ impl VirtioDevice for Rng {
             notifiers,
             interrupt,
             broken,
+            dma,
         } = a;
         self.worker = Some(Worker::spawn("virtio-rng", move |poller| {
             if poller.add(notifiers[0].as_raw_fd(), 0, EventSet::IN).is_err() {
@@ -78,6 +79,7 @@ impl VirtioDevice for Rng {
                         continue;
                     }
                     let result = serve(&mut queues[0], &mem, &interrupt, |chain| {
+                        note_dma_writes(&chain, &dma);
                         let Ok(mut w) = Writer::<()>::new(&mem, chain) else {
                             return 0;
                         };
@@ -87,6 +89,9 @@ impl VirtioDevice for Rng {
                         }
                         n as u32
                     });
+                    if let Ok(true) = result {
+                        let _ = notifiers[0].write(1);
+                    }
                     if let Err(e) = result {
                         report_broken(&broken, &interrupt, "virtio-rng", &e);
                     }
