@@ -162,9 +162,13 @@ fn debian_stock_kernel_uses_acpi_and_powers_off() {
 /// virtio and ext4 modules, virtio_mmio binds the devices that ACPI
 /// describes (LNRO0005), and the guest switches to an ext4 root on a
 /// read-only virtio-blk disk, where it reaches a shell and runs the command.
+/// virtio-rng and virtio-console bind through ACPI too.
 #[test]
 fn debian_stock_kernel_boots_from_ext4_root_on_virtio_blk() {
     let root = artifact("debian/root.ext4");
+    let dir = std::env::temp_dir().join(format!("vessel-debian-hvc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hvc = dir.join("hvc0.log");
     let o = vessel()
         .args(["run", "--accel", "emu", "--mem", "512M"])
         .arg("--kernel")
@@ -174,12 +178,15 @@ fn debian_stock_kernel_boots_from_ext4_root_on_virtio_blk() {
         .arg("--disk")
         .arg(format!("path={},readonly=on", root.display()))
         .arg("--rng")
+        .arg("--console-output")
+        .arg(&hvc)
         .arg("--cmdline")
         .arg(format!(
             "console=ttyS0 reboot=k panic=-1 root=/dev/vda ro vessel.end=poweroff vessel.cmd={}",
             b64("cat /etc/vessel-root; grep ' / ' /proc/mounts; cat /sys/block/vda/ro; \
                  cat /sys/class/misc/hw_random/rng_current; \
-                 ls /sys/bus/platform/drivers/virtio-mmio; echo sum=$((40+2))")
+                 ls /sys/bus/platform/drivers/virtio-mmio; echo sum=$((40+2)); \
+                 echo debian-hvc-$((6*7)) > /dev/hvc0")
         ))
         .stdin(Stdio::null())
         .output()
@@ -192,12 +199,16 @@ fn debian_stock_kernel_boots_from_ext4_root_on_virtio_blk() {
         "virtio_rng.0",
         "LNRO0005:00",
         "LNRO0005:01",
+        "LNRO0005:02",
         "sum=42",
         "reboot: Power down",
     ] {
         assert!(s.contains(want), "no {want:?} in:\n{s}");
     }
     assert!(!s.contains("vessel-initramfs:"), "the initramfs complained:\n{s}");
+    let text = std::fs::read_to_string(&hvc).unwrap_or_default();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(text.contains("debian-hvc-42"), "virtio-console output: {text:?}");
 }
 
 /// Without `reboot=k`, Debian's kernel on hardware-reduced ACPI reboots
