@@ -12,7 +12,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use x86emu::state::{flags, CpuState, Segment};
 use x86emu::{Bus, CodeMap, Cpu, CpuConfig, Exit};
 
+use crate::acpi::{self, VirtioSlot};
 use crate::boot::{self, BootSpec};
+use crate::devices::acpi_pm::{self, PowerAction};
 use crate::devices::i8042::{self, I8042};
 use crate::devices::irq::{InterruptRouter, Interrupts};
 use crate::devices::irq_line::EmuLine;
@@ -71,8 +73,9 @@ pub enum RunOutcome {
     /// The guest reset the machine through the i8042 (Linux `reboot=k`);
     /// with no ACPI this is how our guests power off, as in Firecracker.
     Reset,
-    /// Every vCPU halted with interrupts disabled. Without ACPI this is how
-    /// Linux powers off ("reboot: System halted"): nothing can wake it.
+    /// The guest powered off through ACPI (S5 in the sleep control
+    /// register), or every vCPU halted with interrupts disabled: without
+    /// ACPI this is how Linux powers off ("reboot: System halted").
     PowerOff,
     /// A triple fault: the vCPU's registers at the time, formatted.
     TripleFault(String),
@@ -191,6 +194,7 @@ unsafe impl Bus for VcpuBus {
             }
             i8042::DATA_PORT | i8042::STATUS_PORT => self.shared.platform().i8042.read(port) as u32,
             0x70 | 0x71 => self.shared.platform().rtc.read(port, now) as u32,
+            p if acpi_pm::handles(p) => acpi_pm::read(p) as u32,
             _ => match self.shared.irqs.with(|r| r.io_read(port, now)) {
                 Some(v) => v as u32,
                 None => u32::MAX,
@@ -216,6 +220,11 @@ unsafe impl Bus for VcpuBus {
                 }
             }
             0x70 | 0x71 => self.shared.platform().rtc.write(port, value as u8, now),
+            p if acpi_pm::handles(p) => match acpi_pm::action(p, value as u8) {
+                PowerAction::PowerOff => self.shared.request_stop(STOP_HALTED),
+                PowerAction::Reset => self.shared.request_stop(STOP_RESET),
+                PowerAction::None => {}
+            },
             _ => {
                 self.shared.irqs.with(|r| r.io_write(port, value as u8, now));
             }
@@ -296,6 +305,16 @@ impl Machine {
                 virtio::FIRST_IRQ + i as u32
             ));
         }
+        // ACPI for kernels that have it (the same virtio devices, as
+        // LNRO0005 nodes); the MP table for those that do not.
+        let slots: Vec<VirtioSlot> = (0..devices.len())
+            .map(|i| VirtioSlot {
+                base: virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE,
+                size: virtio::MMIO_SIZE,
+                gsi: virtio::FIRST_IRQ + i as u32,
+            })
+            .collect();
+        let rsdp = acpi::setup_acpi(&mem, cfg.cpus as u8, &slots)?;
         let boot_state = boot::load(
             &mem,
             &BootSpec {
@@ -303,6 +322,7 @@ impl Machine {
                 initrd: cfg.initrd.as_deref(),
                 cmdline: &cmdline,
                 mem_size: cfg.mem_size,
+                acpi_rsdp: Some(rsdp.0),
             },
         )?;
         mptable::setup_mptable(&mem, cfg.cpus as u8).map_err(|e| Error::Memory(format!("MP table: {e}")))?;
