@@ -2,15 +2,18 @@
 # Build every test guest artifact into $VESSEL_CACHE (default ~/.cache/vessel):
 # kernel, initramfs, disk. WITH_DEBIAN_KERNEL=1 also fetches Debian's stock
 # kernel and builds its initramfs (virtio and ext4 modules) and root disk.
-# Also installs acpica-tools: the vmm crate's tests disassemble its ACPI
-# tables with iasl. Each step skips itself when its outputs are up to date.
+# Also installs the host tools the tests use: acpica-tools (iasl
+# disassembles our ACPI tables), qemu-utils (qemu-img and qemu-io judge our
+# qcow2 images), qemu-system-x86 (the reference VMM for benchmarks and the
+# nested-KVM test), iproute2 (network namespaces), e2fsprogs (debugfs reads
+# guest-written file systems). Each step skips itself when up to date.
 set -euo pipefail
 
 here=$(dirname "${BASH_SOURCE[0]}")
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$here/lib.sh"
 
-ensure_pkgs acpica-tools
+ensure_pkgs acpica-tools qemu-utils qemu-system-x86 iproute2 e2fsprogs
 "$here/build-kernel.sh"
 "$here/build-initramfs.sh"
 "$here/build-disk.sh"
