@@ -98,6 +98,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings, String> {
         .map(|d| vmm::machine::DiskConfig {
             path: d.path.clone(),
             read_only: d.readonly,
+            allow_absolute_backing: d.allow_absolute_backing,
         })
         .collect();
     disks.extend(args.disks);

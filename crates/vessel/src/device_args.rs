@@ -29,15 +29,25 @@ fn parse_switch(key: &str, v: &str) -> Result<bool, String> {
 pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let mut path = None;
     let mut read_only = false;
+    let mut allow_absolute_backing = false;
     for (k, v) in pairs(s, "path")? {
         match k {
             "path" => path = Some(PathBuf::from(v)),
             "readonly" | "ro" => read_only = parse_switch(k, v)?,
-            _ => return Err(format!("--disk: unknown option '{k}' (known: path, readonly)")),
+            "allow-absolute-backing" => allow_absolute_backing = parse_switch(k, v)?,
+            _ => {
+                return Err(format!(
+                    "--disk: unknown option '{k}' (known: path, readonly, allow-absolute-backing)"
+                ))
+            }
         }
     }
     let path = path.ok_or_else(|| format!("--disk {s}: no path= given"))?;
-    Ok(DiskConfig { path, read_only })
+    Ok(DiskConfig {
+        path,
+        read_only,
+        allow_absolute_backing,
+    })
 }
 
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -82,6 +92,8 @@ pub struct DiskEntry {
     pub path: PathBuf,
     #[serde(default)]
     pub readonly: bool,
+    #[serde(default)]
+    pub allow_absolute_backing: bool,
 }
 
 /// A network device in the machine file.
@@ -113,6 +125,11 @@ mod tests {
     fn disks() {
         let d = parse_disk("path=/a/b.img,readonly=on").unwrap();
         assert_eq!((d.path, d.read_only), (PathBuf::from("/a/b.img"), true));
+        assert!(
+            parse_disk("path=a,allow-absolute-backing=on")
+                .unwrap()
+                .allow_absolute_backing
+        );
         let d = parse_disk("x.img").unwrap();
         assert_eq!((d.path, d.read_only), (PathBuf::from("x.img"), false));
         assert!(parse_disk("readonly=on").unwrap_err().contains("no path"));

@@ -56,6 +56,9 @@ pub struct MachineConfig {
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
+    /// Follow qcow2 backing-file names that are absolute or contain `..`
+    /// (by default only names relative to the image, inside its folder).
+    pub allow_absolute_backing: bool,
 }
 
 /// A virtio-net device on a TAP interface.
@@ -416,8 +419,14 @@ fn create_virtio_devices(
     let dma: virtio::DmaObserver = Arc::new(move |gpa, len| code_map.invalidate_range(gpa, len));
     let mut models: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for d in &cfg.disks {
-        let backend = disk::open(&d.path, &disk::OpenOptions { read_only: d.read_only })
-            .map_err(|e| Error::Config(format!("disk {e}")))?;
+        let backend = disk::open_with(
+            &d.path,
+            &disk::OpenOptions { read_only: d.read_only },
+            &disk::BackingRules {
+                allow_absolute_backing: d.allow_absolute_backing,
+            },
+        )
+        .map_err(|e| Error::Config(format!("disk {e}")))?;
         models.push(Box::new(Block::new(Arc::from(backend))));
     }
     for n in &cfg.nets {
