@@ -6,22 +6,20 @@
 //! VMM keeps running.
 
 use std::io::{Read, Write};
-use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use disk::BlockBackend;
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueT, Reader, Writer};
+use virtio_queue::{Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::EventSet;
 
-use super::queue::{report_broken, serve, Chain};
-use super::worker::{Worker, STOP_TOKEN};
+use super::queue::Chain;
+use super::worker::{spawn_queue_worker, Worker};
 use super::{
-    note_dma_writes, read_config_bytes, Activation, DmaObserver, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    note_dma_writes, read_config_bytes, Activation, DmaObserver, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -124,64 +122,19 @@ impl VirtioDevice for Block {
     fn activate(&mut self, _acked: u64, a: Activation) -> std::io::Result<()> {
         let disk = self.disk.clone();
         let metrics = self.metrics.clone();
-        let Activation {
-            mem,
-            mut queues,
-            notifiers,
-            interrupt,
-            broken,
-            dma,
-        } = a;
-        let worker = Worker::spawn("virtio-blk", move |poller| {
-            let notify = &notifiers[0];
-            if let Err(e) = poller.add(notify.as_raw_fd(), 0, EventSet::IN) {
-                tracing::error!("virtio-blk: cannot watch the queue: {e}");
-                return queues;
-            }
-            let ctx = RequestContext {
+        self.worker = Some(spawn_queue_worker("virtio-blk", a, 0, move |mem, chain, dma| {
+            RequestContext {
                 disk: &*disk,
                 metrics: &metrics,
-                dma: &dma,
-            };
-            loop {
-                for token in poller.wait() {
-                    if token == STOP_TOKEN {
-                        return queues;
-                    }
-                    let _ = notify.read();
-                    if !broken.load(Ordering::Acquire) && serve_queue(&mut queues[0], &mem, &interrupt, &broken, &ctx) {
-                        // Work left over: come back after other events.
-                        let _ = notify.write(1);
-                    }
-                }
+                dma,
             }
-        })?;
-        self.worker = Some(worker);
+            .handle(mem, chain)
+        })?);
         Ok(())
     }
 
     fn deactivate(&mut self) -> Option<Vec<Queue>> {
         self.worker.take().map(Worker::stop)
-    }
-}
-
-/// Serve the request queue; true when work is left for another round.
-fn serve_queue(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    interrupt: &Interrupt,
-    broken: &AtomicBool,
-    ctx: &RequestContext,
-) -> bool {
-    if !queue.ready() {
-        return false;
-    }
-    match serve(queue, mem, interrupt, |chain| ctx.handle(mem, chain)) {
-        Ok(more) => more,
-        Err(e) => {
-            report_broken(broken, interrupt, "virtio-blk", &e);
-            false
-        }
     }
 }
 

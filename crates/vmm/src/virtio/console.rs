@@ -4,15 +4,11 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::io::AsRawFd;
-use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
-use virtio_queue::{Queue, QueueT, Reader};
-use vmm_sys_util::epoll::EventSet;
+use virtio_queue::{Queue, Reader};
 
-use super::queue::{report_broken, serve};
-use super::worker::{Worker, STOP_TOKEN};
+use super::worker::{spawn_queue_worker, Worker};
 use super::{Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 64;
@@ -51,45 +47,15 @@ impl VirtioDevice for Console {
 
     fn activate(&mut self, _acked: u64, a: Activation) -> std::io::Result<()> {
         let mut output = self.output.try_clone()?;
-        let Activation {
-            mem,
-            mut queues,
-            notifiers,
-            interrupt,
-            broken,
-            dma: _,
-        } = a;
-        self.worker = Some(Worker::spawn("virtio-console", move |poller| {
-            if poller.add(notifiers[TX].as_raw_fd(), TX as u64, EventSet::IN).is_err() {
-                return queues;
-            }
-            let mut buf = vec![0u8; MAX_CHUNK];
-            loop {
-                for token in poller.wait() {
-                    if token == STOP_TOKEN {
-                        return queues;
-                    }
-                    let _ = notifiers[TX].read();
-                    if broken.load(Ordering::Acquire) || !queues[TX].ready() {
-                        continue;
-                    }
-                    let result = serve(&mut queues[TX], &mem, &interrupt, |chain| {
-                        if let Ok(mut r) = Reader::<()>::new(&mem, chain) {
-                            let n = r.available_bytes().min(MAX_CHUNK);
-                            if r.read_exact(&mut buf[..n]).is_ok() {
-                                let _ = output.write_all(&buf[..n]);
-                            }
-                        }
-                        0
-                    });
-                    if let Ok(true) = result {
-                        let _ = notifiers[TX].write(1);
-                    }
-                    if let Err(e) = result {
-                        report_broken(&broken, &interrupt, "virtio-console", &e);
-                    }
+        let mut buf = vec![0u8; MAX_CHUNK];
+        self.worker = Some(spawn_queue_worker("virtio-console", a, TX, move |mem, chain, _dma| {
+            if let Ok(mut r) = Reader::<()>::new(mem, chain) {
+                let n = r.available_bytes().min(MAX_CHUNK);
+                if r.read_exact(&mut buf[..n]).is_ok() {
+                    let _ = output.write_all(&buf[..n]);
                 }
             }
+            0
         })?);
         Ok(())
     }

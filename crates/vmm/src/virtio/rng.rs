@@ -1,15 +1,11 @@
 //! virtio-rng: fills the driver's buffers from the host's getrandom(2).
 
 use std::io::Write;
-use std::os::unix::io::AsRawFd;
-use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{Queue, QueueT, Writer};
-use vmm_sys_util::epoll::EventSet;
+use virtio_queue::{Queue, Writer};
 
-use super::queue::{report_broken, serve};
-use super::worker::{Worker, STOP_TOKEN};
+use super::worker::{spawn_queue_worker, Worker};
 use super::{note_dma_writes, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 64;
@@ -56,47 +52,17 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, _acked: u64, a: Activation) -> std::io::Result<()> {
-        let Activation {
-            mem,
-            mut queues,
-            notifiers,
-            interrupt,
-            broken,
-            dma,
-        } = a;
-        self.worker = Some(Worker::spawn("virtio-rng", move |poller| {
-            if poller.add(notifiers[0].as_raw_fd(), 0, EventSet::IN).is_err() {
-                return queues;
+        let mut buf = vec![0u8; MAX_REQUEST];
+        self.worker = Some(spawn_queue_worker("virtio-rng", a, 0, move |mem, chain, dma| {
+            note_dma_writes(&chain, dma);
+            let Ok(mut w) = Writer::<()>::new(mem, chain) else {
+                return 0;
+            };
+            let n = w.available_bytes().min(MAX_REQUEST);
+            if !fill_random(&mut buf[..n]) || w.write_all(&buf[..n]).is_err() {
+                return 0;
             }
-            let mut buf = vec![0u8; MAX_REQUEST];
-            loop {
-                for token in poller.wait() {
-                    if token == STOP_TOKEN {
-                        return queues;
-                    }
-                    let _ = notifiers[0].read();
-                    if broken.load(Ordering::Acquire) || !queues[0].ready() {
-                        continue;
-                    }
-                    let result = serve(&mut queues[0], &mem, &interrupt, |chain| {
-                        note_dma_writes(&chain, &dma);
-                        let Ok(mut w) = Writer::<()>::new(&mem, chain) else {
-                            return 0;
-                        };
-                        let n = w.available_bytes().min(MAX_REQUEST);
-                        if !fill_random(&mut buf[..n]) || w.write_all(&buf[..n]).is_err() {
-                            return 0;
-                        }
-                        n as u32
-                    });
-                    if let Ok(true) = result {
-                        let _ = notifiers[0].write(1);
-                    }
-                    if let Err(e) = result {
-                        report_broken(&broken, &interrupt, "virtio-rng", &e);
-                    }
-                }
-            }
+            n as u32
         })?);
         Ok(())
     }

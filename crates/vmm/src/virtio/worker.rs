@@ -5,9 +5,15 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
-use virtio_queue::Queue;
+use std::sync::atomic::Ordering;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::queue::{report_broken, serve, Chain};
+use super::{Activation, DmaObserver};
 
 /// The token the stop eventfd reports with.
 pub const STOP_TOKEN: u64 = u64::MAX;
@@ -89,4 +95,50 @@ impl Poller {
             }
         }
     }
+}
+
+/// Serve queue `q` of an activated device on a worker thread: wait for its
+/// doorbell, serve the available chains with `handle` (which returns the
+/// bytes it wrote into the chain), repeat. The device's other queues stay
+/// idle. A driver that breaks the ring protocol marks the device broken.
+pub fn spawn_queue_worker<F>(name: &'static str, a: Activation, q: usize, mut handle: F) -> io::Result<Worker>
+where
+    F: FnMut(&GuestMemoryMmap, Chain<'_>, &DmaObserver) -> u32 + Send + 'static,
+{
+    let Activation {
+        mem,
+        mut queues,
+        notifiers,
+        interrupt,
+        broken,
+        dma,
+    } = a;
+    Worker::spawn(name, move |poller| {
+        let Some(notify) = notifiers.get(q) else {
+            return queues;
+        };
+        if let Err(e) = poller.add(notify.as_raw_fd(), q as u64, EventSet::IN) {
+            tracing::error!("{name}: cannot watch queue {q}: {e}");
+            return queues;
+        }
+        loop {
+            for token in poller.wait() {
+                if token == STOP_TOKEN {
+                    return queues;
+                }
+                let _ = notify.read();
+                if broken.load(Ordering::Acquire) || !queues[q].ready() {
+                    continue;
+                }
+                match serve(&mut queues[q], &mem, &interrupt, |chain| handle(&mem, chain, &dma)) {
+                    // Work left over: come back after other events.
+                    Ok(true) => {
+                        let _ = notify.write(1);
+                    }
+                    Ok(false) => {}
+                    Err(e) => report_broken(&broken, &interrupt, name, &e),
+                }
+            }
+        }
+    })
 }
