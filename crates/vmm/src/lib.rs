@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod devices;
+pub mod kvm;
 pub mod machine;
 pub mod memory;
 
@@ -21,6 +22,8 @@ pub enum Error {
     Cmdline(String),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error(transparent)]
+    Kvm(#[from] kvm::KvmError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
