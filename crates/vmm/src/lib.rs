@@ -3,11 +3,14 @@
 
 pub mod boot;
 pub mod devices;
+pub mod emu;
+pub mod engine;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
 
-pub use machine::{Machine, MachineConfig, RunOutcome};
+pub use engine::{Accel, EngineKind};
+pub use machine::{Machine, MachineConfig, RunOutcome, VmHandle};
 
 /// Errors from building or running a machine.
 #[derive(Debug, thiserror::Error)]

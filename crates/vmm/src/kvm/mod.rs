@@ -10,7 +10,7 @@
 //! - [`engine`] runs a machine's vCPUs, one thread each, with pause/resume.
 
 pub mod cpuid;
-// engine: later
+pub mod engine;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
