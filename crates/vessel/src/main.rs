@@ -1,5 +1,7 @@
 //! `vessel`: run a virtual machine.
 //!
+//! SIGUSR1 pauses the VM and SIGUSR2 resumes it.
+//!
 //! Exit codes: 0 when the guest powers off or resets (Linux `reboot=k`) or
 //! the user quits with Ctrl-A x; 2 for a configuration or image error; 4 for
 //! a guest triple fault or a fault the engine reports (the vCPU's registers
@@ -7,6 +9,7 @@
 
 mod config;
 mod console;
+mod control;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,6 +101,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    control::block_signals();
     let machine = match vmm::Machine::with_engine(&settings.machine, Box::new(std::io::stdout()), engine) {
         Ok(m) => m,
         Err(e) => {
@@ -107,6 +111,7 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let raw = console::RawMode::enable();
     console::spawn_input(machine.input_handle());
+    control::spawn(machine.vm_handle());
     let outcome = machine.run();
     drop(raw);
     match outcome {
