@@ -5,6 +5,9 @@
 #   /hello.txt    "hello from the vessel test disk\n"
 #   /pattern.bin  1 MiB: byte i is (i mod 251)
 #   /SHA256SUMS   sha256sum of both, in sha256sum -c format
+#   /tools/mkfs.ext4  e2fsprogs' mke2fs with its libraries, for guests to
+#                 make file systems (busybox's mke2fs makes only ext2):
+#                 `sh /mnt/tools/mkfs.ext4 /dev/vda`
 # The image is reproducible (fixed UUID, hash seed and timestamps).
 # Skips the work when nothing changed; FORCE=1 redoes it.
 set -euo pipefail
@@ -19,7 +22,7 @@ UUID=5e55e100-0000-4000-8000-000000000001
 
 ensure_pkgs e2fsprogs python3
 
-want=$(hash_of "${BASH_SOURCE[0]}" -- "$(pkg_version e2fsprogs)")
+want=$(hash_of "${BASH_SOURCE[0]}" -- "$(pkg_version e2fsprogs)" "$(pkg_version libc6)")
 if [[ ${FORCE:-0} != 1 ]] && up_to_date "$STAMP" "$want" "$OUT"; then
 	log "disk up to date: $OUT"
 	exit 0
@@ -34,15 +37,28 @@ printf 'hello from the vessel test disk\n' >"$root/hello.txt"
 python3 -c 'import sys; sys.stdout.buffer.write(bytes(i % 251 for i in range(1 << 20)))' >"$root/pattern.bin"
 (cd "$root" && sha256sum hello.txt pattern.bin >SHA256SUMS)
 chmod 0644 "$root"/*
-touch -d @0 "$root" "$root"/*
+tools=$root/tools
+mkdir -p "$tools/lib"
+install -m 0755 /sbin/mke2fs "$tools/mke2fs"
+install -m 0644 /etc/mke2fs.conf "$tools/mke2fs.conf"
+for l in $(ldd /sbin/mke2fs | grep -o '/[^ ]*\.so[^ ]*' | sort -u); do
+	install -m 0755 "$(readlink -f "$l")" "$tools/lib/$(basename "$l")"
+done
+cat >"$tools/mkfs.ext4" <<'SH'
+#!/bin/sh
+d=${0%/*}
+MKE2FS_CONFIG=$d/mke2fs.conf exec "$d/lib/ld-linux-x86-64.so.2" --library-path "$d/lib" "$d/mke2fs" -t ext4 "$@"
+SH
+chmod 0755 "$tools/mkfs.ext4"
+find "$root" -exec touch -h -d @0 {} +
 
 mkdir -p "$VESSEL_CACHE"
 rm -f "$OUT.tmp"
 E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -q -F -L vessel -U "$UUID" \
 	-E "hash_seed=$UUID,root_owner=0:0" -d "$root" "$OUT.tmp" "$SIZE" >/dev/null
 # mkfs -d copies each file's ctime, which touch cannot set: pin it here.
-for f in "$root"/*; do
-	printf 'set_inode_field /%s ctime 0\n' "${f##*/}"
+(cd "$root" && find . -mindepth 1) | while read -r f; do
+	printf 'set_inode_field /%s ctime 0\n' "${f#./}"
 done | E2FSPROGS_FAKE_TIME=1 debugfs -w -f - "$OUT.tmp" >/dev/null 2>&1
 e2fsck -fn "$OUT.tmp" >/dev/null 2>&1 || die "e2fsck found errors in $OUT.tmp"
 mv "$OUT.tmp" "$OUT"

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::device_args::{DiskEntry, NetEntry};
 use crate::RunArgs;
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
@@ -24,6 +25,11 @@ struct MachineFile {
     mem: Option<Size>,
     cpus: Option<u32>,
     accel: Option<String>,
+    #[serde(default)]
+    disks: Vec<DiskEntry>,
+    #[serde(default)]
+    nets: Vec<NetEntry>,
+    rng: Option<bool>,
 }
 
 /// A size as a number of bytes or a string like "256M".
@@ -63,6 +69,9 @@ fn load_file(path: &Path) -> Result<MachineFile, String> {
     let rebase = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
     f.kernel = f.kernel.map(rebase);
     f.initrd = f.initrd.map(rebase);
+    for d in &mut f.disks {
+        d.path = rebase(std::mem::take(&mut d.path));
+    }
     Ok(f)
 }
 
@@ -82,6 +91,22 @@ pub fn resolve(args: RunArgs) -> Result<Settings, String> {
         (None, Some(Size::Text(t))) => parse_size(&t)?,
         (None, None) => DEFAULT_MEM,
     };
+    // Devices from the file come first, then those from flags.
+    let mut disks: Vec<vmm::machine::DiskConfig> = file
+        .disks
+        .iter()
+        .map(|d| vmm::machine::DiskConfig {
+            path: d.path.clone(),
+            read_only: d.readonly,
+        })
+        .collect();
+    disks.extend(args.disks);
+    let mut nets = file
+        .nets
+        .iter()
+        .map(NetEntry::to_config)
+        .collect::<Result<Vec<_>, _>>()?;
+    nets.extend(args.nets);
     Ok(Settings {
         machine: vmm::MachineConfig {
             kernel,
@@ -92,6 +117,10 @@ pub fn resolve(args: RunArgs) -> Result<Settings, String> {
                 .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
             mem_size: mem,
             cpus: args.cpus.or(file.cpus).unwrap_or(1),
+            disks,
+            nets,
+            rng: args.rng || file.rng.unwrap_or(false),
+            console_output: args.console_output,
         },
         accel: args.accel.or(file.accel).unwrap_or_else(|| "emu".to_string()),
     })
@@ -110,6 +139,10 @@ mod tests {
             mem: None,
             cpus: None,
             accel: None,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
+            console_output: None,
         }
     }
 

@@ -10,6 +10,7 @@
 mod config;
 mod console;
 mod control;
+mod device_args;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +57,21 @@ pub struct RunArgs {
     /// guests, emu otherwise) [default: emu].
     #[arg(long)]
     accel: Option<String>,
+    /// A virtio-blk disk: path=IMAGE[,readonly=on]. Repeatable; the first
+    /// is /dev/vda in the guest.
+    #[arg(long = "disk", value_name = "path=IMG[,readonly=on]", value_parser = device_args::parse_disk)]
+    disks: Vec<vmm::machine::DiskConfig>,
+    /// A virtio-net device on a TAP interface: [tap=NAME][,mac=MAC].
+    /// Repeatable. The tap is opened if it exists and created otherwise.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = device_args::parse_net)]
+    nets: Vec<vmm::machine::NetConfig>,
+    /// Offer a virtio-rng device fed by the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+    /// Add a virtio-console (/dev/hvc0 in the guest) and append its output
+    /// to this file.
+    #[arg(long, value_name = "FILE")]
+    console_output: Option<PathBuf>,
 }
 
 static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

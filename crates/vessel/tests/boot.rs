@@ -5,47 +5,13 @@
 //! `scripts/test-all` first), cached in `$VESSEL_CACHE` or
 //! `~/.cache/vessel`.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn cache() -> PathBuf {
-    std::env::var_os("VESSEL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/vessel"))
-}
-
-fn artifact(rel: &str) -> PathBuf {
-    let p = cache().join(rel);
-    assert!(
-        p.exists(),
-        "{} is missing: run guest/build-all.sh first (scripts/test-all does)",
-        p.display()
-    );
-    p
-}
-
-fn vessel() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vessel"))
-}
-
-fn b64(s: &str) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let b = s.as_bytes();
-    let mut out = String::new();
-    for c in b.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
+use common::{artifact, assert_clean_run, b64, stdout, vessel};
 
 /// Boot `kernel` with the minimal initramfs, run `cmd` in the guest, and
 /// wait for Vessel to exit.
@@ -65,23 +31,6 @@ fn boot(kernel: &str, cpus: u32, mem: &str, cmd: &str, end: &str) -> Output {
         .output()
         .expect("run vessel");
     out
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn assert_clean_run(o: &Output) {
-    assert!(
-        o.status.success(),
-        "vessel exited with {:?}\nstderr: {}\nstdout tail: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr),
-        stdout(o).lines().rev().take(30).collect::<Vec<_>>().join("\n")
-    );
-    let s = stdout(o);
-    assert!(s.contains("VESSEL-GUEST-READY"), "no marker in:\n{s}");
-    assert!(s.contains("VESSEL-CMD-EXIT=0"), "command failed:\n{s}");
 }
 
 #[test]

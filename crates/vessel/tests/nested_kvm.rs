@@ -36,15 +36,23 @@ fn b64(s: &str) -> String {
 /// The script the QEMU guest runs: boot the minimal guest under kvm with
 /// each vCPU count, print its console prefixed, then one result line.
 fn outer_script(cpus: &[u32]) -> String {
-    let inner = b64("echo inner-cpus=$(grep -c ^processor /proc/cpuinfo) inner-clock=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)");
+    let inner = b64("echo inner-cpus=$(grep -c ^processor /proc/cpuinfo) \
+         inner-clock=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource); \
+         echo inner-rng=$(cat /sys/class/misc/hw_random/rng_current) \
+         inner-rng-bytes=$(dd if=/dev/hwrng bs=16 count=1 2>/dev/null | od -An -tx1 | tr -d ' \\n' | wc -c); \
+         echo written-by-the-guest | dd of=/dev/vda conv=fsync 2>/dev/null; \
+         echo inner-blk=$(dd if=/dev/vda bs=20 count=1 2>/dev/null)");
     let mut s = String::new();
     for n in cpus {
         s.push_str(&format!(
-            "start=$(cat /proc/uptime); /bin/vessel run --accel kvm --cpus {n} --mem 256M --kernel /guest/vmlinux \
-             --initrd /guest/initramfs.cpio.gz --cmdline 'console=ttyS0 reboot=k panic=-1 vessel.cmd={inner}' \
+            "dd if=/dev/zero of=/tmp/d{n}.img bs=1M count=4 2>/dev/null; \
+             start=$(cat /proc/uptime); /bin/vessel run --accel kvm --cpus {n} --mem 256M --kernel /guest/vmlinux \
+             --rng --disk path=/tmp/d{n}.img --initrd /guest/initramfs.cpio.gz --cmdline 'console=ttyS0 reboot=k panic=-1 vessel.cmd={inner}' \
              >/tmp/out{n} 2>&1 </dev/null; rc=$?; end=$(cat /proc/uptime); sed 's/^/inner{n}: /' /tmp/out{n}; \
              echo \"NESTED-RESULT cpus={n} rc=$rc ready=$(grep -c VESSEL-GUEST-READY /tmp/out{n}) \
              $(grep -o 'inner-cpus=[0-9]*' /tmp/out{n}) $(grep -o 'inner-clock=[a-z-]*' /tmp/out{n}) \
+             $(grep -o 'inner-rng=[a-z_]*' /tmp/out{n}) $(grep -o 'inner-rng-bytes=[0-9]*' /tmp/out{n}) \
+             $(grep -o 'inner-blk=[a-z-]*' /tmp/out{n}) host-blk=$(head -c 20 /tmp/d{n}.img) \
              start=${{start%% *}} end=${{end%% *}}\"\n"
         ));
     }
@@ -101,6 +109,20 @@ fn nested_svm_boots_the_guest_with_kvm() {
         assert!(
             line.contains("inner-clock=kvm-clock"),
             "guest did not use kvmclock: {line}"
+        );
+        // virtio under kvm: doorbells through ioeventfd, interrupts through irqfd.
+        assert!(line.contains("inner-rng=virtio_rng"), "no virtio-rng: {line}\n{text}");
+        assert!(
+            line.contains("inner-rng-bytes=32 "),
+            "no bytes from virtio-rng: {line}\n{text}"
+        );
+        assert!(
+            line.contains("inner-blk=written-by-the-guest "),
+            "virtio-blk read back: {line}\n{text}"
+        );
+        assert!(
+            line.contains("host-blk=written-by-the-guest "),
+            "virtio-blk on the host: {line}\n{text}"
         );
         assert!(
             text.contains(&format!("inner{n}: VESSEL-CMD-EXIT=0")),

@@ -19,10 +19,10 @@ pub struct EmuEngine {
 }
 
 impl EmuEngine {
-    /// `count` vCPUs over `mem_end` bytes of physical address space; the
-    /// BSP starts in `boot_state`, the others wait for INIT/SIPI.
-    pub fn new(count: u32, mem_end: u64, boot_state: &CpuState) -> Self {
-        let code_map = Arc::new(CodeMap::new(mem_end));
+    /// `count` vCPUs sharing `code_map` (decoded code of the guest's
+    /// physical memory); the BSP starts in `boot_state`, the others wait
+    /// for INIT/SIPI.
+    pub fn new(count: u32, code_map: Arc<CodeMap>, boot_state: &CpuState) -> Self {
         let cpus = (0..count)
             .map(|i| {
                 let config = CpuConfig {

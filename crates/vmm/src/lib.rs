@@ -8,6 +8,7 @@ pub mod engine;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+pub mod virtio;
 
 pub use engine::{Accel, EngineKind};
 pub use machine::{Machine, MachineConfig, RunOutcome, VmHandle};

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
-use x86emu::Bus;
+use x86emu::{Bus, CodeMap};
 
 use crate::boot::{self, BootSpec};
 use crate::devices::i8042::{self, I8042};
@@ -22,6 +22,10 @@ pub use crate::emu::format_regs;
 use crate::emu::EmuEngine;
 use crate::engine::{Control, Engine, EngineKind};
 use crate::memory;
+use crate::virtio::console::Console;
+use crate::virtio::net::{random_mac, Net};
+use crate::virtio::tap::Tap;
+use crate::virtio::{self, blk::Block, mmio::MmioTransport, rng::Rng, Interrupt, VirtioDevice};
 use crate::{Error, Result};
 
 /// Guest TSC rate, advertised through CPUID.
@@ -37,6 +41,28 @@ pub struct MachineConfig {
     pub cmdline: String,
     pub mem_size: u64,
     pub cpus: u32,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    /// Offer a virtio-rng device fed by the host's getrandom.
+    pub rng: bool,
+    /// A virtio-console (`/dev/hvc0`) whose output goes to this file.
+    pub console_output: Option<PathBuf>,
+}
+
+/// A virtio-blk disk.
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// A virtio-net device on a TAP interface.
+#[derive(Clone, Debug, Default)]
+pub struct NetConfig {
+    /// The TAP interface: opened if it exists, created if Vessel may
+    /// (CAP_NET_ADMIN). None: the kernel picks a name.
+    pub tap: Option<String>,
+    pub mac: Option<[u8; 6]>,
 }
 
 /// How a run ended.
@@ -84,6 +110,8 @@ pub struct Shared {
     pub(crate) triple_fault: Mutex<Option<String>>,
     /// vCPUs halted with IF=0 (a guest that is off for good).
     pub(crate) dead: std::sync::atomic::AtomicU32,
+    /// virtio-mmio devices, device i at `virtio::MMIO_BASE + i * MMIO_SIZE`.
+    pub(crate) virtio: Vec<Mutex<MmioTransport>>,
 }
 
 impl Shared {
@@ -101,6 +129,13 @@ impl Shared {
         if p.serial.irq.0.swap(false, Ordering::AcqRel) {
             self.serial_line.trigger();
         }
+    }
+
+    /// The virtio-mmio device whose window holds `gpa`, and the offset.
+    fn virtio_at(&self, gpa: u64) -> Option<(MutexGuard<'_, MmioTransport>, u64)> {
+        let rel = gpa.checked_sub(virtio::MMIO_BASE)?;
+        let dev = self.virtio.get((rel / virtio::MMIO_SIZE) as usize)?;
+        Some((dev.lock().unwrap_or_else(|e| e.into_inner()), rel % virtio::MMIO_SIZE))
     }
 
     pub(crate) fn request_stop(&self, why: u8) {
@@ -161,6 +196,9 @@ unsafe impl Bus for VcpuBus {
     }
 
     fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
+        if let Some((mut dev, offset)) = self.shared.virtio_at(gpa) {
+            return dev.read(offset, data);
+        }
         let now = self.shared.now_ns();
         let id = self.id;
         if !self.shared.irqs.with(|r| r.mmio_read(id, gpa, data, now)) {
@@ -169,6 +207,9 @@ unsafe impl Bus for VcpuBus {
     }
 
     fn mmio_write(&mut self, gpa: u64, data: &[u8]) {
+        if let Some((mut dev, offset)) = self.shared.virtio_at(gpa) {
+            return dev.write(offset, data);
+        }
         let now = self.shared.now_ns();
         let id = self.id;
         self.shared.irqs.with(|r| r.mmio_write(id, gpa, data, now));
@@ -284,31 +325,64 @@ impl Machine {
             )));
         }
         let mem = memory::create(cfg.mem_size)?;
+        let mut router = InterruptRouter::new(cfg.cpus as usize, TSC_KHZ as u64 * 1000);
+        router.setup_virtual_wire();
+        let irqs = Arc::new(Interrupts::new(router));
+        let code_map = Arc::new(CodeMap::new(mem.last_addr().0 + 1));
+        // The engine's interrupt controller: device lines go to our IOAPIC
+        // under emu, to the kernel's through irqfd under kvm.
+        let kvm = match engine {
+            EngineKind::Emu => None,
+            EngineKind::Kvm => Some(crate::kvm::engine::KvmEngine::new(&mem, cfg.cpus)?),
+        };
+        let lines = |pin: u32| -> Result<Arc<dyn InterruptLine>> {
+            match &kvm {
+                None => Ok(Arc::new(EmuLine {
+                    irqs: irqs.clone(),
+                    pin,
+                })),
+                Some(k) => k.irq_line(pin),
+            }
+        };
+        let devices = create_virtio_devices(cfg, &mem, &lines, &code_map)?;
+        let mut cmdline = cfg.cmdline.clone();
+        for i in 0..devices.len() {
+            // For kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; ACPI
+            // describes the same devices to the others.
+            cmdline.push_str(&format!(
+                " virtio_mmio.device=4K@{:#x}:{}",
+                virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE,
+                virtio::FIRST_IRQ + i as u32
+            ));
+        }
         let boot_state = boot::load(
             &mem,
             &BootSpec {
                 kernel: &cfg.kernel,
                 initrd: cfg.initrd.as_deref(),
-                cmdline: &cfg.cmdline,
+                cmdline: &cmdline,
                 mem_size: cfg.mem_size,
             },
         )?;
         mptable::setup_mptable(&mem, cfg.cpus as u8).map_err(|e| Error::Memory(format!("MP table: {e}")))?;
-        let mut router = InterruptRouter::new(cfg.cpus as usize, TSC_KHZ as u64 * 1000);
-        router.setup_virtual_wire();
-        let irqs = Arc::new(Interrupts::new(router));
-        let (engine, serial_line): (Box<dyn Engine>, Arc<dyn InterruptLine>) = match engine {
-            EngineKind::Emu => (
-                Box::new(EmuEngine::new(cfg.cpus, mem.last_addr().0 + 1, &boot_state)),
-                Arc::new(EmuLine {
-                    irqs: irqs.clone(),
-                    pin: COM1_IRQ,
-                }),
-            ),
-            EngineKind::Kvm => {
-                let e = crate::kvm::engine::KvmEngine::new(&mem, cfg.cpus, &boot_state)?;
-                let line = e.irq_line(COM1_IRQ)?;
-                (Box::new(e), line)
+        let serial_line = lines(COM1_IRQ)?;
+        let engine: Box<dyn Engine> = match kvm {
+            None => Box::new(EmuEngine::new(cfg.cpus, code_map, &boot_state)),
+            Some(mut k) => {
+                k.set_boot_state(&boot_state)?;
+                // Queue notifications reach the devices' eventfds inside the
+                // kernel, without an exit (ioeventfd).
+                for (i, dev) in devices.iter().enumerate() {
+                    let base = virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE;
+                    for (q, evt) in dev.notifiers().iter().enumerate() {
+                        k.vm().register_mmio_doorbell(
+                            evt,
+                            base + virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64,
+                            q as u32,
+                        )?;
+                    }
+                }
+                Box::new(k)
             }
         };
         let shared = Arc::new(Shared {
@@ -325,6 +399,7 @@ impl Machine {
             stop: AtomicU8::new(RUNNING),
             triple_fault: Mutex::new(None),
             dead: std::sync::atomic::AtomicU32::new(0),
+            virtio: devices.into_iter().map(Mutex::new).collect(),
         });
         Ok(Machine { shared, engine })
     }
@@ -381,6 +456,57 @@ impl VmHandle {
         self.shared.control.resume();
         self.shared.request_stop(STOP_RESET);
     }
+}
+
+/// The virtio devices the configuration asks for, in window order: disks,
+/// then network devices, then the entropy device.
+fn create_virtio_devices(
+    cfg: &MachineConfig,
+    mem: &GuestMemoryMmap,
+    lines: &dyn Fn(u32) -> Result<Arc<dyn InterruptLine>>,
+    code_map: &Arc<CodeMap>,
+) -> Result<Vec<MmioTransport>> {
+    // Device writes to guest memory drop x86emu's cached decoded code there.
+    let code_map = code_map.clone();
+    let dma: virtio::DmaObserver = Arc::new(move |gpa, len| code_map.invalidate_range(gpa, len));
+    let mut models: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for d in &cfg.disks {
+        let backend = disk::open(&d.path, &disk::OpenOptions { read_only: d.read_only })
+            .map_err(|e| Error::Config(format!("disk {e}")))?;
+        models.push(Box::new(Block::new(Arc::from(backend))));
+    }
+    for n in &cfg.nets {
+        let tap = Tap::open(n.tap.as_deref()).map_err(|e| Error::Config(format!("--net: {e}")))?;
+        tracing::info!("virtio-net on tap {}", tap.name());
+        models.push(Box::new(Net::new(tap, n.mac.unwrap_or_else(random_mac))));
+    }
+    if cfg.rng {
+        models.push(Box::new(Rng::default()));
+    }
+    if let Some(path) = &cfg.console_output {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::Config(format!("--console-output {}: {e}", path.display())))?;
+        models.push(Box::new(Console::new(file)));
+    }
+    if models.len() > virtio::MAX_DEVICES {
+        return Err(Error::Config(format!(
+            "at most {} virtio devices, not {}",
+            virtio::MAX_DEVICES,
+            models.len()
+        )));
+    }
+    models
+        .into_iter()
+        .enumerate()
+        .map(|(i, model)| {
+            let line = lines(virtio::FIRST_IRQ + i as u32)?;
+            MmioTransport::new(model, mem.clone(), Arc::new(Interrupt::new(line)), dma.clone())
+                .map_err(|e| Error::Config(format!("virtio device: {e}")))
+        })
+        .collect()
 }
 
 /// Feeds the serial console from another thread.

@@ -27,20 +27,29 @@ pub struct KvmEngine {
 const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
 
 impl KvmEngine {
-    /// A VM over `mem` with `count` vCPUs: the BSP in `boot_state`, the
-    /// others waiting in the in-kernel LAPIC for INIT/SIPI.
-    pub fn new(mem: &GuestMemoryMmap, count: u32, boot_state: &CpuState) -> Result<Self> {
+    /// A VM over `mem` with `count` vCPUs, all but the BSP waiting in the
+    /// in-kernel LAPIC for INIT/SIPI.
+    pub fn new(mem: &GuestMemoryMmap, count: u32) -> Result<Self> {
         let vm = KvmVm::new(mem, VmOptions { irqchip: true })?;
         let vcpus = (0..count)
             .map(|i| vm.create_vcpu(i, count))
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(KvmEngine { vm, vcpus })
+    }
+
+    /// Where the BSP starts.
+    pub fn set_boot_state(&mut self, boot_state: &CpuState) -> Result<()> {
         let mut bsp = boot_state.clone();
         bsp.apic_base = 0xfee0_0000 | (1 << 11) | (1 << 8);
         if !bsp.msr.other.iter().any(|(i, _)| *i == msr::MTRR_DEF_TYPE) {
             bsp.msr.other.push((msr::MTRR_DEF_TYPE, MTRR_ENABLE_WB));
         }
-        vcpus[0].set_state(&bsp, 0)?;
-        Ok(KvmEngine { vm, vcpus })
+        let bsp_vcpu = self
+            .vcpus
+            .first()
+            .ok_or_else(|| super::KvmError::Setup("a machine without vCPUs".into()))?;
+        bsp_vcpu.set_state(&bsp, 0)?;
+        Ok(())
     }
 
     /// An interrupt line to the in-kernel irqchip's `gsi` (irqfd).

@@ -1,0 +1,113 @@
+//! Helpers shared by the end-to-end tests: where the guest artifacts are,
+//! how to start the real `vessel` binary, and how to read its output.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+pub fn cache() -> PathBuf {
+    std::env::var_os("VESSEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/vessel"))
+}
+
+pub fn artifact(rel: &str) -> PathBuf {
+    let p = cache().join(rel);
+    assert!(
+        p.exists(),
+        "{} is missing: run guest/build-all.sh first (scripts/test-all does)",
+        p.display()
+    );
+    p
+}
+
+pub fn vessel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vessel"))
+}
+
+pub fn b64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn assert_clean_run(o: &Output) {
+    assert!(
+        o.status.success(),
+        "vessel exited with {:?}\nstderr: {}\nstdout tail: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr),
+        stdout(o).lines().rev().take(30).collect::<Vec<_>>().join("\n")
+    );
+    let s = stdout(o);
+    assert!(s.contains("VESSEL-GUEST-READY"), "no marker in:\n{s}");
+    assert!(s.contains("VESSEL-CMD-EXIT=0"), "command failed:\n{s}");
+}
+
+/// A `vessel run` of the minimal guest that runs `cmd` and ends with `end`
+/// (reboot, poweroff, halt); add device flags before spawning it.
+pub fn guest(cmd: &str, end: &str) -> Command {
+    let mut c = vessel();
+    c.args(["run", "--accel", "emu", "--mem", "256M"])
+        .arg("--kernel")
+        .arg(artifact("kernel/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=-1 vessel.end={end} vessel.cmd={}",
+            b64(cmd)
+        ))
+        .stdin(Stdio::null());
+    c
+}
+
+/// A scratch directory for one test, removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("vessel-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Scratch(p)
+    }
+
+    /// A sparse blank file of `size` bytes.
+    pub fn blank(&self, name: &str, size: u64) -> PathBuf {
+        let p = self.0.join(name);
+        let f = std::fs::File::create(&p).expect("create image");
+        f.set_len(size).expect("size image");
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `--disk` for `path` with options.
+pub fn disk_arg(path: &std::path::Path, opts: &str) -> String {
+    if opts.is_empty() {
+        format!("path={}", path.display())
+    } else {
+        format!("path={},{opts}", path.display())
+    }
+}

@@ -1,0 +1,393 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x register layout).
+//!
+//! Every value here comes from the guest driver and is checked: a write in
+//! the wrong state, an invalid queue or a feature the device never offered
+//! marks the device NEEDS_RESET instead of reaching the device model.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_mmio::*;
+use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{Activation, DmaObserver, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VENDOR: u32 = 0x4c53_5356; // "VSSL"
+
+/// One queue's registers and ring positions, for snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRegs {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+}
+
+impl From<QueueState> for QueueRegs {
+    fn from(s: QueueState) -> Self {
+        QueueRegs {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx: s.event_idx_enabled,
+        }
+    }
+}
+
+/// The transport's state (the device model keeps its own).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub queues: Vec<QueueRegs>,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+}
+
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    /// Queues while the device is stopped; empty while it runs (the worker
+    /// owns them then).
+    queues: Vec<Queue>,
+    /// Queue register shadows, so that reads work while the worker runs.
+    regs: Vec<QueueRegs>,
+    notifiers: Vec<EventFd>,
+    broken: Arc<AtomicBool>,
+    dma: DmaObserver,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    config_generation: u32,
+    active: bool,
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        dma: DmaObserver,
+    ) -> std::io::Result<Self> {
+        let sizes = device.queue_max_sizes().to_vec();
+        let notifiers = sizes
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let mut t = MmioTransport {
+            device,
+            mem,
+            interrupt,
+            queues: Vec::new(),
+            regs: Vec::new(),
+            notifiers,
+            broken: Arc::new(AtomicBool::new(false)),
+            dma,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            config_generation: 0,
+            active: false,
+        };
+        t.reset_queues();
+        Ok(t)
+    }
+
+    fn reset_queues(&mut self) {
+        let sizes = self.device.queue_max_sizes().to_vec();
+        self.queues = sizes
+            .iter()
+            .map(|&max| Queue::new(max).expect("device queue sizes are powers of two"))
+            .collect();
+        self.regs = self.queues.iter().map(|q| QueueRegs::from(q.state())).collect();
+    }
+
+    /// The eventfds that a QueueNotify write signals, with the value written
+    /// (the queue index); the kvm engine registers them as ioeventfds.
+    pub fn notifiers(&self) -> &[EventFd] {
+        &self.notifiers
+    }
+
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    pub fn state(&self) -> MmioState {
+        MmioState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self.regs.clone(),
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.config_generation,
+        }
+    }
+
+    fn status_reg(&self) -> u32 {
+        let mut s = self.status;
+        if self.broken.load(Ordering::Acquire) {
+            s |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        }
+        s
+    }
+
+    /// The driver broke the protocol: tell it through NEEDS_RESET and a
+    /// config interrupt (virtio 1.x, 2.1.2).
+    fn mark_broken(&mut self, why: &str) {
+        tracing::warn!(
+            "virtio-mmio device type {}: {why}; needs reset",
+            self.device.device_type()
+        );
+        if !self.broken.swap(true, Ordering::AcqRel) && self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.interrupt.signal_config();
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<usize> {
+        let i = self.queue_sel as usize;
+        (i < self.regs.len()).then_some(i)
+    }
+
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= VIRTIO_MMIO_CONFIG as u64 {
+            self.device.read_config(offset - VIRTIO_MMIO_CONFIG as u64, data);
+            return;
+        }
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            data.fill(0);
+            return;
+        }
+        let q = self.selected_queue();
+        let v = match offset as u32 {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            VIRTIO_MMIO_VERSION => 2,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            VIRTIO_MMIO_QUEUE_NUM_MAX => q.map_or(0, |i| self.regs[i].max_size as u32),
+            VIRTIO_MMIO_QUEUE_READY => q.map_or(0, |i| self.regs[i].ready as u32),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS => self.status_reg(),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => q.map_or(0, |i| self.regs[i].desc_table as u32),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => q.map_or(0, |i| (self.regs[i].desc_table >> 32) as u32),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => q.map_or(0, |i| self.regs[i].avail_ring as u32),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => q.map_or(0, |i| (self.regs[i].avail_ring >> 32) as u32),
+            VIRTIO_MMIO_QUEUE_USED_LOW => q.map_or(0, |i| self.regs[i].used_ring as u32),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => q.map_or(0, |i| (self.regs[i].used_ring >> 32) as u32),
+            // No shared memory regions: a length of all ones says so.
+            VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
+            VIRTIO_MMIO_SHM_BASE_LOW | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= VIRTIO_MMIO_CONFIG as u64 {
+            if self.status & VIRTIO_CONFIG_S_DRIVER != 0 {
+                self.device.write_config(offset - VIRTIO_MMIO_CONFIG as u64, data);
+            }
+            return;
+        }
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            return;
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let s = self.status;
+        let configuring_features = s & VIRTIO_CONFIG_S_DRIVER != 0 && s & VIRTIO_CONFIG_S_FEATURES_OK == 0;
+        let configuring_queues = s & VIRTIO_CONFIG_S_FEATURES_OK != 0 && s & VIRTIO_CONFIG_S_DRIVER_OK == 0;
+        match offset as u32 {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES => {
+                if !configuring_features {
+                    return self.mark_broken("driver features written outside feature negotiation");
+                }
+                match self.driver_features_sel {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64,
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | ((v as u64) << 32),
+                    _ => {}
+                }
+            }
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM
+            | VIRTIO_MMIO_QUEUE_DESC_LOW
+            | VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | VIRTIO_MMIO_QUEUE_USED_LOW
+            | VIRTIO_MMIO_QUEUE_USED_HIGH
+            | VIRTIO_MMIO_QUEUE_READY => {
+                let Some(i) = self.selected_queue() else { return };
+                if offset as u32 == VIRTIO_MMIO_QUEUE_READY && v == 0 && !configuring_queues {
+                    // Linux clears QueueReady when it tears queues down;
+                    // harmless in any state.
+                    return;
+                }
+                if !configuring_queues || self.queues.is_empty() {
+                    return self.mark_broken("queue registers written outside queue set-up");
+                }
+                self.write_queue_reg(i, offset as u32, v);
+            }
+            VIRTIO_MMIO_QUEUE_NOTIFY if self.active => {
+                if let Some(evt) = self.notifiers.get(v as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
+            VIRTIO_MMIO_STATUS => self.write_status(v),
+            _ => {}
+        }
+    }
+
+    fn write_queue_reg(&mut self, i: usize, reg: u32, v: u32) {
+        let q = &mut self.queues[i];
+        match reg {
+            // An invalid size (not a power of two, above the maximum) is
+            // refused by the queue and caught by the validity check at
+            // DRIVER_OK.
+            VIRTIO_MMIO_QUEUE_NUM => q.set_size(v as u16),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(v)),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => q.set_avail_ring_address(Some(v), None),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => q.set_avail_ring_address(None, Some(v)),
+            VIRTIO_MMIO_QUEUE_USED_LOW => q.set_used_ring_address(Some(v), None),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => q.set_used_ring_address(None, Some(v)),
+            VIRTIO_MMIO_QUEUE_READY => q.set_ready(v == 1),
+            _ => {}
+        }
+        self.regs[i] = QueueRegs::from(q.state());
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        // The driver only ever adds bits (virtio 1.x, 3.1.1).
+        if v & old != old {
+            return self.mark_broken("status bits cleared without a reset");
+        }
+        let added = v & !old;
+        let known = VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK
+            | VIRTIO_CONFIG_S_FAILED;
+        if added & !known != 0 {
+            return self.mark_broken("unknown status bits");
+        }
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let ok = v & VIRTIO_CONFIG_S_DRIVER != 0
+                && self.driver_features & !offered == 0
+                && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
+            if !ok {
+                // Leave FEATURES_OK clear: the driver reads it back and gives up.
+                self.status = v & !VIRTIO_CONFIG_S_FEATURES_OK & !VIRTIO_CONFIG_S_DRIVER_OK;
+                return;
+            }
+        }
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            if v & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+                return self.mark_broken("DRIVER_OK before FEATURES_OK");
+            }
+            self.status = v;
+            self.activate();
+            return;
+        }
+        self.status = v;
+    }
+
+    fn activate(&mut self) {
+        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            q.set_event_idx(event_idx);
+            self.regs[i] = QueueRegs::from(q.state());
+        }
+        if let Some(i) = self.queues.iter().position(|q| q.ready() && !q.is_valid(&self.mem)) {
+            return self.mark_broken(&format!("queue {i} is invalid (size or ring addresses)"));
+        }
+        let notifiers = match self.notifiers.iter().map(|e| e.try_clone()).collect() {
+            Ok(n) => n,
+            Err(e) => return self.mark_broken(&format!("cannot clone eventfds: {e}")),
+        };
+        let activation = Activation {
+            mem: self.mem.clone(),
+            queues: std::mem::take(&mut self.queues),
+            notifiers,
+            interrupt: self.interrupt.clone(),
+            broken: self.broken.clone(),
+            dma: self.dma.clone(),
+        };
+        match self.device.activate(self.driver_features, activation) {
+            Ok(()) => self.active = true,
+            Err(e) => {
+                self.reset_queues();
+                self.mark_broken(&format!("activation failed: {e}"));
+            }
+        }
+    }
+
+    /// Device reset: the worker stops, and every register returns to its
+    /// initial value.
+    pub fn reset(&mut self) {
+        if self.active {
+            self.device.deactivate();
+            self.active = false;
+        }
+        for evt in &self.notifiers {
+            let _ = evt.read();
+        }
+        self.reset_queues();
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.interrupt.set_status(0);
+        self.broken.store(false, Ordering::Release);
+    }
+}
+
+impl Drop for MmioTransport {
+    fn drop(&mut self) {
+        if self.active {
+            self.device.deactivate();
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! virtio-net over a TAP interface. No offloads are offered: the guest
+//! computes its own checksums and sends whole frames, so every frame
+//! crosses unchanged and nothing depends on offload code being right.
+
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+
+use super::queue::{report_broken, serve, QueueError};
+use super::tap::Tap;
+use super::worker::{Poller, Worker, STOP_TOKEN};
+use super::{
+    note_dma_writes, read_config_bytes, Activation, DmaObserver, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+
+const QUEUE_SIZE: u16 = 256;
+/// struct virtio_net_hdr_v1: every frame is preceded by one.
+const HDR_LEN: usize = 12;
+/// The largest frame a TAP gives without offloads (64 KiB MTU).
+const MAX_FRAME: usize = 65536;
+const RX: usize = 0;
+const TX: usize = 1;
+const TAP_TOKEN: u64 = 2;
+
+#[derive(Debug, Default)]
+pub struct NetMetrics {
+    pub rx_frames: AtomicU64,
+    pub tx_frames: AtomicU64,
+    pub rx_dropped: AtomicU64,
+    pub tx_dropped: AtomicU64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub mac: [u8; 6],
+    pub tap: String,
+}
+
+pub struct Net {
+    tap: Arc<Tap>,
+    mac: [u8; 6],
+    worker: Option<Worker>,
+    pub metrics: Arc<NetMetrics>,
+}
+
+impl Net {
+    pub fn new(tap: Tap, mac: [u8; 6]) -> Self {
+        Net {
+            tap: Arc::new(tap),
+            mac,
+            worker: None,
+            metrics: Arc::default(),
+        }
+    }
+
+    pub fn state(&self) -> NetState {
+        NetState {
+            mac: self.mac,
+            tap: self.tap.name().to_string(),
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_NET_F_MAC)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.mac, offset, data);
+    }
+
+    fn activate(&mut self, _acked: u64, a: Activation) -> std::io::Result<()> {
+        let tap = self.tap.clone();
+        let metrics = self.metrics.clone();
+        let Activation {
+            mem,
+            queues,
+            notifiers,
+            interrupt,
+            broken,
+            dma,
+        } = a;
+        self.worker = Some(Worker::spawn("virtio-net", move |poller| {
+            let mut port = Port {
+                tap,
+                mem,
+                queues,
+                interrupt,
+                metrics,
+                dma,
+                pending: None,
+                buf: vec![0u8; HDR_LEN + MAX_FRAME],
+                tap_watched: true,
+            };
+            let setup = poller
+                .add(notifiers[RX].as_raw_fd(), RX as u64, EventSet::IN)
+                .and_then(|_| poller.add(notifiers[TX].as_raw_fd(), TX as u64, EventSet::IN))
+                .and_then(|_| poller.add(port.tap.as_raw_fd(), TAP_TOKEN, EventSet::IN));
+            if let Err(e) = setup {
+                tracing::error!("virtio-net: cannot watch the queues and tap: {e}");
+                return port.queues;
+            }
+            loop {
+                for token in poller.wait() {
+                    let result = match token {
+                        STOP_TOKEN => return port.queues,
+                        t if t == RX as u64 => {
+                            let _ = notifiers[RX].read();
+                            port.receive(&poller)
+                        }
+                        t if t == TX as u64 => {
+                            let _ = notifiers[TX].read();
+                            port.transmit().map(|more| {
+                                if more {
+                                    let _ = notifiers[TX].write(1);
+                                }
+                            })
+                        }
+                        _ => port.receive(&poller),
+                    };
+                    if let Err(e) = result {
+                        report_broken(&broken, &port.interrupt, "virtio-net", &e);
+                        return port.queues;
+                    }
+                }
+            }
+        })?);
+        Ok(())
+    }
+
+    fn deactivate(&mut self) -> Option<Vec<Queue>> {
+        self.worker.take().map(Worker::stop)
+    }
+}
+
+/// The worker's side of the device.
+struct Port {
+    tap: Arc<Tap>,
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    interrupt: Arc<Interrupt>,
+    metrics: Arc<NetMetrics>,
+    dma: DmaObserver,
+    /// A frame read from the tap that waits for a receive buffer.
+    pending: Option<usize>,
+    buf: Vec<u8>,
+    tap_watched: bool,
+}
+
+impl Port {
+    /// Move frames from the tap into receive buffers until either runs out.
+    fn receive(&mut self, poller: &Poller) -> Result<(), QueueError> {
+        let mem = &self.mem;
+        let rx = &mut self.queues[RX];
+        if !rx.ready() {
+            return Ok(());
+        }
+        let mut delivered = false;
+        let mut want_tap = true;
+        // Bounded, so that overlapping rings cannot hold the worker; the
+        // tap stays readable and brings us back.
+        for _ in 0..4 * usize::from(QUEUE_SIZE) {
+            if self.pending.is_none() {
+                match self.tap.read_frame(&mut self.buf[HDR_LEN..]) {
+                    Ok(n) => self.pending = Some(n),
+                    Err(_) => break,
+                }
+            }
+            let len = self.pending.unwrap_or(0);
+            let Some(chain) = rx.iter(mem)?.next() else {
+                // No buffer: ask the driver to notify when it adds one, and
+                // check again in case it just did.
+                if rx.enable_notification(mem)? {
+                    continue;
+                }
+                want_tap = false;
+                break;
+            };
+            let head = chain.head_index();
+            // virtio_net_hdr_v1: no offloads, num_buffers = 1.
+            self.buf[..HDR_LEN].fill(0);
+            self.buf[10] = 1;
+            let frame = &self.buf[..HDR_LEN + len];
+            note_dma_writes(&chain, &self.dma);
+            let written = match Writer::<()>::new(mem, chain) {
+                Ok(mut w) if w.available_bytes() >= frame.len() => w.write_all(frame).ok().map(|_| frame.len()),
+                _ => None,
+            };
+            match written {
+                Some(n) => {
+                    self.metrics.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    rx.add_used(mem, head, n as u32)?;
+                }
+                None => {
+                    // Too small or unreadable: the frame is dropped, the
+                    // buffer returned empty.
+                    self.metrics.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    rx.add_used(mem, head, 0)?;
+                }
+            }
+            delivered = true;
+            self.pending = None;
+        }
+        if delivered && rx.needs_notification(mem)? {
+            self.interrupt.signal_used_queue();
+        }
+        if want_tap != self.tap_watched {
+            let events = if want_tap { EventSet::IN } else { EventSet::empty() };
+            if poller.modify(self.tap.as_raw_fd(), TAP_TOKEN, events).is_ok() {
+                self.tap_watched = want_tap;
+            }
+        }
+        Ok(())
+    }
+
+    /// Send the frames the driver queued; true when some are left for
+    /// another round.
+    fn transmit(&mut self) -> Result<bool, QueueError> {
+        let tx = &mut self.queues[TX];
+        if !tx.ready() {
+            return Ok(false);
+        }
+        let tap = &self.tap;
+        let metrics = &self.metrics;
+        let buf = &mut self.buf;
+        serve(tx, &self.mem, &self.interrupt, |chain| {
+            let sent = Reader::<()>::new(&self.mem, chain).ok().and_then(|mut r| {
+                let total = r.available_bytes();
+                if !(HDR_LEN..=HDR_LEN + MAX_FRAME).contains(&total) {
+                    return None;
+                }
+                r.read_exact(&mut buf[..total]).ok()?;
+                tap.write_frame(&buf[HDR_LEN..total]).ok()
+            });
+            match sent {
+                Some(_) => metrics.tx_frames.fetch_add(1, Ordering::Relaxed),
+                None => metrics.tx_dropped.fetch_add(1, Ordering::Relaxed),
+            };
+            0
+        })
+    }
+}
+
+/// A locally administered MAC for a NIC the user gave none.
+pub fn random_mac() -> [u8; 6] {
+    let mut b = [0u8; 3];
+    // SAFETY: getrandom writes at most 3 bytes into `b`, which is 3 long.
+    let _ = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    [0x52, 0x54, 0x00, b[0], b[1], b[2]]
+}

@@ -1,0 +1,107 @@
+//! virtio-rng: fills the driver's buffers from the host's getrandom(2).
+
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::Ordering;
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+use virtio_queue::{Queue, QueueT, Writer};
+use vmm_sys_util::epoll::EventSet;
+
+use super::queue::{report_broken, serve};
+use super::worker::{Worker, STOP_TOKEN};
+use super::{note_dma_writes, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+
+const QUEUE_SIZE: u16 = 64;
+/// Bytes given per request at most; the driver asks again for more.
+const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Default)]
+pub struct Rng {
+    worker: Option<Worker>,
+}
+
+fn fill_random(buf: &mut [u8]) -> bool {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: getrandom writes at most `len` bytes into the buffer,
+        // which we own and which is that long.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return false;
+        }
+        done += n as usize;
+    }
+    true
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn activate(&mut self, _acked: u64, a: Activation) -> std::io::Result<()> {
+        let Activation {
+            mem,
+            mut queues,
+            notifiers,
+            interrupt,
+            broken,
+            dma,
+        } = a;
+        self.worker = Some(Worker::spawn("virtio-rng", move |poller| {
+            if poller.add(notifiers[0].as_raw_fd(), 0, EventSet::IN).is_err() {
+                return queues;
+            }
+            let mut buf = vec![0u8; MAX_REQUEST];
+            loop {
+                for token in poller.wait() {
+                    if token == STOP_TOKEN {
+                        return queues;
+                    }
+                    let _ = notifiers[0].read();
+                    if broken.load(Ordering::Acquire) || !queues[0].ready() {
+                        continue;
+                    }
+                    let result = serve(&mut queues[0], &mem, &interrupt, |chain| {
+                        note_dma_writes(&chain, &dma);
+                        let Ok(mut w) = Writer::<()>::new(&mem, chain) else {
+                            return 0;
+                        };
+                        let n = w.available_bytes().min(MAX_REQUEST);
+                        if !fill_random(&mut buf[..n]) || w.write_all(&buf[..n]).is_err() {
+                            return 0;
+                        }
+                        n as u32
+                    });
+                    if let Ok(true) = result {
+                        let _ = notifiers[0].write(1);
+                    }
+                    if let Err(e) = result {
+                        report_broken(&broken, &interrupt, "virtio-rng", &e);
+                    }
+                }
+            }
+        })?);
+        Ok(())
+    }
+
+    fn deactivate(&mut self) -> Option<Vec<Queue>> {
+        self.worker.take().map(Worker::stop)
+    }
+}
