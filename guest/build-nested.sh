@@ -9,8 +9,12 @@
 #       /bin/vessel, and the test guest under /guest (vmlinux, initramfs)
 #   $VESSEL_CACHE/nested/vessel              the static vessel binary
 #
+# WITH_QEMU=1 writes $VESSEL_CACHE/nested/initramfs-qemu.cpio.gz instead,
+# which also carries the host's qemu-system-x86_64 with its libraries and
+# the microvm firmware (for bench/src/bin/nested_boot.rs).
+#
 # Needs guest/build-all.sh with WITH_DEBIAN_KERNEL=1 first. Boot it with
-# guest/run-nested.sh. CARGO_TARGET_DIR is honoured; FORCE=1 rebuilds.
+# guest/run-nested.sh. CARGO_TARGET_DIR is honoured.
 set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -66,6 +70,29 @@ list=$stage/list
 		echo "slink /$applet /bin/busybox 0777 0 0"
 	done
 } >"$list"
-"$GEN_INIT_CPIO" -t 0 "$list" | gzip -1 -n >"$OUT/initramfs.cpio.gz.tmp"
-mv "$OUT/initramfs.cpio.gz.tmp" "$OUT/initramfs.cpio.gz"
-log "nested initramfs: $OUT/initramfs.cpio.gz ($(stat -c %s "$OUT/initramfs.cpio.gz") bytes)"
+name=initramfs.cpio.gz
+if [[ ${WITH_QEMU:-0} == 1 ]]; then
+	name=initramfs-qemu.cpio.gz
+	qemu=$(command -v qemu-system-x86_64)
+	{
+		echo "dir /lib 0755 0 0"
+		echo "dir /lib64 0755 0 0"
+		echo "dir /usr/lib 0755 0 0"
+		echo "dir /usr/lib/x86_64-linux-gnu 0755 0 0"
+		echo "dir /lib/x86_64-linux-gnu 0755 0 0"
+		echo "dir /usr/share 0755 0 0"
+		echo "dir /usr/share/qemu 0755 0 0"
+		echo "file /usr/bin/qemu-system-x86_64 $(readlink -f "$qemu") 0755 0 0"
+		# Every shared library, at the path the dynamic loader looks for it.
+		ldd "$qemu" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u |
+			while read -r lib; do
+				echo "file $lib $(readlink -f "$lib") 0755 0 0"
+			done
+		for fw in bios-microvm.bin qboot.rom linuxboot_dma.bin linuxboot.bin pvh.bin kvmvapic.bin; do
+			[[ -e /usr/share/qemu/$fw ]] && echo "file /usr/share/qemu/$fw $(readlink -f "/usr/share/qemu/$fw") 0644 0 0"
+		done
+	} >>"$list"
+fi
+"$GEN_INIT_CPIO" -t 0 "$list" | gzip -1 -n >"$OUT/$name.tmp"
+mv "$OUT/$name.tmp" "$OUT/$name"
+log "nested initramfs: $OUT/$name ($(stat -c %s "$OUT/$name") bytes)"
