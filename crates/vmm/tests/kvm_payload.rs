@@ -280,3 +280,64 @@ fn state_read_back_from_kvm_round_trips() {
     b.msr.tsc_offset = 0;
     assert_eq!(a, b);
 }
+
+#[test]
+fn triple_fault_ends_with_the_registers() {
+    if !kvm_usable() {
+        return;
+    }
+    // An empty IDT: the breakpoint cannot be delivered, nor the #GP that
+    // follows, nor the double fault. Both engines must see a triple fault.
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, 0x1234_5678u64).unwrap();
+    a.lidt(ptr(DATA)).unwrap();
+    a.int3().unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut start = CpuState::long_mode_flat(PML4);
+    start.rip = CODE;
+    start.gpr[4] = 0x8000;
+    let mut image: Vec<(u64, Vec<u8>)> = page_tables()
+        .into_iter()
+        .map(|(addr, v)| (addr, v.to_le_bytes().to_vec()))
+        .collect();
+    image.push((CODE, code));
+    image.push((DATA, vec![0; 10])); // limit 0, base 0
+
+    let mut bus = TestBus::new(RAM);
+    for (addr, bytes) in &image {
+        bus.load(*addr, bytes);
+    }
+    let mut cpu = Cpu::new(CpuConfig::default(), Arc::new(CodeMap::new(RAM)));
+    cpu.set_state(start.clone());
+    assert_eq!(cpu.run(&mut bus, 1000), Exit::TripleFault);
+
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    for (addr, bytes) in &image {
+        mem.write_slice(bytes, GuestAddress(*addr)).unwrap();
+    }
+    let vm = KvmVm::new(&mem, VmOptions { irqchip: false }).unwrap();
+    let mut vcpu = vm.create_vcpu(0, 1).unwrap();
+    vcpu.set_state(&start, 0).unwrap();
+    let mut kbus = TestBus::new(0x1000);
+    let step = (0..100)
+        .map(|_| vcpu.run_once(&mut kbus))
+        .find(|s| !matches!(s, Step::Continue | Step::Interrupted))
+        .expect("the vCPU kept running");
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    match step {
+        Step::TripleFault(regs) => {
+            assert!(regs.contains("vcpu0:") && regs.contains("rax=0x12345678"), "{regs}");
+        }
+        // PVM-type KVM runs this payload in KVM's instruction emulator,
+        // which gives up on the undeliverable breakpoint instead: the
+        // engine must still end with a clear message and the registers.
+        Step::Fault(msg) if pvm => {
+            assert!(
+                msg.contains("KVM internal error") && msg.contains("rax=0x12345678"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected a triple fault, got {other:?}"),
+    }
+}
