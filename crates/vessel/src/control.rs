@@ -38,7 +38,16 @@ pub fn spawn(vm: vmm::VmHandle) {
         match sig {
             libc::SIGUSR1 => {
                 if vm.pause(Duration::from_secs(5)) {
-                    eprintln!("vessel: paused (every vCPU out of the guest)");
+                    let states = vm.vcpu_states();
+                    let rips: Vec<String> = states
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| match s {
+                            Some(s) => format!("vcpu{i} rip={:#x}", s.rip),
+                            None => format!("vcpu{i} state unreadable"),
+                        })
+                        .collect();
+                    eprintln!("vessel: paused (every vCPU out of the guest; {})", rips.join(", "));
                 } else {
                     eprintln!("vessel: pause requested, but not every vCPU stopped within 5 s");
                 }

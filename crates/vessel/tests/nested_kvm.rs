@@ -2,7 +2,8 @@
 //! offers SVM, Debian's stock kernel there loads kvm_amd, and a static
 //! `vessel run --accel kvm` boots the minimal test guest inside with 1 and
 //! with 2 vCPUs, to its marker and a clean exit; then pauses and resumes
-//! a running VM.
+//! a running VM, whose vCPUs go through `CpuState` (KVM_GET_* converted,
+//! and converted back with KVM_SET_*) while paused.
 //!
 //! Needs `WITH_DEBIAN_KERNEL=1 guest/build-all.sh` (scripts/test-all runs
 //! it) and qemu-system-x86 (installed by the guest scripts when missing).
@@ -69,7 +70,8 @@ fn pause_script() -> String {
          n=0; while ! grep -q tick2 /tmp/p && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
          kill -USR1 $pid; sleep 0.5; a=$(grep -c '^tick' /tmp/p); sleep 3; b=$(grep -c '^tick' /tmp/p)
          kill -USR2 $pid; wait $pid; rc=$?; c=$(grep -c '^tick' /tmp/p); sed 's/^/pause: /' /tmp/p
-         echo \"NESTED-PAUSE rc=$rc before=$a after=$b end=$c paused=$(grep -c 'vessel: paused' /tmp/p)\"\n"
+         echo \"NESTED-PAUSE rc=$rc before=$a after=$b end=$c paused=$(grep -c 'vessel: paused' /tmp/p) \
+         states=$(grep -c 'vcpu0 rip=0x[0-9a-f]*, vcpu1 rip=0x' /tmp/p)\"\n"
     )
 }
 
@@ -141,6 +143,9 @@ fn nested_svm_boots_the_guest_with_kvm() {
     };
     assert_eq!(field("rc"), Some(0), "{text}");
     assert_eq!(field("paused"), Some(1), "vessel did not report the pause\n{text}");
+    // Both vCPUs' states came out of KVM as CpuState, and the guest went on
+    // from the state converted back.
+    assert_eq!(field("states"), Some(1), "no vCPU states while paused\n{text}");
     assert_eq!(field("before"), field("after"), "the guest ran while paused\n{text}");
     assert_eq!(field("end"), Some(8), "the guest did not finish after resume\n{text}");
 }

@@ -94,9 +94,15 @@ fn vcpu_thread(id: usize, mut cpu: Cpu, shared: Arc<Shared>, ncpus: usize) {
     let now = || shared.now_ns();
     let mut counted_dead = false;
     while shared.stop.load(Ordering::Acquire) == RUNNING {
-        shared
-            .control
-            .park_if_paused(&|| shared.stop.load(Ordering::Acquire) != RUNNING);
+        let resumed =
+            shared
+                .control
+                .park_if_paused(id, &|| shared.stop.load(Ordering::Acquire) != RUNNING, &mut || {
+                    Some(cpu.state.clone())
+                });
+        if let Some(state) = resumed {
+            cpu.set_state(state);
+        }
         if shared.irqs.events_pending(id) {
             let ev = shared.irqs.take_events(id);
             if ev.init && id != 0 {

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
+use x86emu::state::CpuState;
+
 use crate::machine::{RunOutcome, Shared};
 use crate::{Error, Result};
 
@@ -84,6 +86,8 @@ pub struct Control {
     pause_requested: AtomicBool,
     gate: Mutex<Gate>,
     changed: Condvar,
+    /// Each parked vCPU's state, in the one format both engines share.
+    states: Mutex<Vec<Option<CpuState>>>,
 }
 
 #[derive(Default)]
@@ -126,11 +130,26 @@ impl Control {
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU outside guest code: wait here while paused.
+    /// Called by vCPU `id` outside guest code: wait here while paused.
     /// `stopping` says when to give up waiting (the machine is ending).
-    pub fn park_if_paused(&self, stopping: &dyn Fn() -> bool) {
+    /// `save` reads the vCPU's state, which is published while parked; the
+    /// state to continue from is returned (the engine loads it back).
+    pub fn park_if_paused(
+        &self,
+        id: usize,
+        stopping: &dyn Fn() -> bool,
+        save: &mut dyn FnMut() -> Option<CpuState>,
+    ) -> Option<CpuState> {
         if !self.pause_requested() {
-            return;
+            return None;
+        }
+        let saved = save();
+        {
+            let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+            if states.len() <= id {
+                states.resize(id + 1, None);
+            }
+            states[id] = saved;
         }
         let mut g = self.gate();
         g.parked += 1;
@@ -144,6 +163,14 @@ impl Control {
         }
         g.parked -= 1;
         self.changed.notify_all();
+        drop(g);
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        states.get_mut(id).and_then(Option::take)
+    }
+
+    /// The parked vCPUs' states (while paused), by vCPU number.
+    pub fn vcpu_states(&self) -> Vec<Option<CpuState>> {
+        self.states.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Take every vCPU out of guest code and hold it. Returns once all
@@ -210,7 +237,7 @@ mod tests {
                 c.vcpu_started();
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Acquire) {
-                        c.park_if_paused(&|| stop.load(Ordering::Acquire));
+                        c.park_if_paused(0, &|| stop.load(Ordering::Acquire), &mut || None);
                         std::thread::sleep(Duration::from_millis(1));
                     }
                     c.vcpu_stopped();

@@ -446,6 +446,12 @@ impl VmHandle {
         self.shared.control.resume();
     }
 
+    /// While paused: each vCPU's state, as x86emu's `CpuState` under both
+    /// engines (`None` for a vCPU whose state could not be read).
+    pub fn vcpu_states(&self) -> Vec<Option<x86emu::CpuState>> {
+        self.shared.control.vcpu_states()
+    }
+
     /// Whether the VM is paused with every vCPU out of guest code.
     pub fn is_paused(&self) -> bool {
         self.shared.control.all_parked()

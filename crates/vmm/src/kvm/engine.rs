@@ -151,9 +151,24 @@ fn vcpu_thread(mut vcpu: KvmVcpu, shared: Arc<Shared>) {
     };
     let stopping = || shared.stop.load(Ordering::Acquire) != RUNNING;
     while !stopping() {
-        shared.control.park_if_paused(&stopping);
+        // While paused, the vCPU's state is out of KVM as a CpuState (the
+        // snapshot format of both engines), and it continues from that.
+        let mut save = || match vcpu.get_state(0, &[]) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("vcpu{}: reading its state: {e}", vcpu.id);
+                None
+            }
+        };
+        let resumed = shared.control.park_if_paused(vcpu.id as usize, &stopping, &mut save);
         if stopping() {
             break;
+        }
+        if let Some(state) = resumed {
+            if let Err(e) = vcpu.set_state(&state, 0) {
+                shared.fail(format!("vcpu{}: loading its state after a pause: {e}", vcpu.id));
+                break;
+            }
         }
         match vcpu.run_once(&mut bus) {
             Step::Continue | Step::Interrupted => {}
