@@ -45,10 +45,13 @@ fn outer_script(cpus: &[u32]) -> String {
          echo inner-blk=$(dd if=/dev/vda bs=20 count=1 2>/dev/null)");
     let mut s = String::new();
     for n in cpus {
+        // One vCPU ends by halting for good (Vessel must notice every vCPU
+        // in HLT with interrupts off), more by the i8042 reset.
+        let end = if *n == 1 { "halt" } else { "reboot" };
         s.push_str(&format!(
             "dd if=/dev/zero of=/tmp/d{n}.img bs=1M count=4 2>/dev/null; \
              start=$(cat /proc/uptime); /bin/vessel run --accel kvm --cpus {n} --mem 256M --kernel /guest/vmlinux \
-             --rng --disk path=/tmp/d{n}.img --initrd /guest/initramfs.cpio.gz --cmdline 'console=ttyS0 reboot=k panic=-1 vessel.cmd={inner}' \
+             --rng --disk path=/tmp/d{n}.img --initrd /guest/initramfs.cpio.gz --cmdline 'console=ttyS0 reboot=k panic=-1 vessel.cmd={inner} vessel.end={end}' \
              >/tmp/out{n} 2>&1 </dev/null; rc=$?; end=$(cat /proc/uptime); sed 's/^/inner{n}: /' /tmp/out{n}; \
              echo \"NESTED-RESULT cpus={n} rc=$rc ready=$(grep -c VESSEL-GUEST-READY /tmp/out{n}) \
              $(grep -o 'inner-cpus=[0-9]*' /tmp/out{n}) $(grep -o 'inner-clock=[a-z-]*' /tmp/out{n}) \

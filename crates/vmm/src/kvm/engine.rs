@@ -128,10 +128,14 @@ impl Engine for KvmEngine {
             }
         }
         // A kick can land just before a vCPU enters KVM_RUN; keep kicking
-        // until every thread has seen the stop.
+        // until every thread has seen the stop. While running, kick twice a
+        // second so that vCPUs halted for good (HLT with interrupts off,
+        // which KVM waits out in the kernel) are noticed.
+        let mut ticks = 0u32;
         while !handles.iter().all(|h| h.is_finished()) {
             std::thread::sleep(Duration::from_millis(10));
-            if shared.stop.load(Ordering::Acquire) != RUNNING {
+            ticks += 1;
+            if shared.stop.load(Ordering::Acquire) != RUNNING || ticks.is_multiple_of(50) {
                 shared.control.kick();
             }
         }
@@ -150,6 +154,8 @@ fn vcpu_thread(mut vcpu: KvmVcpu, shared: Arc<Shared>) {
         shared: shared.clone(),
     };
     let stopping = || shared.stop.load(Ordering::Acquire) != RUNNING;
+    let ncpus = shared.irqs.num_cpus() as u32;
+    let mut counted_dead = false;
     while !stopping() {
         // While paused, the vCPU's state is out of KVM as a CpuState (the
         // snapshot format of both engines), and it continues from that.
@@ -171,7 +177,21 @@ fn vcpu_thread(mut vcpu: KvmVcpu, shared: Arc<Shared>) {
             }
         }
         match vcpu.run_once(&mut bus) {
-            Step::Continue | Step::Interrupted => {}
+            Step::Continue => {}
+            Step::Interrupted => {
+                // Every vCPU halted with interrupts off: the guest is done
+                // (Linux's `reboot: System halted` without ACPI), as under emu.
+                let dead = vcpu.halted_for_good();
+                if dead && !counted_dead {
+                    counted_dead = true;
+                    if shared.dead.fetch_add(1, Ordering::AcqRel) + 1 == ncpus {
+                        shared.request_stop(STOP_HALTED);
+                    }
+                } else if !dead && counted_dead {
+                    counted_dead = false;
+                    shared.dead.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
             // Only without the in-kernel irqchip; do not spin.
             Step::Halted => std::thread::sleep(Duration::from_millis(1)),
             Step::TripleFault(regs) => {

@@ -140,6 +140,16 @@ impl KvmVcpu {
         Ok(out)
     }
 
+    /// Whether the vCPU sits in HLT with interrupts off (in-kernel irqchip
+    /// only): nothing but an NMI or INIT can wake it.
+    pub fn halted_for_good(&self) -> bool {
+        if !self.irqchip {
+            return false;
+        }
+        let halted = matches!(self.fd.get_mp_state(), Ok(m) if m.mp_state == kvm_bindings::KVM_MP_STATE_HALTED);
+        halted && matches!(self.fd.get_regs(), Ok(r) if r.rflags & x86emu::state::flags::IF == 0)
+    }
+
     /// Ask the next (or current) `KVM_RUN` to return at once.
     pub fn set_immediate_exit(&mut self, on: bool) {
         self.fd.set_kvm_immediate_exit(on as u8);
