@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # Build every test guest artifact into $VESSEL_CACHE (default ~/.cache/vessel):
 # kernel, initramfs, disk. WITH_DEBIAN_KERNEL=1 also fetches Debian's stock
-# kernel. Each step skips itself when its outputs are up to date.
+# kernel and builds its initramfs (virtio and ext4 modules) and root disk.
+# Also installs the host tools the tests use: acpica-tools (iasl
+# disassembles our ACPI tables), qemu-utils (qemu-img and qemu-io judge our
+# qcow2 images), qemu-system-x86 (the reference VMM for benchmarks and the
+# nested-KVM test), iproute2 (network namespaces), e2fsprogs (debugfs reads
+# guest-written file systems). Each step skips itself when up to date.
 set -euo pipefail
 
 here=$(dirname "${BASH_SOURCE[0]}")
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$here/lib.sh"
 
+ensure_pkgs acpica-tools qemu-utils qemu-system-x86 iproute2 e2fsprogs
 "$here/build-kernel.sh"
 "$here/build-initramfs.sh"
 "$here/build-disk.sh"
 if [[ ${WITH_DEBIAN_KERNEL:-0} == 1 ]]; then
 	"$here/fetch-debian-kernel.sh"
+	"$here/build-debian-initramfs.sh"
+	"$here/build-debian-root.sh"
 fi
 
 echo
@@ -23,4 +31,7 @@ echo "initramfs (plain):   ${VESSEL_CACHE}/initramfs.cpio"
 echo "disk (ext4):         ${VESSEL_CACHE}/disk.ext4"
 if [[ -f ${VESSEL_CACHE}/debian/vmlinuz ]]; then
 	echo "debian kernel:       ${VESSEL_CACHE}/debian/vmlinuz (PVH ELF: ${VESSEL_CACHE}/debian/vmlinux)"
+fi
+if [[ -f ${VESSEL_CACHE}/debian/initramfs.cpio.gz ]]; then
+	echo "debian initramfs:    ${VESSEL_CACHE}/debian/initramfs.cpio.gz (root: ${VESSEL_CACHE}/debian/root.ext4)"
 fi

@@ -8,6 +8,7 @@
 #   /tools/mkfs.ext4  e2fsprogs' mke2fs with its libraries, for guests to
 #                 make file systems (busybox's mke2fs makes only ext2):
 #                 `sh /mnt/tools/mkfs.ext4 /dev/vda`
+#   /tools/randio direct-I/O benchmark tool (guest/tools/randio.c, static)
 # The image is reproducible (fixed UUID, hash seed and timestamps).
 # Skips the work when nothing changed; FORCE=1 redoes it.
 set -euo pipefail
@@ -20,9 +21,9 @@ STAMP=${VESSEL_CACHE}/disk.inputs.sha256
 SIZE=64M
 UUID=5e55e100-0000-4000-8000-000000000001
 
-ensure_pkgs e2fsprogs python3
+ensure_pkgs e2fsprogs python3 gcc libc6-dev
 
-want=$(hash_of "${BASH_SOURCE[0]}" -- "$(pkg_version e2fsprogs)" "$(pkg_version libc6)")
+want=$(hash_of "${BASH_SOURCE[0]}" "${GUEST_DIR}/tools/randio.c" -- "$(pkg_version e2fsprogs)" "$(pkg_version libc6)")
 if [[ ${FORCE:-0} != 1 ]] && up_to_date "$STAMP" "$want" "$OUT"; then
 	log "disk up to date: $OUT"
 	exit 0
@@ -50,6 +51,8 @@ d=${0%/*}
 MKE2FS_CONFIG=$d/mke2fs.conf exec "$d/lib/ld-linux-x86-64.so.2" --library-path "$d/lib" "$d/mke2fs" -t ext4 "$@"
 SH
 chmod 0755 "$tools/mkfs.ext4"
+cc -O2 -static -o "$tools/randio" "${GUEST_DIR}/tools/randio.c"
+strip "$tools/randio"
 find "$root" -exec touch -h -d @0 {} +
 
 mkdir -p "$VESSEL_CACHE"

@@ -15,30 +15,17 @@ INIT=${GUEST_DIR}/init
 OUT_CPIO=${VESSEL_CACHE}/initramfs.cpio
 OUT_GZ=${VESSEL_CACHE}/initramfs.cpio.gz
 STAMP=${VESSEL_CACHE}/initramfs.inputs.sha256
-TOOLS=${VESSEL_CACHE}/tools
-GEN_INIT_CPIO=${TOOLS}/gen_init_cpio
 
 ensure_pkgs busybox-static gcc libc6-dev gzip xz-utils linux-source-6.1
 
-want=$(hash_of "$INIT" "${BASH_SOURCE[0]}" -- "$(pkg_version busybox-static)")
+want=$(hash_of "$INIT" "${BASH_SOURCE[0]}" "${GUEST_DIR}/lib.sh" -- "$(pkg_version busybox-static)")
 if [[ ${FORCE:-0} != 1 ]] && up_to_date "$STAMP" "$want" "$OUT_CPIO" "$OUT_GZ" ; then
 	log "initramfs up to date: $OUT_GZ"
 	exit 0
 fi
 rm -f "$STAMP"
 
-# gen_init_cpio: a single C file from the kernel tree. Take it from the
-# unpacked source when build-kernel.sh has run, else from the tarball.
-if [[ ! -x $GEN_INIT_CPIO ]]; then
-	mkdir -p "$TOOLS"
-	if [[ -f $LINUX_SRC/usr/gen_init_cpio.c ]]; then
-		cp "$LINUX_SRC/usr/gen_init_cpio.c" "$TOOLS/gen_init_cpio.c"
-	else
-		log "extracting usr/gen_init_cpio.c from ${LINUX_TARBALL}"
-		tar -xJf "$LINUX_TARBALL" -O linux-source-6.1/usr/gen_init_cpio.c >"$TOOLS/gen_init_cpio.c"
-	fi
-	cc -O2 -o "$GEN_INIT_CPIO" "$TOOLS/gen_init_cpio.c"
-fi
+GEN_INIT_CPIO=$(ensure_gen_init_cpio)
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
@@ -61,13 +48,7 @@ list=$stage/list
 	echo "file /bin/busybox $stage/busybox 0755 0 0"
 	echo "file /etc/passwd $stage/passwd 0644 0 0"
 	echo "file /etc/group $stage/group 0644 0 0"
-	# Applet links. --list-full includes bin/busybox itself: never link over it.
-	"$BUSYBOX" --list-full | sort | while read -r applet; do
-		case /$applet in
-		/bin/busybox | /init) continue ;;
-		esac
-		echo "slink /$applet /bin/busybox 0777 0 0"
-	done
+	busybox_applet_links
 } >"$list"
 
 "$GEN_INIT_CPIO" -t 0 "$list" >"$OUT_CPIO.tmp"

@@ -74,3 +74,36 @@ ensure_linux_src() {
 	[[ -f ${LINUX_SRC}/Makefile ]] || die "unexpected layout in ${LINUX_TARBALL}"
 	printf '%s\n' "$ver" >"$stamp"
 }
+
+# ensure_gen_init_cpio: build the kernel's usr/gen_init_cpio into the cache
+# (a single C file; from the unpacked source if build-kernel.sh has run, else
+# from the tarball) and print its path. It writes a cpio from a file list, so
+# /dev/console goes into an archive without root or mknod.
+ensure_gen_init_cpio() {
+	local tools=${VESSEL_CACHE}/tools
+	local bin=${tools}/gen_init_cpio
+	if [[ ! -x $bin ]]; then
+		ensure_pkgs gcc libc6-dev xz-utils linux-source-6.1
+		mkdir -p "$tools"
+		if [[ -f $LINUX_SRC/usr/gen_init_cpio.c ]]; then
+			cp "$LINUX_SRC/usr/gen_init_cpio.c" "$tools/gen_init_cpio.c"
+		else
+			log "extracting usr/gen_init_cpio.c from ${LINUX_TARBALL}"
+			tar -xJf "$LINUX_TARBALL" -O linux-source-6.1/usr/gen_init_cpio.c >"$tools/gen_init_cpio.c"
+		fi
+		cc -O2 -o "$bin" "$tools/gen_init_cpio.c" >&2
+	fi
+	printf '%s\n' "$bin"
+}
+
+# busybox_applet_links ROOT_PREFIX: gen_init_cpio "slink" lines for every
+# applet of /bin/busybox, except /bin/busybox itself (never link over it)
+# and /init.
+busybox_applet_links() {
+	/bin/busybox --list-full | sort | while read -r applet; do
+		case /$applet in
+		/bin/busybox | /init) continue ;;
+		esac
+		echo "slink /$applet /bin/busybox 0777 0 0"
+	done
+}

@@ -10,6 +10,9 @@
 #     -d FILE   attach FILE as a raw virtio-blk disk, /dev/vda in the guest
 #               (snapshot=on: guest writes never reach FILE)
 #     -a ARGS   extra kernel command line
+#     -A        ACPI on: the guest finds virtio-mmio devices in the DSDT
+#               (LNRO0005) instead of on the command line; Debian's kernel
+#               needs it (and tsc_early_khz= under TCG)
 #   The command runs through the guest's /init (vessel.cmd=); without one
 #   the guest starts an interactive shell on the serial console.
 set -euo pipefail
@@ -19,8 +22,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 kernel=${VESSEL_CACHE}/kernel/bzImage
 initrd=${VESSEL_CACHE}/initramfs.cpio.gz
-smp=1 mem=256M disk='' extra=''
-while getopts 'k:i:s:m:d:a:h' opt; do
+smp=1 mem=256M disk='' extra='' acpi=off
+while getopts 'k:i:s:m:d:a:Ah' opt; do
 	case $opt in
 	k) kernel=$OPTARG ;;
 	i) initrd=$OPTARG ;;
@@ -28,7 +31,8 @@ while getopts 'k:i:s:m:d:a:h' opt; do
 	m) mem=$OPTARG ;;
 	d) disk=$OPTARG ;;
 	a) extra=$OPTARG ;;
-	*) sed -n '2,15s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; exit 2 ;;
+	A) acpi=on ;;
+	*) sed -n '2,18s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; exit 2 ;;
 	esac
 done
 shift $((OPTIND - 1))
@@ -43,7 +47,7 @@ if (($# > 0)); then
 fi
 [[ -z $extra ]] || append+=" $extra"
 
-args=(-accel tcg -M "microvm,x-option-roms=off,acpi=off" -cpu qemu64
+args=(-accel tcg -M "microvm,x-option-roms=off,acpi=$acpi" -cpu qemu64
 	-m "$mem" -smp "$smp" -nodefaults -no-user-config -nographic -no-reboot
 	-serial stdio -kernel "$kernel" -initrd "$initrd" -append "$append")
 if [[ -n $disk ]]; then

@@ -12,13 +12,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const MARKER: &str = "VESSEL-GUEST-READY";
+use vessel_bench::{default_kernel, qemu_guest, vessel_guest};
 
-fn cache() -> PathBuf {
-    std::env::var_os("VESSEL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/vessel"))
-}
+const MARKER: &str = "VESSEL-GUEST-READY";
 
 /// Start `cmd`, return the time until its stdout shows the marker, then kill it.
 fn time_to_marker(mut cmd: Command) -> Option<Duration> {
@@ -50,53 +46,14 @@ fn median(v: &mut [Duration]) -> Duration {
 
 fn main() {
     let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
-    let cache = cache();
     let kernel = std::env::args()
         .nth(2)
         .map(PathBuf::from)
-        .unwrap_or_else(|| cache.join("kernel/vmlinux"));
-    let initrd = cache.join("initramfs.cpio.gz");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let vessel = root.join("target/release/vessel");
-    assert!(vessel.exists(), "build Vessel first: cargo build --release -p vessel");
+        .unwrap_or_else(default_kernel);
     // The guest's /init sees no command, so it would start a shell; we stop
     // each run at the marker anyway.
-    let vessel_cmd = || {
-        let mut c = Command::new(&vessel);
-        c.args(["run", "--accel", "emu", "--mem", "256M"])
-            .arg("--kernel")
-            .arg(&kernel)
-            .arg("--initrd")
-            .arg(&initrd)
-            .arg("--cmdline")
-            .arg("console=ttyS0 reboot=k");
-        c
-    };
-    let qemu_cmd = || {
-        let mut c = Command::new("qemu-system-x86_64");
-        c.args([
-            "-accel",
-            "tcg",
-            "-M",
-            "microvm,x-option-roms=off,acpi=off",
-            "-cpu",
-            "qemu64",
-            "-m",
-            "256M",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 reboot=t"]);
-        c
-    };
+    let vessel_cmd = || vessel_guest(&kernel, "console=ttyS0 reboot=k");
+    let qemu_cmd = || qemu_guest(&kernel, "console=ttyS0 reboot=t");
     let (mut v, mut q) = (Vec::new(), Vec::new());
     for i in 0..runs {
         let tv = time_to_marker(vessel_cmd()).expect("Vessel did not reach the marker");

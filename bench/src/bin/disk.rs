@@ -9,32 +9,11 @@
 //! (after `cargo build --release -p vessel` and `guest/build-all.sh`).
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-fn cache() -> PathBuf {
-    std::env::var_os("VESSEL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/vessel"))
-}
-
-fn b64(s: &str) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let b = s.as_bytes();
-    let mut out = String::new();
-    for c in b.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            out.push(if i <= c.len() {
-                T[(n >> (18 - 6 * i)) as usize & 63] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
-}
+use vessel_bench::{b64, default_kernel, median, qemu_disk, qemu_guest, vessel_guest};
 
 /// Run the guest; returns (write MB/s, read MB/s).
 fn measure(mut cmd: Command, mib: u64) -> (f64, f64) {
@@ -70,64 +49,23 @@ fn fresh_image(path: &Path, mib: u64) {
     f.set_len((mib + 16) << 20).expect("image size");
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
     let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(3);
     let mib: u64 = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(256);
-    let cache = cache();
-    let kernel = cache.join("kernel/vmlinux");
-    let initrd = cache.join("initramfs.cpio.gz");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let vessel = root.join("target/release/vessel");
-    assert!(vessel.exists(), "build Vessel first: cargo build --release -p vessel");
     let image = std::env::temp_dir().join(format!("vessel-bench-disk-{}.img", std::process::id()));
     let guest_cmd = b64(&format!(
         "echo DISK-W0; dd if=/dev/zero of=/dev/vda bs=1M count={mib} oflag=direct 2>/dev/null; echo DISK-W1; \
          dd if=/dev/vda of=/dev/null bs=1M count={mib} iflag=direct 2>/dev/null; echo DISK-R1"
     ));
+    let cmdline_tail = format!("vessel.cmd={guest_cmd}");
     let vessel_cmd = || {
-        let mut c = Command::new(&vessel);
-        c.args(["run", "--accel", "emu", "--mem", "256M"])
-            .arg("--kernel")
-            .arg(&kernel)
-            .arg("--initrd")
-            .arg(&initrd)
-            .arg("--disk")
-            .arg(format!("path={}", image.display()))
-            .arg("--cmdline")
-            .arg(format!("console=ttyS0 reboot=k vessel.cmd={guest_cmd}"));
+        let mut c = vessel_guest(&default_kernel(), &format!("console=ttyS0 reboot=k {cmdline_tail}"));
+        c.arg("--disk").arg(format!("path={}", image.display()));
         c
     };
     let qemu_cmd = || {
-        let mut c = Command::new("qemu-system-x86_64");
-        c.args([
-            "-accel",
-            "tcg",
-            "-M",
-            "microvm,x-option-roms=off,acpi=off",
-            "-cpu",
-            "qemu64",
-            "-m",
-            "256M",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .arg("-drive")
-        .arg(format!("id=d0,file={},format=raw,if=none", image.display()))
-        .args(["-device", "virtio-blk-device,drive=d0"])
-        .args(["-append", &format!("console=ttyS0 reboot=t vessel.cmd={guest_cmd}")]);
+        let mut c = qemu_guest(&default_kernel(), &format!("console=ttyS0 reboot=t {cmdline_tail}"));
+        qemu_disk(&mut c, "d0", &image, "raw", false);
         c
     };
     let (mut vw, mut vr, mut qw, mut qr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

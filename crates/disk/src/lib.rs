@@ -4,10 +4,19 @@
 //! bytes at byte offsets; the device checks that requests are in range and
 //! sector-aligned before they get here, and backends check again.
 
+pub mod chain;
+pub mod check;
+pub mod fuzzing;
+pub mod header;
+pub mod ops;
+mod prealloc;
+mod qcow2;
 mod raw;
 
 use std::path::Path;
 
+pub use chain::{Format, Layer, MAX_CHAIN_DEPTH};
+pub use qcow2::Qcow2Disk;
 pub use raw::RawFile;
 
 /// Errors from opening or accessing a disk image.
@@ -23,6 +32,31 @@ pub enum Error {
     ReadOnly,
     #[error("{0}")]
     Format(String),
+    #[error("corrupt image: {0}")]
+    Corrupt(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("{image}: backing file {backing:?} not followed: {reason}")]
+    Backing {
+        image: String,
+        backing: String,
+        reason: String,
+    },
+    #[error("{image}: backing chain loops back to this image")]
+    BackingLoop { image: String },
+    #[error("{image}: backing chain is deeper than {limit} images")]
+    ChainTooDeep { image: String, limit: usize },
+}
+
+impl Error {
+    /// Name the file in a corruption message that lacks it.
+    pub(crate) fn in_file(self, path: &Path) -> Error {
+        match self {
+            Error::Corrupt(m) => Error::Corrupt(format!("{}: {m}", path.display())),
+            Error::Unsupported(m) => Error::Unsupported(format!("{}: {m}", path.display())),
+            e => e,
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -53,9 +87,33 @@ pub struct OpenOptions {
     pub read_only: bool,
 }
 
-/// Open an image file as a block device.
+/// Which backing-file names in an image may be followed (docs/DISKS.md,
+/// "Backing files"). The default follows only relative names that stay in
+/// or below the image's directory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BackingRules {
+    /// Also follow absolute names and names with `..` components.
+    pub allow_absolute_backing: bool,
+}
+
+/// Open an image file as a block device: a qcow2 image (detected by its
+/// magic) with its backing chain under the default [`BackingRules`], or
+/// else a raw file.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockBackend>> {
-    Ok(Box::new(RawFile::open(path, opts.read_only)?))
+    open_with(path, opts, &BackingRules::default())
+}
+
+/// [`open`] with explicit backing-file rules.
+pub fn open_with(path: &Path, opts: &OpenOptions, rules: &BackingRules) -> Result<Box<dyn BlockBackend>> {
+    let file = std::fs::File::open(path).map_err(|source| Error::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if header::is_qcow2(&file)? {
+        Ok(Box::new(Qcow2Disk::open(path, opts, rules)?))
+    } else {
+        Ok(Box::new(RawFile::open(path, opts.read_only)?))
+    }
 }
 
 /// Check that `[offset, offset+len)` lies inside a disk of `size` bytes.

@@ -11,6 +11,7 @@ mod config;
 mod console;
 mod control;
 mod device_args;
+mod disk_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +32,8 @@ struct Cli {
 enum Command {
     /// Boot a guest with its serial console on the terminal (Ctrl-A x quits).
     Run(RunArgs),
+    /// Create, inspect, snapshot and convert disk images.
+    Disk(disk_cmd::DiskArgs),
 }
 
 #[derive(clap::Args)]
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Disk(args) => disk_cmd::run(args),
     }
 }
 

@@ -131,6 +131,110 @@ fn debian_stock_kernel_reaches_init() {
     assert!(stdout(&o).contains("debian=6.1"), "{}", stdout(&o));
 }
 
+/// Debian's kernel has ACPI: it finds our tables, takes the CPUs from the
+/// MADT, and powers off through the FADT's sleep control register.
+#[test]
+fn debian_stock_kernel_uses_acpi_and_powers_off() {
+    let o = boot(
+        "debian/vmlinux",
+        2,
+        "512M",
+        "dmesg | grep -E 'ACPI|smp|rtc'; grep -c ^processor /proc/cpuinfo",
+        "poweroff",
+    );
+    assert_clean_run(&o);
+    let s = stdout(&o);
+    for want in [
+        "ACPI: RSDP 0x00000000000E0000",
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        "ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2 dfl dfl)",
+        "smp: Brought up 1 node, 2 CPUs",
+        "ACPI: PM: (supports S0 S5)",
+        "rtc_cmos 00:01: registered as rtc0",
+        "reboot: Power down",
+    ] {
+        assert!(s.contains(want), "no {want:?} in:\n{s}");
+    }
+    assert!(s.lines().any(|l| l.trim() == "2"), "expected 2 CPUs:\n{s}");
+}
+
+/// Debian's stock kernel with its own kind of initramfs: it loads Debian's
+/// virtio and ext4 modules, virtio_mmio binds the devices that ACPI
+/// describes (LNRO0005), and the guest switches to an ext4 root on a
+/// read-only virtio-blk disk, where it reaches a shell and runs the command.
+/// virtio-rng and virtio-console bind through ACPI too.
+#[test]
+fn debian_stock_kernel_boots_from_ext4_root_on_virtio_blk() {
+    let root = artifact("debian/root.ext4");
+    let dir = std::env::temp_dir().join(format!("vessel-debian-hvc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hvc = dir.join("hvc0.log");
+    let o = vessel()
+        .args(["run", "--accel", "emu", "--mem", "512M"])
+        .arg("--kernel")
+        .arg(artifact("debian/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("debian/initramfs.cpio.gz"))
+        .arg("--disk")
+        .arg(format!("path={},readonly=on", root.display()))
+        .arg("--rng")
+        .arg("--console-output")
+        .arg(&hvc)
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=-1 root=/dev/vda ro vessel.end=poweroff vessel.cmd={}",
+            b64("cat /etc/vessel-root; grep ' / ' /proc/mounts; cat /sys/block/vda/ro; \
+                 cat /sys/class/misc/hw_random/rng_current; \
+                 ls /sys/bus/platform/drivers/virtio-mmio; echo sum=$((40+2)); \
+                 echo debian-hvc-$((6*7)) > /dev/hvc0")
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vessel");
+    assert_clean_run(&o);
+    let s = stdout(&o);
+    for want in [
+        "vessel debian root",
+        "/dev/vda / ext4 ro",
+        "virtio_rng.0",
+        "LNRO0005:00",
+        "LNRO0005:01",
+        "LNRO0005:02",
+        "sum=42",
+        "reboot: Power down",
+    ] {
+        assert!(s.contains(want), "no {want:?} in:\n{s}");
+    }
+    assert!(!s.contains("vessel-initramfs:"), "the initramfs complained:\n{s}");
+    let text = std::fs::read_to_string(&hvc).unwrap_or_default();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(text.contains("debian-hvc-42"), "virtio-console output: {text:?}");
+}
+
+/// Without `reboot=k`, Debian's kernel on hardware-reduced ACPI reboots
+/// through EFI (absent) and then the BIOS reset vector, where Vessel's stub
+/// resets the machine through the i8042.
+#[test]
+fn debian_stock_kernel_reboots_without_reboot_k() {
+    let o = vessel()
+        .args(["run", "--accel", "emu", "--mem", "512M"])
+        .arg("--kernel")
+        .arg(artifact("debian/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 panic=-1 vessel.end=reboot vessel.cmd={}",
+            b64("echo x=$((3*3))")
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vessel");
+    assert_clean_run(&o);
+    let s = stdout(&o);
+    assert!(s.contains("x=9") && s.contains("reboot: machine restart"), "{s}");
+}
+
 fn one_error_line(o: &Output) -> String {
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr).into_owned();
@@ -191,6 +295,43 @@ fn triple_fault_reports_registers() {
         "{e}"
     );
     assert_eq!(o.status.code(), Some(4));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The ACPI power registers end the VM: S5 in the sleep control register
+/// (power-off) and the reset value in the reset register. The code spins
+/// afterwards, so only the register write can end the run.
+#[test]
+fn acpi_power_registers_end_the_vm() {
+    let dir = std::env::temp_dir().join(format!("vessel-acpi-pm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // mov al, VALUE; mov dx, PORT; out dx, al; jmp $
+    let code = |value: u8, port: u16| {
+        let p = port.to_le_bytes();
+        vec![0xb0, value, 0x66, 0xba, p[0], p[1], 0xee, 0xeb, 0xfe]
+    };
+    for (name, value, port) in [("poweroff", (5 << 2) | (1 << 5), 0x600), ("reset", 1, 0x602)] {
+        let k = dir.join(format!("{name}.elf"));
+        std::fs::write(&k, tiny_elf(&code(value, port))).unwrap();
+        let mut child = vessel()
+            .args(["run", "--kernel", k.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("{name}: the VM did not end");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{name}: {status:?}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

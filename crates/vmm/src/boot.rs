@@ -30,6 +30,14 @@ pub const KERNEL_START: u64 = 0x100_0000;
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Firmware-ish area below 1 MiB that the e820 map reserves.
 const EBDA_START: u64 = 0x9fc00;
+/// The x86 reset vector, F000:FFF0.
+pub const RESET_VECTOR: u64 = 0xf_fff0;
+/// What sits at the reset vector. There is no BIOS, but Linux on
+/// hardware-reduced ACPI without EFI reboots (after trying EFI) by jumping
+/// there in real mode (`machine_real_restart`). So pulse the reset line
+/// through the i8042, which ends the run as `reboot=k` does:
+/// `mov al, 0xfe; out 0x64, al; cli; hlt; jmp $-1`.
+const RESET_STUB: [u8; 8] = [0xb0, 0xfe, 0xe6, 0x64, 0xfa, 0xf4, 0xeb, 0xfd];
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
@@ -40,6 +48,9 @@ pub struct BootSpec<'a> {
     pub initrd: Option<&'a Path>,
     pub cmdline: &'a str,
     pub mem_size: u64,
+    /// Where the ACPI RSDP is, for `boot_params.acpi_rsdp_addr` (Linux
+    /// also finds it by scanning the BIOS area).
+    pub acpi_rsdp: Option<u64>,
 }
 
 fn kernel_err(p: &Path, reason: impl ToString) -> Error {
@@ -148,11 +159,16 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<CpuState> {
         };
     }
     params.e820_entries = e820.len() as u8;
+    if let Some(rsdp) = spec.acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
+    }
     mem.write_obj(params, GuestAddress(ZERO_PAGE))
         .map_err(|e| Error::Memory(e.to_string()))?;
 
     write_page_tables(mem)?;
     write_gdt(mem)?;
+    mem.write_slice(&RESET_STUB, GuestAddress(RESET_VECTOR))
+        .map_err(|e| Error::Memory(e.to_string()))?;
 
     let mut s = CpuState::long_mode_flat(PML4);
     s.rip = entry;
@@ -220,6 +236,7 @@ mod tests {
                 initrd: None,
                 cmdline: "console=ttyS0",
                 mem_size: 64 << 20,
+                acpi_rsdp: None,
             },
         )
         .unwrap_err();
@@ -231,6 +248,7 @@ mod tests {
                 initrd: None,
                 cmdline: "",
                 mem_size: 64 << 20,
+                acpi_rsdp: None,
             },
         );
         assert!(missing.is_err());

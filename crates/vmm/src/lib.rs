@@ -1,6 +1,7 @@
 //! Vessel's machine: guest memory, Linux boot, legacy devices, and the
 //! engines that run vCPUs. Devices are plain structs with serde state.
 
+pub mod acpi;
 pub mod boot;
 pub mod devices;
 pub mod emu;

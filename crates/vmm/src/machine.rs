@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 use x86emu::{Bus, CodeMap};
 
+use crate::acpi::{self, VirtioSlot};
 use crate::boot::{self, BootSpec};
+use crate::devices::acpi_pm::{self, PowerAction};
 use crate::devices::i8042::{self, I8042};
 use crate::devices::irq::{InterruptRouter, Interrupts};
 use crate::devices::irq_line::{EmuLine, InterruptLine};
@@ -71,8 +73,9 @@ pub enum RunOutcome {
     /// The guest reset the machine through the i8042 (Linux `reboot=k`);
     /// with no ACPI this is how our guests power off, as in Firecracker.
     Reset,
-    /// Every vCPU halted with interrupts disabled. Without ACPI this is how
-    /// Linux powers off ("reboot: System halted"): nothing can wake it.
+    /// The guest powered off through ACPI (S5 in the sleep control
+    /// register), or every vCPU halted with interrupts disabled: without
+    /// ACPI this is how Linux powers off ("reboot: System halted").
     PowerOff,
     /// A triple fault: the vCPU's registers at the time, formatted.
     TripleFault(String),
@@ -227,6 +230,7 @@ unsafe impl Bus for VcpuBus {
             }
             i8042::DATA_PORT | i8042::STATUS_PORT => self.shared.platform().i8042.read(port) as u32,
             0x70 | 0x71 => self.shared.platform().rtc.read(port, now) as u32,
+            p if acpi_pm::handles(p) => acpi_pm::read(p) as u32,
             _ => match self.shared.irqs.with(|r| r.io_read(port, now)) {
                 Some(v) => v as u32,
                 None => u32::MAX,
@@ -252,6 +256,11 @@ unsafe impl Bus for VcpuBus {
                 }
             }
             0x70 | 0x71 => self.shared.platform().rtc.write(port, value as u8, now),
+            p if acpi_pm::handles(p) => match acpi_pm::action(p, value as u8) {
+                PowerAction::PowerOff => self.shared.request_stop(STOP_HALTED),
+                PowerAction::Reset => self.shared.request_stop(STOP_RESET),
+                PowerAction::None => {}
+            },
             _ => {
                 self.shared.irqs.with(|r| r.io_write(port, value as u8, now));
             }
@@ -355,6 +364,16 @@ impl Machine {
                 virtio::FIRST_IRQ + i as u32
             ));
         }
+        // ACPI for kernels that have it (the same virtio devices, as
+        // LNRO0005 nodes); the MP table for those that do not.
+        let slots: Vec<VirtioSlot> = (0..devices.len())
+            .map(|i| VirtioSlot {
+                base: virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE,
+                size: virtio::MMIO_SIZE,
+                gsi: virtio::FIRST_IRQ + i as u32,
+            })
+            .collect();
+        let rsdp = acpi::setup_acpi(&mem, cfg.cpus as u8, &slots)?;
         let boot_state = boot::load(
             &mem,
             &BootSpec {
@@ -362,6 +381,7 @@ impl Machine {
                 initrd: cfg.initrd.as_deref(),
                 cmdline: &cmdline,
                 mem_size: cfg.mem_size,
+                acpi_rsdp: Some(rsdp.0),
             },
         )?;
         mptable::setup_mptable(&mem, cfg.cpus as u8).map_err(|e| Error::Memory(format!("MP table: {e}")))?;

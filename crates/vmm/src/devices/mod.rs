@@ -1,5 +1,6 @@
 //! Emulated platform devices for the `emu` engine.
 
+pub mod acpi_pm;
 pub mod i8042;
 pub mod ioapic;
 pub mod irq;

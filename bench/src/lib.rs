@@ -1,0 +1,97 @@
+//! Shared pieces of the side-by-side benchmarks: where the guest artifacts
+//! are, the two VMMs' command lines for the same guest, and how a command
+//! reaches the guest's /init.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn cache() -> PathBuf {
+    std::env::var_os("VESSEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/vessel"))
+}
+
+/// The release `vessel` binary of this checkout.
+pub fn vessel_binary() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/vessel");
+    assert!(p.exists(), "build Vessel first: cargo build --release -p vessel");
+    p
+}
+
+/// Base64, for `vessel.cmd=` (the guest's /init decodes it).
+pub fn b64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            out.push(if i <= c.len() {
+                T[(n >> (18 - 6 * i)) as usize & 63] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+/// The minimal guest's kernel.
+pub fn default_kernel() -> PathBuf {
+    cache().join("kernel/vmlinux")
+}
+
+/// `vessel run` of `kernel` with the test initramfs (engine emu, 256 MiB).
+pub fn vessel_guest(kernel: &Path, cmdline: &str) -> Command {
+    let cache = cache();
+    let mut c = Command::new(vessel_binary());
+    c.args(["run", "--accel", "emu", "--mem", "256M"])
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(cache.join("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(cmdline);
+    c
+}
+
+/// The reference QEMU (DESIGN.md: TCG, microvm, no ACPI) on the same guest.
+pub fn qemu_guest(kernel: &Path, cmdline: &str) -> Command {
+    let cache = cache();
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args([
+        "-accel",
+        "tcg",
+        "-M",
+        "microvm,x-option-roms=off,acpi=off",
+        "-cpu",
+        "qemu64",
+        "-m",
+        "256M",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ])
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(cache.join("initramfs.cpio.gz"))
+    .args(["-append", cmdline]);
+    c
+}
+
+/// A virtio-blk disk on QEMU's microvm.
+pub fn qemu_disk(c: &mut Command, id: &str, path: &Path, format: &str, read_only: bool) {
+    let ro = if read_only { ",readonly=on" } else { "" };
+    c.arg("-drive")
+        .arg(format!("id={id},file={},format={format},if=none{ro}", path.display()))
+        .args(["-device", &format!("virtio-blk-device,drive={id}")]);
+}
+
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
