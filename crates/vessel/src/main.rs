@@ -1,11 +1,15 @@
 //! `vessel`: run a virtual machine.
 //!
+//! SIGUSR1 pauses the VM and SIGUSR2 resumes it.
+//!
 //! Exit codes: 0 when the guest powers off or resets (Linux `reboot=k`) or
 //! the user quits with Ctrl-A x; 2 for a configuration or image error; 4 for
-//! a guest triple fault (the vCPU's registers are printed).
+//! a guest triple fault or a fault the engine reports (the vCPU's registers
+//! are printed).
 
 mod config;
 mod console;
+mod control;
 mod device_args;
 mod disk_cmd;
 
@@ -52,7 +56,8 @@ pub struct RunArgs {
     /// Number of vCPUs [default: 1].
     #[arg(long)]
     cpus: Option<u32>,
-    /// CPU engine: emu [default: emu].
+    /// CPU engine: kvm, emu, or auto (kvm when /dev/kvm can run ordinary
+    /// guests, emu otherwise) [default: emu].
     #[arg(long)]
     accel: Option<String>,
     /// A virtio-blk disk: path=IMAGE[,readonly=on]. Repeatable; the first
@@ -72,6 +77,12 @@ pub struct RunArgs {
     console_output: Option<PathBuf>,
 }
 
+static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn cli_verbose() -> bool {
+    VERBOSE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
@@ -79,6 +90,7 @@ fn main() -> ExitCode {
         1 => "info",
         _ => "debug",
     };
+    VERBOSE.store(cli.verbose > 0, std::sync::atomic::Ordering::Relaxed);
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(level))
         .with_writer(std::io::stderr)
@@ -97,14 +109,20 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if settings.accel != "emu" {
-        eprintln!(
-            "error: --accel {} is not available yet; use --accel emu",
-            settings.accel
-        );
-        return ExitCode::from(2);
-    }
-    let machine = match vmm::Machine::new(&settings.machine, Box::new(std::io::stdout())) {
+    let engine = match settings.accel.parse::<vmm::Accel>().and_then(vmm::engine::choose) {
+        Ok((engine, why)) => {
+            if settings.accel == "auto" || cli_verbose() {
+                eprintln!("{why}");
+            }
+            engine
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    control::block_signals();
+    let machine = match vmm::Machine::with_engine(&settings.machine, Box::new(std::io::stdout()), engine) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("error: {e}");
@@ -113,12 +131,17 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let raw = console::RawMode::enable();
     console::spawn_input(machine.input_handle());
+    control::spawn(machine.vm_handle());
     let outcome = machine.run();
     drop(raw);
     match outcome {
         vmm::RunOutcome::Reset | vmm::RunOutcome::PowerOff => ExitCode::SUCCESS,
         vmm::RunOutcome::TripleFault(regs) => {
             eprintln!("error: guest triple fault: {regs}");
+            ExitCode::from(4)
+        }
+        vmm::RunOutcome::Fault(what) => {
+            eprintln!("error: guest stopped: {what}");
             ExitCode::from(4)
         }
     }

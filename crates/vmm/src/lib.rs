@@ -4,11 +4,15 @@
 pub mod acpi;
 pub mod boot;
 pub mod devices;
+pub mod emu;
+pub mod engine;
+pub mod kvm;
 pub mod machine;
 pub mod memory;
 pub mod virtio;
 
-pub use machine::{Machine, MachineConfig, RunOutcome};
+pub use engine::{Accel, EngineKind};
+pub use machine::{Machine, MachineConfig, RunOutcome, VmHandle};
 
 /// Errors from building or running a machine.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +27,8 @@ pub enum Error {
     Cmdline(String),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error(transparent)]
+    Kvm(#[from] kvm::KvmError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

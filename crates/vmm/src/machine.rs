@@ -1,5 +1,5 @@
 //! The machine: guest memory, the devices on the port and MMIO buses, the
-//! interrupt router, and one thread per vCPU running the `emu` engine.
+//! interrupt router, and the engine (`emu` or `kvm`) that runs the vCPUs.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,18 +9,20 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
-use x86emu::state::{flags, CpuState, Segment};
-use x86emu::{Bus, CodeMap, Cpu, CpuConfig, Exit};
+use x86emu::{Bus, CodeMap};
 
 use crate::acpi::{self, VirtioSlot};
 use crate::boot::{self, BootSpec};
 use crate::devices::acpi_pm::{self, PowerAction};
 use crate::devices::i8042::{self, I8042};
 use crate::devices::irq::{InterruptRouter, Interrupts};
-use crate::devices::irq_line::EmuLine;
+use crate::devices::irq_line::{EmuLine, InterruptLine};
 use crate::devices::mptable;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{SerialPort, COM1_BASE, COM1_IRQ};
+pub use crate::emu::format_regs;
+use crate::emu::EmuEngine;
+use crate::engine::{Control, Engine, EngineKind};
 use crate::memory;
 use crate::virtio::console::Console;
 use crate::virtio::net::{random_mac, Net};
@@ -32,8 +34,6 @@ use crate::{Error, Result};
 pub const TSC_KHZ: u32 = 2_000_000;
 /// Most vCPUs a machine may have.
 pub const MAX_CPUS: u32 = 64;
-/// Instructions a vCPU runs between checks of machine-wide state.
-const SLICE: u64 = 200_000;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -82,12 +82,16 @@ pub enum RunOutcome {
     PowerOff,
     /// A triple fault: the vCPU's registers at the time, formatted.
     TripleFault(String),
+    /// The engine could not run the guest (KVM: failed entry, internal
+    /// error): what happened and the vCPU's registers.
+    Fault(String),
 }
 
-const RUNNING: u8 = 0;
-const STOP_RESET: u8 = 1;
-const STOP_TRIPLE: u8 = 2;
-const STOP_HALTED: u8 = 3;
+pub(crate) const RUNNING: u8 = 0;
+pub(crate) const STOP_RESET: u8 = 1;
+pub(crate) const STOP_TRIPLE: u8 = 2;
+pub(crate) const STOP_HALTED: u8 = 3;
+pub(crate) const STOP_FAULT: u8 = 4;
 
 /// Devices behind one lock: the serial port, the i8042 and the RTC.
 pub struct Platform {
@@ -96,22 +100,28 @@ pub struct Platform {
     pub rtc: Rtc,
 }
 
-/// State shared by the vCPU threads.
-struct Shared {
-    mem: GuestMemoryMmap,
-    irqs: Arc<Interrupts>,
-    platform: Mutex<Platform>,
-    start: Instant,
-    stop: AtomicU8,
-    triple_fault: Mutex<Option<String>>,
+/// State shared by the vCPU threads (opaque outside this crate).
+pub struct Shared {
+    pub(crate) mem: GuestMemoryMmap,
+    /// Our interrupt controllers (used by `emu`; under `kvm` the kernel's serve).
+    pub(crate) irqs: Arc<Interrupts>,
+    pub(crate) platform: Mutex<Platform>,
+    /// The serial port's IRQ 4, into whichever interrupt controller runs.
+    pub(crate) serial_line: Arc<dyn InterruptLine>,
+    /// Kicking and pausing the vCPUs, whatever the engine.
+    pub(crate) control: Control,
+    pub(crate) start: Instant,
+    pub(crate) stop: AtomicU8,
+    /// Why the guest stopped (triple fault or engine fault): the registers.
+    pub(crate) triple_fault: Mutex<Option<String>>,
     /// vCPUs halted with IF=0 (a guest that is off for good).
-    dead: std::sync::atomic::AtomicU32,
+    pub(crate) dead: std::sync::atomic::AtomicU32,
     /// virtio-mmio devices, device i at `virtio::MMIO_BASE + i * MMIO_SIZE`.
-    virtio: Vec<Mutex<MmioTransport>>,
+    pub(crate) virtio: Vec<Mutex<MmioTransport>>,
 }
 
 impl Shared {
-    fn now_ns(&self) -> u64 {
+    pub(crate) fn now_ns(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
     }
 
@@ -123,7 +133,7 @@ impl Shared {
     /// platform lock held (lock order: platform, then interrupts).
     fn serial_irq(&self, p: &mut Platform) {
         if p.serial.irq.0.swap(false, Ordering::AcqRel) {
-            self.irqs.pulse_irq(COM1_IRQ);
+            self.serial_line.trigger();
         }
     }
 
@@ -134,20 +144,46 @@ impl Shared {
         Some((dev.lock().unwrap_or_else(|e| e.into_inner()), rel % virtio::MMIO_SIZE))
     }
 
-    fn request_stop(&self, why: u8) {
+    pub(crate) fn request_stop(&self, why: u8) {
         let _ = self
             .stop
             .compare_exchange(RUNNING, why, Ordering::AcqRel, Ordering::Acquire);
         for cpu in 0..self.irqs.num_cpus() {
             self.irqs.kick(cpu);
         }
+        self.control.kick();
+    }
+
+    /// End the machine because the engine cannot go on (`msg` says why).
+    pub(crate) fn fail(&self, msg: String) {
+        let mut slot = self.triple_fault.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(msg);
+        drop(slot);
+        self.request_stop(STOP_FAULT);
+    }
+
+    /// How the run ended, once every vCPU thread is done.
+    pub(crate) fn outcome(&self) -> RunOutcome {
+        let why = || {
+            self.triple_fault
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default()
+        };
+        match self.stop.load(Ordering::Acquire) {
+            STOP_TRIPLE => RunOutcome::TripleFault(why()),
+            STOP_FAULT => RunOutcome::Fault(why()),
+            STOP_HALTED => RunOutcome::PowerOff,
+            _ => RunOutcome::Reset,
+        }
     }
 }
 
 /// One vCPU's view of the machine.
-struct VcpuBus {
-    id: usize,
-    shared: Arc<Shared>,
+pub(crate) struct VcpuBus {
+    pub(crate) id: usize,
+    pub(crate) shared: Arc<Shared>,
 }
 
 // SAFETY: `ram_page` returns pointers into the mmap'd regions of the guest
@@ -273,19 +309,27 @@ unsafe impl Bus for VcpuBus {
     }
 
     fn exit_requested(&mut self) -> bool {
-        self.shared.stop.load(Ordering::Acquire) != RUNNING || self.shared.irqs.events_pending(self.id)
+        self.shared.stop.load(Ordering::Acquire) != RUNNING
+            || self.shared.irqs.events_pending(self.id)
+            || self.shared.control.pause_requested()
     }
 }
 
 pub struct Machine {
     shared: Arc<Shared>,
-    cpus: Vec<Cpu>,
+    engine: Box<dyn Engine>,
 }
 
 impl Machine {
-    /// Build the machine and load the guest. Errors are the user's to fix
-    /// (bad kernel, memory size, CPU count).
+    /// Build the machine under `emu` and load the guest.
     pub fn new(cfg: &MachineConfig, console: Box<dyn Write + Send>) -> Result<Self> {
+        Self::with_engine(cfg, console, EngineKind::Emu)
+    }
+
+    /// Build the machine with its vCPUs run by `engine` and load the guest.
+    /// Errors are the user's to fix (bad kernel, memory size, CPU count, no
+    /// usable KVM).
+    pub fn with_engine(cfg: &MachineConfig, console: Box<dyn Write + Send>, engine: EngineKind) -> Result<Self> {
         if cfg.cpus == 0 || cfg.cpus > MAX_CPUS {
             return Err(Error::Config(format!(
                 "--cpus must be between 1 and {MAX_CPUS}, not {}",
@@ -297,7 +341,22 @@ impl Machine {
         router.setup_virtual_wire();
         let irqs = Arc::new(Interrupts::new(router));
         let code_map = Arc::new(CodeMap::new(mem.last_addr().0 + 1));
-        let devices = create_virtio_devices(cfg, &mem, &irqs, &code_map)?;
+        // The engine's interrupt controller: device lines go to our IOAPIC
+        // under emu, to the kernel's through irqfd under kvm.
+        let kvm = match engine {
+            EngineKind::Emu => None,
+            EngineKind::Kvm => Some(crate::kvm::engine::KvmEngine::new(&mem, cfg.cpus)?),
+        };
+        let lines = |pin: u32| -> Result<Arc<dyn InterruptLine>> {
+            match &kvm {
+                None => Ok(Arc::new(EmuLine {
+                    irqs: irqs.clone(),
+                    pin,
+                })),
+                Some(k) => k.irq_line(pin),
+            }
+        };
+        let devices = create_virtio_devices(cfg, &mem, &lines, &code_map)?;
         let mut cmdline = cfg.cmdline.clone();
         for i in 0..devices.len() {
             // For kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; ACPI
@@ -329,7 +388,26 @@ impl Machine {
             },
         )?;
         mptable::setup_mptable(&mem, cfg.cpus as u8).map_err(|e| Error::Memory(format!("MP table: {e}")))?;
-        let start = Instant::now();
+        let serial_line = lines(COM1_IRQ)?;
+        let engine: Box<dyn Engine> = match kvm {
+            None => Box::new(EmuEngine::new(cfg.cpus, code_map, &boot_state)),
+            Some(mut k) => {
+                k.set_boot_state(&boot_state)?;
+                // Queue notifications reach the devices' eventfds inside the
+                // kernel, without an exit (ioeventfd).
+                for (i, dev) in devices.iter().enumerate() {
+                    let base = virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE;
+                    for (q, evt) in dev.notifiers().iter().enumerate() {
+                        k.vm().register_mmio_doorbell(
+                            evt,
+                            base + virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64,
+                            q as u32,
+                        )?;
+                    }
+                }
+                Box::new(k)
+            }
+        };
         let shared = Arc::new(Shared {
             mem,
             irqs,
@@ -338,32 +416,20 @@ impl Machine {
                 i8042: I8042::default(),
                 rtc: Rtc::new(0),
             }),
-            start,
+            serial_line,
+            control: Control::default(),
+            start: Instant::now(),
             stop: AtomicU8::new(RUNNING),
             triple_fault: Mutex::new(None),
             dead: std::sync::atomic::AtomicU32::new(0),
             virtio: devices.into_iter().map(Mutex::new).collect(),
         });
-        let cpus = (0..cfg.cpus)
-            .map(|i| {
-                let config = CpuConfig {
-                    apic_id: i,
-                    cpu_count: cfg.cpus,
-                    tsc_khz: TSC_KHZ,
-                    ..CpuConfig::default()
-                };
-                let mut cpu = Cpu::new(config, code_map.clone());
-                if i == 0 {
-                    cpu.set_state(boot_state.clone());
-                    cpu.state.apic_base = 0xfee0_0000 | (1 << 11) | (1 << 8);
-                } else {
-                    // Application processors wait for INIT/SIPI.
-                    cpu.state.events.wait_for_sipi = true;
-                }
-                cpu
-            })
-            .collect();
-        Ok(Machine { shared, cpus })
+        Ok(Machine { shared, engine })
+    }
+
+    /// The engine that runs the vCPUs.
+    pub fn engine(&self) -> EngineKind {
+        self.engine.kind()
     }
 
     /// A handle that can feed console input while `run` blocks.
@@ -373,36 +439,51 @@ impl Machine {
         }
     }
 
+    /// A handle that can pause and resume the VM while `run` blocks.
+    pub fn vm_handle(&self) -> VmHandle {
+        VmHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Run all vCPUs until the guest ends.
     pub fn run(self) -> RunOutcome {
-        let n = self.cpus.len();
-        let handles: Vec<_> = self
-            .cpus
-            .into_iter()
-            .enumerate()
-            .map(|(id, cpu)| {
-                let shared = self.shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("vcpu{id}"))
-                    .spawn(move || vcpu_thread(id, cpu, shared, n))
-                    .expect("spawning a vCPU thread")
-            })
-            .collect();
-        for h in handles {
-            let _ = h.join();
-        }
-        match self.shared.stop.load(Ordering::Acquire) {
-            STOP_TRIPLE => RunOutcome::TripleFault(
-                self.shared
-                    .triple_fault
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone()
-                    .unwrap_or_default(),
-            ),
-            STOP_HALTED => RunOutcome::PowerOff,
-            _ => RunOutcome::Reset,
-        }
+        self.engine.run(self.shared)
+    }
+}
+
+/// Pauses and resumes a running VM.
+#[derive(Clone)]
+pub struct VmHandle {
+    shared: Arc<Shared>,
+}
+
+impl VmHandle {
+    /// Take every vCPU out of guest code and hold it there. `false` when
+    /// not all vCPUs stopped within `timeout` (they stop later).
+    pub fn pause(&self, timeout: Duration) -> bool {
+        self.shared.control.pause(timeout)
+    }
+
+    pub fn resume(&self) {
+        self.shared.control.resume();
+    }
+
+    /// While paused: each vCPU's state, as x86emu's `CpuState` under both
+    /// engines (`None` for a vCPU whose state could not be read).
+    pub fn vcpu_states(&self) -> Vec<Option<x86emu::CpuState>> {
+        self.shared.control.vcpu_states()
+    }
+
+    /// Whether the VM is paused with every vCPU out of guest code.
+    pub fn is_paused(&self) -> bool {
+        self.shared.control.all_parked()
+    }
+
+    /// Stop the machine.
+    pub fn quit(&self) {
+        self.shared.control.resume();
+        self.shared.request_stop(STOP_RESET);
     }
 }
 
@@ -411,7 +492,7 @@ impl Machine {
 fn create_virtio_devices(
     cfg: &MachineConfig,
     mem: &GuestMemoryMmap,
-    irqs: &Arc<Interrupts>,
+    lines: &dyn Fn(u32) -> Result<Arc<dyn InterruptLine>>,
     code_map: &Arc<CodeMap>,
 ) -> Result<Vec<MmioTransport>> {
     // Device writes to guest memory drop x86emu's cached decoded code there.
@@ -456,10 +537,7 @@ fn create_virtio_devices(
         .into_iter()
         .enumerate()
         .map(|(i, model)| {
-            let line = Arc::new(EmuLine {
-                irqs: irqs.clone(),
-                pin: virtio::FIRST_IRQ + i as u32,
-            });
+            let line = lines(virtio::FIRST_IRQ + i as u32)?;
             MmioTransport::new(model, mem.clone(), Arc::new(Interrupt::new(line)), dma.clone())
                 .map_err(|e| Error::Config(format!("virtio device: {e}")))
         })
@@ -483,96 +561,4 @@ impl ConsoleInput {
     pub fn quit(&self) {
         self.shared.request_stop(STOP_RESET);
     }
-}
-
-fn vcpu_thread(id: usize, mut cpu: Cpu, shared: Arc<Shared>, ncpus: usize) {
-    let mut bus = VcpuBus {
-        id,
-        shared: shared.clone(),
-    };
-    let now = || shared.now_ns();
-    let mut counted_dead = false;
-    while shared.stop.load(Ordering::Acquire) == RUNNING {
-        if shared.irqs.events_pending(id) {
-            let ev = shared.irqs.take_events(id);
-            if ev.init && id != 0 {
-                let apic_base = cpu.state.apic_base;
-                cpu.set_state(CpuState::reset());
-                cpu.state.apic_base = apic_base;
-                cpu.state.events.wait_for_sipi = true;
-            }
-            if let Some(vector) = ev.sipi {
-                if cpu.state.events.wait_for_sipi {
-                    start_at_sipi(&mut cpu, vector);
-                }
-            }
-            if ev.nmi {
-                cpu.inject_nmi();
-            }
-        }
-        match cpu.run(&mut bus, SLICE) {
-            Exit::Budget | Exit::ExitRequested | Exit::Shutdown => {}
-            Exit::Halted => {
-                let if_set = cpu.state.rflags & flags::IF != 0;
-                if !if_set && !counted_dead {
-                    counted_dead = true;
-                    // All vCPUs halted with interrupts off: the guest is done
-                    // (for example `reboot: System halted`).
-                    if shared.dead.fetch_add(1, Ordering::AcqRel) + 1 == ncpus as u32 {
-                        shared.request_stop(STOP_HALTED);
-                    }
-                }
-                shared.irqs.halt(id, &now, Duration::from_millis(100), if_set);
-            }
-            Exit::WaitForSipi => shared.irqs.halt(id, &now, Duration::from_millis(100), false),
-            Exit::TripleFault => {
-                *shared.triple_fault.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(format!("vcpu{id}: {}", format_regs(&cpu)));
-                shared.request_stop(STOP_TRIPLE);
-            }
-        }
-        if counted_dead && !cpu.state.events.halted {
-            counted_dead = false;
-            shared.dead.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-    let st = &cpu.stats;
-    tracing::info!(
-        "vcpu{id}: {} instructions, {} blocks decoded, {} exceptions, {} interrupts; unimplemented (raised #UD): {:?}",
-        st.instructions,
-        st.blocks_decoded,
-        st.exceptions,
-        st.interrupts,
-        st.unimplemented
-    );
-}
-
-/// Start an application processor in real mode at `vector << 12`.
-fn start_at_sipi(cpu: &mut Cpu, vector: u8) {
-    let mut s = cpu.state.clone();
-    s.segs[1] = Segment::real_mode((vector as u16) << 8, true);
-    s.rip = 0;
-    s.events.wait_for_sipi = false;
-    s.events.halted = false;
-    cpu.set_state(s);
-}
-
-/// The vCPU's registers, for error reports.
-pub fn format_regs(cpu: &Cpu) -> String {
-    let s = &cpu.state;
-    let names = [
-        "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
-    ];
-    let mut out = format!(
-        "rip={:#018x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
-        s.rip, s.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
-    );
-    for (n, v) in names.iter().zip(s.gpr.iter()) {
-        out.push_str(&format!(" {n}={v:#x}"));
-    }
-    out.push_str(&format!(
-        " cs={:#x} unimplemented={:?}",
-        s.segs[1].selector, cpu.stats.unimplemented
-    ));
-    out
 }

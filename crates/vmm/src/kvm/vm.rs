@@ -1,0 +1,127 @@
+//! One KVM virtual machine: its memory slots, the in-kernel irqchip and
+//! PIT, interrupt lines (irqfd) and doorbells (ioeventfd).
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::vcpu::KvmVcpu;
+use super::KvmError;
+use crate::devices::irq_line::InterruptLine;
+
+/// Where KVM may put the TSS and identity map it needs for real mode on
+/// VMX: three pages plus one just below the 4 GiB firmware area.
+const TSS_ADDR: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// How the VM is built.
+#[derive(Clone, Copy, Debug)]
+pub struct VmOptions {
+    /// In-kernel LAPIC/IOAPIC/PIC and PIT (a full machine). Small test
+    /// payloads run without them.
+    pub irqchip: bool,
+}
+
+pub struct KvmVm {
+    pub(crate) fd: Arc<VmFd>,
+    supported_cpuid: CpuId,
+    irqchip: bool,
+}
+
+impl KvmVm {
+    /// Open /dev/kvm and build a VM over `mem`. The caller keeps `mem` alive
+    /// (and unresized) for as long as the VM exists.
+    pub fn new(mem: &GuestMemoryMmap, opts: VmOptions) -> Result<Self, KvmError> {
+        let kvm = Kvm::new().map_err(KvmError::ioctl("opening /dev/kvm"))?;
+        let fd = kvm.create_vm().map_err(KvmError::ioctl("KVM_CREATE_VM"))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| KvmError::Setup(format!("guest memory region: {e}")))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: `host` is the start of a mapping of `region.len()` bytes
+            // owned by `mem`, which the caller keeps mapped while the VM lives.
+            unsafe { fd.set_user_memory_region(r) }.map_err(KvmError::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        if opts.irqchip {
+            fd.set_tss_address(TSS_ADDR)
+                .map_err(KvmError::ioctl("KVM_SET_TSS_ADDR"))?;
+            // Only VMX uses it; SVM and PVM may refuse.
+            let _ = fd.set_identity_map_address(IDENTITY_MAP_ADDR);
+            fd.create_irq_chip().map_err(KvmError::ioctl("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).map_err(KvmError::ioctl("KVM_CREATE_PIT2"))?;
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(KvmError::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        Ok(KvmVm {
+            fd: Arc::new(fd),
+            supported_cpuid,
+            irqchip: opts.irqchip,
+        })
+    }
+
+    /// Create vCPU `id` of `count`, with its filtered CPUID.
+    pub fn create_vcpu(&self, id: u32, count: u32) -> Result<KvmVcpu, KvmError> {
+        let fd = self
+            .fd
+            .create_vcpu(id as u64)
+            .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))?;
+        let cpuid = super::cpuid::for_vcpu(&self.supported_cpuid, id, count)?;
+        fd.set_cpuid2(&cpuid).map_err(KvmError::ioctl("KVM_SET_CPUID2"))?;
+        let vcpu = KvmVcpu::new(id, fd, self.irqchip);
+        if self.irqchip {
+            vcpu.setup_lapic_virtual_wire()?;
+        }
+        Ok(vcpu)
+    }
+
+    /// An interrupt line into the in-kernel irqchip at `gsi` (irqfd).
+    pub fn irq_line(&self, gsi: u32) -> Result<Arc<KvmIrqLine>, KvmError> {
+        let event = EventFd::new(EFD_NONBLOCK).map_err(|e| KvmError::Setup(format!("eventfd: {e}")))?;
+        self.fd
+            .register_irqfd(&event, gsi)
+            .map_err(KvmError::ioctl("KVM_IRQFD"))?;
+        Ok(Arc::new(KvmIrqLine { event }))
+    }
+
+    /// Let guest writes to the MMIO address `addr` signal `event` inside the
+    /// kernel, without an exit to the VMM (a virtio queue doorbell).
+    pub fn register_mmio_doorbell(&self, event: &EventFd, addr: u64, value: u32) -> Result<(), KvmError> {
+        self.fd
+            .register_ioevent(event, &IoEventAddress::Mmio(addr), value)
+            .map_err(KvmError::ioctl("KVM_IOEVENTFD"))
+    }
+
+    /// As [`Self::register_mmio_doorbell`], for any value written.
+    pub fn register_mmio_doorbell_any(&self, event: &EventFd, addr: u64) -> Result<(), KvmError> {
+        self.fd
+            .register_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(KvmError::ioctl("KVM_IOEVENTFD"))
+    }
+}
+
+/// A device interrupt through an irqfd: one eventfd write is one edge.
+pub struct KvmIrqLine {
+    event: EventFd,
+}
+
+impl InterruptLine for KvmIrqLine {
+    fn trigger(&self) {
+        // The counter saturating (EAGAIN) still leaves the interrupt pending.
+        let _ = self.event.write(1);
+    }
+}
