@@ -353,3 +353,47 @@ fn discard_event_idx_and_driver_rebind() {
         "no hole punched: {allocated} bytes allocated"
     );
 }
+
+/// An image chain that qemu-img made (a compressed qcow2 base and an
+/// overlay on it) serves the guest: the files on it read back correctly.
+#[test]
+fn guest_reads_a_compressed_qcow2_chain_made_by_qemu_img() {
+    let dir = Scratch::new("qemuchain");
+    let qemu_img = |args: &[&str]| {
+        let o = Command::new("qemu-img")
+            .args(args)
+            .current_dir(&dir.0)
+            .output()
+            .expect("qemu-img (qemu-utils)");
+        assert!(
+            o.status.success(),
+            "qemu-img {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let base = artifact("disk.ext4");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        base.to_str().unwrap(),
+        "base.qcow2",
+    ]);
+    qemu_img(&["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    let cmd = "mount -o ro /dev/vda /mnt && cd /mnt && sha256sum -c SHA256SUMS && cat hello.txt";
+    let o = guest(cmd, "reboot")
+        .arg("--disk")
+        .arg(disk_arg(&dir.0.join("top.qcow2"), "readonly=on"))
+        .output()
+        .unwrap();
+    assert_clean_run(&o);
+    let out = stdout(&o);
+    assert!(
+        out.contains("hello.txt: OK") && out.contains("pattern.bin: OK"),
+        "{out}"
+    );
+    assert!(out.contains("hello from the vessel test disk"), "{out}");
+}

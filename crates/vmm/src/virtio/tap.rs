@@ -81,3 +81,34 @@ impl AsRawFd for Tap {
         self.file.as_raw_fd()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// With CAP_NET_ADMIN (CI runs as root) Vessel creates the tap itself;
+    /// it goes away with the device.
+    #[test]
+    fn creates_a_tap_when_permitted() {
+        match Tap::open(Some("vsltest%d")) {
+            Ok(tap) => {
+                let name = tap.name().to_string();
+                assert!(name.starts_with("vsltest") && !name.contains('%'), "{name}");
+                assert!(Path::new("/sys/class/net").join(&name).exists());
+                drop(tap);
+                assert!(!Path::new("/sys/class/net").join(&name).exists());
+            }
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                eprintln!("skipped: creating a tap needs CAP_NET_ADMIN ({e})")
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        assert!(Tap::open(Some("")).is_err());
+        assert!(Tap::open(Some("a-name-longer-than-15")).is_err());
+    }
+}
