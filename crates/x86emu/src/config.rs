@@ -54,6 +54,33 @@ pub struct CpuConfig {
     pub features: Features,
 }
 
+/// The core crystal clock advertised in CPUID 0x15 and as the bus
+/// frequency in 0x4000_0010: the LAPIC timer's input clock, in Hz.
+pub const CRYSTAL_HZ: u32 = 1_000_000_000;
+
+/// CPUID 0x15: TSC = crystal * EBX / EAX. Linux also takes the crystal as
+/// the LAPIC timer's rate, so it is [`CRYSTAL_HZ`], the rate the VMM's
+/// LAPIC timer counts at. Linux multiplies crystal kHz by EBX in 32 bits,
+/// so the ratio is reduced; where it still would not fit, the crystal is
+/// given as the TSC itself (ratio 1), as before.
+fn tsc_crystal_leaf(tsc_khz: u32) -> [u32; 4] {
+    fn gcd(a: u32, b: u32) -> u32 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let crystal_khz = CRYSTAL_HZ / 1000;
+    let g = gcd(tsc_khz, crystal_khz).max(1);
+    let (num, den) = (tsc_khz / g, crystal_khz / g);
+    if tsc_khz > 0 && crystal_khz.checked_mul(num).is_some() {
+        [den, num, CRYSTAL_HZ, 0]
+    } else {
+        [1, 1, tsc_khz.saturating_mul(1000), 0]
+    }
+}
+
 impl Default for CpuConfig {
     fn default() -> Self {
         CpuConfig {
@@ -127,13 +154,13 @@ impl CpuConfig {
                     _ => [0, 0, subleaf, self.apic_id],
                 }
             }
-            0x15 => [1, 1, self.tsc_khz.saturating_mul(1000), 0],
+            0x15 => tsc_crystal_leaf(self.tsc_khz),
             0x16 => {
                 let mhz = self.tsc_khz / 1000;
                 [mhz, mhz, 100, 0]
             }
             0x4000_0000 if f.hypervisor => [0x4000_0010, 0x7373_6556, 0x6d65_6c65, 0x7373_6556], // "VesselmeVess"
-            0x4000_0010 if f.hypervisor => [self.tsc_khz, 1_000_000, 0, 0],
+            0x4000_0010 if f.hypervisor => [self.tsc_khz, CRYSTAL_HZ / 1000, 0, 0],
             0x8000_0000 => [0x8000_0008, VENDOR[0], VENDOR[2], VENDOR[1]],
             0x8000_0001 => {
                 // LAHF/SAHF in 64-bit mode; SYSCALL, NX, 1G pages, RDTSCP, LM.
@@ -167,6 +194,23 @@ mod tests {
         assert_eq!(ecx & ((1 << 19) | (1 << 20) | (1 << 28) | (1 << 26) | (1 << 3)), 0);
         let [_, _, _, edx] = c.cpuid(0x8000_0001, 0);
         assert!(edx & (1 << 29) != 0, "long mode");
+    }
+
+    /// Linux computes TSC kHz as (ECX / 1000) * EBX / EAX in 32 bits and
+    /// takes ECX as the LAPIC timer rate: both must come out right.
+    #[test]
+    fn tsc_leaf_survives_linux_arithmetic() {
+        for tsc_khz in [2_000_000u32, 1_000_000, 2_500_000, 3_193_000, 1_234_567] {
+            let c = CpuConfig {
+                tsc_khz,
+                ..CpuConfig::default()
+            };
+            let [eax, ebx, ecx, _] = c.cpuid(0x15, 0);
+            let linux = (ecx / 1000).checked_mul(ebx).map(|p| p / eax);
+            assert_eq!(linux, Some(tsc_khz), "tsc_khz {tsc_khz}: {eax} {ebx} {ecx}");
+        }
+        let [_, _, ecx, _] = CpuConfig::default().cpuid(0x15, 0);
+        assert_eq!(ecx, CRYSTAL_HZ, "the crystal is the LAPIC timer's clock");
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub const LAPIC_BASE: u64 = 0xfee0_0000;
 /// Size of the xAPIC register page.
 pub const LAPIC_SIZE: u64 = 0x1000;
 /// Rate of the APIC timer before the divider.
-pub const APIC_BUS_HZ: u64 = 1_000_000_000;
+pub const APIC_BUS_HZ: u64 = x86emu::config::CRYSTAL_HZ as u64;
 /// IA32_APIC_BASE.
 pub const MSR_APIC_BASE: u32 = 0x1b;
 /// IA32_TSC_DEADLINE.
