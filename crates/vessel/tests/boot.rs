@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{artifact, assert_clean_run, b64, stdout, vessel};
+use common::{artifact, assert_clean_run, b64, stdout, vessel, TimedOutput, Watchdog};
 
 /// Boot `kernel` with the minimal initramfs, run `cmd` in the guest, and
 /// wait for Vessel to exit.
@@ -28,7 +28,7 @@ fn boot(kernel: &str, cpus: u32, mem: &str, cmd: &str, end: &str) -> Output {
             b64(cmd)
         ))
         .stdin(Stdio::null())
-        .output()
+        .timed_output()
         .expect("run vessel");
     out
 }
@@ -105,6 +105,7 @@ fn guest_time_follows_host_time() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn vessel");
+    let _watchdog = Watchdog::new(&child);
     let reader = BufReader::new(child.stdout.take().expect("stdout"));
     let (mut t0, mut t1) = (None, None);
     for line in reader.lines() {
@@ -189,7 +190,7 @@ fn debian_stock_kernel_boots_from_ext4_root_on_virtio_blk() {
                  echo debian-hvc-$((6*7)) > /dev/hvc0")
         ))
         .stdin(Stdio::null())
-        .output()
+        .timed_output()
         .expect("run vessel");
     assert_clean_run(&o);
     let s = stdout(&o);
@@ -228,7 +229,7 @@ fn debian_stock_kernel_reboots_without_reboot_k() {
             b64("echo x=$((3*3))")
         ))
         .stdin(Stdio::null())
-        .output()
+        .timed_output()
         .expect("run vessel");
     assert_clean_run(&o);
     let s = stdout(&o);
@@ -246,7 +247,14 @@ fn one_error_line(o: &Output) -> String {
 #[test]
 fn user_errors_are_one_line() {
     let k = artifact("kernel/vmlinux");
-    let run = |args: &[&str]| vessel().arg("run").args(args).stdin(Stdio::null()).output().unwrap();
+    let run = |args: &[&str]| {
+        vessel()
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::null())
+            .timed_output()
+            .unwrap()
+    };
     let e = one_error_line(&run(&["--kernel", "/nonexistent/kernel"]));
     assert!(e.contains("/nonexistent/kernel"));
     let e = one_error_line(&run(&["--kernel", k.to_str().unwrap(), "--mem", "1M"]));
@@ -287,7 +295,7 @@ fn triple_fault_reports_registers() {
     let o = vessel()
         .args(["run", "--kernel", k.to_str().unwrap()])
         .stdin(Stdio::null())
-        .output()
+        .timed_output()
         .unwrap();
     let e = one_error_line(&o);
     assert!(

@@ -8,12 +8,14 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use common::TimedOutput;
+
 fn vessel(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vessel"))
         .current_dir(dir)
         .arg("disk")
         .args(args)
-        .output()
+        .timed_output()
         .expect("run vessel")
 }
 
@@ -32,7 +34,7 @@ fn tool(dir: &Path, cmd: &str, args: &[&str]) -> Output {
     Command::new(cmd)
         .current_dir(dir)
         .args(args)
-        .output()
+        .timed_output()
         .unwrap_or_else(|e| panic!("{cmd}: {e} (the tests need qemu-img and qemu-io from qemu-utils)"))
 }
 
@@ -274,7 +276,7 @@ fn guest_writes_to_a_qcow2_chain() {
         .arg(common::disk_arg(&d.join("vm.qcow2"), ""))
         .arg("--disk")
         .arg(common::disk_arg(&common::artifact("disk.ext4"), "readonly=on"))
-        .output()
+        .timed_output()
         .unwrap();
     common::assert_clean_run(&o);
     assert!(common::stdout(&o).contains("SYNCED"));
@@ -310,6 +312,7 @@ fn guest_data_synced_before_sigkill_is_in_the_qcow2_image() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let _watchdog = common::Watchdog::new(&child);
     let mut synced = false;
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         if line.unwrap().trim() == "SYNCED" {

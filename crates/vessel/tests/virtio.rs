@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{artifact, assert_clean_run, disk_arg, guest, stdout, Scratch};
+use common::{artifact, assert_clean_run, disk_arg, guest, stdout, Scratch, TimedOutput, Watchdog};
 
 /// Mount the test disk (read-only, with mkfs.ext4 in /tools) at /t.
 const MOUNT_TOOLS: &str = "mkdir -p /t && mount -o ro /dev/vdb /t";
@@ -19,14 +19,18 @@ fn debugfs_cat(image: &Path, file: &str) -> Vec<u8> {
     let o = Command::new("debugfs")
         .args(["-R", &format!("cat {file}")])
         .arg(image)
-        .output()
+        .timed_output()
         .expect("debugfs (e2fsprogs)");
     assert!(o.status.success(), "debugfs: {}", String::from_utf8_lossy(&o.stderr));
     o.stdout
 }
 
 fn e2fsck_clean(image: &Path) {
-    let o = Command::new("e2fsck").arg("-fn").arg(image).output().expect("e2fsck");
+    let o = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .timed_output()
+        .expect("e2fsck");
     assert!(
         o.status.success(),
         "e2fsck found errors:\n{}",
@@ -55,7 +59,7 @@ fn guest_ext4_files_read_back_on_host() {
         .arg("--disk")
         .arg(disk_arg(&artifact("disk.ext4"), "readonly=on"))
         .arg("--rng")
-        .output()
+        .timed_output()
         .unwrap();
     assert_clean_run(&o);
     let out = stdout(&o);
@@ -90,7 +94,7 @@ fn read_only_disk_refuses_writes() {
     let o = guest(cmd, "reboot")
         .arg("--disk")
         .arg(disk_arg(&image, "readonly=on"))
-        .output()
+        .timed_output()
         .unwrap();
     assert_clean_run(&o);
     let out = stdout(&o);
@@ -120,6 +124,7 @@ fn host_io_error_reaches_guest_and_vmm_survives() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let _watchdog = Watchdog::new(&child);
     let mut stdin = child.stdin.take().unwrap();
     let mut reader = BufReader::new(child.stdout.take().unwrap());
     let mut out = String::new();
@@ -167,6 +172,7 @@ fn data_synced_before_sigkill_is_in_the_image() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let _watchdog = Watchdog::new(&child);
     let reader = BufReader::new(child.stdout.take().unwrap());
     let mut out = String::new();
     for line in reader.lines() {
@@ -195,14 +201,14 @@ impl NetNs {
     fn new(tap: &str, host_ip: &str) -> NetNs {
         let name = format!("vessel-test-{}", std::process::id());
         let ip = |args: &[&str]| {
-            let o = Command::new("ip").args(args).output().expect("ip (iproute2)");
+            let o = Command::new("ip").args(args).timed_output().expect("ip (iproute2)");
             assert!(
                 o.status.success(),
                 "ip {args:?}: {} (this test needs root)",
                 String::from_utf8_lossy(&o.stderr)
             );
         };
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let _ = Command::new("ip").args(["netns", "del", &name]).timed_output();
         ip(&["netns", "add", &name]);
         let ns = NetNs(name.clone());
         ip(&["-n", &name, "tuntap", "add", tap, "mode", "tap"]);
@@ -229,7 +235,7 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).timed_output();
     }
 }
 
@@ -273,7 +279,7 @@ fn tcp_transfer_both_ways_over_tap() {
         .args(guest(cmd, "reboot").get_args())
         .args(["--net", "tap=vtap0,mac=52:54:00:12:34:56"])
         .stdin(Stdio::null())
-        .output()
+        .timed_output()
         .unwrap();
     assert!(Path::new(&netns_path).exists());
     assert_clean_run(&o);
@@ -292,7 +298,7 @@ fn virtio_console_output_reaches_the_host_file() {
     let o = guest("echo second-console-$((40+2)) > /dev/hvc0", "reboot")
         .arg("--console-output")
         .arg(&file)
-        .output()
+        .timed_output()
         .unwrap();
     assert_clean_run(&o);
     let text = std::fs::read_to_string(&file).unwrap();
@@ -319,7 +325,7 @@ fn discard_event_idx_and_driver_rebind() {
         .arg(disk_arg(&image, ""))
         .arg("--disk")
         .arg(disk_arg(&artifact("disk.ext4"), "readonly=on"))
-        .output()
+        .timed_output()
         .unwrap();
     assert_clean_run(&o);
     let out = stdout(&o);
@@ -363,7 +369,7 @@ fn guest_reads_a_compressed_qcow2_chain_made_by_qemu_img() {
         let o = Command::new("qemu-img")
             .args(args)
             .current_dir(&dir.0)
-            .output()
+            .timed_output()
             .expect("qemu-img (qemu-utils)");
         assert!(
             o.status.success(),
@@ -387,7 +393,7 @@ fn guest_reads_a_compressed_qcow2_chain_made_by_qemu_img() {
     let o = guest(cmd, "reboot")
         .arg("--disk")
         .arg(disk_arg(&dir.0.join("top.qcow2"), "readonly=on"))
-        .output()
+        .timed_output()
         .unwrap();
     assert_clean_run(&o);
     let out = stdout(&o);

@@ -111,3 +111,93 @@ pub fn disk_arg(path: &std::path::Path, opts: &str) -> String {
         format!("path={},{opts}", path.display())
     }
 }
+
+/// How long one VM run may take in a test before it counts as hung. A
+/// guest that hangs must fail its test, not stall the whole CI run.
+pub const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// `Command::output` with a deadline: on timeout the child is killed and
+/// the test panics with what it printed so far.
+pub trait TimedOutput {
+    fn timed_output(&mut self) -> std::io::Result<Output>;
+}
+
+impl TimedOutput for Command {
+    fn timed_output(&mut self) -> std::io::Result<Output> {
+        use std::io::Read;
+        let mut child = self.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let mut out = child.stdout.take().expect("piped stdout");
+        let mut err = child.stderr.take().expect("piped stderr");
+        let out_reader = std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = out.read_to_end(&mut b);
+            b
+        });
+        let err_reader = std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = err.read_to_end(&mut b);
+            b
+        });
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if start.elapsed() > RUN_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                let stdout = out_reader.join().unwrap_or_default();
+                panic!(
+                    "timed out after {RUN_TIMEOUT:?}: {:?}\nlast output:\n{}",
+                    self.get_program(),
+                    String::from_utf8_lossy(&stdout)
+                        .lines()
+                        .rev()
+                        .take(30)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        Ok(Output {
+            status,
+            stdout: out_reader.join().unwrap_or_default(),
+            stderr: err_reader.join().unwrap_or_default(),
+        })
+    }
+}
+
+/// For tests that read a running child's output line by line: SIGKILL the
+/// child if it outlives [`RUN_TIMEOUT`], so the reader sees EOF and the
+/// test fails instead of hanging. Disarmed when dropped.
+pub struct Watchdog(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Watchdog {
+    pub fn new(child: &std::process::Child) -> Watchdog {
+        use std::sync::atomic::Ordering;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let pid = child.id() as libc::pid_t;
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            while !flag.load(Ordering::Acquire) {
+                if start.elapsed() > RUN_TIMEOUT {
+                    eprintln!("watchdog: killing pid {pid} after {RUN_TIMEOUT:?}");
+                    // SAFETY: kill(2) with a pid and a signal number; it
+                    // touches no memory of ours.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        Watchdog(done)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
