@@ -16,21 +16,9 @@ use common::{artifact, assert_clean_run, b64, stdout, vessel, TimedOutput, Watch
 /// Boot `kernel` with the minimal initramfs, run `cmd` in the guest, and
 /// wait for Vessel to exit.
 fn boot(kernel: &str, cpus: u32, mem: &str, cmd: &str, end: &str) -> Output {
-    let out = vessel()
-        .args(["run", "--accel", "emu", "--mem", mem, "--cpus", &cpus.to_string()])
-        .arg("--kernel")
-        .arg(artifact(kernel))
-        .arg("--initrd")
-        .arg(artifact("initramfs.cpio.gz"))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 reboot=k panic=-1 vessel.end={end} vessel.cmd={}",
-            b64(cmd)
-        ))
-        .stdin(Stdio::null())
+    common::guest_on(kernel, cpus, mem, cmd, end)
         .timed_output()
-        .expect("run vessel");
-    out
+        .expect("run vessel")
 }
 
 #[test]
@@ -90,18 +78,7 @@ fn reboot_exits_zero() {
 /// `sleep 1` in the guest takes 1 s of host time, within 20%.
 #[test]
 fn guest_time_follows_host_time() {
-    let mut child = vessel()
-        .args(["run", "--accel", "emu", "--mem", "256M"])
-        .arg("--kernel")
-        .arg(artifact("kernel/vmlinux"))
-        .arg("--initrd")
-        .arg(artifact("initramfs.cpio.gz"))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 reboot=k vessel.end=reboot vessel.cmd={}",
-            b64("echo T0; sleep 1; echo T1")
-        ))
-        .stdin(Stdio::null())
+    let mut child = common::guest("echo T0; sleep 1; echo T1", "reboot")
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn vessel");

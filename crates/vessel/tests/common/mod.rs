@@ -62,10 +62,15 @@ pub fn assert_clean_run(o: &Output) {
 /// A `vessel run` of the minimal guest that runs `cmd` and ends with `end`
 /// (reboot, poweroff, halt); add device flags before spawning it.
 pub fn guest(cmd: &str, end: &str) -> Command {
+    guest_on("kernel/vmlinux", 1, "256M", cmd, end)
+}
+
+/// The same with another kernel from the cache, vCPU count and memory.
+pub fn guest_on(kernel: &str, cpus: u32, mem: &str, cmd: &str, end: &str) -> Command {
     let mut c = vessel();
-    c.args(["run", "--accel", "emu", "--mem", "256M"])
+    c.args(["run", "--accel", "emu", "--mem", mem, "--cpus", &cpus.to_string()])
         .arg("--kernel")
-        .arg(artifact("kernel/vmlinux"))
+        .arg(artifact(kernel))
         .arg("--initrd")
         .arg(artifact("initramfs.cpio.gz"))
         .arg("--cmdline")
