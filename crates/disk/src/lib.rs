@@ -116,6 +116,15 @@ pub fn open_with(path: &Path, opts: &OpenOptions, rules: &BackingRules) -> Resul
     }
 }
 
+/// Check that a write-like access (write, discard, write-zeroes) may go
+/// ahead: the disk is writable and the range lies inside it.
+pub fn check_write(read_only: bool, offset: u64, len: u64, size: u64) -> Result<()> {
+    if read_only {
+        return Err(Error::ReadOnly);
+    }
+    check_range(offset, len, size)
+}
+
 /// Check that `[offset, offset+len)` lies inside a disk of `size` bytes.
 pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     match offset.checked_add(len) {

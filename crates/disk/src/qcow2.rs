@@ -15,7 +15,7 @@ use imago::raw::Raw;
 use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, Storage, StorageOpenOptions};
 
 use crate::chain::{self, Format, Layer};
-use crate::{check_range, BackingRules, BlockBackend, Error, OpenOptions, Result};
+use crate::{check_range, check_write, BackingRules, BlockBackend, Error, OpenOptions, Result};
 
 pub(crate) type Image = FormatAccess<ImagoFile>;
 
@@ -150,10 +150,7 @@ impl BlockBackend for Qcow2Disk {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        check_range(offset, buf.len() as u64, self.size)?;
+        check_write(self.read_only, offset, buf.len() as u64, self.size)?;
         self.image().write(buf, offset).map_err(io(offset))
     }
 
@@ -167,10 +164,7 @@ impl BlockBackend for Qcow2Disk {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        check_range(offset, len, self.size)?;
+        check_write(self.read_only, offset, len, self.size)?;
         let mut image = self.image.write().unwrap_or_else(|e| e.into_inner());
         // Advisory: an image that cannot discard keeps its data.
         let _ = image.discard_to_any(offset, len);
@@ -178,10 +172,7 @@ impl BlockBackend for Qcow2Disk {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        check_range(offset, len, self.size)?;
+        check_write(self.read_only, offset, len, self.size)?;
         self.image().write_zeroes(offset, len).map_err(io(offset))
     }
 

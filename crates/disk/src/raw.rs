@@ -6,7 +6,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-use crate::{check_range, BlockBackend, Error, Result};
+use crate::{check_range, check_write, BlockBackend, Error, Result};
 
 pub struct RawFile {
     file: File,
@@ -72,10 +72,7 @@ impl BlockBackend for RawFile {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        check_range(offset, buf.len() as u64, self.size)?;
+        check_write(self.read_only, offset, buf.len() as u64, self.size)?;
         self.file
             .write_all_at(buf, offset)
             .map_err(|source| Error::Io { offset, source })
@@ -89,10 +86,7 @@ impl BlockBackend for RawFile {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        check_range(offset, len, self.size)?;
+        check_write(self.read_only, offset, len, self.size)?;
         // Discard is advisory: a file system that cannot punch holes simply
         // keeps the data.
         let _ = self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len);
@@ -100,10 +94,7 @@ impl BlockBackend for RawFile {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        check_range(offset, len, self.size)?;
+        check_write(self.read_only, offset, len, self.size)?;
         let mode = if may_unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {
