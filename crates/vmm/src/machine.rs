@@ -356,19 +356,17 @@ impl Machine {
                 Some(k) => k.irq_line(pin),
             }
         };
-        let devices = create_virtio_devices(cfg, &mem, &lines, &code_map)?;
-        let mut cmdline = cfg.cmdline.clone();
-        for i in 0..devices.len() {
-            // For kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; ACPI
-            // describes the same devices to the others.
-            cmdline.push_str(&format!(
-                " virtio_mmio.device=4K@{:#x}:{}",
-                virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE,
-                virtio::FIRST_IRQ + i as u32
-            ));
-        }
-        // ACPI for kernels that have it (the same virtio devices, as
-        // LNRO0005 nodes); the MP table for those that do not.
+        // Device writes to guest memory must drop x86emu's cached decoded
+        // code there; under kvm nothing caches code, so nobody listens.
+        let dma: virtio::DmaObserver = match kvm {
+            None => {
+                let code_map = code_map.clone();
+                Arc::new(move |gpa, len| code_map.invalidate_range(gpa, len))
+            }
+            Some(_) => virtio::no_dma_observer(),
+        };
+        let devices = create_virtio_devices(cfg, &mem, &lines, &dma)?;
+        // Where each device sits: one window and one IOAPIC pin per device.
         let slots: Vec<VirtioSlot> = (0..devices.len())
             .map(|i| VirtioSlot {
                 base: virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE,
@@ -376,6 +374,13 @@ impl Machine {
                 gsi: virtio::FIRST_IRQ + i as u32,
             })
             .collect();
+        // For kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; ACPI
+        // describes the same devices (LNRO0005 nodes) to the others, and
+        // the MP table serves kernels without ACPI.
+        let mut cmdline = cfg.cmdline.clone();
+        for slot in &slots {
+            cmdline.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", slot.base, slot.gsi));
+        }
         let rsdp = acpi::setup_acpi(&mem, cfg.cpus as u8, &slots)?;
         let boot_state = boot::load(
             &mem,
@@ -395,12 +400,11 @@ impl Machine {
                 k.set_boot_state(&boot_state)?;
                 // Queue notifications reach the devices' eventfds inside the
                 // kernel, without an exit (ioeventfd).
-                for (i, dev) in devices.iter().enumerate() {
-                    let base = virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE;
+                for (dev, slot) in devices.iter().zip(&slots) {
                     for (q, evt) in dev.notifiers().iter().enumerate() {
                         k.vm().register_mmio_doorbell(
                             evt,
-                            base + virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64,
+                            slot.base + virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64,
                             q as u32,
                         )?;
                     }
@@ -493,11 +497,8 @@ fn create_virtio_devices(
     cfg: &MachineConfig,
     mem: &GuestMemoryMmap,
     lines: &dyn Fn(u32) -> Result<Arc<dyn InterruptLine>>,
-    code_map: &Arc<CodeMap>,
+    dma: &virtio::DmaObserver,
 ) -> Result<Vec<MmioTransport>> {
-    // Device writes to guest memory drop x86emu's cached decoded code there.
-    let code_map = code_map.clone();
-    let dma: virtio::DmaObserver = Arc::new(move |gpa, len| code_map.invalidate_range(gpa, len));
     let mut models: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for d in &cfg.disks {
         let backend = disk::open_with(

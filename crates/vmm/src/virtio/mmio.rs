@@ -257,7 +257,7 @@ impl MmioTransport {
                     // harmless in any state.
                     return;
                 }
-                if !configuring_queues || self.queues.is_empty() {
+                if !configuring_queues {
                     return self.mark_broken("queue registers written outside queue set-up");
                 }
                 self.write_queue_reg(i, offset as u32, v);
@@ -274,7 +274,9 @@ impl MmioTransport {
     }
 
     fn write_queue_reg(&mut self, i: usize, reg: u32, v: u32) {
-        let q = &mut self.queues[i];
+        // The queues are with the worker only after DRIVER_OK, when
+        // `write` no longer lets queue registers through.
+        let Some(q) = self.queues.get_mut(i) else { return };
         match reg {
             // An invalid size (not a power of two, above the maximum) is
             // refused by the queue and caught by the validity check at
