@@ -48,15 +48,6 @@ busybox_applet_links | while read -r _ link _; do
 done
 find "$root" -exec touch -h -d @0 {} +
 
-mkdir -p "$(dirname "$OUT")"
-rm -f "$OUT.tmp"
-E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -q -F -L vessel-root -U "$UUID" \
-	-E "hash_seed=$UUID,root_owner=0:0" -d "$root" "$OUT.tmp" "$SIZE" >/dev/null
-# mkfs -d copies each file's ctime, which touch cannot set: pin it here.
-(cd "$root" && find . -mindepth 1) | while read -r f; do
-	printf 'set_inode_field %s ctime 0\n' "${f#.}"
-done | E2FSPROGS_FAKE_TIME=1 debugfs -w -f - "$OUT.tmp" >/dev/null 2>&1
-e2fsck -fn "$OUT.tmp" >/dev/null 2>&1 || die "e2fsck found errors in $OUT.tmp"
-mv "$OUT.tmp" "$OUT"
+make_ext4 "$root" "$OUT" "$SIZE" vessel-root "$UUID"
 printf '%s\n' "$want" >"$STAMP"
 log "debian root disk: $OUT ($SIZE ext4, label vessel-root, UUID $UUID)"

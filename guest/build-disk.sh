@@ -23,7 +23,7 @@ UUID=5e55e100-0000-4000-8000-000000000001
 
 ensure_pkgs e2fsprogs python3 gcc libc6-dev
 
-want=$(hash_of "${BASH_SOURCE[0]}" "${GUEST_DIR}/tools/randio.c" -- "$(pkg_version e2fsprogs)" "$(pkg_version libc6)")
+want=$(hash_of "${BASH_SOURCE[0]}" "${GUEST_DIR}/tools/randio.c" "${GUEST_DIR}/lib.sh" -- "$(pkg_version e2fsprogs)" "$(pkg_version libc6)")
 if [[ ${FORCE:-0} != 1 ]] && up_to_date "$STAMP" "$want" "$OUT"; then
 	log "disk up to date: $OUT"
 	exit 0
@@ -55,15 +55,6 @@ cc -O2 -static -o "$tools/randio" "${GUEST_DIR}/tools/randio.c"
 strip "$tools/randio"
 find "$root" -exec touch -h -d @0 {} +
 
-mkdir -p "$VESSEL_CACHE"
-rm -f "$OUT.tmp"
-E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -q -F -L vessel -U "$UUID" \
-	-E "hash_seed=$UUID,root_owner=0:0" -d "$root" "$OUT.tmp" "$SIZE" >/dev/null
-# mkfs -d copies each file's ctime, which touch cannot set: pin it here.
-(cd "$root" && find . -mindepth 1) | while read -r f; do
-	printf 'set_inode_field /%s ctime 0\n' "${f#./}"
-done | E2FSPROGS_FAKE_TIME=1 debugfs -w -f - "$OUT.tmp" >/dev/null 2>&1
-e2fsck -fn "$OUT.tmp" >/dev/null 2>&1 || die "e2fsck found errors in $OUT.tmp"
-mv "$OUT.tmp" "$OUT"
+make_ext4 "$root" "$OUT" "$SIZE" vessel "$UUID"
 printf '%s\n' "$want" >"$STAMP"
 log "disk: $OUT ($SIZE ext4, label vessel, UUID $UUID)"

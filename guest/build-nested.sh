@@ -63,12 +63,7 @@ list=$stage/list
 		[[ -f $mods/$m ]] || die "$mods/$m is missing"
 		echo "file /modules/$(basename "$m") $mods/$m 0644 0 0"
 	done
-	/bin/busybox --list-full | sort | while read -r applet; do
-		case /$applet in
-		/bin/busybox | /init) continue ;;
-		esac
-		echo "slink /$applet /bin/busybox 0777 0 0"
-	done
+	busybox_applet_links
 } >"$list"
 name=initramfs.cpio.gz
 if [[ ${WITH_QEMU:-0} == 1 ]]; then

@@ -107,3 +107,21 @@ busybox_applet_links() {
 		echo "slink /$applet /bin/busybox 0777 0 0"
 	done
 }
+
+# make_ext4 ROOT OUT SIZE LABEL UUID: a reproducible ext4 image of the
+# folder ROOT (fixed UUID, hash seed and timestamps), checked by e2fsck and
+# moved into place at OUT only when complete. ROOT's files should already
+# have mtime 0 (touch -h -d @0).
+make_ext4() {
+	local root=$1 out=$2 size=$3 label=$4 uuid=$5
+	mkdir -p "$(dirname "$out")"
+	rm -f "$out.tmp"
+	E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -q -F -L "$label" -U "$uuid" \
+		-E "hash_seed=$uuid,root_owner=0:0" -d "$root" "$out.tmp" "$size" >/dev/null
+	# mkfs -d copies each file's ctime, which touch cannot set: pin it here.
+	(cd "$root" && find . -mindepth 1) | while read -r f; do
+		printf 'set_inode_field /%s ctime 0\n' "${f#./}"
+	done | E2FSPROGS_FAKE_TIME=1 debugfs -w -f - "$out.tmp" >/dev/null 2>&1
+	e2fsck -fn "$out.tmp" >/dev/null 2>&1 || die "e2fsck found errors in $out.tmp"
+	mv "$out.tmp" "$out"
+}
