@@ -13,7 +13,8 @@ here=$(dirname "${BASH_SOURCE[0]}")
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$here/lib.sh"
 
-ensure_pkgs acpica-tools qemu-utils qemu-system-x86 iproute2 e2fsprogs
+ensure_qemu
+ensure_pkgs acpica-tools iproute2 e2fsprogs
 "$here/build-kernel.sh"
 "$here/build-initramfs.sh"
 "$here/build-disk.sh"
@@ -22,6 +23,8 @@ if [[ ${WITH_DEBIAN_KERNEL:-0} == 1 ]]; then
 	"$here/build-debian-initramfs.sh"
 	"$here/build-debian-root.sh"
 fi
+# Every command the tests run, checked after all the installs above.
+require_cmds qemu-img qemu-io qemu-system-x86_64 iasl ip debugfs mkfs.ext4 gcc python3
 
 echo
 echo "kernel (bzImage):    ${VESSEL_CACHE}/kernel/bzImage"

@@ -26,7 +26,8 @@ GEN_INIT_CPIO=${VESSEL_CACHE}/tools/gen_init_cpio
 REPO=$(cd "${GUEST_DIR}/.." && pwd)
 TARGET=x86_64-unknown-linux-gnu
 
-ensure_pkgs busybox-static libc6-dev gzip qemu-system-x86
+ensure_qemu
+ensure_pkgs busybox-static libc6-dev gzip
 for f in "$DEB/vmlinuz" "$DEB/version" "${VESSEL_CACHE}/kernel/vmlinux" "${VESSEL_CACHE}/initramfs.cpio.gz" "$GEN_INIT_CPIO"; do
 	[[ -e $f ]] || die "$f is missing: run WITH_DEBIAN_KERNEL=1 guest/build-all.sh first"
 done

@@ -37,6 +37,51 @@ ensure_pkgs() {
 	DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 
+# ensure_qemu: install qemu-system-x86 and qemu-utils as one consistent set.
+# The image may ship a newer qemu-utils from bookworm-backports; installing
+# bookworm's qemu-system-x86 beside it makes apt remove that qemu-utils
+# (their shared qemu-* dependencies must be one version). So when an
+# installed qemu-utils came from backports, take qemu-system-x86 from
+# backports at exactly that version, adding the backports suite if apt does
+# not know it yet.
+ensure_qemu() {
+	if pkg_installed qemu-system-x86 && pkg_installed qemu-utils &&
+		[[ $(pkg_version qemu-system-x86) == "$(pkg_version qemu-utils)" ]]; then
+		return 0
+	fi
+	local sudo=()
+	((EUID == 0)) || sudo=(sudo)
+	if pkg_installed qemu-utils && [[ $(pkg_version qemu-utils) == *bpo* ]]; then
+		local ver
+		ver=$(pkg_version qemu-utils)
+		local list=/etc/apt/sources.list.d/vessel-bookworm-backports.sources
+		if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+			log "adding bookworm-backports to apt (qemu-utils ${ver} came from there)"
+			printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' \
+				'Suites: bookworm-backports' 'Components: main' \
+				'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' |
+				"${sudo[@]}" tee "$list" >/dev/null
+		fi
+		log "installing qemu-system-x86 ${ver} to match the installed qemu-utils"
+		"${sudo[@]}" apt-get update -q
+		DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends \
+			-t bookworm-backports "qemu-system-x86=${ver}" "qemu-utils=${ver}"
+	else
+		ensure_pkgs qemu-system-x86 qemu-utils
+	fi
+}
+
+# require_cmds CMD...: fail with one clear line naming every command missing
+# after the installs (a package install can succeed and still not provide it,
+# or remove another package's command).
+require_cmds() {
+	local missing=() c
+	for c in "$@"; do
+		command -v "$c" >/dev/null 2>&1 || missing+=("$c")
+	done
+	((${#missing[@]} == 0)) || die "commands the tests need are missing after installing: ${missing[*]}"
+}
+
 # hash_of FILE... [-- STRING...]: one sha256 over the files' contents and the strings.
 hash_of() {
 	local a strings=0

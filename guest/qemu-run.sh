@@ -37,7 +37,7 @@ while getopts 'k:i:s:m:d:a:Ah' opt; do
 done
 shift $((OPTIND - 1))
 
-ensure_pkgs qemu-system-x86
+ensure_qemu
 
 # QEMU's microvm has no i8042, so the guest leaves through a triple fault
 # (reboot=t), which -no-reboot turns into QEMU exiting.

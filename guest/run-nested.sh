@@ -26,7 +26,7 @@ while getopts 's:m:i:h' opt; do
 done
 shift $((OPTIND - 1))
 
-ensure_pkgs qemu-system-x86
+ensure_qemu
 [[ -f $initrd ]] || die "$initrd is missing: run guest/build-nested.sh"
 
 setup='for m in $(cat /modules.order 2>/dev/null || echo irqbypass.ko ccp.ko kvm.ko kvm-amd.ko); do insmod /modules/$m || echo "insmod $m failed"; done
