@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::cli::RunArgs;
 use crate::device_args::{DiskEntry, NetEntry};
-use crate::RunArgs;
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 pub const DEFAULT_MEM: u64 = 256 << 20;
@@ -123,7 +123,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings, String> {
             rng: args.rng || file.rng.unwrap_or(false),
             console_output: args.console_output,
         },
-        accel: args.accel.or(file.accel).unwrap_or_else(|| "emu".to_string()),
+        accel: args.accel.or(file.accel).unwrap_or_else(|| "auto".to_string()),
     })
 }
 
@@ -144,6 +144,9 @@ mod tests {
             nets: Vec::new(),
             rng: false,
             console_output: None,
+            api_sock: None,
+            name: None,
+            detach: false,
         }
     }
 

@@ -54,18 +54,52 @@ pub enum Key {
     Nothing,
 }
 
-/// Ctrl-A escape handling, one byte at a time.
-#[derive(Default)]
+/// Ctrl-A escape handling, one byte at a time: Ctrl-A then the quit key
+/// (x in `vessel run`, d to detach in `vessel console`).
 pub struct Escape {
     pending: bool,
+    quit_key: u8,
+}
+
+impl Default for Escape {
+    fn default() -> Self {
+        Escape {
+            pending: false,
+            quit_key: b'x',
+        }
+    }
+}
+
+/// The terminal's saved mode while the process holds it raw.
+static RAW: std::sync::Mutex<Option<RawMode>> = std::sync::Mutex::new(None);
+
+/// Put the terminal (if stdin is one) in raw mode until [`leave_raw`].
+pub fn enter_raw() {
+    let mut r = RAW.lock().unwrap_or_else(|e| e.into_inner());
+    if r.is_none() {
+        *r = RawMode::enable();
+    }
+}
+
+/// Restore the terminal's mode saved by [`enter_raw`].
+pub fn leave_raw() {
+    RAW.lock().unwrap_or_else(|e| e.into_inner()).take();
 }
 
 impl Escape {
+    /// Ctrl-A d ends the session (`vessel console`: detach).
+    pub fn detach_key() -> Self {
+        Escape {
+            pending: false,
+            quit_key: b'd',
+        }
+    }
+
     pub fn feed(&mut self, b: u8) -> Key {
         if self.pending {
             self.pending = false;
             return match b {
-                b'x' | b'X' => Key::Quit,
+                k if k.eq_ignore_ascii_case(&self.quit_key) => Key::Quit,
                 CTRL_A => Key::Send(CTRL_A),
                 _ => Key::Nothing,
             };
@@ -123,5 +157,10 @@ mod tests {
         assert_eq!(e.feed(CTRL_A), Key::Nothing);
         assert_eq!(e.feed(b'q'), Key::Nothing);
         assert_eq!(e.feed(b'x'), Key::Send(b'x'));
+        let mut d = Escape::detach_key();
+        assert_eq!(d.feed(CTRL_A), Key::Nothing);
+        assert_eq!(d.feed(b'x'), Key::Nothing);
+        assert_eq!(d.feed(CTRL_A), Key::Nothing);
+        assert_eq!(d.feed(b'd'), Key::Quit);
     }
 }

@@ -1,24 +1,29 @@
-//! Pause and resume from outside: SIGUSR1 pauses the VM (every vCPU out of
-//! guest code), SIGUSR2 resumes it. Each prints one line on stderr. A
-//! stand-in for the HTTP API's pause/resume until that exists.
+//! Signals as requests: SIGUSR1 pauses the VM, SIGUSR2 resumes it, SIGTERM
+//! and SIGINT stop it cleanly. A thread waits for them with sigwait and
+//! hands them to the VMM's main loop, like any other request.
 
-use std::time::Duration;
+use std::sync::mpsc::Sender;
+
+use crate::control::Msg;
+
+const SIGNALS: [libc::c_int; 4] = [libc::SIGUSR1, libc::SIGUSR2, libc::SIGTERM, libc::SIGINT];
 
 fn signal_set() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset only write the set we own.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::sigaddset(&mut set, libc::SIGUSR2);
+        for s in SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
         set
     }
 }
 
-/// Block SIGUSR1/SIGUSR2 in this thread (and the threads it starts later),
-/// so only the control thread's sigwait receives them. Call before the
-/// machine starts its vCPU threads.
-pub fn block_signals() {
+/// Block the signals in this thread and the threads it starts later, so
+/// only the signal thread's sigwait receives them. Call before starting
+/// any thread.
+pub fn block() {
     let set = signal_set();
     // SAFETY: the set is initialised; a null old-set pointer is allowed.
     unsafe {
@@ -26,37 +31,17 @@ pub fn block_signals() {
     }
 }
 
-/// Serve SIGUSR1 (pause) and SIGUSR2 (resume) for `vm`.
-pub fn spawn(vm: vmm::VmHandle) {
-    std::thread::spawn(move || loop {
+/// Forward each signal to the main loop.
+pub fn spawn(tx: Sender<Msg>) {
+    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
         let set = signal_set();
         let mut sig: libc::c_int = 0;
         // SAFETY: both pointers are to initialised locals.
         if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
             return;
         }
-        match sig {
-            libc::SIGUSR1 => {
-                if vm.pause(Duration::from_secs(5)) {
-                    let states = vm.vcpu_states();
-                    let rips: Vec<String> = states
-                        .iter()
-                        .enumerate()
-                        .map(|(i, s)| match s {
-                            Some(s) => format!("vcpu{i} rip={:#x}", s.rip),
-                            None => format!("vcpu{i} state unreadable"),
-                        })
-                        .collect();
-                    eprintln!("vessel: paused (every vCPU out of the guest; {})", rips.join(", "));
-                } else {
-                    eprintln!("vessel: pause requested, but not every vCPU stopped within 5 s");
-                }
-            }
-            libc::SIGUSR2 => {
-                vm.resume();
-                eprintln!("vessel: resumed");
-            }
-            _ => {}
+        if tx.send(Msg::Signal(sig)).is_err() {
+            return;
         }
     });
 }
