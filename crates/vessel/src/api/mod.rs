@@ -3,6 +3,8 @@
 //! hands to its one controller; the answer comes back on a oneshot channel.
 
 pub mod client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod routes;
 pub mod server;
 
