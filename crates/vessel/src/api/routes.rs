@@ -17,7 +17,13 @@ fn body<T: DeserializeOwned>(body: &[u8]) -> Result<T, RequestError> {
             "empty request body: this request needs a JSON body".into(),
         ));
     }
-    serde_json::from_slice(body).map_err(|e| RequestError(format!("invalid JSON body: {e}")))
+    // Only an object is a body: serde would also take a struct from an array.
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| RequestError(format!("invalid JSON body: {e}")))?;
+    if !value.is_object() {
+        return Err(RequestError("invalid JSON body: expected an object".into()));
+    }
+    serde_json::from_value(value).map_err(|e| RequestError(format!("invalid JSON body: {e}")))
 }
 
 fn same_id(path_id: &str, body_id: &str) -> Result<(), RequestError> {
@@ -134,6 +140,7 @@ mod tests {
             ("POST", "/actions", br#"{"action_type": "InstanceStart"}"#),
             ("PUT", "/actions", b""),
             ("PUT", "/actions", b"{"),
+            ("PUT", "/machine-config", b"[1, 2]"),
             ("PUT", "/actions", br#"{"action_type": "Explode"}"#),
             ("PUT", "/actions", br#"{"action_type": "InstanceStart", "extra": 1}"#),
             (
