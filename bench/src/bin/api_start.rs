@@ -5,6 +5,7 @@
 //!   2. start request → the guest's init marker (`VESSEL-GUEST-READY`):
 //!      Vessel's `PUT /actions InstanceStart` against QEMU's QMP `cont` on a
 //!      VM created stopped (`-S`), same kernel and initramfs.
+//!
 //! Firecracker's specification targets ≤ 125 ms to init and about 12 ms to
 //! a ready VMM (on KVM); these runs are emu against QEMU TCG.
 //!
@@ -86,13 +87,12 @@ fn vessel_run(dir: &Path, cmdline: &str) -> (f64, f64) {
     );
     let start = Instant::now();
     put("/actions", r#"{"action_type": "InstanceStart"}"#.into());
-    let seen = marker.recv_timeout(Duration::from_secs(60)).expect("no marker from Vessel");
+    let seen = marker
+        .recv_timeout(Duration::from_secs(60))
+        .expect("no marker from Vessel");
     let _ = child.kill();
     let _ = child.wait();
-    (
-        (ready - t0).as_secs_f64() * 1e3,
-        (seen - start).as_secs_f64() * 1e3,
-    )
+    ((ready - t0).as_secs_f64() * 1e3, (seen - start).as_secs_f64() * 1e3)
 }
 
 fn qmp_line(r: &mut BufReader<UnixStream>) -> String {
@@ -118,7 +118,9 @@ fn qemu_run(dir: &Path, cmdline: &str) -> (f64, f64) {
     let marker = watch_marker(&mut child);
     let mut stream = None;
     let ready = wait_until(Duration::from_secs(10), || {
-        let Ok(s) = UnixStream::connect(&sock) else { return false };
+        let Ok(s) = UnixStream::connect(&sock) else {
+            return false;
+        };
         let mut r = BufReader::new(s);
         let greeting = qmp_line(&mut r);
         let ok = greeting.contains("QMP");
@@ -134,14 +136,13 @@ fn qemu_run(dir: &Path, cmdline: &str) -> (f64, f64) {
     send("{\"execute\": \"qmp_capabilities\"}\n");
     let start = Instant::now();
     send("{\"execute\": \"cont\"}\n");
-    let seen = marker.recv_timeout(Duration::from_secs(60)).expect("no marker from QEMU");
+    let seen = marker
+        .recv_timeout(Duration::from_secs(60))
+        .expect("no marker from QEMU");
     let _ = child.kill();
     let _ = child.wait();
     let _ = r.get_mut().read(&mut [0u8; 1]);
-    (
-        (ready - t0).as_secs_f64() * 1e3,
-        (seen - start).as_secs_f64() * 1e3,
-    )
+    ((ready - t0).as_secs_f64() * 1e3, (seen - start).as_secs_f64() * 1e3)
 }
 
 fn main() {
@@ -154,7 +155,10 @@ fn main() {
     for i in 0..runs {
         let (r1, b1) = vessel_run(&dir, &cmdline);
         let (r2, b2) = qemu_run(&dir, &cmdline.replace("reboot=k", "reboot=t"));
-        println!("run {}: vessel ready {r1:.1} ms, start→init {b1:.0} ms; qemu ready {r2:.1} ms, cont→init {b2:.0} ms", i + 1);
+        println!(
+            "run {}: vessel ready {r1:.1} ms, start→init {b1:.0} ms; qemu ready {r2:.1} ms, cont→init {b2:.0} ms",
+            i + 1
+        );
         vr.push(r1);
         vb.push(b1);
         qr.push(r2);
@@ -162,7 +166,10 @@ fn main() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     let (mvr, mvb, mqr, mqb) = (median(&mut vr), median(&mut vb), median(&mut qr), median(&mut qb));
-    println!("median process start → control socket ready: vessel {mvr:.1} ms, qemu (QMP) {mqr:.1} ms, ratio {:.2}", mvr / mqr);
+    println!(
+        "median process start → control socket ready: vessel {mvr:.1} ms, qemu (QMP) {mqr:.1} ms, ratio {:.2}",
+        mvr / mqr
+    );
     println!(
         "median start request → init marker: vessel (emu, InstanceStart) {mvb:.0} ms, qemu (tcg, QMP cont) {mqb:.0} ms, ratio {:.2}",
         mvb / mqb

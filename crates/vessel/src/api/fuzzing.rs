@@ -27,7 +27,9 @@ pub fn requests(data: &[u8]) {
             None => (rest, &[][..]),
         };
         let Ok(path) = std::str::from_utf8(path) else { continue };
-        let Ok(action) = super::routes::parse(method, path, body) else { continue };
+        let Ok(action) = super::routes::parse(method, path, body) else {
+            continue;
+        };
         let before = ctl.full_config();
         let touches_host = matches!(
             action,
