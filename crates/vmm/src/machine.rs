@@ -25,9 +25,10 @@ use crate::emu::EmuEngine;
 use crate::engine::{Control, Engine, EngineKind};
 use crate::memory;
 use crate::virtio::console::Console;
+use crate::virtio::mmio::{MmioState, MmioTransport};
 use crate::virtio::net::{random_mac, Net};
 use crate::virtio::tap::Tap;
-use crate::virtio::{self, blk::Block, mmio::MmioTransport, rng::Rng, Interrupt, VirtioDevice};
+use crate::virtio::{self, blk::Block, rng::Rng, Interrupt, VirtioDevice};
 use crate::{Error, Result};
 
 /// Guest TSC rate, advertised through CPUID.
@@ -118,6 +119,8 @@ pub struct Shared {
     pub(crate) dead: std::sync::atomic::AtomicU32,
     /// virtio-mmio devices, device i at `virtio::MMIO_BASE + i * MMIO_SIZE`.
     pub(crate) virtio: Vec<Mutex<MmioTransport>>,
+    /// Held while pausing or resuming, so the two never interleave.
+    pausing: Mutex<()>,
 }
 
 impl Shared {
@@ -142,6 +145,10 @@ impl Shared {
         let rel = gpa.checked_sub(virtio::MMIO_BASE)?;
         let dev = self.virtio.get((rel / virtio::MMIO_SIZE) as usize)?;
         Some((dev.lock().unwrap_or_else(|e| e.into_inner()), rel % virtio::MMIO_SIZE))
+    }
+
+    fn virtio_devices(&self) -> impl Iterator<Item = MutexGuard<'_, MmioTransport>> {
+        self.virtio.iter().map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub(crate) fn request_stop(&self, why: u8) {
@@ -214,7 +221,15 @@ unsafe impl Bus for VcpuBus {
 
     fn mmio_write(&mut self, gpa: u64, data: &[u8]) {
         if let Some((mut dev, offset)) = self.shared.virtio_at(gpa) {
-            return dev.write(offset, data);
+            dev.write(offset, data);
+            // A reset's worker finishes its request in flight: wait for it
+            // without the device's lock, so other vCPUs are not held up.
+            let retiring = dev.take_retiring();
+            drop(dev);
+            if let Some(r) = retiring {
+                r.wait();
+            }
+            return;
         }
         let now = self.shared.now_ns();
         let id = self.id;
@@ -427,6 +442,7 @@ impl Machine {
             triple_fault: Mutex::new(None),
             dead: std::sync::atomic::AtomicU32::new(0),
             virtio: devices.into_iter().map(Mutex::new).collect(),
+            pausing: Mutex::new(()),
         });
         Ok(Machine { shared, engine })
     }
@@ -463,13 +479,33 @@ pub struct VmHandle {
 }
 
 impl VmHandle {
-    /// Take every vCPU out of guest code and hold it there. `false` when
-    /// not all vCPUs stopped within `timeout` (they stop later).
+    /// Pause the VM and make it quiescent: take every vCPU out of guest
+    /// code and hold it, then stop every virtio device's worker once its
+    /// request in flight is done, keeping the queues where they stand.
+    /// While paused, neither guest memory nor device state changes (input
+    /// waiting on the host side, such as frames on a TAP or console
+    /// bytes, waits there), so the VM can be saved. `false` when not every
+    /// vCPU stopped within `timeout`: the devices then keep running and
+    /// the vCPUs still stop later; call `pause` again to finish or
+    /// `resume` to give up.
     pub fn pause(&self, timeout: Duration) -> bool {
-        self.shared.control.pause(timeout)
+        let _serial = self.shared.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.shared.control.pause(timeout) {
+            return false;
+        }
+        for mut dev in self.shared.virtio_devices() {
+            dev.pause();
+        }
+        true
     }
 
+    /// Undo [`VmHandle::pause`]: the device workers start again where
+    /// their queues stopped, then the vCPUs continue.
     pub fn resume(&self) {
+        let _serial = self.shared.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        for mut dev in self.shared.virtio_devices() {
+            dev.resume();
+        }
         self.shared.control.resume();
     }
 
@@ -479,15 +515,31 @@ impl VmHandle {
         self.shared.control.vcpu_states()
     }
 
-    /// Whether the VM is paused with every vCPU out of guest code.
+    /// Whether the VM is paused: every vCPU out of guest code and every
+    /// device stopped.
     pub fn is_paused(&self) -> bool {
-        self.shared.control.all_parked()
+        self.shared.control.all_parked() && self.shared.virtio_devices().all(|d| d.is_paused())
     }
 
-    /// Stop the machine.
+    /// Stop the machine. Works while paused too (the devices are not
+    /// started again).
     pub fn quit(&self) {
-        self.shared.control.resume();
         self.shared.request_stop(STOP_RESET);
+        self.shared.control.resume();
+    }
+
+    /// Each virtio device's transport state (registers, queue positions),
+    /// in window order. For tests and snapshots: the positions are current
+    /// only while the VM is paused.
+    pub fn device_states(&self) -> Vec<MmioState> {
+        self.shared.virtio_devices().map(|d| d.state()).collect()
+    }
+
+    /// A 64-bit digest of all guest memory, for tests and snapshots to
+    /// tell whether memory changed (say, while paused). Not cryptographic;
+    /// stable across runs and builds.
+    pub fn guest_memory_digest(&self) -> u64 {
+        memory::digest(&self.shared.mem)
     }
 }
 
