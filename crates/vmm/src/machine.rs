@@ -14,7 +14,7 @@ use x86emu::{Bus, CodeMap};
 use crate::acpi::{self, VirtioSlot};
 use crate::boot::{self, BootSpec};
 use crate::devices::acpi_pm::{self, PowerAction};
-use crate::devices::i8042::{self, I8042};
+use crate::devices::i8042::{self, KeyError, I8042};
 use crate::devices::irq::{InterruptRouter, Interrupts};
 use crate::devices::irq_line::{EmuLine, InterruptLine};
 use crate::devices::mptable;
@@ -109,6 +109,8 @@ pub struct Shared {
     pub(crate) platform: Mutex<Platform>,
     /// The serial port's IRQ 4, into whichever interrupt controller runs.
     pub(crate) serial_line: Arc<dyn InterruptLine>,
+    /// The i8042 keyboard's IRQ 1, likewise.
+    kbd_line: Arc<dyn InterruptLine>,
     /// Kicking and pausing the vCPUs, whatever the engine.
     pub(crate) control: Control,
     pub(crate) start: Instant,
@@ -137,6 +139,14 @@ impl Shared {
     fn serial_irq(&self, p: &mut Platform) {
         if p.serial.irq.0.swap(false, Ordering::AcqRel) {
             self.serial_line.trigger();
+        }
+    }
+
+    /// The i8042 raised its interrupt: an edge on IRQ 1. Called with the
+    /// platform lock held (lock order: platform, then interrupts).
+    fn kbd_irq(&self, p: &mut Platform) {
+        if p.i8042.take_irq() {
+            self.kbd_line.trigger();
         }
     }
 
@@ -246,7 +256,12 @@ unsafe impl Bus for VcpuBus {
                 self.shared.serial_irq(&mut p);
                 v as u32
             }
-            i8042::DATA_PORT | i8042::STATUS_PORT => self.shared.platform().i8042.read(port) as u32,
+            i8042::DATA_PORT | i8042::STATUS_PORT => {
+                let mut p = self.shared.platform();
+                let v = p.i8042.read(port);
+                self.shared.kbd_irq(&mut p);
+                v as u32
+            }
             0x70 | 0x71 => self.shared.platform().rtc.read(port, now) as u32,
             p if acpi_pm::handles(p) => acpi_pm::read(p) as u32,
             _ => match self.shared.irqs.with(|r| r.io_read(port, now)) {
@@ -268,6 +283,7 @@ unsafe impl Bus for VcpuBus {
             i8042::DATA_PORT | i8042::STATUS_PORT => {
                 let mut p = self.shared.platform();
                 p.i8042.write(port, value as u8);
+                self.shared.kbd_irq(&mut p);
                 if p.i8042.reset_requested {
                     drop(p);
                     self.shared.request_stop(STOP_RESET);
@@ -409,6 +425,7 @@ impl Machine {
         )?;
         mptable::setup_mptable(&mem, cfg.cpus as u8).map_err(|e| Error::Memory(format!("MP table: {e}")))?;
         let serial_line = lines(COM1_IRQ)?;
+        let kbd_line = lines(i8042::KBD_IRQ)?;
         let engine: Box<dyn Engine> = match kvm {
             None => Box::new(EmuEngine::new(cfg.cpus, code_map, &boot_state)),
             Some(mut k) => {
@@ -436,6 +453,7 @@ impl Machine {
                 rtc: Rtc::new(0),
             }),
             serial_line,
+            kbd_line,
             control: Control::default(),
             start: Instant::now(),
             stop: AtomicU8::new(RUNNING),
@@ -526,6 +544,18 @@ impl VmHandle {
     pub fn quit(&self) {
         self.shared.request_stop(STOP_RESET);
         self.shared.control.resume();
+    }
+
+    /// Press Ctrl-Alt-Del on the guest's i8042 keyboard (Firecracker's
+    /// `SendCtrlAltDel`): the scan codes go out with IRQ 1. A Linux guest
+    /// restarts, which with `reboot=k` ends the run with
+    /// [`RunOutcome::Reset`]. Fails when the guest does not read its
+    /// keyboard (no i8042 driver: the buffer fills) or disabled it.
+    pub fn send_ctrl_alt_del(&self) -> std::result::Result<(), KeyError> {
+        let mut p = self.shared.platform();
+        p.i8042.trigger_ctrl_alt_del()?;
+        self.shared.kbd_irq(&mut p);
+        Ok(())
     }
 
     /// Each virtio device's transport state (registers, queue positions),
