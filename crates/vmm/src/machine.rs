@@ -525,6 +525,10 @@ impl VmHandle {
             dev.resume();
         }
         self.shared.control.resume();
+        // Console input that arrived while paused.
+        let mut p = self.shared.platform();
+        p.serial.refill();
+        self.shared.serial_irq(&mut p);
     }
 
     /// While paused: each vCPU's state, as x86emu's `CpuState` under both
@@ -634,10 +638,35 @@ pub struct ConsoleInput {
 }
 
 impl ConsoleInput {
-    pub fn send(&self, bytes: &[u8]) {
+    /// Type `bytes` on the guest's serial console, in order, none lost.
+    /// They wait in a host-side buffer (at most
+    /// [`crate::devices::serial::INPUT_BUFFER`], 1 MiB) and move into the
+    /// UART's 64-byte FIFO as the guest reads it. When the buffer is full,
+    /// `send` blocks until the guest has read enough, or the machine stops;
+    /// it returns how many bytes it took: all of them, unless the machine
+    /// stopped first. While the VM is paused, input only waits in the
+    /// buffer (and a full buffer blocks `send` until the VM resumes).
+    pub fn send(&self, bytes: &[u8]) -> usize {
+        let mut done = 0;
+        loop {
+            done += self.try_send(&bytes[done..]);
+            if done == bytes.len() || self.shared.stop.load(Ordering::Acquire) != RUNNING {
+                return done;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// [`ConsoleInput::send`] without blocking: takes what fits in the host
+    /// buffer now and returns how many bytes that was.
+    pub fn try_send(&self, bytes: &[u8]) -> usize {
         let mut p = self.shared.platform();
-        p.serial.input(bytes);
-        self.shared.serial_irq(&mut p);
+        let n = p.serial.queue_input(bytes);
+        if !self.shared.control.pause_requested() {
+            p.serial.refill();
+            self.shared.serial_irq(&mut p);
+        }
+        n
     }
 
     /// Stop the machine (the user quit).
