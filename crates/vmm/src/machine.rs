@@ -157,6 +157,16 @@ impl Shared {
         Some((dev.lock().unwrap_or_else(|e| e.into_inner()), rel % virtio::MMIO_SIZE))
     }
 
+    /// The machine stopped: end every device worker and flush the disks.
+    fn stop_devices(&self) {
+        for (i, dev) in self.virtio.iter().enumerate() {
+            let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = dev.shutdown() {
+                tracing::warn!("virtio device {i} (type {}): flushing on stop: {e}", dev.device_type());
+            }
+        }
+    }
+
     fn virtio_devices(&self) -> impl Iterator<Item = MutexGuard<'_, MmioTransport>> {
         self.virtio.iter().map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
     }
@@ -484,9 +494,16 @@ impl Machine {
         }
     }
 
-    /// Run all vCPUs until the guest ends.
+    /// Run all vCPUs until the guest ends (or [`VmHandle::quit`]).
+    ///
+    /// When it returns, every vCPU thread and every device worker has
+    /// ended (each after finishing its request in flight), and every
+    /// writable disk has been flushed to stable storage (fdatasync), so the
+    /// process may exit at once.
     pub fn run(self) -> RunOutcome {
-        self.engine.run(self.shared)
+        let outcome = self.engine.run(self.shared.clone());
+        self.shared.stop_devices();
+        outcome
     }
 }
 
@@ -543,8 +560,10 @@ impl VmHandle {
         self.shared.control.all_parked() && self.shared.virtio_devices().all(|d| d.is_paused())
     }
 
-    /// Stop the machine. Works while paused too (the devices are not
-    /// started again).
+    /// Stop the machine: [`Machine::run`] returns soon after, once the
+    /// vCPUs have left guest code, the device workers have finished their
+    /// requests in flight and the disks are flushed. Works while paused
+    /// too (the devices are not started again).
     pub fn quit(&self) {
         self.shared.request_stop(STOP_RESET);
         self.shared.control.resume();

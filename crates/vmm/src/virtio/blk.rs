@@ -136,6 +136,13 @@ impl VirtioDevice for Block {
     fn deactivate(&mut self) -> Option<Worker> {
         self.worker.take()
     }
+
+    fn flush(&self) -> std::io::Result<()> {
+        if self.disk.read_only() {
+            return Ok(());
+        }
+        self.disk.flush().map_err(std::io::Error::other)
+    }
 }
 
 /// Everything a request needs; also driven directly by the fuzz target.

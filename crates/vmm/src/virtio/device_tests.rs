@@ -438,3 +438,21 @@ fn reset_hands_the_worker_over_and_guards_the_next_start() {
     r.submit(&[0], 1, 1);
     assert_eq!(r.status_byte(), VIRTIO_BLK_S_OK as u8);
 }
+
+/// Shutdown stops the worker and flushes the disk; the device is then
+/// still (no worker thread left).
+#[test]
+fn shutdown_stops_the_worker_and_flushes() {
+    let mut r = rig("shutdown", false);
+    r.start();
+    r.mem.write_slice(&[0x5a; 512], GuestAddress(0x20000)).unwrap();
+    r.request(0, VIRTIO_BLK_T_OUT, 1, 512, false);
+    r.submit(&[0], 1, 1);
+    r.t.shutdown().unwrap();
+    r.mem.write_obj(1u16, GuestAddress(AVAIL + 4 + 2)).unwrap();
+    r.mem.write_obj(2u16, GuestAddress(AVAIL + 2)).unwrap();
+    r.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(r.used_idx(), 1, "a stopped device served a request");
+    assert!(std::fs::read(&r.image).unwrap()[512..1024].iter().all(|&b| b == 0x5a));
+}

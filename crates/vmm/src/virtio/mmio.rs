@@ -471,6 +471,18 @@ impl MmioTransport {
         self.retiring.take()
     }
 
+    /// Stop the device for good (the machine stopped): the worker ends
+    /// after its request in flight, and what the device wrote to the host
+    /// is made durable (virtio-blk: fdatasync).
+    pub fn shutdown(&mut self) -> std::io::Result<()> {
+        drop(self.retiring.take());
+        if self.active && !self.paused {
+            self.stop_worker();
+        }
+        self.paused = true;
+        self.device.flush()
+    }
+
     /// Device reset: the worker is told to stop (see
     /// [`MmioTransport::take_retiring`]), and every register returns to
     /// its initial value.

@@ -134,11 +134,17 @@ pub trait VirtioDevice: Send {
     /// serving, then gives the queues back. Called when the machine pauses
     /// (the transport keeps the queues, with their positions, for the
     /// next [`VirtioDevice::activate`]), when the driver resets the device
-    /// (the worker is joined outside the transport's lock).
+    /// (the worker is joined outside the transport's lock) and when the
+    /// machine stops.
     fn deactivate(&mut self) -> Option<Worker>;
     /// The driver reset the device (after [`VirtioDevice::deactivate`]):
     /// forget what earlier activations left behind.
     fn reset(&mut self) {}
+    /// Make what the device wrote to the host durable (virtio-blk:
+    /// fdatasync). Called when the machine stops, once the worker ended.
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Copy `src` (a device's config space) into `data` at `offset`; bytes
