@@ -14,7 +14,7 @@ use x86emu::{Bus, CodeMap};
 use crate::acpi::{self, VirtioSlot};
 use crate::boot::{self, BootSpec};
 use crate::devices::acpi_pm::{self, PowerAction};
-use crate::devices::i8042::{self, I8042};
+use crate::devices::i8042::{self, KeyError, I8042};
 use crate::devices::irq::{InterruptRouter, Interrupts};
 use crate::devices::irq_line::{EmuLine, InterruptLine};
 use crate::devices::mptable;
@@ -25,9 +25,10 @@ use crate::emu::EmuEngine;
 use crate::engine::{Control, Engine, EngineKind};
 use crate::memory;
 use crate::virtio::console::Console;
+use crate::virtio::mmio::{MmioState, MmioTransport};
 use crate::virtio::net::{random_mac, Net};
 use crate::virtio::tap::Tap;
-use crate::virtio::{self, blk::Block, mmio::MmioTransport, rng::Rng, Interrupt, VirtioDevice};
+use crate::virtio::{self, blk::Block, rng::Rng, Interrupt, VirtioDevice};
 use crate::{Error, Result};
 
 /// Guest TSC rate, advertised through CPUID.
@@ -108,6 +109,8 @@ pub struct Shared {
     pub(crate) platform: Mutex<Platform>,
     /// The serial port's IRQ 4, into whichever interrupt controller runs.
     pub(crate) serial_line: Arc<dyn InterruptLine>,
+    /// The i8042 keyboard's IRQ 1, likewise.
+    kbd_line: Arc<dyn InterruptLine>,
     /// Kicking and pausing the vCPUs, whatever the engine.
     pub(crate) control: Control,
     pub(crate) start: Instant,
@@ -118,6 +121,8 @@ pub struct Shared {
     pub(crate) dead: std::sync::atomic::AtomicU32,
     /// virtio-mmio devices, device i at `virtio::MMIO_BASE + i * MMIO_SIZE`.
     pub(crate) virtio: Vec<Mutex<MmioTransport>>,
+    /// Held while pausing or resuming, so the two never interleave.
+    pausing: Mutex<()>,
 }
 
 impl Shared {
@@ -137,11 +142,33 @@ impl Shared {
         }
     }
 
+    /// The i8042 raised its interrupt: an edge on IRQ 1. Called with the
+    /// platform lock held (lock order: platform, then interrupts).
+    fn kbd_irq(&self, p: &mut Platform) {
+        if p.i8042.take_irq() {
+            self.kbd_line.trigger();
+        }
+    }
+
     /// The virtio-mmio device whose window holds `gpa`, and the offset.
     fn virtio_at(&self, gpa: u64) -> Option<(MutexGuard<'_, MmioTransport>, u64)> {
         let rel = gpa.checked_sub(virtio::MMIO_BASE)?;
         let dev = self.virtio.get((rel / virtio::MMIO_SIZE) as usize)?;
         Some((dev.lock().unwrap_or_else(|e| e.into_inner()), rel % virtio::MMIO_SIZE))
+    }
+
+    /// The machine stopped: end every device worker and flush the disks.
+    fn stop_devices(&self) {
+        for (i, dev) in self.virtio.iter().enumerate() {
+            let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = dev.shutdown() {
+                tracing::warn!("virtio device {i} (type {}): flushing on stop: {e}", dev.device_type());
+            }
+        }
+    }
+
+    fn virtio_devices(&self) -> impl Iterator<Item = MutexGuard<'_, MmioTransport>> {
+        self.virtio.iter().map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub(crate) fn request_stop(&self, why: u8) {
@@ -214,7 +241,15 @@ unsafe impl Bus for VcpuBus {
 
     fn mmio_write(&mut self, gpa: u64, data: &[u8]) {
         if let Some((mut dev, offset)) = self.shared.virtio_at(gpa) {
-            return dev.write(offset, data);
+            dev.write(offset, data);
+            // A reset's worker finishes its request in flight: wait for it
+            // without the device's lock, so other vCPUs are not held up.
+            let retiring = dev.take_retiring();
+            drop(dev);
+            if let Some(r) = retiring {
+                r.wait();
+            }
+            return;
         }
         let now = self.shared.now_ns();
         let id = self.id;
@@ -231,7 +266,12 @@ unsafe impl Bus for VcpuBus {
                 self.shared.serial_irq(&mut p);
                 v as u32
             }
-            i8042::DATA_PORT | i8042::STATUS_PORT => self.shared.platform().i8042.read(port) as u32,
+            i8042::DATA_PORT | i8042::STATUS_PORT => {
+                let mut p = self.shared.platform();
+                let v = p.i8042.read(port);
+                self.shared.kbd_irq(&mut p);
+                v as u32
+            }
             0x70 | 0x71 => self.shared.platform().rtc.read(port, now) as u32,
             p if acpi_pm::handles(p) => acpi_pm::read(p) as u32,
             _ => match self.shared.irqs.with(|r| r.io_read(port, now)) {
@@ -253,6 +293,7 @@ unsafe impl Bus for VcpuBus {
             i8042::DATA_PORT | i8042::STATUS_PORT => {
                 let mut p = self.shared.platform();
                 p.i8042.write(port, value as u8);
+                self.shared.kbd_irq(&mut p);
                 if p.i8042.reset_requested {
                     drop(p);
                     self.shared.request_stop(STOP_RESET);
@@ -394,6 +435,7 @@ impl Machine {
         )?;
         mptable::setup_mptable(&mem, cfg.cpus as u8).map_err(|e| Error::Memory(format!("MP table: {e}")))?;
         let serial_line = lines(COM1_IRQ)?;
+        let kbd_line = lines(i8042::KBD_IRQ)?;
         let engine: Box<dyn Engine> = match kvm {
             None => Box::new(EmuEngine::new(cfg.cpus, code_map, &boot_state)),
             Some(mut k) => {
@@ -421,12 +463,14 @@ impl Machine {
                 rtc: Rtc::new(0),
             }),
             serial_line,
+            kbd_line,
             control: Control::default(),
             start: Instant::now(),
             stop: AtomicU8::new(RUNNING),
             triple_fault: Mutex::new(None),
             dead: std::sync::atomic::AtomicU32::new(0),
             virtio: devices.into_iter().map(Mutex::new).collect(),
+            pausing: Mutex::new(()),
         });
         Ok(Machine { shared, engine })
     }
@@ -450,9 +494,16 @@ impl Machine {
         }
     }
 
-    /// Run all vCPUs until the guest ends.
+    /// Run all vCPUs until the guest ends (or [`VmHandle::quit`]).
+    ///
+    /// When it returns, every vCPU thread and every device worker has
+    /// ended (each after finishing its request in flight), and every
+    /// writable disk has been flushed to stable storage (fdatasync), so the
+    /// process may exit at once.
     pub fn run(self) -> RunOutcome {
-        self.engine.run(self.shared)
+        let outcome = self.engine.run(self.shared.clone());
+        self.shared.stop_devices();
+        outcome
     }
 }
 
@@ -463,14 +514,38 @@ pub struct VmHandle {
 }
 
 impl VmHandle {
-    /// Take every vCPU out of guest code and hold it there. `false` when
-    /// not all vCPUs stopped within `timeout` (they stop later).
+    /// Pause the VM and make it quiescent: take every vCPU out of guest
+    /// code and hold it, then stop every virtio device's worker once its
+    /// request in flight is done, keeping the queues where they stand.
+    /// While paused, neither guest memory nor device state changes (input
+    /// waiting on the host side, such as frames on a TAP or console
+    /// bytes, waits there), so the VM can be saved. `false` when not every
+    /// vCPU stopped within `timeout`: the devices then keep running and
+    /// the vCPUs still stop later; call `pause` again to finish or
+    /// `resume` to give up.
     pub fn pause(&self, timeout: Duration) -> bool {
-        self.shared.control.pause(timeout)
+        let _serial = self.shared.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.shared.control.pause(timeout) {
+            return false;
+        }
+        for mut dev in self.shared.virtio_devices() {
+            dev.pause();
+        }
+        true
     }
 
+    /// Undo [`VmHandle::pause`]: the device workers start again where
+    /// their queues stopped, then the vCPUs continue.
     pub fn resume(&self) {
+        let _serial = self.shared.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        for mut dev in self.shared.virtio_devices() {
+            dev.resume();
+        }
         self.shared.control.resume();
+        // Console input that arrived while paused.
+        let mut p = self.shared.platform();
+        p.serial.refill();
+        self.shared.serial_irq(&mut p);
     }
 
     /// While paused: each vCPU's state, as x86emu's `CpuState` under both
@@ -479,15 +554,45 @@ impl VmHandle {
         self.shared.control.vcpu_states()
     }
 
-    /// Whether the VM is paused with every vCPU out of guest code.
+    /// Whether the VM is paused: every vCPU out of guest code and every
+    /// device stopped.
     pub fn is_paused(&self) -> bool {
-        self.shared.control.all_parked()
+        self.shared.control.all_parked() && self.shared.virtio_devices().all(|d| d.is_paused())
     }
 
-    /// Stop the machine.
+    /// Stop the machine: [`Machine::run`] returns soon after, once the
+    /// vCPUs have left guest code, the device workers have finished their
+    /// requests in flight and the disks are flushed. Works while paused
+    /// too (the devices are not started again).
     pub fn quit(&self) {
-        self.shared.control.resume();
         self.shared.request_stop(STOP_RESET);
+        self.shared.control.resume();
+    }
+
+    /// Press Ctrl-Alt-Del on the guest's i8042 keyboard (Firecracker's
+    /// `SendCtrlAltDel`): the scan codes go out with IRQ 1. A Linux guest
+    /// restarts, which with `reboot=k` ends the run with
+    /// [`RunOutcome::Reset`]. Fails when the guest does not read its
+    /// keyboard (no i8042 driver: the buffer fills) or disabled it.
+    pub fn send_ctrl_alt_del(&self) -> std::result::Result<(), KeyError> {
+        let mut p = self.shared.platform();
+        p.i8042.trigger_ctrl_alt_del()?;
+        self.shared.kbd_irq(&mut p);
+        Ok(())
+    }
+
+    /// Each virtio device's transport state (registers, queue positions),
+    /// in window order. For tests and snapshots: the positions are current
+    /// only while the VM is paused.
+    pub fn device_states(&self) -> Vec<MmioState> {
+        self.shared.virtio_devices().map(|d| d.state()).collect()
+    }
+
+    /// A 64-bit digest of all guest memory, for tests and snapshots to
+    /// tell whether memory changed (say, while paused). Not cryptographic;
+    /// stable across runs and builds.
+    pub fn guest_memory_digest(&self) -> u64 {
+        memory::digest(&self.shared.mem)
     }
 }
 
@@ -552,10 +657,35 @@ pub struct ConsoleInput {
 }
 
 impl ConsoleInput {
-    pub fn send(&self, bytes: &[u8]) {
+    /// Type `bytes` on the guest's serial console, in order, none lost.
+    /// They wait in a host-side buffer (at most
+    /// [`crate::devices::serial::INPUT_BUFFER`], 1 MiB) and move into the
+    /// UART's 64-byte FIFO as the guest reads it. When the buffer is full,
+    /// `send` blocks until the guest has read enough, or the machine stops;
+    /// it returns how many bytes it took: all of them, unless the machine
+    /// stopped first. While the VM is paused, input only waits in the
+    /// buffer (and a full buffer blocks `send` until the VM resumes).
+    pub fn send(&self, bytes: &[u8]) -> usize {
+        let mut done = 0;
+        loop {
+            done += self.try_send(&bytes[done..]);
+            if done == bytes.len() || self.shared.stop.load(Ordering::Acquire) != RUNNING {
+                return done;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// [`ConsoleInput::send`] without blocking: takes what fits in the host
+    /// buffer now and returns how many bytes that was.
+    pub fn try_send(&self, bytes: &[u8]) -> usize {
         let mut p = self.shared.platform();
-        p.serial.input(bytes);
-        self.shared.serial_irq(&mut p);
+        let n = p.serial.queue_input(bytes);
+        if !self.shared.control.pause_requested() {
+            p.serial.refill();
+            self.shared.serial_irq(&mut p);
+        }
+        n
     }
 
     /// Stop the machine (the user quit).

@@ -13,7 +13,7 @@ use disk::BlockBackend;
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, Reader, Writer};
+use virtio_queue::{Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use super::queue::Chain;
@@ -133,8 +133,15 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
-    fn deactivate(&mut self) -> Option<Vec<Queue>> {
-        self.worker.take().map(Worker::stop)
+    fn deactivate(&mut self) -> Option<Worker> {
+        self.worker.take()
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        if self.disk.read_only() {
+            return Ok(());
+        }
+        self.disk.flush().map_err(std::io::Error::other)
     }
 }
 

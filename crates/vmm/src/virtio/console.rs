@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
-use virtio_queue::{Queue, Reader};
+use virtio_queue::Reader;
 
 use super::worker::{spawn_queue_worker, Worker};
 use super::{Activation, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -60,7 +60,7 @@ impl VirtioDevice for Console {
         Ok(())
     }
 
-    fn deactivate(&mut self) -> Option<Vec<Queue>> {
-        self.worker.take().map(Worker::stop)
+    fn deactivate(&mut self) -> Option<Worker> {
+        self.worker.take()
     }
 }

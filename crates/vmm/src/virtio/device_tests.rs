@@ -313,3 +313,146 @@ fn protocol_violations_are_refused() {
     r.t.read(0x100, &mut cfg);
     assert_eq!(u64::from_le_bytes(cfg), 128, "capacity in sectors");
 }
+
+/// Pause stops the worker with every request it took completed, keeps the
+/// ring positions in the transport's state, leaves guest memory alone while
+/// paused (doorbells wait in their eventfds), and resume serves what the
+/// driver queued meanwhile: nothing lost, nothing done twice.
+#[test]
+fn pause_completes_requests_in_flight_and_resume_continues() {
+    let mut r = rig("pause", false);
+    r.start();
+    // Eight reads of one sector each (two descriptors per request: the
+    // header, then data and status in one device-writable buffer whose
+    // last byte is the status), all made available at once.
+    let pairs = QSIZE / 2;
+    for i in 0..pairs {
+        let hdr = 0x10000 + 0x100 * i as u64;
+        r.mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(hdr)).unwrap();
+        r.mem.write_obj(i as u64, GuestAddress(hdr + 8)).unwrap();
+        r.desc(2 * i, hdr, 16, 1, 2 * i + 1);
+        r.desc(2 * i + 1, 0x20000 + 0x400 * i as u64, 513, 2, 0);
+        r.mem
+            .write_slice(&[0xee; 513], GuestAddress(0x20000 + 0x400 * i as u64))
+            .unwrap();
+        r.mem.write_obj(2 * i, GuestAddress(AVAIL + 4 + 2 * i as u64)).unwrap();
+    }
+    r.mem.write_obj(pairs, GuestAddress(AVAIL + 2)).unwrap();
+    r.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    // Pause at once: whatever the worker took, it completed.
+    r.t.pause();
+    assert!(r.t.is_paused());
+    let q = &r.t.state().queues[0];
+    assert_eq!(q.next_avail, q.next_used, "a request was taken but not completed");
+    assert_eq!(r.used_idx(), q.next_used);
+    let done_before = q.next_used;
+    // Paused: more doorbells change nothing in guest memory.
+    r.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    let before: Vec<u8> = {
+        let mut b = vec![0u8; 0x40000];
+        r.mem.read_slice(&mut b, GuestAddress(0)).unwrap();
+        b
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut after = vec![0u8; 0x40000];
+    r.mem.read_slice(&mut after, GuestAddress(0)).unwrap();
+    assert!(before == after, "guest memory changed while paused");
+    assert_eq!(r.t.state().queues[0].next_used, done_before);
+    // Resume: every request completes exactly once.
+    r.t.resume();
+    assert!(!r.t.is_paused());
+    r.wait_used(pairs);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(r.used_idx(), pairs, "a request was served twice");
+    for i in 0..pairs {
+        let data = 0x20000 + 0x400 * i as u64;
+        let mut buf = [0u8; 513];
+        r.mem.read_slice(&mut buf, GuestAddress(data)).unwrap();
+        let want: Vec<u8> = (512 * i as u32..512 * (i as u32 + 1))
+            .map(|b| (b % 251) as u8)
+            .collect();
+        assert_eq!(&buf[..512], &want[..], "request {i}");
+        assert_eq!(buf[512], VIRTIO_BLK_S_OK as u8, "request {i}");
+    }
+    // Pause twice, resume twice: harmless.
+    r.t.pause();
+    r.t.pause();
+    r.t.resume();
+    r.t.resume();
+    r.request(0, VIRTIO_BLK_T_IN, 0, 512, true);
+    r.submit(&[0], pairs + 1, pairs + 1);
+    assert_eq!(r.status_byte(), VIRTIO_BLK_S_OK as u8);
+}
+
+/// A driver that starts the device while the machine is paused gets its
+/// worker only on resume.
+#[test]
+fn a_device_started_while_paused_runs_on_resume() {
+    let mut r = rig("pausedstart", false);
+    r.t.pause();
+    r.start();
+    r.request(0, VIRTIO_BLK_T_IN, 0, 512, true);
+    r.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+    r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+    r.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(r.used_idx(), 0);
+    r.t.resume();
+    r.wait_used(1);
+    assert_eq!(r.status_byte(), VIRTIO_BLK_S_OK as u8);
+}
+
+/// A device reset hands its worker over instead of joining it under the
+/// transport's lock; the registers are reset at once. Until that worker
+/// has ended, the driver cannot start a second one on the rings.
+#[test]
+fn reset_hands_the_worker_over_and_guards_the_next_start() {
+    let mut r = rig("retire", false);
+    r.start();
+    r.request(0, VIRTIO_BLK_T_IN, 0, 512, true);
+    r.submit(&[0], 1, 1);
+    r.w(VIRTIO_MMIO_STATUS, 0);
+    assert_eq!(r.r(VIRTIO_MMIO_STATUS), 0);
+    let retiring = r.t.take_retiring().expect("the reset stopped a worker");
+    assert!(r.t.take_retiring().is_none());
+    // Still held (as by a vCPU that has not finished waiting): refused.
+    r.mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
+    r.mem.write_obj(0u16, GuestAddress(USED + 2)).unwrap();
+    r.start();
+    assert_ne!(r.r(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    retiring.wait();
+    r.w(VIRTIO_MMIO_STATUS, 0);
+    assert!(r.t.take_retiring().is_none(), "the refused start ran no worker");
+    r.start();
+    assert_eq!(r.r(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    r.request(0, VIRTIO_BLK_T_IN, 0, 512, true);
+    r.submit(&[0], 1, 1);
+    assert_eq!(r.status_byte(), VIRTIO_BLK_S_OK as u8);
+    // Nobody takes the next reset's worker: the transport waits for it
+    // itself at the next start.
+    r.w(VIRTIO_MMIO_STATUS, 0);
+    r.mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
+    r.mem.write_obj(0u16, GuestAddress(USED + 2)).unwrap();
+    r.start();
+    r.request(0, VIRTIO_BLK_T_IN, 0, 512, true);
+    r.submit(&[0], 1, 1);
+    assert_eq!(r.status_byte(), VIRTIO_BLK_S_OK as u8);
+}
+
+/// Shutdown stops the worker and flushes the disk; the device is then
+/// still (no worker thread left).
+#[test]
+fn shutdown_stops_the_worker_and_flushes() {
+    let mut r = rig("shutdown", false);
+    r.start();
+    r.mem.write_slice(&[0x5a; 512], GuestAddress(0x20000)).unwrap();
+    r.request(0, VIRTIO_BLK_T_OUT, 1, 512, false);
+    r.submit(&[0], 1, 1);
+    r.t.shutdown().unwrap();
+    r.mem.write_obj(1u16, GuestAddress(AVAIL + 4 + 2)).unwrap();
+    r.mem.write_obj(2u16, GuestAddress(AVAIL + 2)).unwrap();
+    r.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(r.used_idx(), 1, "a stopped device served a request");
+    assert!(std::fs::read(&r.image).unwrap()[512..1024].iter().all(|&b| b == 0x5a));
+}

@@ -17,6 +17,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::worker::Retiring;
 use super::{Activation, DmaObserver, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -65,14 +66,22 @@ pub struct MmioState {
     pub config_generation: u32,
 }
 
+/// A virtio device behind its virtio-mmio registers.
+///
+/// The device's worker runs while the driver has it started (DRIVER_OK)
+/// and the machine is not paused. [`MmioTransport::pause`] stops the worker
+/// after its request in flight and keeps the queues here, so the state is
+/// complete and still; [`MmioTransport::resume`] starts it again where it
+/// stopped.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
-    /// Queues while the device is stopped; empty while it runs (the worker
-    /// owns them then).
+    /// Queues while no worker runs; empty while one does (the worker owns
+    /// them then).
     queues: Vec<Queue>,
     /// Queue register shadows, so that reads work while the worker runs.
+    /// The ring positions in them are current while no worker runs.
     regs: Vec<QueueRegs>,
     notifiers: Vec<EventFd>,
     broken: Arc<AtomicBool>,
@@ -83,7 +92,14 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     config_generation: u32,
+    /// The driver started the device (DRIVER_OK) and has not reset it.
     active: bool,
+    /// The machine is paused: no worker runs, even when `active`.
+    paused: bool,
+    /// The worker a reset stopped, until someone waits for it.
+    retiring: Option<Retiring>,
+    /// Set once the worker the last reset stopped has ended.
+    retired: Arc<AtomicBool>,
 }
 
 impl MmioTransport {
@@ -114,6 +130,9 @@ impl MmioTransport {
             queue_sel: 0,
             config_generation: 0,
             active: false,
+            paused: false,
+            retiring: None,
+            retired: Arc::new(AtomicBool::new(true)),
         };
         t.reset_queues();
         Ok(t)
@@ -138,6 +157,9 @@ impl MmioTransport {
         self.device.device_type()
     }
 
+    /// The transport's registers and queues. The ring positions
+    /// (`next_avail`, `next_used`) are current while the device is stopped
+    /// or paused; while a worker runs they lag behind.
     pub fn state(&self) -> MmioState {
         MmioState {
             status: self.status,
@@ -344,9 +366,29 @@ impl MmioTransport {
         if let Some(i) = self.queues.iter().position(|q| q.ready() && !q.is_valid(&self.mem)) {
             return self.mark_broken(&format!("queue {i} is invalid (size or ring addresses)"));
         }
+        // Nobody waited for the worker of the last reset (a caller other
+        // than the machine's vCPU loop): wait for it now.
+        drop(self.retiring.take());
+        if !self.retired.load(Ordering::Acquire) {
+            // Another vCPU still waits for it (the driver raced its own
+            // reset from a second CPU): refuse rather than run two workers
+            // on the rings.
+            return self.mark_broken("DRIVER_OK while the worker of the last reset still runs");
+        }
+        self.active = true;
+        if !self.paused {
+            self.start_worker();
+        }
+    }
+
+    /// Hand the queues to a new worker (the device is active, not paused).
+    fn start_worker(&mut self) {
         let notifiers = match self.notifiers.iter().map(|e| e.try_clone()).collect() {
             Ok(n) => n,
-            Err(e) => return self.mark_broken(&format!("cannot clone eventfds: {e}")),
+            Err(e) => {
+                self.active = false;
+                return self.mark_broken(&format!("cannot clone eventfds: {e}"));
+            }
         };
         let activation = Activation {
             mem: self.mem.clone(),
@@ -356,22 +398,107 @@ impl MmioTransport {
             broken: self.broken.clone(),
             dma: self.dma.clone(),
         };
-        match self.device.activate(self.driver_features, activation) {
-            Ok(()) => self.active = true,
-            Err(e) => {
+        if let Err(e) = self.device.activate(self.driver_features, activation) {
+            self.active = false;
+            self.reset_queues();
+            self.mark_broken(&format!("activation failed: {e}"));
+        }
+    }
+
+    /// Stop the worker and take the queues back, with their positions
+    /// after the last request it completed.
+    fn stop_worker(&mut self) {
+        let Some(worker) = self.device.deactivate() else {
+            return;
+        };
+        match worker.join() {
+            Some(queues) if queues.len() == self.regs.len() => {
+                self.regs = queues.iter().map(|q| QueueRegs::from(q.state())).collect();
+                self.queues = queues;
+            }
+            _ => {
+                self.active = false;
                 self.reset_queues();
-                self.mark_broken(&format!("activation failed: {e}"));
+                self.mark_broken("the device's worker failed");
             }
         }
     }
 
-    /// Device reset: the worker stops, and every register returns to its
-    /// initial value.
+    /// Quiesce the device for a machine pause: its worker finishes the
+    /// request in flight and stops, and the queues (with their positions)
+    /// stay here. Until [`MmioTransport::resume`] the device touches
+    /// neither guest memory nor its state; doorbells the driver rings
+    /// meanwhile stay pending in their eventfds. A driver that starts the
+    /// device while paused gets its worker on resume.
+    ///
+    /// Blocks until the worker has ended: call it with the vCPUs stopped.
+    pub fn pause(&mut self) {
+        if self.paused {
+            return;
+        }
+        self.paused = true;
+        drop(self.retiring.take());
+        if self.active {
+            self.stop_worker();
+        }
+    }
+
+    /// Undo [`MmioTransport::pause`]: the worker starts again where the
+    /// queues stopped, and serves what the driver queued meanwhile.
+    pub fn resume(&mut self) {
+        if !self.paused {
+            return;
+        }
+        self.paused = false;
+        if self.active {
+            self.start_worker();
+        }
+    }
+
+    /// Whether [`MmioTransport::pause`] holds the device.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// The worker that the last device reset stopped, still finishing its
+    /// request in flight. The caller waits for it ([`Retiring::wait`], or
+    /// drops it) after releasing the transport's lock, so that a long
+    /// request holds up only the vCPU that reset the device, not every
+    /// vCPU that touches the device's registers. A transport whose caller
+    /// never takes it waits for it itself at the next DRIVER_OK, pause or
+    /// drop.
+    pub fn take_retiring(&mut self) -> Option<Retiring> {
+        self.retiring.take()
+    }
+
+    /// Stop the device for good (the machine stopped): the worker ends
+    /// after its request in flight, and what the device wrote to the host
+    /// is made durable (virtio-blk: fdatasync).
+    pub fn shutdown(&mut self) -> std::io::Result<()> {
+        drop(self.retiring.take());
+        if self.active && !self.paused {
+            self.stop_worker();
+        }
+        self.paused = true;
+        self.device.flush()
+    }
+
+    /// Device reset: the worker is told to stop (see
+    /// [`MmioTransport::take_retiring`]), and every register returns to
+    /// its initial value.
     pub fn reset(&mut self) {
         if self.active {
-            self.device.deactivate();
+            if let Some(worker) = self.device.deactivate() {
+                // Not expected (one activation at a time), but a worker
+                // from an earlier reset must still end before this one.
+                drop(self.retiring.take());
+                let done = Arc::new(AtomicBool::new(false));
+                self.retired = done.clone();
+                self.retiring = Some(Retiring::new(worker, done));
+            }
             self.active = false;
         }
+        self.device.reset();
         for evt in &self.notifiers {
             let _ = evt.read();
         }
@@ -388,8 +515,8 @@ impl MmioTransport {
 
 impl Drop for MmioTransport {
     fn drop(&mut self) {
-        if self.active {
-            self.device.deactivate();
-        }
+        // Dropping a worker (or a retiring one) stops and joins it.
+        drop(self.retiring.take());
+        drop(self.device.deactivate());
     }
 }

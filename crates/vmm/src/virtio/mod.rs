@@ -19,7 +19,7 @@ pub mod net;
 pub mod queue;
 pub mod rng;
 pub mod tap;
-mod worker;
+pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -27,6 +27,7 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+use worker::Worker;
 
 use crate::devices::irq_line::InterruptLine;
 
@@ -124,11 +125,26 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Write to the config space; most devices ignore it.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Start serving the queues with the features the driver accepted.
+    /// Start serving the queues with the features the driver accepted:
+    /// when the driver sets DRIVER_OK, and again when a paused machine
+    /// resumes (the queues then continue from where they stopped).
     fn activate(&mut self, acked_features: u64, activation: Activation) -> std::io::Result<()>;
-    /// Stop serving: the worker stops and gives the queues back (so their
-    /// positions can be saved). Called on device reset and on pause.
-    fn deactivate(&mut self) -> Option<Vec<Queue>>;
+    /// Stop serving: hand over the worker, which the transport stops and
+    /// joins ([`Worker::join`]). The worker finishes the request it is
+    /// serving, then gives the queues back. Called when the machine pauses
+    /// (the transport keeps the queues, with their positions, for the
+    /// next [`VirtioDevice::activate`]), when the driver resets the device
+    /// (the worker is joined outside the transport's lock) and when the
+    /// machine stops.
+    fn deactivate(&mut self) -> Option<Worker>;
+    /// The driver reset the device (after [`VirtioDevice::deactivate`]):
+    /// forget what earlier activations left behind.
+    fn reset(&mut self) {}
+    /// Make what the device wrote to the host durable (virtio-blk:
+    /// fdatasync). Called when the machine stops, once the worker ended.
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Copy `src` (a device's config space) into `data` at `offset`; bytes

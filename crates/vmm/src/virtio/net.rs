@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -13,6 +13,7 @@ use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{report_broken, serve, QueueError};
 use super::tap::Tap;
@@ -49,6 +50,9 @@ pub struct Net {
     tap: Arc<Tap>,
     mac: [u8; 6],
     worker: Option<Worker>,
+    /// A frame the last worker had read from the tap but not delivered
+    /// when it stopped (pause): the next worker delivers it first.
+    carry: Arc<Mutex<Option<Vec<u8>>>>,
     pub metrics: Arc<NetMetrics>,
 }
 
@@ -58,6 +62,7 @@ impl Net {
             tap: Arc::new(tap),
             mac,
             worker: None,
+            carry: Arc::default(),
             metrics: Arc::default(),
         }
     }
@@ -90,6 +95,7 @@ impl VirtioDevice for Net {
     fn activate(&mut self, _acked: u64, a: Activation) -> std::io::Result<()> {
         let tap = self.tap.clone();
         let metrics = self.metrics.clone();
+        let carry = self.carry.clone();
         let Activation {
             mem,
             queues,
@@ -110,44 +116,31 @@ impl VirtioDevice for Net {
                 buf: vec![0u8; HDR_LEN + MAX_FRAME],
                 tap_watched: true,
             };
-            let setup = poller
-                .add(notifiers[RX].as_raw_fd(), RX as u64, EventSet::IN)
-                .and_then(|_| poller.add(notifiers[TX].as_raw_fd(), TX as u64, EventSet::IN))
-                .and_then(|_| poller.add(port.tap.as_raw_fd(), TAP_TOKEN, EventSet::IN));
-            if let Err(e) = setup {
-                tracing::error!("virtio-net: cannot watch the queues and tap: {e}");
-                return port.queues;
+            // A frame read from the tap before a pause, still waiting for
+            // a receive buffer.
+            if let Some(frame) = carry.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                port.buf[HDR_LEN..HDR_LEN + frame.len()].copy_from_slice(&frame);
+                port.pending = Some(frame.len());
             }
-            loop {
-                for token in poller.wait() {
-                    let result = match token {
-                        STOP_TOKEN => return port.queues,
-                        t if t == RX as u64 => {
-                            let _ = notifiers[RX].read();
-                            port.receive(&poller)
-                        }
-                        t if t == TX as u64 => {
-                            let _ = notifiers[TX].read();
-                            port.transmit().map(|more| {
-                                if more {
-                                    let _ = notifiers[TX].write(1);
-                                }
-                            })
-                        }
-                        _ => port.receive(&poller),
-                    };
-                    if let Err(e) = result {
-                        report_broken(&broken, &port.interrupt, "virtio-net", &e);
-                        return port.queues;
-                    }
-                }
+            if let Err(e) = port.serve(&poller, &notifiers) {
+                report_broken(&broken, &port.interrupt, "virtio-net", &e);
             }
+            if let Some(n) = port.pending {
+                *carry.lock().unwrap_or_else(|e| e.into_inner()) = Some(port.buf[HDR_LEN..HDR_LEN + n].to_vec());
+            }
+            port.queues
         })?);
         Ok(())
     }
 
-    fn deactivate(&mut self) -> Option<Vec<Queue>> {
-        self.worker.take().map(Worker::stop)
+    fn deactivate(&mut self) -> Option<Worker> {
+        self.worker.take()
+    }
+
+    fn reset(&mut self) {
+        // The stopped worker may still be finishing and park its frame in
+        // the old slot: the next activation starts with an empty one.
+        self.carry = Arc::default();
     }
 }
 
@@ -166,6 +159,40 @@ struct Port {
 }
 
 impl Port {
+    /// Serve the queues and the tap until told to stop (`Ok`) or the
+    /// driver breaks the protocol (`Err`).
+    fn serve(&mut self, poller: &Poller, notifiers: &[EventFd]) -> Result<(), QueueError> {
+        poller
+            .add(notifiers[RX].as_raw_fd(), RX as u64, EventSet::IN)
+            .and_then(|_| poller.add(notifiers[TX].as_raw_fd(), TX as u64, EventSet::IN))
+            .and_then(|_| poller.add(self.tap.as_raw_fd(), TAP_TOKEN, EventSet::IN))
+            .map_err(|e| {
+                tracing::error!("virtio-net: cannot watch the queues and tap: {e}");
+                QueueError::Io(e)
+            })?;
+        if self.pending.is_some() {
+            self.receive(poller)?;
+        }
+        loop {
+            for token in poller.wait() {
+                match token {
+                    STOP_TOKEN => return Ok(()),
+                    t if t == RX as u64 => {
+                        let _ = notifiers[RX].read();
+                        self.receive(poller)?;
+                    }
+                    t if t == TX as u64 => {
+                        let _ = notifiers[TX].read();
+                        if self.transmit()? {
+                            let _ = notifiers[TX].write(1);
+                        }
+                    }
+                    _ => self.receive(poller)?,
+                }
+            }
+        }
+    }
+
     /// Move frames from the tap into receive buffers until either runs out.
     fn receive(&mut self, poller: &Poller) -> Result<(), QueueError> {
         let mem = &self.mem;

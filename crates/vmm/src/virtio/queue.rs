@@ -17,6 +17,8 @@ pub enum QueueError {
     Queue(#[from] virtio_queue::Error),
     #[error("virtqueue: the driver made chains available that cannot be read")]
     NoProgress,
+    #[error("virtqueue: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Chains served in one call at most, in queue lengths: a driver that

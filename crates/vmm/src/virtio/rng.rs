@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{Queue, Writer};
+use virtio_queue::Writer;
 
 use super::worker::{spawn_queue_worker, Worker};
 use super::{note_dma_writes, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -67,7 +67,7 @@ impl VirtioDevice for Rng {
         Ok(())
     }
 
-    fn deactivate(&mut self) -> Option<Vec<Queue>> {
-        self.worker.take().map(Worker::stop)
+    fn deactivate(&mut self) -> Option<Worker> {
+        self.worker.take()
     }
 }

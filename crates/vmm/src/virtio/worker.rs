@@ -1,11 +1,15 @@
 //! A device's worker thread: waits on eventfds and file descriptors with
 //! epoll, and gives its queues back when told to stop.
+//!
+//! A worker checks for the stop request only between the chains it serves,
+//! so a request it has taken from a queue is always completed (its used
+//! entry written) before it stops: stopping never loses or repeats one.
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-
-use std::sync::atomic::Ordering;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -46,10 +50,50 @@ impl Worker {
         })
     }
 
-    /// Stop the thread and take its queues back.
-    pub fn stop(mut self) -> Vec<Queue> {
+    /// Ask the thread to stop. It finishes the chain it is serving first;
+    /// [`Worker::join`] waits for that.
+    pub fn request_stop(&self) {
         let _ = self.stop.write(1);
-        self.handle.take().and_then(|h| h.join().ok()).unwrap_or_default()
+    }
+
+    /// Stop the thread and take its queues back, where they stand after
+    /// the last completed request. `None` if the thread panicked (its
+    /// queues are lost).
+    pub fn join(mut self) -> Option<Vec<Queue>> {
+        self.request_stop();
+        self.handle.take()?.join().ok()
+    }
+}
+
+/// A worker told to stop by a device reset, not yet joined. Whoever can
+/// afford to wait joins it: the vCPU that reset the device, once it no
+/// longer holds the transport's lock (see
+/// [`super::mmio::MmioTransport::take_retiring`]). Dropping it joins.
+pub struct Retiring {
+    worker: Option<Worker>,
+    done: Arc<AtomicBool>,
+}
+
+impl Retiring {
+    /// Tell `worker` to stop; `done` is set once it has ended.
+    pub fn new(worker: Worker, done: Arc<AtomicBool>) -> Retiring {
+        worker.request_stop();
+        Retiring {
+            worker: Some(worker),
+            done,
+        }
+    }
+
+    /// Wait for the worker to end (it finishes its request in flight).
+    pub fn wait(self) {}
+}
+
+impl Drop for Retiring {
+    fn drop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+        self.done.store(true, Ordering::Release);
     }
 }
 

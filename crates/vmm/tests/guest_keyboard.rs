@@ -1,0 +1,40 @@
+//! Ctrl-Alt-Del through the i8042 (Firecracker's `SendCtrlAltDel`) on the
+//! real guest: Linux's i8042 and atkbd drivers find the keyboard, and the
+//! key press restarts the guest, which resets through the i8042
+//! (`reboot=k`) and ends the run with `Reset`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{guest_config, tail, Guest};
+use vmm::machine::RunOutcome;
+
+#[test]
+fn ctrl_alt_del_resets_the_guest() {
+    // A command that would keep the guest busy for ten minutes.
+    let guest = Guest::boot(guest_config("echo LONG-SLEEP; sleep 600", "reboot"), None);
+    guest.wait_for("LONG-SLEEP");
+    // atkbd binds to the port from the serio thread; wait for it.
+    guest.wait_for("input: AT Raw Set 2 keyboard");
+    let log = guest.console.clone();
+    let boot_log = log.text();
+    assert!(
+        boot_log.contains("serio: i8042 KBD port at 0x60,0x64 irq 1"),
+        "the i8042 probe failed:\n{}",
+        tail(&boot_log)
+    );
+    assert!(!boot_log.contains("i8042: Can't"), "{}", tail(&boot_log));
+    let t0 = Instant::now();
+    guest.vm.send_ctrl_alt_del().expect("the keyboard takes the keys");
+    let outcome = guest.finish(Duration::from_secs(30));
+    let took = t0.elapsed();
+    assert_eq!(outcome, RunOutcome::Reset, "{}", tail(&log.text()));
+    assert!(
+        !log.text().contains("VESSEL-CMD-EXIT"),
+        "the command ended by itself: {}",
+        tail(&log.text())
+    );
+    eprintln!("Ctrl-Alt-Del to Reset: {took:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
