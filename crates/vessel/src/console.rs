@@ -135,8 +135,8 @@ pub fn spawn_input(input: ConsoleInput) {
                     Key::Nothing => {}
                 }
             }
-            if !out.is_empty() {
-                input.send(&out);
+            if !out.is_empty() && input.send(&out) < out.len() {
+                return; // the VM stopped
             }
         }
     });

@@ -63,7 +63,12 @@ impl ConsoleHub {
                     loop {
                         match reader.read(&mut buf) {
                             Ok(0) | Err(_) => return,
-                            Ok(n) => input.send(&buf[..n]),
+                            Ok(n) => {
+                                // Blocks while the guest drains its FIFO: no input is lost.
+                                if input.send(&buf[..n]) < n {
+                                    return; // the VM stopped
+                                }
+                            }
                         }
                     }
                 });

@@ -314,8 +314,10 @@ impl Controller {
                 if self.state != VmState::Running {
                     return Err(ActionError::Runtime("the microVM is paused: resume it first".into()));
                 }
-                let _ = vm;
-                Err(ActionError::Unsupported("SendCtrlAltDel: PENDING i8042".into()))
+                vm.handle
+                    .send_ctrl_alt_del()
+                    .map_err(|e| ActionError::Runtime(format!("SendCtrlAltDel: {e}")))?;
+                empty
             }
             VmmAction::FlushMetrics => {
                 self.metrics.flush().map_err(ActionError::Runtime)?;
