@@ -57,9 +57,53 @@ enum Command {
     },
     /// Attach the terminal to a VM's serial console (Ctrl-A d detaches).
     Console { name: String },
+    /// Snapshot a running VM into DIR (it is paused for the snapshot and
+    /// resumed after, unless --leave-paused); `snapshot inspect FILE`
+    /// describes a snapshot.
+    Snapshot(SnapshotArgs),
+    /// Start new VMs from a snapshot directory (detached, named).
+    Restore {
+        dir: PathBuf,
+        /// The new VM's name [default: the directory's name and a number].
+        #[arg(long)]
+        name: Option<String>,
+        /// How many clones to start (named NAME-1, NAME-2, ... when more than one).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// The engine to restore under [default: the snapshot's].
+        #[arg(long)]
+        accel: Option<String>,
+        /// Leave the restored VMs paused.
+        #[arg(long)]
+        paused: bool,
+    },
     /// Create, inspect, snapshot and convert disk images.
     Disk(disk_cmd::DiskArgs),
 }
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    inspect: Option<SnapshotCommand>,
+    /// The VM to snapshot.
+    name: Option<String>,
+    /// The directory to write (`state` and `memory` files).
+    dir: Option<PathBuf>,
+    /// Leave the VM paused after the snapshot.
+    #[arg(long)]
+    leave_paused: bool,
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Describe a snapshot (its state file, or its directory).
+    Inspect { path: PathBuf },
+}
+
+/// The files of a snapshot directory.
+pub const SNAPSHOT_STATE: &str = "state";
+pub const SNAPSHOT_MEMORY: &str = "memory";
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -112,6 +156,13 @@ pub struct RunArgs {
     /// VM's API is ready.
     #[arg(long, short = 'd', requires = "name")]
     pub detach: bool,
+    /// Start from a snapshot directory (`vessel snapshot`) instead of a
+    /// kernel.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "config"])]
+    pub restore: Option<PathBuf>,
+    /// With --restore: leave the VM paused.
+    #[arg(long, requires = "restore")]
+    pub paused: bool,
 }
 
 /// The `vessel` binary's entry point (also `firecracker` and its flags
@@ -139,6 +190,14 @@ pub fn main() -> ExitCode {
         Command::Inspect { name } => inspect(&name),
         Command::Logs { name, follow } => logs(&name, follow),
         Command::Console { name } => console(&name),
+        Command::Snapshot(a) => snapshot(a),
+        Command::Restore {
+            dir,
+            name,
+            count,
+            accel,
+            paused,
+        } => restore(&dir, name, count, accel, paused),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -175,7 +234,8 @@ fn run(args: RunArgs, process_start: Instant) -> ExitCode {
         (None, Some(d)) => Some(d.join(runtime::API_SOCK)),
         (None, None) => None,
     };
-    let waits_for_api = api_sock.is_some() && args.kernel.is_none() && args.config.is_none();
+    let waits_for_api =
+        api_sock.is_some() && args.kernel.is_none() && args.config.is_none() && args.restore.is_none();
     let detached_child = std::env::var_os("VESSEL_DETACHED").is_some();
     let console = if detached_child {
         ConsoleMode::Detached
@@ -193,7 +253,25 @@ fn run(args: RunArgs, process_start: Instant) -> ExitCode {
         console,
         process_start,
         metrics_path: None,
+        restore: None,
     };
+    if let Some(dir) = &args.restore {
+        launch.start_now = false;
+        launch.restore = Some(fc::SnapshotLoad {
+            snapshot_path: dir.join(SNAPSHOT_STATE),
+            mem_file_path: None,
+            mem_backend: Some(fc::MemBackend {
+                backend_type: "File".into(),
+                backend_path: dir.join(SNAPSHOT_MEMORY),
+            }),
+            enable_diff_snapshots: false,
+            track_dirty_pages: false,
+            resume_vm: !args.paused,
+            network_overrides: Vec::new(),
+            accel: args.accel.clone(),
+        });
+        return crate::launch::run_with(launch, None);
+    }
     if waits_for_api {
         return crate::launch::run_with(launch, None);
     }
@@ -448,5 +526,96 @@ fn console(name: &str) -> Result<(), String> {
     }
     // Standard input ended (not a terminal): let the output drain briefly.
     std::thread::sleep(Duration::from_millis(500));
+    Ok(())
+}
+
+fn snapshot(a: SnapshotArgs) -> Result<(), String> {
+    if let Some(SnapshotCommand::Inspect { path }) = a.inspect {
+        let file = if path.is_dir() { path.join(SNAPSHOT_STATE) } else { path };
+        let state = vmm::persist::MachineState::read_file(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        print!("{}", crate::snapshot_text::describe(&state));
+        return Ok(());
+    }
+    let (Some(name), Some(dir)) = (a.name, a.dir) else {
+        return Err("usage: vessel snapshot NAME DIR [--leave-paused], or vessel snapshot inspect FILE".into());
+    };
+    let state = call(&name, "GET", "/", None)?.json();
+    let was_running = state["state"] == "Running";
+    if was_running {
+        set_state(&name, "Paused")?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let dir = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
+    let body = serde_json::json!({
+        "snapshot_type": "Full",
+        "snapshot_path": dir.join(SNAPSHOT_STATE),
+        "mem_file_path": dir.join(SNAPSHOT_MEMORY),
+    })
+    .to_string();
+    let started = Instant::now();
+    let result = call(&name, "PUT", "/snapshot/create", Some(&body));
+    let took = started.elapsed();
+    if was_running && !a.leave_paused {
+        set_state(&name, "Resumed")?;
+    }
+    result?;
+    eprintln!(
+        "snapshot of {name} in {} ({} ms); {}",
+        dir.display(),
+        took.as_millis(),
+        if was_running && !a.leave_paused { "resumed" } else { "left paused" }
+    );
+    Ok(())
+}
+
+fn restore(dir: &Path, name: Option<String>, count: u32, accel: Option<String>, paused: bool) -> Result<(), String> {
+    if !dir.join(SNAPSHOT_STATE).exists() {
+        return Err(format!("{}: no snapshot here (no {SNAPSHOT_STATE} file)", dir.display()));
+    }
+    if count == 0 {
+        return Err("--count must be at least 1".into());
+    }
+    let dir = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
+    let base = name.clone().unwrap_or_else(|| {
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "clone".into())
+    });
+    let names: Vec<String> = if count == 1 && name.is_some() {
+        vec![base]
+    } else {
+        // The first free numbers.
+        let mut out = Vec::new();
+        let mut i = 1;
+        while out.len() < count as usize {
+            let n = format!("{base}-{i}");
+            if !runtime::dir_of(&n).exists() {
+                out.push(n);
+            }
+            i += 1;
+        }
+        out
+    };
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the vessel binary: {e}"))?;
+    for n in &names {
+        runtime::check_name(n)?;
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["run", "--detach", "--name", n]).arg("--restore").arg(&dir);
+        if let Some(a) = &accel {
+            cmd.args(["--accel", a]);
+        }
+        if paused {
+            cmd.arg("--paused");
+        }
+        let out = cmd
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot start {n}: {e}"))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(format!("{n}: {}", err.trim().trim_start_matches("error: ")));
+        }
+        println!("{n}");
+    }
     Ok(())
 }

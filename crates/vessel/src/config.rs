@@ -147,6 +147,8 @@ mod tests {
             api_sock: None,
             name: None,
             detach: false,
+            restore: None,
+            paused: false,
         }
     }
 

@@ -340,6 +340,79 @@ pub struct VmStateRequest {
     pub state: String,
 }
 
+/// `PUT /snapshot/create`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    #[serde(default = "snapshot_full")]
+    pub snapshot_type: String,
+    pub snapshot_path: PathBuf,
+    pub mem_file_path: PathBuf,
+    /// Firecracker's old target-version field; only this Vessel's format
+    /// can be written, so a version other than ours is refused.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+fn snapshot_full() -> String {
+    "Full".into()
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: String,
+    pub backend_path: PathBuf,
+}
+
+/// One entry of `network_overrides`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoad {
+    pub snapshot_path: PathBuf,
+    /// Firecracker's older form of `mem_backend` (a file).
+    #[serde(default)]
+    pub mem_file_path: Option<PathBuf>,
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// Vessel: the engine to restore under (default: the snapshot's).
+    #[serde(default)]
+    pub accel: Option<String>,
+}
+
+impl SnapshotLoad {
+    /// The memory file, from whichever form the request used.
+    pub fn mem_file(&self) -> Result<PathBuf, String> {
+        match (&self.mem_file_path, &self.mem_backend) {
+            (Some(_), Some(_)) => Err("give mem_backend or mem_file_path, not both".into()),
+            (Some(p), None) => Ok(p.clone()),
+            (None, Some(b)) if b.backend_type == "File" => Ok(b.backend_path.clone()),
+            (None, Some(b)) => Err(format!(
+                "mem_backend type {:?} is not supported (only \"File\")",
+                b.backend_type
+            )),
+            (None, None) => Err("mem_backend is missing".into()),
+        }
+    }
+}
+
 /// The whole configuration: `GET /vm/config`, and the file that
 /// `firecracker --config-file` reads. Sections Vessel does not have
 /// (balloon, vsock, MMDS) must be absent or null.

@@ -180,6 +180,7 @@ pub fn main() -> ExitCode {
             console: ConsoleMode::Stdio,
             process_start,
             metrics_path: args.metrics_path,
+            restore: None,
         },
         None,
     )

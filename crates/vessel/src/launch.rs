@@ -39,6 +39,8 @@ pub struct Launch {
     pub process_start: Instant,
     /// Metrics file from the command line (Firecracker's --metrics-path).
     pub metrics_path: Option<PathBuf>,
+    /// Start from this snapshot.
+    pub restore: Option<fc::SnapshotLoad>,
 }
 
 fn restore_terminal() {
@@ -109,6 +111,11 @@ pub fn run_with(l: Launch, direct: Option<(vmm::MachineConfig, String)>) -> Exit
     if let Some(dir) = &l.runtime_dir {
         if let Err(e) = runtime::write_pid(dir) {
             return fail(&e);
+        }
+    }
+    if let Some(load) = l.restore {
+        if let Err(e) = ctl.handle(VmmAction::LoadSnapshot(load)) {
+            return fail(&e.to_string());
         }
     }
     if l.start_now {

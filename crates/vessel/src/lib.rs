@@ -17,3 +17,4 @@ pub mod logging;
 pub mod metrics;
 pub mod runtime;
 pub mod signals;
+pub mod snapshot_text;

@@ -44,6 +44,27 @@ impl EmuEngine {
             .collect();
         EmuEngine { cpus }
     }
+
+    /// vCPUs that go on from saved states (a snapshot), one per state.
+    pub fn from_states(code_map: Arc<CodeMap>, states: &[CpuState]) -> Self {
+        let count = states.len() as u32;
+        let cpus = states
+            .iter()
+            .enumerate()
+            .map(|(i, state)| {
+                let config = CpuConfig {
+                    apic_id: i as u32,
+                    cpu_count: count,
+                    tsc_khz: TSC_KHZ,
+                    ..CpuConfig::default()
+                };
+                let mut cpu = Cpu::new(config, code_map.clone());
+                cpu.set_state(state.clone());
+                cpu
+            })
+            .collect();
+        EmuEngine { cpus }
+    }
 }
 
 impl Engine for EmuEngine {

@@ -14,7 +14,8 @@ use crate::machine::{RunOutcome, Shared};
 use crate::{Error, Result};
 
 /// Which engine runs the vCPUs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     Emu,
     Kvm,

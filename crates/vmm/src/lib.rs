@@ -9,6 +9,7 @@ pub mod engine;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+pub mod persist;
 pub mod virtio;
 
 pub use engine::{Accel, EngineKind};

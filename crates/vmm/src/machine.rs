@@ -37,7 +37,8 @@ pub const TSC_KHZ: u32 = 2_000_000;
 pub const MAX_CPUS: u32 = 64;
 
 /// What to run.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MachineConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -53,7 +54,8 @@ pub struct MachineConfig {
 }
 
 /// A virtio-blk disk.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
@@ -63,8 +65,13 @@ pub struct DiskConfig {
 }
 
 /// A virtio-net device on a TAP interface.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetConfig {
+    /// The interface's name in the API (`iface_id`), for snapshot
+    /// network overrides.
+    #[serde(default)]
+    pub id: Option<String>,
     /// The TAP interface: opened if it exists, created if Vessel may
     /// (CAP_NET_ADMIN). None: the kernel picks a name.
     pub tap: Option<String>,
@@ -114,6 +121,12 @@ pub struct Shared {
     /// Kicking and pausing the vCPUs, whatever the engine.
     pub(crate) control: Control,
     pub(crate) start: Instant,
+    /// The machine clock when `start` was taken: 0 at boot, the saved
+    /// clock after a restore (guest time goes on from there).
+    pub(crate) clock_base_ns: u64,
+    /// What the machine was built from (snapshots record it).
+    pub(crate) config: MachineConfig,
+    pub(crate) engine_kind: EngineKind,
     pub(crate) stop: AtomicU8,
     /// Why the guest stopped (triple fault or engine fault): the registers.
     pub(crate) triple_fault: Mutex<Option<String>>,
@@ -127,7 +140,8 @@ pub struct Shared {
 
 impl Shared {
     pub(crate) fn now_ns(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
+        self.clock_base_ns
+            .saturating_add(u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX))
     }
 
     fn platform(&self) -> MutexGuard<'_, Platform> {
@@ -466,12 +480,89 @@ impl Machine {
             kbd_line,
             control: Control::default(),
             start: Instant::now(),
+            clock_base_ns: 0,
+            config: cfg.clone(),
+            engine_kind: engine.kind(),
             stop: AtomicU8::new(RUNNING),
             triple_fault: Mutex::new(None),
             dead: std::sync::atomic::AtomicU32::new(0),
             virtio: devices.into_iter().map(Mutex::new).collect(),
             pausing: Mutex::new(()),
         });
+        Ok(Machine { shared, engine })
+    }
+
+    /// A machine in the state a snapshot saved, with its memory mapped
+    /// copy-on-write from `mem_file` and its devices opened from
+    /// `state.config` (the caller may change the config first, say a
+    /// network override). It starts paused: [`VmHandle::resume`] runs it.
+    /// Only the emu engine restores for now; a snapshot of either engine
+    /// restores under emu.
+    pub fn restore(
+        state: &crate::persist::MachineState,
+        mem_file: &std::path::Path,
+        console: Box<dyn Write + Send>,
+        engine: EngineKind,
+    ) -> Result<Self> {
+        state.validate().map_err(|e| Error::Config(e.to_string()))?;
+        if engine != EngineKind::Emu {
+            return Err(Error::Config(
+                "restoring under kvm is not supported yet (the in-kernel LAPIC, IOAPIC and PIT state are not \
+                 loaded); restore with accel emu"
+                    .into(),
+            ));
+        }
+        let cfg = &state.config;
+        let mem = memory::map_private(mem_file, cfg.mem_size)?;
+        let irqs = Arc::new(Interrupts::new(InterruptRouter::from_state(state.interrupts.clone())));
+        let code_map = Arc::new(CodeMap::new(mem.last_addr().0 + 1));
+        let lines = |pin: u32| -> Result<Arc<dyn InterruptLine>> {
+            Ok(Arc::new(EmuLine {
+                irqs: irqs.clone(),
+                pin,
+            }))
+        };
+        let dma: virtio::DmaObserver = {
+            let code_map = code_map.clone();
+            Arc::new(move |gpa, len| code_map.invalidate_range(gpa, len))
+        };
+        let mut devices = create_virtio_devices(cfg, &mem, &lines, &dma)?;
+        for (i, (dev, saved)) in devices.iter_mut().zip(&state.devices).enumerate() {
+            dev.restore_state(saved)
+                .map_err(|e| Error::Config(format!("snapshot: virtio device {i}: {e}")))?;
+        }
+        let serial = SerialPort::restore(&state.platform.serial, console)
+            .map_err(|e| Error::Config(format!("snapshot: {e}")))?;
+        let serial_line = lines(COM1_IRQ)?;
+        let kbd_line = lines(i8042::KBD_IRQ)?;
+        let engine: Box<dyn Engine> = Box::new(EmuEngine::from_states(code_map, &state.cpus));
+        let shared = Arc::new(Shared {
+            mem,
+            irqs,
+            platform: Mutex::new(Platform {
+                serial,
+                i8042: state.platform.i8042.clone(),
+                rtc: Rtc::from_state(state.platform.rtc.clone()),
+            }),
+            serial_line,
+            kbd_line,
+            control: Control::default(),
+            start: Instant::now(),
+            clock_base_ns: state.clock_ns,
+            config: cfg.clone(),
+            engine_kind: EngineKind::Emu,
+            stop: AtomicU8::new(RUNNING),
+            triple_fault: Mutex::new(None),
+            dead: std::sync::atomic::AtomicU32::new(0),
+            virtio: devices.into_iter().map(Mutex::new).collect(),
+            pausing: Mutex::new(()),
+        });
+        // Held until resume: the vCPUs park before running any guest code.
+        shared.control.pause(Duration::ZERO);
+        {
+            let mut p = shared.platform();
+            shared.serial_irq(&mut p);
+        }
         Ok(Machine { shared, engine })
     }
 
@@ -505,6 +596,17 @@ impl Machine {
         self.shared.stop_devices();
         outcome
     }
+}
+
+/// What a snapshot wrote.
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotInfo {
+    /// The state file's size.
+    pub state_bytes: u64,
+    /// Bytes of memory written (pages of zeroes are holes).
+    pub mem_bytes: u64,
+    /// The memory file's size (the guest's memory).
+    pub mem_size: u64,
 }
 
 /// Pauses and resumes a running VM.
@@ -546,6 +648,86 @@ impl VmHandle {
         let mut p = self.shared.platform();
         p.serial.refill();
         self.shared.serial_irq(&mut p);
+    }
+
+    /// While paused: the machine's whole state but its memory.
+    pub fn save_state(&self) -> std::result::Result<crate::persist::MachineState, crate::persist::PersistError> {
+        use crate::persist::{DiskRef, MachineState, PersistError, PlatformState};
+        if !self.is_paused() {
+            return Err(PersistError::Save("the VM is not paused".into()));
+        }
+        if self.shared.engine_kind != EngineKind::Emu {
+            return Err(PersistError::Save(
+                "snapshots under kvm are not supported yet (the in-kernel LAPIC, IOAPIC and PIT state are not \
+                 read out)"
+                    .into(),
+            ));
+        }
+        let cpus = self
+            .vcpu_states()
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| s.ok_or_else(|| PersistError::Save(format!("vcpu{i}'s state is unreadable"))))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        if cpus.len() != self.shared.config.cpus as usize {
+            return Err(PersistError::Save(format!(
+                "{} of {} vCPUs parked",
+                cpus.len(),
+                self.shared.config.cpus
+            )));
+        }
+        let platform = {
+            let p = self.shared.platform();
+            PlatformState {
+                serial: p.serial.save(),
+                i8042: p.i8042.clone(),
+                rtc: p.rtc.state(),
+            }
+        };
+        let cfg = &self.shared.config;
+        let state = MachineState {
+            vessel_version: env!("CARGO_PKG_VERSION").into(),
+            config: cfg.clone(),
+            engine: self.shared.engine_kind,
+            clock_ns: self.shared.now_ns(),
+            cpus,
+            platform,
+            interrupts: self.shared.irqs.state(),
+            devices: self.shared.virtio_devices().map(|d| d.state()).collect(),
+            disks: cfg
+                .disks
+                .iter()
+                .map(|d| DiskRef {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                    frozen: false,
+                })
+                .collect(),
+        };
+        state.validate()?;
+        Ok(state)
+    }
+
+    /// While paused: write the state to `state_file` and guest memory to
+    /// `mem_file`. Writable disks are flushed first.
+    pub fn snapshot(
+        &self,
+        state_file: &std::path::Path,
+        mem_file: &std::path::Path,
+    ) -> std::result::Result<SnapshotInfo, crate::persist::PersistError> {
+        use crate::persist::PersistError;
+        let state = self.save_state()?;
+        for (i, mut dev) in self.shared.virtio_devices().enumerate() {
+            dev.flush()
+                .map_err(|e| PersistError::Save(format!("flushing virtio device {i}: {e}")))?;
+        }
+        let mem_bytes = memory::save_to_file(&self.shared.mem, mem_file).map_err(|e| PersistError::Save(e.to_string()))?;
+        let state_bytes = state.write_file(state_file)?;
+        Ok(SnapshotInfo {
+            state_bytes,
+            mem_bytes,
+            mem_size: self.shared.config.mem_size,
+        })
     }
 
     /// While paused: each vCPU's state, as x86emu's `CpuState` under both

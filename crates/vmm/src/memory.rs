@@ -115,3 +115,74 @@ mod tests {
         assert_ne!(d0, digest(&mem));
     }
 }
+
+/// Write all guest RAM to `path`, the ranges one after another (the
+/// layout [`ram_ranges`] gives for the memory size). Pages of zeroes are
+/// left as holes, so the file takes only the space of the pages in use.
+/// Returns the bytes written.
+pub fn save_to_file(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<u64> {
+    use std::io::{Seek, SeekFrom, Write};
+    let err = |e: std::io::Error| Error::Memory(format!("{}: {e}", path.display()));
+    // A new file renamed over the old one: a VM restored from the old file
+    // maps it privately, and truncating it under that VM would fault it.
+    let tmp = path.with_extension("vessel-tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    let mut written = 0u64;
+    for region in mem.iter() {
+        let start = region.start_addr().0;
+        let len = region.len();
+        let mut off = 0u64;
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
+            mem.read_slice(&mut buf[..n], GuestAddress(start + off))
+                .map_err(|e| Error::Memory(format!("reading guest memory at {:#x}: {e}", start + off)))?;
+            for page in buf[..n].chunks(4096) {
+                if page.iter().any(|&b| b != 0) {
+                    f.seek(SeekFrom::Start(pos)).map_err(err)?;
+                    f.write_all(page).map_err(err)?;
+                    written += page.len() as u64;
+                }
+                pos += page.len() as u64;
+            }
+            off += n as u64;
+        }
+    }
+    f.set_len(pos).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    Ok(written)
+}
+
+/// Guest memory of `size` bytes mapped from a file written by
+/// [`save_to_file`], copy-on-write (`MAP_PRIVATE`): pages come in from the
+/// file on first touch, and the guest's writes never reach the file. The
+/// restore does not read the file, so it takes the same time at any size.
+pub fn map_private(path: &std::path::Path, size: u64) -> Result<GuestMemoryMmap> {
+    use vm_memory::mmap::MmapRegion;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    let err = |e: String| Error::Memory(format!("{}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
+    if len != size {
+        return Err(err(format!(
+            "the memory file has {len} bytes, the snapshot's machine {size}"
+        )));
+    }
+    let file = std::sync::Arc::new(file);
+    let mut regions = Vec::new();
+    let mut file_off = 0u64;
+    for (start, rlen) in ram_ranges(size) {
+        let region = MmapRegion::<()>::build(
+            Some(FileOffset::from_arc(file.clone(), file_off)),
+            rlen as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| err(format!("mapping {rlen} bytes: {e}")))?;
+        regions.push(GuestRegionMmap::new(region, GuestAddress(start)).ok_or_else(|| err("bad region".into()))?);
+        file_off += rlen;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))
+}

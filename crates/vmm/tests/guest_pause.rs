@@ -95,6 +95,7 @@ fn pause_is_quiescent_under_disk_and_network_load() {
         allow_absolute_backing: false,
     });
     cfg.nets.push(NetConfig {
+        id: None,
         tap: Some("vtap0".into()),
         mac: Some([0x52, 0x54, 0x00, 0x12, 0x34, 0x57]),
     });

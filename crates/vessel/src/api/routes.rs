@@ -85,6 +85,8 @@ pub fn parse(method: &str, path: &str, body_bytes: &[u8]) -> Result<VmmAction, R
                 }
             }
         }
+        ("PUT", ["snapshot", "create"]) => VmmAction::CreateSnapshot(body(b)?),
+        ("PUT", ["snapshot", "load"]) => VmmAction::LoadSnapshot(body(b)?),
         ("PATCH", ["vm"]) => {
             let s: fc::VmStateRequest = body(b)?;
             match s.state.as_str() {
@@ -156,6 +158,8 @@ mod tests {
             ("PATCH", "/vm", br#"{"state": "Running"}"#),
             ("PUT", "/machine-config", br#"{"vcpu_count": "two", "mem_size_mib": 1}"#),
             ("GET", "/drives/a/b", b""),
+            ("PUT", "/snapshot/create", b"{}"),
+            ("PUT", "/snapshot/load", br#"{"snapshot_path": "/s", "bogus": 1}"#),
         ] {
             assert!(parse(m, p, b).is_err(), "{m} {p} accepted");
         }

@@ -117,7 +117,7 @@ impl Controller {
             .iter()
             .enumerate()
             .map(|(i, n)| fc::NetworkInterface {
-                iface_id: format!("net{i}"),
+                iface_id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
                 host_dev_name: n.tap.clone().unwrap_or_default(),
                 guest_mac: n
                     .mac
@@ -345,6 +345,61 @@ impl Controller {
                 self.state = next;
                 empty
             }
+            VmmAction::CreateSnapshot(c) => {
+                let vm = self.running()?;
+                if self.state != VmState::Paused {
+                    return Err(ActionError::Runtime("pause the microVM before taking a snapshot".into()));
+                }
+                if c.snapshot_type != "Full" {
+                    return Err(ActionError::Unsupported(format!(
+                        "snapshot_type {:?} is not supported (only \"Full\")",
+                        c.snapshot_type
+                    )));
+                }
+                if c.snapshot_path.as_os_str().is_empty() || c.mem_file_path.as_os_str().is_empty() {
+                    return Err(ActionError::InvalidConfig("snapshot_path and mem_file_path must not be empty".into()));
+                }
+                if c.snapshot_path == c.mem_file_path {
+                    return Err(ActionError::InvalidConfig(
+                        "snapshot_path and mem_file_path must be different files".into(),
+                    ));
+                }
+                if let Some(v) = &c.version {
+                    return Err(ActionError::Unsupported(format!(
+                        "version {v:?}: Vessel writes only its own snapshot format (version {})",
+                        vmm::persist::FORMAT_VERSION
+                    )));
+                }
+                let started = Instant::now();
+                let info = vm
+                    .handle
+                    .snapshot(&c.snapshot_path, &c.mem_file_path)
+                    .map_err(|e| ActionError::Runtime(e.to_string()))?;
+                tracing::info!(
+                    "snapshot: {} bytes of state, {} of {} bytes of memory written, in {} ms",
+                    info.state_bytes,
+                    info.mem_bytes,
+                    info.mem_size,
+                    started.elapsed().as_millis()
+                );
+                empty
+            }
+            VmmAction::LoadSnapshot(l) => {
+                if self.state != VmState::NotStarted {
+                    return Err(ActionError::NotAllowedAfterStart);
+                }
+                if self.boot_source.is_some() || !self.drives.is_empty() || !self.nets.is_empty() || self.direct.is_some()
+                {
+                    return Err(ActionError::InvalidConfig(
+                        "loading a snapshot is only allowed before the microVM is configured".into(),
+                    ));
+                }
+                if l.enable_diff_snapshots || l.track_dirty_pages {
+                    return Err(ActionError::Unsupported("diff snapshots are not supported".into()));
+                }
+                self.load_snapshot(l)?;
+                empty
+            }
             VmmAction::Stop => {
                 match &self.vm {
                     // The run thread reports the end through `exits`.
@@ -502,6 +557,7 @@ impl Controller {
             .iter()
             .map(|n| {
                 Ok(vmm::machine::NetConfig {
+                    id: Some(n.iface_id.clone()),
                     tap: Some(n.host_dev_name.clone()),
                     mac: n
                         .guest_mac
@@ -546,6 +602,57 @@ impl Controller {
         let machine =
             vmm::Machine::with_engine(&cfg, output, engine).map_err(|e| ActionError::StartMicrovm(e.to_string()))?;
         eprintln!("{why}");
+        self.launch(machine, engine)?;
+        self.state.transition(VmState::Running)?;
+        Ok(())
+    }
+
+    /// Restore the VM a snapshot describes; it stays paused unless
+    /// `resume_vm`.
+    pub fn load_snapshot(&mut self, l: fc::SnapshotLoad) -> Result<(), ActionError> {
+        let mem_file = l.mem_file().map_err(ActionError::InvalidConfig)?;
+        let mut state = vmm::persist::MachineState::read_file(&l.snapshot_path)
+            .map_err(|e| ActionError::InvalidConfig(format!("{}: {e}", l.snapshot_path.display())))?;
+        for o in &l.network_overrides {
+            fc::check_id("iface_id", &o.iface_id).map_err(ActionError::InvalidConfig)?;
+            let by_id = state
+                .config
+                .nets
+                .iter()
+                .position(|n| n.id.as_deref() == Some(o.iface_id.as_str()));
+            let by_position = o
+                .iface_id
+                .strip_prefix("net")
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|&i| i < state.config.nets.len());
+            let i = by_id.or(by_position).ok_or_else(|| {
+                ActionError::InvalidConfig(format!("no network interface {:?} in the snapshot", o.iface_id))
+            })?;
+            state.config.nets[i].tap = Some(o.host_dev_name.clone());
+        }
+        let accel = l.accel.clone().unwrap_or_else(|| state.engine.to_string());
+        let accel_kind: vmm::Accel = accel
+            .parse()
+            .map_err(|e: vmm::Error| ActionError::InvalidConfig(e.to_string()))?;
+        let (engine, why) =
+            vmm::engine::choose(accel_kind).map_err(|e| ActionError::StartMicrovm(e.to_string()))?;
+        let output = self.serial_output()?;
+        let started = Instant::now();
+        let machine = vmm::Machine::restore(&state, &mem_file, output, engine)
+            .map_err(|e| ActionError::StartMicrovm(e.to_string()))?;
+        eprintln!("{why}");
+        self.configure_direct(state.config.clone(), accel);
+        self.launch(machine, engine)?;
+        self.state = VmState::Paused;
+        tracing::info!("snapshot restored in {} us", started.elapsed().as_micros());
+        if l.resume_vm {
+            self.handle(VmmAction::Resume)?;
+        }
+        Ok(())
+    }
+
+    /// Run a built machine on its own thread.
+    fn launch(&mut self, machine: vmm::Machine, engine: vmm::EngineKind) -> Result<(), ActionError> {
         let handle = machine.vm_handle();
         (self.console.on_start)(machine.input_handle());
         let exits = self.exits.clone();
@@ -561,7 +668,6 @@ impl Controller {
             engine,
             started: Instant::now(),
         });
-        self.state.transition(VmState::Running)?;
         Ok(())
     }
 }

@@ -51,6 +51,8 @@ pub enum VmmAction {
     FlushMetrics,
     Pause,
     Resume,
+    CreateSnapshot(fc::SnapshotCreate),
+    LoadSnapshot(fc::SnapshotLoad),
     /// Stop the VM cleanly (SIGTERM, SIGINT, `vessel stop`): vCPUs out,
     /// devices stopped, disks flushed, then the process exits 0.
     Stop,
@@ -95,6 +97,8 @@ impl VmmAction {
                 ("put_api_requests", "actions")
             }
             VmmAction::Pause | VmmAction::Resume => ("patch_api_requests", "vmm"),
+            VmmAction::CreateSnapshot(_) => ("put_api_requests", "snapshot_create"),
+            VmmAction::LoadSnapshot(_) => ("put_api_requests", "snapshot_load"),
             VmmAction::Stop => ("signals", "stop"),
         }
     }

@@ -43,6 +43,23 @@ impl Trigger for IrqLine {
     }
 }
 
+/// The UART's registers and receive FIFO: vm-superio's `SerialState` as a
+/// serde value. Host input not yet in the FIFO is not part of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialData {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 pub struct SerialPort<W: Write> {
     pub uart: Serial<IrqLine, vm_superio::serial::NoEvents, W>,
     pub irq: IrqLine,
@@ -113,6 +130,48 @@ impl<W: Write> SerialPort<W> {
         }
     }
 
+    /// The UART's state.
+    pub fn save(&self) -> SerialData {
+        let s = self.uart.state();
+        SerialData {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in state `d` writing to `out`; a FIFO longer than the
+    /// UART's is refused.
+    pub fn restore(d: &SerialData, out: W) -> Result<Self, String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: d.baud_divisor_low,
+            baud_divisor_high: d.baud_divisor_high,
+            interrupt_enable: d.interrupt_enable,
+            interrupt_identification: d.interrupt_identification,
+            line_control: d.line_control,
+            line_status: d.line_status,
+            modem_control: d.modem_control,
+            modem_status: d.modem_status,
+            scratch: d.scratch,
+            in_buffer: d.in_buffer.clone(),
+        };
+        let irq = IrqLine::default();
+        let uart = Serial::from_state(&state, irq.clone(), vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("serial port: {e:?}"))?;
+        Ok(SerialPort {
+            uart,
+            irq,
+            pending: VecDeque::new(),
+        })
+    }
+
     /// Host input still waiting for room in the FIFO.
     pub fn pending_input(&self) -> usize {
         self.pending.len()
@@ -122,6 +181,24 @@ impl<W: Write> SerialPort<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_round_trip() {
+        let mut s = SerialPort::new(Vec::new());
+        s.write(COM1_BASE + 3, 0x83); // DLAB, 8 bits
+        s.write(COM1_BASE, 0x01);
+        s.write(COM1_BASE + 3, 0x03);
+        s.write(COM1_BASE + 1, 0x01); // receive interrupt on
+        s.queue_input(b"abc");
+        s.refill();
+        let d = s.save();
+        assert_eq!(d.in_buffer, b"abc");
+        let r = SerialPort::restore(&d, Vec::new()).unwrap();
+        assert_eq!(r.save(), d);
+        let mut long = d.clone();
+        long.in_buffer = vec![0; 65];
+        assert!(SerialPort::restore(&long, Vec::new()).is_err());
+    }
 
     #[test]
     fn transmits_to_writer() {

@@ -455,6 +455,60 @@ impl MmioTransport {
         }
     }
 
+    /// Put a transport fresh from [`MmioTransport::new`] (same device, same
+    /// queues) into a saved state, paused: the worker starts when the
+    /// machine resumes. A state that does not fit the device (queue count
+    /// or sizes, features it never offered, rings outside memory) is
+    /// refused and leaves the transport as it was.
+    pub fn restore_state(&mut self, s: &MmioState) -> Result<(), String> {
+        if s.queues.len() != self.regs.len() {
+            return Err(format!("{} queues saved, the device has {}", s.queues.len(), self.regs.len()));
+        }
+        if s.driver_features & !self.device.features() != 0 {
+            return Err(format!(
+                "driver features {:#x} include some the device does not offer ({:#x})",
+                s.driver_features,
+                self.device.features()
+            ));
+        }
+        let active = s.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && s.status & VIRTIO_CONFIG_S_FAILED == 0;
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, (r, cur)) in s.queues.iter().zip(&self.regs).enumerate() {
+            if r.max_size != cur.max_size {
+                return Err(format!("queue {i}: saved maximum size {}, the device's is {}", r.max_size, cur.max_size));
+            }
+            let q = Queue::try_from(QueueState {
+                max_size: r.max_size,
+                next_avail: r.next_avail,
+                next_used: r.next_used,
+                event_idx_enabled: r.event_idx,
+                size: r.size,
+                ready: r.ready,
+                desc_table: r.desc_table,
+                avail_ring: r.avail_ring,
+                used_ring: r.used_ring,
+            })
+            .map_err(|e| format!("queue {i}: {e:?}"))?;
+            if active && q.ready() && !q.is_valid(&self.mem) {
+                return Err(format!("queue {i}: rings outside guest memory"));
+            }
+            queues.push(q);
+        }
+        self.regs = queues.iter().map(|q| QueueRegs::from(q.state())).collect();
+        self.queues = queues;
+        self.status = s.status & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.config_generation = s.config_generation;
+        self.interrupt.set_status(s.interrupt_status & (super::INT_VRING | super::INT_CONFIG));
+        self.broken.store(s.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0, Ordering::Release);
+        self.paused = true;
+        self.active = active;
+        Ok(())
+    }
+
     /// Whether [`MmioTransport::pause`] holds the device.
     pub fn is_paused(&self) -> bool {
         self.paused
@@ -469,6 +523,12 @@ impl MmioTransport {
     /// drop.
     pub fn take_retiring(&mut self) -> Option<Retiring> {
         self.retiring.take()
+    }
+
+    /// Make what the device wrote to the host durable (while paused, for a
+    /// snapshot).
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.device.flush()
     }
 
     /// Stop the device for good (the machine stopped): the worker ends

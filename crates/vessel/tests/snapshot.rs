@@ -1,0 +1,291 @@
+//! Whole-VM snapshots end to end, under emu: a guest snapshotted in the
+//! middle of CPU, memory and disk work is cloned twice, and each clone
+//! finishes the work with the right results; the clock goes on; hostile
+//! snapshot files are refused over the API while Vessel keeps serving.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn runtime_cmd(run_dir: &Path) -> std::process::Command {
+    let mut c = vessel();
+    c.env("VESSEL_RUNTIME_DIR", run_dir);
+    c
+}
+
+fn cli(run_dir: &Path, args: &[&str]) -> std::process::Output {
+    let o = runtime_cmd(run_dir).args(args).stdin(Stdio::null()).timed_output().unwrap();
+    assert!(
+        o.status.success(),
+        "vessel {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn log(run_dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(run_dir.join(name).join("console.log")).unwrap_or_default()
+}
+
+fn wait_log(run_dir: &Path, name: &str, what: &str, timeout: Duration) -> (String, Instant) {
+    let start = Instant::now();
+    loop {
+        let l = log(run_dir, name);
+        if l.contains(what) {
+            return (l, Instant::now());
+        }
+        assert!(start.elapsed() < timeout, "{name}: no {what:?} within {timeout:?}:\n{l}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The shell arithmetic the guest does, done here.
+fn cpu_sum(seed: u64, n: u64) -> u64 {
+    let mut s = seed;
+    for i in 0..n {
+        s = (s * 31 + i) % 1_000_003;
+    }
+    s
+}
+
+fn md5_of(data: &[u8]) -> String {
+    let mut c = std::process::Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(c.stdin.as_mut().unwrap(), data).unwrap();
+    drop(c.stdin.take());
+    String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout)[..32].to_string()
+}
+
+fn field<'a>(log: &'a str, key: &str) -> Option<&'a str> {
+    log.lines()
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix(key)))
+        .next_back()
+}
+
+#[test]
+fn clones_finish_the_work_the_original_started() {
+    let s = Scratch::new("snap-clones");
+    let run_dir = s.0.join("run");
+    let snap = s.0.join("snap");
+    let disk = s.0.join("ro.ext4");
+    std::fs::copy(artifact("disk.ext4"), &disk).unwrap();
+    const N: u64 = 20_000;
+    let loop_of = |seed: u64| {
+        format!("s={seed}; i=0; while [ $i -lt {N} ]; do s=$(( (s*31 + i) % 1000003 )); i=$((i+1)); done; echo SUM{seed}=$s")
+    };
+    let work = format!(
+        "seq 1 200000 > /tmp/pat; echo PAT-READY; \
+         (while true; do dd if=/dev/vda of=/dev/null bs=64k count=32 2>/dev/null; sleep 0.05; done) & \
+         ({}) & p1=$!; ({}) & p2=$!; wait $p1 $p2; \
+         echo PAT-SUM=$(md5sum < /tmp/pat | cut -c1-32); \
+         echo SLEEP-START; sleep 1; echo SLEEP-END; echo WORK-DONE; sleep 100000",
+        loop_of(1),
+        loop_of(2)
+    );
+    let o = runtime_cmd(&run_dir)
+        .args(["run", "--detach", "--name", "orig", "--accel", "emu", "--cpus", "2", "--mem", "256M"])
+        .arg("--kernel")
+        .arg(artifact("kernel/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"))
+        .arg("--disk")
+        .arg(disk_arg(&disk, "readonly=on"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=-1 no_timer_check vessel.cmd={}",
+            b64(&work)
+        ))
+        .stdin(Stdio::null())
+        .timed_output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_log(&run_dir, "orig", "PAT-READY", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(700));
+    cli(&run_dir, &["snapshot", "orig", snap.to_str().unwrap()]);
+    let before = log(&run_dir, "orig");
+    assert!(!before.contains("SUM1="), "the work ended before the snapshot; make it longer");
+    let inspect = String::from_utf8_lossy(&cli(&run_dir, &["snapshot", "inspect", snap.to_str().unwrap()]).stdout)
+        .into_owned();
+    assert!(inspect.contains("vcpus:      2") && inspect.contains("block"), "{inspect}");
+
+    let names = String::from_utf8_lossy(&cli(&run_dir, &["restore", snap.to_str().unwrap(), "--count", "2"]).stdout)
+        .into_owned();
+    let clones: Vec<&str> = names.lines().collect();
+    assert_eq!(clones, ["snap-1", "snap-2"]);
+
+    let pattern: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
+    let want_pat = md5_of(pattern.as_bytes());
+    for vm in ["orig", "snap-1", "snap-2"] {
+        let (_, start) = wait_log(&run_dir, vm, "SLEEP-START", Duration::from_secs(240));
+        let (l, end) = wait_log(&run_dir, vm, "SLEEP-END", Duration::from_secs(30));
+        let slept = end - start;
+        assert!(
+            slept > Duration::from_millis(500) && slept < Duration::from_secs(4),
+            "{vm}: sleep 1 took {slept:?}"
+        );
+        assert_eq!(field(&l, "SUM1="), Some(cpu_sum(1, N).to_string().as_str()), "{vm}:\n{l}");
+        assert_eq!(field(&l, "SUM2="), Some(cpu_sum(2, N).to_string().as_str()), "{vm}:\n{l}");
+        assert_eq!(field(&l, "PAT-SUM="), Some(want_pat.as_str()), "{vm}: memory pattern damaged");
+        assert!(!l.contains("soft lockup") && !l.contains("Oops"), "{vm}:\n{l}");
+    }
+    for vm in ["orig", "snap-1", "snap-2"] {
+        cli(&run_dir, &["stop", vm]);
+    }
+}
+
+fn curl(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let o = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "30", "--unix-socket"])
+        .arg(sock)
+        .args(["-X", method, &format!("http://localhost{path}"), "-w", "\n%{http_code}"])
+        .args(["-H", "Content-Type: application/json", "-d", body])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// Truncated, bit-flipped, version-bumped and out-of-range snapshot files
+/// each get a 400 with a clear message, and Vessel keeps serving; the
+/// untouched snapshot then loads and runs.
+#[test]
+fn hostile_snapshot_files_are_refused() {
+    let s = Scratch::new("snap-hostile");
+    let run_dir = s.0.join("run");
+    let snap = s.0.join("snap");
+    let ticker = "i=0; while true; do echo tick$i; i=$((i+1)); sleep 0.2; done";
+    let o = runtime_cmd(&run_dir)
+        .args(["run", "--detach", "--name", "src", "--accel", "emu", "--mem", "128M"])
+        .arg("--kernel")
+        .arg(artifact("kernel/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!("console=ttyS0 reboot=k panic=-1 vessel.cmd={}", b64(ticker)))
+        .stdin(Stdio::null())
+        .timed_output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_log(&run_dir, "src", "tick2", Duration::from_secs(120));
+    cli(&run_dir, &["snapshot", "src", snap.to_str().unwrap(), "--leave-paused"]);
+    cli(&run_dir, &["stop", "src"]);
+    let good = std::fs::read(snap.join("state")).unwrap();
+    let mem = snap.join("memory");
+
+    let mut bad: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated", good[..good.len() / 2].to_vec(), "truncated"),
+        ("empty", Vec::new(), "truncated"),
+        ("not a snapshot", b"hello world, not a snapshot at all".to_vec(), "not a Vessel snapshot"),
+    ];
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 0x10;
+    bad.push(("bit-flipped", flipped, "checksum"));
+    let mut version = good.clone();
+    version[8] = 99;
+    bad.push(("version-bumped", version, "version 99"));
+    let mut huge = good.clone();
+    huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+    bad.push(("length out of range", huge, "limit"));
+    // Counts out of range, with a valid checksum: 9 vCPUs declared, 1 saved.
+    let json_start = 24;
+    let payload = &good[json_start..good.len() - 8];
+    // (Edited as text: the state holds 128-bit numbers that a JSON value
+    // type would round.)
+    let text = String::from_utf8(payload.to_vec()).unwrap();
+    assert!(text.contains("\"cpus\":1,") && text.contains("\"mem_size\":134217728,"));
+    let forged = reencode(&good, text.replacen("\"cpus\":1,", "\"cpus\":9,", 1).as_bytes());
+    bad.push(("vCPU count out of range", forged, "vCPU states"));
+    let forged = reencode(
+        &good,
+        text.replacen("\"mem_size\":134217728,", "\"mem_size\":1099511627776,", 1).as_bytes(),
+    );
+    bad.push(("memory size not the memory file's", forged, "memory"));
+
+    let sock = s.0.join("api.sock");
+    let mut vmm = vessel()
+        .arg("run")
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _dog = Watchdog::new(&vmm);
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (what, bytes, expect) in &bad {
+        let f = s.0.join("bad-state");
+        std::fs::write(&f, bytes).unwrap();
+        let body = serde_json::json!({
+            "snapshot_path": f,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+        })
+        .to_string();
+        let (code, text) = curl(&sock, "PUT", "/snapshot/load", &body);
+        assert_eq!(code, 400, "{what}: {text}");
+        assert!(text.contains(expect), "{what}: {text}");
+        let (code, text) = curl(&sock, "GET", "/", "");
+        assert!(code == 200 && text.contains("Not started"), "{what}: {text}");
+    }
+    // A memory file of the wrong size.
+    let short = s.0.join("short-mem");
+    std::fs::write(&short, [0u8; 4096]).unwrap();
+    let body = serde_json::json!({
+        "snapshot_path": snap.join("state"),
+        "mem_backend": {"backend_type": "File", "backend_path": short},
+    })
+    .to_string();
+    let (code, text) = curl(&sock, "PUT", "/snapshot/load", &body);
+    assert_eq!(code, 400, "{text}");
+    // The real one loads and runs.
+    let body = serde_json::json!({
+        "snapshot_path": snap.join("state"),
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+    })
+    .to_string();
+    let (code, text) = curl(&sock, "PUT", "/snapshot/load", &body);
+    assert_eq!(code, 204, "{text}");
+    let (_, info) = curl(&sock, "GET", "/", "");
+    assert!(info.contains("Running"), "{info}");
+    let _ = vmm.kill();
+    let out = vmm.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("tick"), "the restored guest printed nothing:\n{text}");
+}
+
+/// A snapshot file with `payload` in place of the original's, with a
+/// correct length and checksum.
+fn reencode(original: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut out = original[..16].to_vec();
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(payload);
+    let crc = crc64(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// CRC-64/ECMA-182 (the snapshot file's checksum), bit by bit.
+fn crc64(data: &[u8]) -> u64 {
+    const POLY: u64 = 0x42F0_E1EB_A9EA_3693;
+    let mut crc = 0u64;
+    for &b in data {
+        crc ^= (b as u64) << 56;
+        for _ in 0..8 {
+            crc = if crc & (1 << 63) != 0 { (crc << 1) ^ POLY } else { crc << 1 };
+        }
+    }
+    crc
+}
