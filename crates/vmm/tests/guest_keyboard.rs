@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{guest_config, tail, Guest};
+use vmm::devices::i8042::KeyError;
 use vmm::machine::RunOutcome;
 
 #[test]
@@ -25,6 +26,10 @@ fn ctrl_alt_del_resets_the_guest() {
         tail(&boot_log)
     );
     assert!(!boot_log.contains("i8042: Can't"), "{}", tail(&boot_log));
+    // Not while paused: the devices must not change then.
+    assert!(guest.vm.pause(Duration::from_secs(10)));
+    assert_eq!(guest.vm.send_ctrl_alt_del(), Err(KeyError::Paused));
+    guest.vm.resume();
     let t0 = Instant::now();
     guest.vm.send_ctrl_alt_del().expect("the keyboard takes the keys");
     let outcome = guest.finish(Duration::from_secs(30));
