@@ -755,8 +755,13 @@ impl VmHandle {
     /// `SendCtrlAltDel`): the scan codes go out with IRQ 1. A Linux guest
     /// restarts, which with `reboot=k` ends the run with
     /// [`RunOutcome::Reset`]. Fails when the guest does not read its
-    /// keyboard (no i8042 driver: the buffer fills) or disabled it.
+    /// keyboard (no i8042 driver: the buffer fills) or disabled it, and
+    /// while the VM is paused (its devices must not change then).
     pub fn send_ctrl_alt_del(&self) -> std::result::Result<(), KeyError> {
+        let _serial = self.shared.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        if self.shared.control.pause_requested() {
+            return Err(KeyError::Paused);
+        }
         let mut p = self.shared.platform();
         p.i8042.trigger_ctrl_alt_del()?;
         self.shared.kbd_irq(&mut p);

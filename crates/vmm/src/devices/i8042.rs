@@ -90,6 +90,8 @@ pub enum KeyError {
     BufferFull,
     #[error("the guest has disabled its keyboard")]
     KeyboardDisabled,
+    #[error("the VM is paused (resume it first)")]
+    Paused,
 }
 
 /// The controller and its keyboard; serde state for snapshots.

@@ -136,13 +136,19 @@ impl Guest {
     /// Wait until the console shows `needle`; fail the test (with the
     /// console) if the guest ends or time runs out first.
     pub fn wait_for(&self, needle: &str) {
+        self.wait_for_within(needle, RUN_TIMEOUT)
+    }
+
+    /// [`Guest::wait_for`] with a shorter limit, from now.
+    pub fn wait_for_within(&self, needle: &str, limit: Duration) {
+        let t0 = Instant::now();
         loop {
             let text = self.console.text();
             if text.contains(needle) {
                 return;
             }
             let ended = self.run.as_ref().is_some_and(|h| h.is_finished());
-            if ended || self.started.elapsed() > RUN_TIMEOUT {
+            if ended || self.started.elapsed() > RUN_TIMEOUT || t0.elapsed() > limit {
                 self.vm.quit();
                 panic!(
                     "{} before the guest printed {needle:?}; console:\n{}",
