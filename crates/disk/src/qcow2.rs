@@ -14,7 +14,7 @@ use imago::qcow2::Qcow2;
 use imago::raw::Raw;
 use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, Storage, StorageOpenOptions};
 
-use crate::chain::{self, Format, Layer};
+use crate::chain::{self, ImageFormat, Layer};
 use crate::{check_range, check_write, BackingRules, BlockBackend, Error, OpenOptions, Result};
 
 pub(crate) type Image = FormatAccess<ImagoFile>;
@@ -37,13 +37,13 @@ pub(crate) fn open_layer(layer: &Layer, writable: bool, backing: Option<Arc<Imag
     let err = imago_err(&layer.path);
     let storage = ImagoFile::open(StorageOpenOptions::new().filename(&layer.path).write(writable)).map_err(&err)?;
     Ok(match layer.format {
-        Format::Raw => FormatAccess::new(
+        ImageFormat::Raw => FormatAccess::new(
             Raw::builder(storage)
                 .write(writable)
                 .open(DenyImplicitOpenGate::default())
                 .map_err(&err)?,
         ),
-        Format::Qcow2 => FormatAccess::new(
+        ImageFormat::Qcow2 => FormatAccess::new(
             Qcow2::<ImagoFile, Arc<Image>>::builder(storage)
                 .write(writable)
                 .backing(backing)
@@ -74,7 +74,7 @@ fn refuse_corrupt(path: &Path) -> Result<()> {
 /// Open a chain (top first, as [`chain::walk`] returns it); only the top may be writable.
 pub(crate) fn open_chain(layers: &[Layer], writable: bool) -> Result<Image> {
     if let (true, Some(top)) = (writable, layers.first()) {
-        if top.format == Format::Qcow2 {
+        if top.format == ImageFormat::Qcow2 {
             refuse_corrupt(&top.path)?;
             crate::prealloc::preallocate_l2(&top.path)?;
         }
@@ -102,7 +102,7 @@ pub struct Qcow2Disk {
 
 impl Qcow2Disk {
     pub fn open(path: &Path, opts: &OpenOptions, rules: &BackingRules) -> Result<Self> {
-        let layers = chain::walk(path, rules)?;
+        let layers = chain::walk_as(path, Some(ImageFormat::Qcow2), rules)?;
         let image = open_chain(&layers, !opts.read_only)?;
         let meta = std::fs::metadata(path).map_err(|source| Error::Open {
             path: path.display().to_string(),

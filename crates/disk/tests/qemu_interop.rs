@@ -108,7 +108,14 @@ fn reads_a_qemu_backing_chain_over_raw() {
     data[100000..105000].fill(0x22);
     data[4190000..4194000].fill(0x33);
 
-    let disk = disk::open(&top, &OpenOptions { read_only: true }).unwrap();
+    let disk = disk::open(
+        &top,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(disk.size(), 4 << 20);
     assert!(read_all(&*disk) == data, "chain contents differ");
 }

@@ -99,6 +99,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings, String> {
             path: d.path.clone(),
             read_only: d.readonly,
             allow_absolute_backing: d.allow_absolute_backing,
+            format: d.format,
         })
         .collect();
     disks.extend(args.disks);

@@ -59,6 +59,10 @@ pub struct DiskConfig {
     /// Follow qcow2 backing-file names that are absolute or contain `..`
     /// (by default only names relative to the image, inside its folder).
     pub allow_absolute_backing: bool,
+    /// The image's format. `None`: from the file name (`.qcow2` is qcow2,
+    /// anything else raw, and then guest writes may not make its first
+    /// sector look like an image format); never from the file's contents.
+    pub format: Option<disk::ImageFormat>,
 }
 
 /// A virtio-net device on a TAP interface.
@@ -503,7 +507,10 @@ fn create_virtio_devices(
     for d in &cfg.disks {
         let backend = disk::open_with(
             &d.path,
-            &disk::OpenOptions { read_only: d.read_only },
+            &disk::OpenOptions {
+                read_only: d.read_only,
+                format: d.format,
+            },
             &disk::BackingRules {
                 allow_absolute_backing: d.allow_absolute_backing,
             },

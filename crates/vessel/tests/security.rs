@@ -1,0 +1,128 @@
+//! Regression tests for the holes of issue 14, run end to end: the real
+//! `vessel` binary, the real guest kernel, a guest that acts hostile.
+
+mod common;
+
+use common::{assert_clean_run, disk_arg, guest, stdout, Scratch, TimedOutput};
+
+const SECRET: &str = "HOST-SECRET-0123456789";
+
+/// The first sector of a qcow2 v2 image (64 KiB clusters) whose backing
+/// file is `backing`, with no backing format: what a hostile guest writes
+/// into sector 0 of its raw disk (crates/disk/tests/format_rule.rs checks
+/// that QEMU follows such a header).
+fn planted_sector(backing: &str) -> Vec<u8> {
+    let mut s = vec![0u8; 512];
+    let mut put = |at: usize, b: &[u8]| s[at..at + b.len()].copy_from_slice(b);
+    put(0, b"QFI\xfb");
+    put(4, &2u32.to_be_bytes());
+    put(8, &72u64.to_be_bytes());
+    put(16, &(backing.len() as u32).to_be_bytes());
+    put(20, &16u32.to_be_bytes());
+    put(24, &(1u64 << 20).to_be_bytes());
+    put(36, &1u32.to_be_bytes());
+    put(40, &0x10000u64.to_be_bytes());
+    put(48, &0x20000u64.to_be_bytes());
+    put(56, &1u32.to_be_bytes());
+    put(72, backing.as_bytes());
+    s
+}
+
+fn base64_bytes(b: &[u8]) -> String {
+    // common::b64 encodes a &str; the sector is not UTF-8, so encode here.
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            out.push(if i <= c.len() {
+                T[(n >> (18 - 6 * i)) as usize & 63] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+/// The guest writes the planted sector to sector 0 of /dev/vda and says
+/// whether the write went through.
+fn plant_cmd() -> String {
+    // Only the header's first 80 bytes travel on the command line (it has
+    // a length limit); `conv=sync` pads the sector with zeroes.
+    format!(
+        "echo {} | base64 -d > /tmp/h && \
+         if dd if=/tmp/h of=/dev/vda bs=512 count=1 conv=sync,notrunc,fsync 2>/dev/null; \
+         then echo PLANT-WRITTEN; else echo PLANT-REFUSED; fi; true",
+        base64_bytes(&planted_sector("secret")[..80])
+    )
+}
+
+/// The guest reads the start of its disk and says whether the host's
+/// secret is in it.
+const LOOK_CMD: &str = "head -c 65536 /dev/vda > /tmp/d; \
+     if grep -q HOST-SECRET /tmp/d; then echo SECRET-SEEN; else echo SECRET-NOT-SEEN; fi; \
+     head -c 4 /tmp/d | od -An -tx1";
+
+/// Hole 1 (CVE-2008-2004 class): a guest writes a qcow2 header naming a
+/// host file as its backing into sector 0 of its raw disk; after a reboot
+/// it must not see the host file.
+#[test]
+fn guest_planted_qcow2_header_never_reaches_a_host_file() {
+    let dir = Scratch::new("plant");
+    std::fs::write(dir.0.join("secret"), SECRET).unwrap();
+    let image = dir.blank("disk.img", 4 << 20);
+
+    // 1. Format from the file name (raw): the write to sector 0 is refused.
+    let o = guest(&plant_cmd(), "reboot")
+        .arg("--disk")
+        .arg(disk_arg(&image, ""))
+        .timed_output()
+        .unwrap();
+    assert_clean_run(&o);
+    let out = stdout(&o);
+    assert!(out.contains("PLANT-REFUSED"), "the guest wrote an image header:\n{out}");
+    let bytes = std::fs::read(&image).unwrap();
+    assert_eq!(&bytes[..4], &[0, 0, 0, 0], "sector 0 changed on the host");
+    // Reboot: the guest sees its own (zero) disk.
+    let o = guest(LOOK_CMD, "reboot")
+        .arg("--disk")
+        .arg(disk_arg(&image, ""))
+        .timed_output()
+        .unwrap();
+    assert_clean_run(&o);
+    assert!(stdout(&o).contains("SECRET-NOT-SEEN"), "{}", stdout(&o));
+
+    // 2. format=raw: the guest owns every byte and the header lands...
+    let o = guest(&plant_cmd(), "reboot")
+        .arg("--disk")
+        .arg(disk_arg(&image, "format=raw"))
+        .timed_output()
+        .unwrap();
+    assert_clean_run(&o);
+    assert!(stdout(&o).contains("PLANT-WRITTEN"), "{}", stdout(&o));
+    assert_eq!(&std::fs::read(&image).unwrap()[..4], b"QFI\xfb");
+    // ...but a reboot with format=raw shows the guest its own bytes,
+    let o = guest(LOOK_CMD, "reboot")
+        .arg("--disk")
+        .arg(disk_arg(&image, "format=raw"))
+        .timed_output()
+        .unwrap();
+    assert_clean_run(&o);
+    let out = stdout(&o);
+    assert!(out.contains("SECRET-NOT-SEEN"), "{out}");
+    assert!(
+        out.contains("51 46 49 fb"),
+        "the guest does not see its own header:\n{out}"
+    );
+    // ...and one without a format refuses to start, naming the image.
+    let o = guest(LOOK_CMD, "reboot")
+        .arg("--disk")
+        .arg(disk_arg(&image, ""))
+        .timed_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "vessel started:\n{}", stdout(&o));
+    assert!(!stdout(&o).contains("SECRET-SEEN"), "{}", stdout(&o));
+    assert!(err.contains("disk.img") && err.contains("format="), "{err}");
+}
