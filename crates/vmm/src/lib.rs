@@ -11,6 +11,9 @@ pub mod machine;
 pub mod memory;
 pub mod virtio;
 
+#[cfg(test)]
+mod long_uptime_tests;
+
 pub use engine::{Accel, EngineKind};
 pub use machine::{Machine, MachineConfig, RunOutcome, VmHandle};
 

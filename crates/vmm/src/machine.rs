@@ -32,6 +32,14 @@ use crate::{Error, Result};
 
 /// Guest TSC rate, advertised through CPUID.
 pub const TSC_KHZ: u32 = 2_000_000;
+/// The guest TSC at machine time `now_ns`: `now_ns * TSC_KHZ / 10^6`, in
+/// 128 bits so it never saturates (a 64-bit product did at 2 h 34 min and
+/// the guest's clock stopped). It wraps at 2^64 like a real TSC, after
+/// 292 years at 2 GHz.
+pub fn guest_tsc(now_ns: u64) -> u64 {
+    (u128::from(now_ns) * u128::from(TSC_KHZ) / 1_000_000) as u64
+}
+
 /// Most vCPUs a machine may have.
 pub const MAX_CPUS: u32 = 64;
 
@@ -294,7 +302,7 @@ unsafe impl Bus for VcpuBus {
     }
 
     fn tsc(&mut self, _instret: u64) -> u64 {
-        self.shared.now_ns().saturating_mul(TSC_KHZ as u64) / 1_000_000
+        guest_tsc(self.shared.now_ns())
     }
 
     fn interrupt_pending(&mut self) -> bool {
