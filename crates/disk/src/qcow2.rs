@@ -56,7 +56,9 @@ pub(crate) fn open_layer(layer: &Layer, writable: bool, backing: Option<Arc<Imag
 /// Before writing to an image, make sure its metadata is consistent: imago
 /// trusts the refcounts when it allocates, and a hostile refcount structure
 /// sent it into unbounded recursion (found by the fuzzer). Leaks are fine.
-/// Images too large for [`crate::check`] are not checked.
+/// An image that [`crate::check`] cannot check (more than 2^27 clusters,
+/// tables shared too many times) is refused too: unchecked, it is exactly
+/// the image that could send imago into that recursion.
 fn refuse_corrupt(path: &Path) -> Result<()> {
     match crate::check::check(path, false) {
         Ok(r) if r.corruptions > 0 => Err(Error::Corrupt(format!(
@@ -66,7 +68,11 @@ fn refuse_corrupt(path: &Path) -> Result<()> {
             r.corruptions,
             r.messages.first().map_or("", |m| m.as_str()),
         ))),
-        Ok(_) | Err(Error::Unsupported(_)) => Ok(()),
+        Ok(_) => Ok(()),
+        Err(Error::Unsupported(why)) => Err(Error::Unsupported(format!(
+            "{why}; an image Vessel cannot check is opened read-only only (its refcounts \
+             decide where writes go). `qemu-img convert` it to a qcow2 image with larger clusters"
+        ))),
         Err(e) => Err(e),
     }
 }
