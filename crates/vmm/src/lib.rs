@@ -13,6 +13,8 @@ pub mod virtio;
 
 #[cfg(test)]
 mod long_uptime_tests;
+#[cfg(test)]
+mod port_io_tests;
 
 pub use engine::{Accel, EngineKind};
 pub use machine::{Machine, MachineConfig, RunOutcome, VmHandle};

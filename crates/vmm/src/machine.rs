@@ -233,52 +233,22 @@ unsafe impl Bus for VcpuBus {
         self.shared.irqs.with(|r| r.mmio_write(id, gpa, data, now));
     }
 
+    /// Every port device is byte-wide: a 16- or 32-bit access is byte
+    /// accesses to consecutive ports, as on the ISA bus (and in QEMU).
     fn io_in(&mut self, port: u16, size: u8) -> u32 {
-        let mask = if size >= 4 { u32::MAX } else { (1u32 << (size * 8)) - 1 };
-        let now = self.shared.now_ns();
-        let v = match port {
-            COM1_BASE..=0x3ff => {
-                let mut p = self.shared.platform();
-                let v = p.serial.read(port);
-                self.shared.serial_irq(&mut p);
-                v as u32
-            }
-            i8042::DATA_PORT | i8042::STATUS_PORT => self.shared.platform().i8042.read(port) as u32,
-            0x70 | 0x71 => self.shared.platform().rtc.read(port, now) as u32,
-            p if acpi_pm::handles(p) => acpi_pm::read(p) as u32,
-            _ => match self.shared.irqs.with(|r| r.io_read(port, now)) {
-                Some(v) => v as u32,
-                None => u32::MAX,
-            },
-        };
-        v & mask
+        (0..size.clamp(1, 4)).fold(0, |v, i| {
+            v | (u32::from(self.io_in_byte(port.wrapping_add(u16::from(i)))) << (8 * i))
+        })
     }
 
-    fn io_out(&mut self, port: u16, _size: u8, value: u32) {
-        let now = self.shared.now_ns();
-        match port {
-            COM1_BASE..=0x3ff => {
-                let mut p = self.shared.platform();
-                p.serial.write(port, value as u8);
-                self.shared.serial_irq(&mut p);
-            }
-            i8042::DATA_PORT | i8042::STATUS_PORT => {
-                let mut p = self.shared.platform();
-                p.i8042.write(port, value as u8);
-                if p.i8042.reset_requested {
-                    drop(p);
-                    self.shared.request_stop(STOP_RESET);
-                }
-            }
-            0x70 | 0x71 => self.shared.platform().rtc.write(port, value as u8, now),
-            p if acpi_pm::handles(p) => match acpi_pm::action(p, value as u8) {
-                PowerAction::PowerOff => self.shared.request_stop(STOP_HALTED),
-                PowerAction::Reset => self.shared.request_stop(STOP_RESET),
-                PowerAction::None => {}
-            },
-            _ => {
-                self.shared.irqs.with(|r| r.io_write(port, value as u8, now));
-            }
+    fn io_out(&mut self, port: u16, size: u8, value: u32) {
+        for (i, b) in value
+            .to_le_bytes()
+            .into_iter()
+            .take(size.clamp(1, 4).into())
+            .enumerate()
+        {
+            self.io_out_byte(port.wrapping_add(i as u16), b);
         }
     }
 
@@ -324,6 +294,53 @@ unsafe impl Bus for VcpuBus {
         self.shared.stop.load(Ordering::Acquire) != RUNNING
             || self.shared.irqs.events_pending(self.id)
             || self.shared.control.pause_requested()
+    }
+}
+
+impl VcpuBus {
+    /// One byte from a port device (0xff from no device).
+    fn io_in_byte(&mut self, port: u16) -> u8 {
+        let now = self.shared.now_ns();
+        match port {
+            COM1_BASE..=0x3ff => {
+                let mut p = self.shared.platform();
+                let v = p.serial.read(port);
+                self.shared.serial_irq(&mut p);
+                v
+            }
+            i8042::DATA_PORT | i8042::STATUS_PORT => self.shared.platform().i8042.read(port),
+            0x70 | 0x71 => self.shared.platform().rtc.read(port, now),
+            p if acpi_pm::handles(p) => acpi_pm::read(p),
+            _ => self.shared.irqs.with(|r| r.io_read(port, now)).unwrap_or(0xff),
+        }
+    }
+
+    fn io_out_byte(&mut self, port: u16, value: u8) {
+        let now = self.shared.now_ns();
+        match port {
+            COM1_BASE..=0x3ff => {
+                let mut p = self.shared.platform();
+                p.serial.write(port, value);
+                self.shared.serial_irq(&mut p);
+            }
+            i8042::DATA_PORT | i8042::STATUS_PORT => {
+                let mut p = self.shared.platform();
+                p.i8042.write(port, value);
+                if p.i8042.reset_requested {
+                    drop(p);
+                    self.shared.request_stop(STOP_RESET);
+                }
+            }
+            0x70 | 0x71 => self.shared.platform().rtc.write(port, value, now),
+            p if acpi_pm::handles(p) => match acpi_pm::action(p, value) {
+                PowerAction::PowerOff => self.shared.request_stop(STOP_HALTED),
+                PowerAction::Reset => self.shared.request_stop(STOP_RESET),
+                PowerAction::None => {}
+            },
+            _ => {
+                self.shared.irqs.with(|r| r.io_write(port, value, now));
+            }
+        }
     }
 }
 
