@@ -123,6 +123,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings, String> {
             nets,
             rng: args.rng || file.rng.unwrap_or(false),
             console_output: args.console_output,
+            console_output_limit: vmm::virtio::console::DEFAULT_OUTPUT_LIMIT,
         },
         accel: args.accel.or(file.accel).unwrap_or_else(|| "emu".to_string()),
     })

@@ -126,3 +126,27 @@ fn guest_planted_qcow2_header_never_reaches_a_host_file() {
     assert!(!stdout(&o).contains("SECRET-SEEN"), "{}", stdout(&o));
     assert!(err.contains("disk.img") && err.contains("format="), "{err}");
 }
+
+/// Hole 5: the virtio-console output file stops growing at its limit
+/// (64 MiB by default, counting what it held before): a guest that writes
+/// forever cannot fill the host's disk. The file starts 10 bytes short of
+/// the limit; the guest writes 100.
+#[test]
+fn virtio_console_output_file_stops_at_its_limit() {
+    const LIMIT: u64 = 64 << 20;
+    let dir = Scratch::new("hvc-cap");
+    let file = dir.blank("hvc0.log", LIMIT - 10);
+    let o = guest(
+        "i=0; while [ $i -lt 10 ]; do echo 0123456789abcdefghijklmnopqrstuvwxyz > /dev/hvc0; i=$((i+1)); done; echo wrote",
+        "reboot",
+    )
+    .arg("--console-output")
+    .arg(&file)
+    .timed_output()
+    .unwrap();
+    assert_clean_run(&o);
+    assert!(stdout(&o).contains("wrote"), "{}", stdout(&o));
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), LIMIT);
+    let bytes = std::fs::read(&file).unwrap();
+    assert_eq!(&bytes[(LIMIT - 10) as usize..], b"0123456789");
+}

@@ -57,6 +57,10 @@ pub struct MachineConfig {
     pub rng: bool,
     /// A virtio-console (`/dev/hvc0`) whose output goes to this file.
     pub console_output: Option<PathBuf>,
+    /// The largest that file may grow (what it held before counts); guest
+    /// output beyond it is dropped and counted.
+    /// [`crate::virtio::console::DEFAULT_OUTPUT_LIMIT`] is 64 MiB.
+    pub console_output_limit: u64,
 }
 
 /// A virtio-blk disk.
@@ -557,7 +561,7 @@ fn create_virtio_devices(
             .append(true)
             .open(path)
             .map_err(|e| Error::Config(format!("--console-output {}: {e}", path.display())))?;
-        models.push(Box::new(Console::new(file)));
+        models.push(Box::new(Console::with_limit(file, cfg.console_output_limit)));
     }
     if models.len() > virtio::MAX_DEVICES {
         return Err(Error::Config(format!(
