@@ -150,3 +150,17 @@ fn virtio_console_output_file_stops_at_its_limit() {
     let bytes = std::fs::read(&file).unwrap();
     assert_eq!(&bytes[(LIMIT - 10) as usize..], b"0123456789");
 }
+
+/// Hole 7: the initrd goes at the top of RAM, above the loaded kernel's
+/// real end (a bzImage's `init_size`), not above a fixed 80 MiB guess: a
+/// 64 MiB guest takes the real 1 MiB initramfs with both kernels.
+#[test]
+fn a_64_mib_guest_boots_with_the_initramfs() {
+    for kernel in ["kernel/vmlinux", "kernel/bzImage"] {
+        let o = common::guest_on(kernel, 1, "64M", "head -1 /proc/meminfo", "reboot")
+            .timed_output()
+            .unwrap();
+        assert_clean_run(&o);
+        assert!(stdout(&o).contains("MemTotal:"), "{kernel}: {}", stdout(&o));
+    }
+}
