@@ -164,3 +164,29 @@ fn a_64_mib_guest_boots_with_the_initramfs() {
         assert!(stdout(&o).contains("MemTotal:"), "{kernel}: {}", stdout(&o));
     }
 }
+
+/// Hole 8: with `nosmp` and two vCPUs, the second is never started; when
+/// the first halts with interrupts off (`halt -f`), the guest is done and
+/// Vessel must end with status 0 instead of waiting forever.
+#[test]
+fn halt_with_nosmp_and_two_vcpus_ends_the_run() {
+    let mut c = common::vessel();
+    c.args(["run", "--accel", "emu", "--mem", "256M", "--cpus", "2"])
+        .arg("--kernel")
+        .arg(common::artifact("kernel/vmlinux"))
+        .arg("--initrd")
+        .arg(common::artifact("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=-1 nosmp vessel.end=halt vessel.cmd={}",
+            common::b64("grep -c ^processor /proc/cpuinfo")
+        ))
+        .stdin(std::process::Stdio::null());
+    let o = c.timed_output().unwrap();
+    assert_clean_run(&o);
+    let out = stdout(&o);
+    assert!(
+        out.lines().any(|l| l.trim() == "1"),
+        "nosmp guest sees more than one CPU:\n{out}"
+    );
+}
