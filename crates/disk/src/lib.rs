@@ -8,6 +8,7 @@ pub mod chain;
 pub mod check;
 pub mod fuzzing;
 pub mod header;
+pub mod lock;
 pub mod ops;
 mod prealloc;
 mod probe;
@@ -17,6 +18,7 @@ mod raw;
 use std::path::Path;
 
 pub use chain::{ImageFormat, Layer, MAX_CHAIN_DEPTH};
+pub use lock::ImageLock;
 pub use probe::looks_like_image;
 pub use qcow2::Qcow2Disk;
 pub use raw::RawFile;
@@ -60,6 +62,11 @@ pub enum Error {
          (its format was not given, so QEMU's rule for probed raw images applies; docs/DISKS.md)"
     )]
     FirstSectorGuard(&'static str),
+    #[error(
+        "{path}: the image is in use ({reason}): another VM or QEMU has it open, and an image \
+         is written by one user at a time (read-only users may share it)"
+    )]
+    Locked { path: String, reason: String },
 }
 
 impl Error {

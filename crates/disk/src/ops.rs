@@ -236,6 +236,7 @@ pub fn snapshot(top: &Path, name: &str, format: Option<ImageFormat>, opts: &Back
     {
         return Err(Error::Format(format!("a snapshot named {name:?} already exists")));
     }
+    let _lock = crate::ImageLock::acquire(top, ImageFormat::Qcow2, true)?;
     let snap = snapshot_path(top, name)?;
     if snap.symlink_metadata().is_ok() {
         return Err(Error::Format(format!("{} already exists", snap.display())));
@@ -273,6 +274,7 @@ pub fn revert(top: &Path, name: &str, format: Option<ImageFormat>, opts: &Backin
         .position(|l| snapshot_name(&l.path).as_deref() == Some(name))
         .map(|i| i + 1)
         .ok_or_else(|| Error::Format(format!("no snapshot named {name:?} in the chain of {}", top.display())))?;
+    let _lock = crate::ImageLock::acquire(top, ImageFormat::Qcow2, true)?;
     let target = &layers[k];
     // Snapshot files live next to the top, so the new top names it by its
     // file name; otherwise reuse the name the layer above used.
@@ -318,6 +320,12 @@ pub fn commit(top: &Path, format: Option<ImageFormat>, opts: &BackingRules, prog
         .as_ref()
         .and_then(|h| h.backing_file.clone())
         .unwrap_or_default();
+    // The top and the layer written into are ours alone; the rest shared.
+    let _locks = layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| crate::ImageLock::acquire(&l.path, l.format, i <= 1))
+        .collect::<Result<Vec<_>>>()?;
     let mut copied = 0;
     {
         let lower = open_chain(&layers[1..], true)?;
@@ -367,6 +375,7 @@ pub fn convert(
     progress: Progress,
 ) -> Result<()> {
     let layers = chain::walk_as(src, src_format, opts)?;
+    let _locks = crate::lock::lock_chain(&layers, false)?;
     let input = open_chain(&layers, false)?;
     let size = input.size();
     let result = (|| {

@@ -101,6 +101,8 @@ pub(crate) fn open_chain(layers: &[Layer], writable: bool) -> Result<Image> {
 pub struct Qcow2Disk {
     image: RwLock<Image>,
     layers: Vec<Layer>,
+    /// Every file of the chain: the top exclusive when writable, the rest shared.
+    _locks: Vec<crate::ImageLock>,
     size: u64,
     read_only: bool,
     id: String,
@@ -109,6 +111,8 @@ pub struct Qcow2Disk {
 impl Qcow2Disk {
     pub fn open(path: &Path, opts: &OpenOptions, rules: &BackingRules) -> Result<Self> {
         let layers = chain::walk_as(path, Some(ImageFormat::Qcow2), rules)?;
+        // Locked before anything writes (the check's repair, L2 pre-allocation).
+        let locks = crate::lock::lock_chain(&layers, !opts.read_only)?;
         let image = open_chain(&layers, !opts.read_only)?;
         let meta = std::fs::metadata(path).map_err(|source| Error::Open {
             path: path.display().to_string(),
@@ -118,6 +122,7 @@ impl Qcow2Disk {
             size: image.size(),
             image: RwLock::new(image),
             layers,
+            _locks: locks,
             read_only: opts.read_only,
             id: format!("vsl{:x}-{:x}", meta.dev(), meta.ino()),
         })

@@ -19,6 +19,8 @@ pub struct RawFile {
     /// first sector look like an image format (QEMU's rule, [`crate::probe`]).
     /// The lock makes check-and-write of sector 0 atomic.
     first_sector_guard: Option<Mutex<()>>,
+    /// Shared for a read-only disk, exclusive for a writable one.
+    _lock: crate::ImageLock,
 }
 
 impl RawFile {
@@ -55,6 +57,12 @@ impl RawFile {
         }
         // A block device's metadata says 0 bytes; its end is its size.
         let size = (&file).seek(SeekFrom::End(0)).map_err(open_err)?;
+        let lock = crate::ImageLock::on(
+            file.try_clone().map_err(open_err)?,
+            path,
+            crate::ImageFormat::Raw,
+            !read_only,
+        )?;
         // The id names the file (device and inode), like QEMU's default
         // serial is per drive: stable across runs, distinct between disks.
         let id = format!("vsl{:x}-{:x}", meta.dev(), meta.ino());
@@ -64,6 +72,7 @@ impl RawFile {
             read_only,
             id,
             first_sector_guard: guard.then(|| Mutex::new(())),
+            _lock: lock,
         })
     }
 

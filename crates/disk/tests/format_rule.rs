@@ -144,6 +144,7 @@ fn a_planted_header_is_never_followed() {
     let b = read_start(&*d);
     assert_eq!(&b[..4], b"QFI\xfb");
     assert!(!sees_secret(&b));
+    drop(d);
     // Only the user saying qcow2 follows the header.
     let opts = OpenOptions {
         read_only: true,
@@ -173,6 +174,7 @@ fn backing_files_without_a_format_follow_the_name_rule() {
     std::fs::write(dir.path().join("base.img"), &base).unwrap();
     let d = disk::open(&top, &OpenOptions::default()).unwrap();
     assert_eq!(read_start(&*d)[..512], [7u8; 512]);
+    drop(d);
 
     // A base named .qcow2 without a recorded format: read as qcow2.
     std::fs::write(dir.path().join("mid.qcow2"), qcow2_with_backing("base.img")).unwrap();

@@ -190,3 +190,63 @@ fn halt_with_nosmp_and_two_vcpus_ends_the_run() {
         "nosmp guest sees more than one CPU:\n{out}"
     );
 }
+
+/// Hole 9: two VMs never write one image. While a first `vessel` runs on
+/// an image, a second is refused with an error naming it (read-only too:
+/// the writer has it alone), and so is QEMU, which sees the same locks.
+#[test]
+fn a_second_vm_on_a_writable_image_is_refused() {
+    use std::io::{BufRead, BufReader};
+    let dir = Scratch::new("lock");
+    let image = dir.blank("shared.img", 8 << 20);
+    let mut first = guest("echo HOLDING-THE-DISK; sleep 120", "reboot")
+        .arg("--disk")
+        .arg(disk_arg(&image, ""))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _watchdog = common::Watchdog::new(&first);
+    let mut lines = BufReader::new(first.stdout.take().unwrap()).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("HOLDING-THE-DISK") => break,
+            Some(_) => {}
+            None => panic!("the first VM ended before its guest ran"),
+        }
+    }
+    for opts in ["", "readonly=on", "format=raw"] {
+        let o = guest("echo SECOND-VM-RAN", "reboot")
+            .arg("--disk")
+            .arg(disk_arg(&image, opts))
+            .timed_output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "a second VM ran on the image ({opts}):\n{}",
+            stdout(&o)
+        );
+        assert!(!stdout(&o).contains("SECOND-VM-RAN"));
+        assert!(err.contains("shared.img") && err.contains("in use"), "{opts}: {err}");
+    }
+    let o = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 512"])
+        .arg(&image)
+        .output()
+        .expect("qemu-io");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("\"write\" lock"),
+        "QEMU could write the image: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The first VM is gone, and its locks with it.
+    let o = guest("echo SECOND-VM-RAN", "reboot")
+        .arg("--disk")
+        .arg(disk_arg(&image, ""))
+        .timed_output()
+        .unwrap();
+    assert_clean_run(&o);
+}
