@@ -14,6 +14,8 @@ pub mod virtio;
 #[cfg(test)]
 mod long_uptime_tests;
 #[cfg(test)]
+mod lost_ticks_tests;
+#[cfg(test)]
 mod port_io_tests;
 
 pub use engine::{Accel, EngineKind};
