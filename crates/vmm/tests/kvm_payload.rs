@@ -390,3 +390,20 @@ fn string_port_io_moves_every_element() {
     }
     assert_eq!(&out.ram[base..base + expect.len()], &expect[..], "bytes read in");
 }
+
+/// Issue 14, hole 8 under kvm: an AP that was never started (as with
+/// `nosmp`) counts as done for the all-vCPUs-halted power-off, and a BSP
+/// that runs does not.
+#[test]
+fn a_never_started_ap_counts_as_halted_for_good() {
+    require_kvm();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let vm = KvmVm::new(&mem, VmOptions { irqchip: true }).expect("KVM VM with an in-kernel irqchip");
+    let bsp = vm.create_vcpu(0, 2).unwrap();
+    let ap = vm.create_vcpu(1, 2).unwrap();
+    let mut s = CpuState::long_mode_flat(PML4);
+    s.rip = CODE;
+    bsp.set_state(&s, 0).unwrap();
+    assert!(ap.halted_for_good(), "an AP waiting for its SIPI runs nothing");
+    assert!(!bsp.halted_for_good(), "a runnable BSP is not done");
+}

@@ -149,14 +149,24 @@ impl KvmVcpu {
         Ok(out)
     }
 
-    /// Whether the vCPU sits in HLT with interrupts off (in-kernel irqchip
-    /// only): nothing but an NMI or INIT can wake it.
+    /// Whether the vCPU sits in HLT with interrupts off, or is an AP that
+    /// waits for a SIPI (never started, as with `nosmp`, or sent INIT), in
+    /// the in-kernel irqchip only: nothing but an NMI, INIT or SIPI can
+    /// make it run.
     pub fn halted_for_good(&self) -> bool {
         if !self.irqchip {
             return false;
         }
-        let halted = matches!(self.fd.get_mp_state(), Ok(m) if m.mp_state == kvm_bindings::KVM_MP_STATE_HALTED);
-        halted && matches!(self.fd.get_regs(), Ok(r) if r.rflags & x86emu::state::flags::IF == 0)
+        let Ok(mp) = self.fd.get_mp_state() else {
+            return false;
+        };
+        match mp.mp_state {
+            kvm_bindings::KVM_MP_STATE_INIT_RECEIVED | kvm_bindings::KVM_MP_STATE_UNINITIALIZED => self.id != 0,
+            kvm_bindings::KVM_MP_STATE_HALTED => {
+                matches!(self.fd.get_regs(), Ok(r) if r.rflags & x86emu::state::flags::IF == 0)
+            }
+            _ => false,
+        }
     }
 
     /// Ask the next (or current) `KVM_RUN` to return at once.
