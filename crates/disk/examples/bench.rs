@@ -64,7 +64,7 @@ fn main() {
         Path::new(args.get(1).map_or("/tmp", |s| s.as_str())).join(format!("vessel-disk-bench-{}", std::process::id()));
     let mib: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(256);
     std::fs::create_dir_all(&dir).unwrap();
-    let rw = OpenOptions { read_only: false };
+    let rw = OpenOptions::default();
     let rules = BackingRules::default();
 
     let raw = dir.join("a.raw");

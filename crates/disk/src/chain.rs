@@ -14,17 +14,50 @@ use crate::{BackingRules, Error, Result};
 /// deeper than this is a loop we did not see or a hostile image).
 pub const MAX_CHAIN_DEPTH: usize = 16;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
+/// An image file's format. Vessel never takes it from bytes a guest can
+/// write: it is what the user says, or else what the file name says
+/// ([`ImageFormat::from_file_name`]); docs/DISKS.md, "Formats".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
     Raw,
     Qcow2,
 }
 
-impl Format {
+impl ImageFormat {
     pub fn name(self) -> &'static str {
         match self {
-            Format::Raw => "raw",
-            Format::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+
+    /// The format a file name implies: a name ending in `.qcow2` (in any
+    /// case) is a qcow2 image, anything else is raw.
+    pub fn from_file_name(path: &Path) -> ImageFormat {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(ext) if ext.eq_ignore_ascii_case("qcow2") => ImageFormat::Qcow2,
+            _ => ImageFormat::Raw,
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ImageFormat {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<ImageFormat> {
+        match s {
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            other => Err(Error::Unsupported(format!(
+                "image format {other:?} (known: raw, qcow2)"
+            ))),
         }
     }
 }
@@ -33,27 +66,37 @@ impl Format {
 #[derive(Clone, Debug)]
 pub struct Layer {
     pub path: PathBuf,
-    pub format: Format,
+    pub format: ImageFormat,
     /// The qcow2 header; `None` for raw files.
     pub header: Option<Header>,
 }
 
 impl Layer {
-    /// Open one image file (no backing) and read what it is.
-    pub fn probe(path: &Path, format: Option<Format>) -> Result<(Layer, File)> {
+    /// Open one image file (no backing) as `format`, or, without one, as
+    /// its file name says ([`ImageFormat::from_file_name`]). The bytes in
+    /// the file never choose the format: a file whose name says raw but
+    /// which starts like a qcow2 image is refused rather than followed
+    /// (its first sector may be a guest's doing; docs/DISKS.md).
+    pub fn probe(path: &Path, format: Option<ImageFormat>) -> Result<(Layer, File)> {
         let file = File::open(path).map_err(|source| Error::Open {
             path: path.display().to_string(),
             source,
         })?;
-        let is_qcow2 = header::is_qcow2(&file)?;
         let format = match format {
             Some(f) => f,
-            None if is_qcow2 => Format::Qcow2,
-            None => Format::Raw,
+            None => {
+                let by_name = ImageFormat::from_file_name(path);
+                if by_name == ImageFormat::Raw && header::is_qcow2(&file)? {
+                    return Err(Error::FormatMismatch {
+                        path: path.display().to_string(),
+                    });
+                }
+                by_name
+            }
         };
         let header = match format {
-            Format::Qcow2 => Some(Header::read(&file).map_err(|e| e.in_file(path))?),
-            Format::Raw => None,
+            ImageFormat::Qcow2 => Some(Header::read(&file).map_err(|e| e.in_file(path))?),
+            ImageFormat::Raw => None,
         };
         Ok((
             Layer {
@@ -112,11 +155,11 @@ pub fn resolve_backing(image: &Path, name: &str, opts: &BackingRules) -> Result<
     Ok(dir.join(p))
 }
 
-fn parse_format(image: &Path, name: Option<&str>) -> Result<Option<Format>> {
+fn parse_format(image: &Path, name: Option<&str>) -> Result<Option<ImageFormat>> {
     match name {
         None => Ok(None),
-        Some("raw") => Ok(Some(Format::Raw)),
-        Some("qcow2") => Ok(Some(Format::Qcow2)),
+        Some("raw") => Ok(Some(ImageFormat::Raw)),
+        Some("qcow2") => Ok(Some(ImageFormat::Qcow2)),
         Some(other) => Err(Error::Unsupported(format!(
             "{}: backing format {other:?}",
             image.display()
@@ -124,11 +167,19 @@ fn parse_format(image: &Path, name: Option<&str>) -> Result<Option<Format>> {
     }
 }
 
-/// The chain from `top` down to its base, top first.
+/// The chain from `top` down to its base, top first; the format of `top`
+/// comes from its file name.
 pub fn walk(top: &Path, opts: &BackingRules) -> Result<Vec<Layer>> {
+    walk_as(top, None, opts)
+}
+
+/// [`walk`] with `top` opened as `format` (`None`: by its file name).
+/// Backing files take the format their image's header records, or else
+/// the one their file name implies.
+pub fn walk_as(top: &Path, format: Option<ImageFormat>, opts: &BackingRules) -> Result<Vec<Layer>> {
     let mut layers: Vec<Layer> = Vec::new();
     let mut seen = HashSet::new();
-    let mut next = Some((top.to_path_buf(), None));
+    let mut next = Some((top.to_path_buf(), format));
     while let Some((path, format)) = next.take() {
         if layers.len() >= MAX_CHAIN_DEPTH {
             return Err(Error::ChainTooDeep {

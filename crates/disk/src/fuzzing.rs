@@ -14,7 +14,10 @@ pub fn open_and_read(dir: &Path, data: &[u8]) {
     if std::fs::write(&path, data).is_err() {
         return;
     }
-    let opts = OpenOptions { read_only: true };
+    let opts = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
     if let Ok(disk) = crate::open(&path, &opts) {
         read_some(&*disk);
     }

@@ -232,15 +232,19 @@ impl Header {
             backing_file = Some(name);
         }
 
-        // Header extensions: only in the first cluster.
+        // Header extensions: in the first cluster, and (as QEMU reads them)
+        // before the backing file name when there is one.
         let mut backing_format = None;
         let mut has_bitmaps = false;
         let mut at = header_len;
-        let limit = cluster_size.min(file_len);
+        let mut limit = cluster_size.min(file_len);
+        if backing_offset != 0 {
+            limit = limit.min(backing_offset);
+        }
         loop {
             if at + 8 > limit {
-                if version == 2 {
-                    break; // v2 images may end the header without an end marker.
+                if version == 2 || backing_offset != 0 {
+                    break; // the extensions may end without an end marker here
                 }
                 return Err(corrupt("header extensions run past the first cluster"));
             }

@@ -8,14 +8,18 @@ pub mod chain;
 pub mod check;
 pub mod fuzzing;
 pub mod header;
+pub mod lock;
 pub mod ops;
 mod prealloc;
+mod probe;
 mod qcow2;
 mod raw;
 
 use std::path::Path;
 
-pub use chain::{Format, Layer, MAX_CHAIN_DEPTH};
+pub use chain::{ImageFormat, Layer, MAX_CHAIN_DEPTH};
+pub use lock::ImageLock;
+pub use probe::looks_like_image;
 pub use qcow2::Qcow2Disk;
 pub use raw::RawFile;
 
@@ -46,6 +50,23 @@ pub enum Error {
     BackingLoop { image: String },
     #[error("{image}: backing chain is deeper than {limit} images")]
     ChainTooDeep { image: String, limit: usize },
+    #[error(
+        "{path}: its name says raw (it does not end in .qcow2) but it starts with a qcow2 header; \
+         Vessel never lets bytes a guest may have written choose a format: name the format \
+         (--disk ...,format=qcow2, or `vessel disk --format qcow2`; for a backing file, record it \
+         with `qemu-img rebase -u -F qcow2`) or rename the image"
+    )]
+    FormatMismatch { path: String },
+    #[error(
+        "write to the first sector refused: it would make this raw image look like a {0} image \
+         (its format was not given, so QEMU's rule for probed raw images applies; docs/DISKS.md)"
+    )]
+    FirstSectorGuard(&'static str),
+    #[error(
+        "{path}: the image is in use ({reason}): another VM or QEMU has it open, and an image \
+         is written by one user at a time (read-only users may share it)"
+    )]
+    Locked { path: String, reason: String },
 }
 
 impl Error {
@@ -85,6 +106,11 @@ pub trait BlockBackend: Send + Sync {
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
     pub read_only: bool,
+    /// The image's format. `None`: the file name decides (`.qcow2` is
+    /// qcow2, anything else raw), and a raw image so opened refuses guest
+    /// writes that would make its first sector look like an image format
+    /// (QEMU's rule for probed raw images). Never the file's contents.
+    pub format: Option<ImageFormat>,
 }
 
 /// Which backing-file names in an image may be followed (docs/DISKS.md,
@@ -96,23 +122,22 @@ pub struct BackingRules {
     pub allow_absolute_backing: bool,
 }
 
-/// Open an image file as a block device: a qcow2 image (detected by its
-/// magic) with its backing chain under the default [`BackingRules`], or
-/// else a raw file.
+/// Open an image file as a block device: a qcow2 image with its backing
+/// chain under the default [`BackingRules`], or a raw file; the format is
+/// `opts.format` or else the file name's (see [`OpenOptions::format`]).
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockBackend>> {
     open_with(path, opts, &BackingRules::default())
 }
 
 /// [`open`] with explicit backing-file rules.
 pub fn open_with(path: &Path, opts: &OpenOptions, rules: &BackingRules) -> Result<Box<dyn BlockBackend>> {
-    let file = std::fs::File::open(path).map_err(|source| Error::Open {
-        path: path.display().to_string(),
-        source,
-    })?;
-    if header::is_qcow2(&file)? {
-        Ok(Box::new(Qcow2Disk::open(path, opts, rules)?))
-    } else {
-        Ok(Box::new(RawFile::open(path, opts.read_only)?))
+    match opts.format {
+        Some(ImageFormat::Qcow2) => Ok(Box::new(Qcow2Disk::open(path, opts, rules)?)),
+        Some(ImageFormat::Raw) => Ok(Box::new(RawFile::open(path, opts.read_only)?)),
+        None => match chain::Layer::probe(path, None)?.0.format {
+            ImageFormat::Qcow2 => Ok(Box::new(Qcow2Disk::open(path, opts, rules)?)),
+            ImageFormat::Raw => Ok(Box::new(RawFile::open_probed(path, opts.read_only)?)),
+        },
     }
 }
 

@@ -10,7 +10,7 @@ use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
 use imago::{FormatAccess, FormatCreateBuilder, ShallowMapping, Storage, StorageCreateOptions};
 
-use crate::chain::{self, Format, Layer};
+use crate::chain::{self, ImageFormat, Layer};
 use crate::qcow2::{open_chain, Image};
 use crate::{BackingRules, Error, Result};
 
@@ -53,7 +53,7 @@ pub fn create(path: &Path, size: Option<u64>, backing: Option<&str>, opts: &Back
     Ok(size)
 }
 
-fn create_qcow2(path: &Path, size: u64, backing: Option<(&str, Format)>) -> Result<()> {
+fn create_qcow2(path: &Path, size: u64, backing: Option<(&str, ImageFormat)>) -> Result<()> {
     let storage = ImagoFile::create_open(StorageCreateOptions::new().filename(path)).map_err(io_err(path))?;
     let mut builder = Qcow2::<ImagoFile, Arc<Image>>::create_builder(storage).size(size);
     if let Some((name, format)) = backing {
@@ -88,7 +88,7 @@ fn parent(path: &Path) -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct LayerInfo {
     pub path: PathBuf,
-    pub format: Format,
+    pub format: ImageFormat,
     pub virtual_size: u64,
     /// Bytes the file occupies on the host (like qemu-img's "disk size").
     pub allocated: u64,
@@ -100,9 +100,10 @@ pub struct LayerInfo {
     pub snapshot: Option<String>,
 }
 
-/// The chain from `path` down, top first.
-pub fn info(path: &Path, opts: &BackingRules) -> Result<Vec<LayerInfo>> {
-    let layers = chain::walk(path, opts)?;
+/// The chain from `path` down, top first. `format`: the format of `path`
+/// (`None`: its file name's, [`ImageFormat::from_file_name`]).
+pub fn info(path: &Path, format: Option<ImageFormat>, opts: &BackingRules) -> Result<Vec<LayerInfo>> {
+    let layers = chain::walk_as(path, format, opts)?;
     layers
         .iter()
         .enumerate()
@@ -179,8 +180,8 @@ pub struct SnapshotInfo {
 }
 
 /// The snapshots in the chain of `top`, newest first.
-pub fn snapshots(top: &Path, opts: &BackingRules) -> Result<Vec<SnapshotInfo>> {
-    Ok(info(top, opts)?
+pub fn snapshots(top: &Path, format: Option<ImageFormat>, opts: &BackingRules) -> Result<Vec<SnapshotInfo>> {
+    Ok(info(top, format, opts)?
         .into_iter()
         .filter_map(|l| {
             let name = l.snapshot?;
@@ -195,9 +196,9 @@ pub fn snapshots(top: &Path, opts: &BackingRules) -> Result<Vec<SnapshotInfo>> {
         .collect())
 }
 
-fn top_qcow2(top: &Path, opts: &BackingRules) -> Result<Vec<Layer>> {
-    let layers = chain::walk(top, opts)?;
-    if layers[0].format != Format::Qcow2 {
+fn top_qcow2(top: &Path, format: Option<ImageFormat>, opts: &BackingRules) -> Result<Vec<Layer>> {
+    let layers = chain::walk_as(top, format, opts)?;
+    if layers[0].format != ImageFormat::Qcow2 {
         return Err(Error::Unsupported(format!(
             "{}: snapshots need a qcow2 image; convert it with `vessel disk convert --format qcow2`",
             top.display()
@@ -208,7 +209,7 @@ fn top_qcow2(top: &Path, opts: &BackingRules) -> Result<Vec<Layer>> {
 
 /// Make `top` an empty overlay on `backing_name` (a file next to it), by an
 /// atomic rename of a new file over it.
-fn replace_with_overlay(top: &Path, size: u64, backing_name: &str, backing_format: Format) -> Result<()> {
+fn replace_with_overlay(top: &Path, size: u64, backing_name: &str, backing_format: ImageFormat) -> Result<()> {
     let tmp = temp_path(top);
     let _ = std::fs::remove_file(&tmp);
     create_qcow2(&tmp, size, Some((backing_name, backing_format)))?;
@@ -221,13 +222,13 @@ fn replace_with_overlay(top: &Path, size: u64, backing_name: &str, backing_forma
 
 /// Take snapshot `name` of `top` (which no VM may have open). Returns the
 /// file that now holds the snapshot.
-pub fn snapshot(top: &Path, name: &str, opts: &BackingRules) -> Result<PathBuf> {
+pub fn snapshot(top: &Path, name: &str, format: Option<ImageFormat>, opts: &BackingRules) -> Result<PathBuf> {
     if !valid_snapshot_name(name) {
         return Err(Error::Format(format!(
             "invalid snapshot name {name:?}: use up to 64 letters, digits, '.', '_' or '-'"
         )));
     }
-    let layers = top_qcow2(top, opts)?;
+    let layers = top_qcow2(top, format, opts)?;
     if layers
         .iter()
         .skip(1)
@@ -235,6 +236,7 @@ pub fn snapshot(top: &Path, name: &str, opts: &BackingRules) -> Result<PathBuf> 
     {
         return Err(Error::Format(format!("a snapshot named {name:?} already exists")));
     }
+    let _lock = crate::ImageLock::acquire(top, ImageFormat::Qcow2, true)?;
     let snap = snapshot_path(top, name)?;
     if snap.symlink_metadata().is_ok() {
         return Err(Error::Format(format!("{} already exists", snap.display())));
@@ -249,7 +251,7 @@ pub fn snapshot(top: &Path, name: &str, opts: &BackingRules) -> Result<PathBuf> 
     // files present under names that say what to do (docs/DISKS.md).
     let tmp = temp_path(top);
     let _ = std::fs::remove_file(&tmp);
-    create_qcow2(&tmp, size, Some((&backing_name, Format::Qcow2)))?;
+    create_qcow2(&tmp, size, Some((&backing_name, ImageFormat::Qcow2)))?;
     if let Err(e) = std::fs::rename(top, &snap) {
         let _ = std::fs::remove_file(&tmp);
         return Err(io_err(top)(e));
@@ -264,14 +266,15 @@ pub fn snapshot(top: &Path, name: &str, opts: &BackingRules) -> Result<PathBuf> 
 
 /// Revert `top` to snapshot `name`: a new empty top on that snapshot; the
 /// snapshots taken after it are deleted. Returns the deleted files.
-pub fn revert(top: &Path, name: &str, opts: &BackingRules) -> Result<Vec<PathBuf>> {
-    let layers = top_qcow2(top, opts)?;
+pub fn revert(top: &Path, name: &str, format: Option<ImageFormat>, opts: &BackingRules) -> Result<Vec<PathBuf>> {
+    let layers = top_qcow2(top, format, opts)?;
     let k = layers
         .iter()
         .skip(1)
         .position(|l| snapshot_name(&l.path).as_deref() == Some(name))
         .map(|i| i + 1)
         .ok_or_else(|| Error::Format(format!("no snapshot named {name:?} in the chain of {}", top.display())))?;
+    let _lock = crate::ImageLock::acquire(top, ImageFormat::Qcow2, true)?;
     let target = &layers[k];
     // Snapshot files live next to the top, so the new top names it by its
     // file name; otherwise reuse the name the layer above used.
@@ -300,8 +303,8 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
 /// Merge the top layer of `top` into its backing file and empty the top.
 /// Returns the number of bytes copied down.
-pub fn commit(top: &Path, opts: &BackingRules, progress: Progress) -> Result<u64> {
-    let layers = top_qcow2(top, opts)?;
+pub fn commit(top: &Path, format: Option<ImageFormat>, opts: &BackingRules, progress: Progress) -> Result<u64> {
+    let layers = top_qcow2(top, format, opts)?;
     if layers.len() < 2 {
         return Err(Error::Format(format!(
             "{} has no backing file to commit into",
@@ -317,6 +320,12 @@ pub fn commit(top: &Path, opts: &BackingRules, progress: Progress) -> Result<u64
         .as_ref()
         .and_then(|h| h.backing_file.clone())
         .unwrap_or_default();
+    // The top and the layer written into are ours alone; the rest shared.
+    let _locks = layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| crate::ImageLock::acquire(&l.path, l.format, i <= 1))
+        .collect::<Result<Vec<_>>>()?;
     let mut copied = 0;
     {
         let lower = open_chain(&layers[1..], true)?;
@@ -354,15 +363,24 @@ pub fn commit(top: &Path, opts: &BackingRules, progress: Progress) -> Result<u64
     Ok(copied)
 }
 
-/// Copy the whole disk of `src` (through its chain) into a new standalone
-/// image `dst`. Zero ranges stay unallocated.
-pub fn convert(src: &Path, dst: &Path, format: Format, opts: &BackingRules, progress: Progress) -> Result<()> {
-    let layers = chain::walk(src, opts)?;
+/// Copy the whole disk of `src` (through its chain; its format is
+/// `src_format` or its file name's) into a new standalone image `dst` of
+/// `format`. Zero ranges stay unallocated.
+pub fn convert(
+    src: &Path,
+    src_format: Option<ImageFormat>,
+    dst: &Path,
+    format: ImageFormat,
+    opts: &BackingRules,
+    progress: Progress,
+) -> Result<()> {
+    let layers = chain::walk_as(src, src_format, opts)?;
+    let _locks = crate::lock::lock_chain(&layers, false)?;
     let input = open_chain(&layers, false)?;
     let size = input.size();
     let result = (|| {
         let out: Box<dyn crate::BlockBackend> = match format {
-            Format::Raw => {
+            ImageFormat::Raw => {
                 let f = std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -372,7 +390,7 @@ pub fn convert(src: &Path, dst: &Path, format: Format, opts: &BackingRules, prog
                 drop(f);
                 Box::new(crate::RawFile::open(dst, false)?)
             }
-            Format::Qcow2 => {
+            ImageFormat::Qcow2 => {
                 create_qcow2(dst, size, None)?;
                 Box::new(crate::Qcow2Disk::open(dst, &crate::OpenOptions::default(), opts)?)
             }

@@ -14,7 +14,7 @@ use imago::qcow2::Qcow2;
 use imago::raw::Raw;
 use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, Storage, StorageOpenOptions};
 
-use crate::chain::{self, Format, Layer};
+use crate::chain::{self, ImageFormat, Layer};
 use crate::{check_range, check_write, BackingRules, BlockBackend, Error, OpenOptions, Result};
 
 pub(crate) type Image = FormatAccess<ImagoFile>;
@@ -37,13 +37,13 @@ pub(crate) fn open_layer(layer: &Layer, writable: bool, backing: Option<Arc<Imag
     let err = imago_err(&layer.path);
     let storage = ImagoFile::open(StorageOpenOptions::new().filename(&layer.path).write(writable)).map_err(&err)?;
     Ok(match layer.format {
-        Format::Raw => FormatAccess::new(
+        ImageFormat::Raw => FormatAccess::new(
             Raw::builder(storage)
                 .write(writable)
                 .open(DenyImplicitOpenGate::default())
                 .map_err(&err)?,
         ),
-        Format::Qcow2 => FormatAccess::new(
+        ImageFormat::Qcow2 => FormatAccess::new(
             Qcow2::<ImagoFile, Arc<Image>>::builder(storage)
                 .write(writable)
                 .backing(backing)
@@ -56,7 +56,9 @@ pub(crate) fn open_layer(layer: &Layer, writable: bool, backing: Option<Arc<Imag
 /// Before writing to an image, make sure its metadata is consistent: imago
 /// trusts the refcounts when it allocates, and a hostile refcount structure
 /// sent it into unbounded recursion (found by the fuzzer). Leaks are fine.
-/// Images too large for [`crate::check`] are not checked.
+/// An image that [`crate::check`] cannot check (more than 2^27 clusters,
+/// tables shared too many times) is refused too: unchecked, it is exactly
+/// the image that could send imago into that recursion.
 fn refuse_corrupt(path: &Path) -> Result<()> {
     match crate::check::check(path, false) {
         Ok(r) if r.corruptions > 0 => Err(Error::Corrupt(format!(
@@ -66,7 +68,11 @@ fn refuse_corrupt(path: &Path) -> Result<()> {
             r.corruptions,
             r.messages.first().map_or("", |m| m.as_str()),
         ))),
-        Ok(_) | Err(Error::Unsupported(_)) => Ok(()),
+        Ok(_) => Ok(()),
+        Err(Error::Unsupported(why)) => Err(Error::Unsupported(format!(
+            "{why}; an image Vessel cannot check is opened read-only only (its refcounts \
+             decide where writes go). `qemu-img convert` it to a qcow2 image with larger clusters"
+        ))),
         Err(e) => Err(e),
     }
 }
@@ -74,7 +80,7 @@ fn refuse_corrupt(path: &Path) -> Result<()> {
 /// Open a chain (top first, as [`chain::walk`] returns it); only the top may be writable.
 pub(crate) fn open_chain(layers: &[Layer], writable: bool) -> Result<Image> {
     if let (true, Some(top)) = (writable, layers.first()) {
-        if top.format == Format::Qcow2 {
+        if top.format == ImageFormat::Qcow2 {
             refuse_corrupt(&top.path)?;
             crate::prealloc::preallocate_l2(&top.path)?;
         }
@@ -95,6 +101,8 @@ pub(crate) fn open_chain(layers: &[Layer], writable: bool) -> Result<Image> {
 pub struct Qcow2Disk {
     image: RwLock<Image>,
     layers: Vec<Layer>,
+    /// Every file of the chain: the top exclusive when writable, the rest shared.
+    _locks: Vec<crate::ImageLock>,
     size: u64,
     read_only: bool,
     id: String,
@@ -102,7 +110,9 @@ pub struct Qcow2Disk {
 
 impl Qcow2Disk {
     pub fn open(path: &Path, opts: &OpenOptions, rules: &BackingRules) -> Result<Self> {
-        let layers = chain::walk(path, rules)?;
+        let layers = chain::walk_as(path, Some(ImageFormat::Qcow2), rules)?;
+        // Locked before anything writes (the check's repair, L2 pre-allocation).
+        let locks = crate::lock::lock_chain(&layers, !opts.read_only)?;
         let image = open_chain(&layers, !opts.read_only)?;
         let meta = std::fs::metadata(path).map_err(|source| Error::Open {
             path: path.display().to_string(),
@@ -112,6 +122,7 @@ impl Qcow2Disk {
             size: image.size(),
             image: RwLock::new(image),
             layers,
+            _locks: locks,
             read_only: opts.read_only,
             id: format!("vsl{:x}-{:x}", meta.dev(), meta.ino()),
         })

@@ -5,7 +5,9 @@ use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::Mutex;
 
+use crate::probe::{looks_like_image, PROBE_LEN};
 use crate::{check_range, check_write, BlockBackend, Error, Result};
 
 pub struct RawFile {
@@ -13,10 +15,33 @@ pub struct RawFile {
     size: u64,
     read_only: bool,
     id: String,
+    /// Set when the format was not given: guest writes may not make the
+    /// first sector look like an image format (QEMU's rule, [`crate::probe`]).
+    /// The lock makes check-and-write of sector 0 atomic.
+    first_sector_guard: Option<Mutex<()>>,
+    /// Shared for a read-only disk, exclusive for a writable one.
+    _lock: crate::ImageLock,
 }
 
 impl RawFile {
+    /// Open a raw image whose format the user gave: every write goes through.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        Self::open_inner(path, read_only, false)
+    }
+
+    /// Open a file taken for raw without the user saying so (by its file
+    /// name): writes that would make its first sector look like an image
+    /// format fail with [`Error::FirstSectorGuard`].
+    pub fn open_probed(path: &Path, read_only: bool) -> Result<Self> {
+        Self::open_inner(path, read_only, true)
+    }
+
+    /// Whether writes to the first sector are guarded ([`RawFile::open_probed`]).
+    pub fn guards_first_sector(&self) -> bool {
+        self.first_sector_guard.is_some()
+    }
+
+    fn open_inner(path: &Path, read_only: bool, guard: bool) -> Result<Self> {
         let open_err = |source| Error::Open {
             path: path.display().to_string(),
             source,
@@ -32,6 +57,12 @@ impl RawFile {
         }
         // A block device's metadata says 0 bytes; its end is its size.
         let size = (&file).seek(SeekFrom::End(0)).map_err(open_err)?;
+        let lock = crate::ImageLock::on(
+            file.try_clone().map_err(open_err)?,
+            path,
+            crate::ImageFormat::Raw,
+            !read_only,
+        )?;
         // The id names the file (device and inode), like QEMU's default
         // serial is per drive: stable across runs, distinct between disks.
         let id = format!("vsl{:x}-{:x}", meta.dev(), meta.ino());
@@ -40,7 +71,40 @@ impl RawFile {
             size,
             read_only,
             id,
+            first_sector_guard: guard.then(|| Mutex::new(())),
+            _lock: lock,
         })
+    }
+
+    /// The part of `[offset, offset+len)` after a guarded first sector
+    /// (the whole range when there is no guard).
+    fn past_guarded_head(&self, offset: u64, len: u64) -> (u64, u64) {
+        if self.first_sector_guard.is_none() || offset >= PROBE_LEN as u64 {
+            return (offset, len);
+        }
+        let end = offset + len;
+        let start = end.min(PROBE_LEN as u64);
+        (start, end - start)
+    }
+
+    /// Write `buf` at `offset` (< [`PROBE_LEN`]) unless the first sector
+    /// would then look like an image format.
+    fn guarded_write(&self, lock: &Mutex<()>, buf: &[u8], offset: u64) -> Result<()> {
+        let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let len = (self.size.min(PROBE_LEN as u64)) as usize;
+        let mut sector = vec![0u8; len];
+        self.file
+            .read_exact_at(&mut sector, 0)
+            .map_err(|source| Error::Io { offset: 0, source })?;
+        let start = offset as usize;
+        let n = buf.len().min(len.saturating_sub(start));
+        sector[start..start + n].copy_from_slice(&buf[..n]);
+        if let Some(format) = looks_like_image(&sector) {
+            return Err(Error::FirstSectorGuard(format));
+        }
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|source| Error::Io { offset, source })
     }
 
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
@@ -73,6 +137,9 @@ impl BlockBackend for RawFile {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_write(self.read_only, offset, buf.len() as u64, self.size)?;
+        if let (Some(lock), true) = (&self.first_sector_guard, offset < PROBE_LEN as u64) {
+            return self.guarded_write(lock, buf, offset);
+        }
         self.file
             .write_all_at(buf, offset)
             .map_err(|source| Error::Io { offset, source })
@@ -87,6 +154,7 @@ impl BlockBackend for RawFile {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_write(self.read_only, offset, len, self.size)?;
+        let (offset, len) = self.past_guarded_head(offset, len);
         // Discard is advisory: a file system that cannot punch holes simply
         // keeps the data.
         let _ = self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len);
@@ -95,6 +163,16 @@ impl BlockBackend for RawFile {
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         check_write(self.read_only, offset, len, self.size)?;
+        // Zeroes could still complete a signature byte by byte: the part in
+        // a guarded first sector is an ordinary (checked) write.
+        let (rest, rest_len) = self.past_guarded_head(offset, len);
+        if rest > offset {
+            self.write_at(&vec![0u8; (rest - offset) as usize], offset)?;
+        }
+        let (offset, len) = (rest, rest_len);
+        if len == 0 {
+            return Ok(());
+        }
         let mode = if may_unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {

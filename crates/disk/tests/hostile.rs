@@ -6,7 +6,10 @@ use std::process::Command;
 use disk::{BackingRules, Error, OpenOptions};
 
 fn ro() -> OpenOptions {
-    OpenOptions { read_only: true }
+    OpenOptions {
+        read_only: true,
+        ..Default::default()
+    }
 }
 
 fn qemu_img(args: &[&str]) {

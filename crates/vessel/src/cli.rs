@@ -32,7 +32,7 @@ enum Command {
     /// Boot a guest: with its serial console on the terminal (Ctrl-A x
     /// quits), or detached (--name N --detach); with --api-sock and no
     /// kernel, wait for configuration over Firecracker's API.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the named VMs on this host.
     Ps,
     /// Pause a VM: vCPUs and devices stop; memory and device state hold still.
@@ -180,7 +180,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::logging::init(cli.verbose);
     let result = match cli.command {
-        Command::Run(args) => return run(args, process_start),
+        Command::Run(args) => return run(*args, process_start),
         Command::Disk(args) => return disk_cmd::run(args),
         Command::Ps => ps(),
         Command::Pause { name } => set_state(&name, "Paused"),
@@ -234,8 +234,7 @@ fn run(args: RunArgs, process_start: Instant) -> ExitCode {
         (None, Some(d)) => Some(d.join(runtime::API_SOCK)),
         (None, None) => None,
     };
-    let waits_for_api =
-        api_sock.is_some() && args.kernel.is_none() && args.config.is_none() && args.restore.is_none();
+    let waits_for_api = api_sock.is_some() && args.kernel.is_none() && args.config.is_none() && args.restore.is_none();
     let detached_child = std::env::var_os("VESSEL_DETACHED").is_some();
     let console = if detached_child {
         ConsoleMode::Detached
@@ -563,14 +562,21 @@ fn snapshot(a: SnapshotArgs) -> Result<(), String> {
         "snapshot of {name} in {} ({} ms); {}",
         dir.display(),
         took.as_millis(),
-        if was_running && !a.leave_paused { "resumed" } else { "left paused" }
+        if was_running && !a.leave_paused {
+            "resumed"
+        } else {
+            "left paused"
+        }
     );
     Ok(())
 }
 
 fn restore(dir: &Path, name: Option<String>, count: u32, accel: Option<String>, paused: bool) -> Result<(), String> {
     if !dir.join(SNAPSHOT_STATE).exists() {
-        return Err(format!("{}: no snapshot here (no {SNAPSHOT_STATE} file)", dir.display()));
+        return Err(format!(
+            "{}: no snapshot here (no {SNAPSHOT_STATE} file)",
+            dir.display()
+        ));
     }
     if count == 0 {
         return Err("--count must be at least 1".into());

@@ -99,6 +99,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings, String> {
             path: d.path.clone(),
             read_only: d.readonly,
             allow_absolute_backing: d.allow_absolute_backing,
+            format: d.format,
         })
         .collect();
     disks.extend(args.disks);
@@ -122,6 +123,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings, String> {
             nets,
             rng: args.rng || file.rng.unwrap_or(false),
             console_output: args.console_output,
+            console_output_limit: vmm::virtio::console::DEFAULT_OUTPUT_LIMIT,
         },
         accel: args.accel.or(file.accel).unwrap_or_else(|| "auto".to_string()),
     })

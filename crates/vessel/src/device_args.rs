@@ -1,9 +1,10 @@
 //! Device options on the command line and in the machine file:
-//! `--disk path=IMG[,readonly=on]` and `--net [tap=NAME][,mac=MAC]`.
+//! `--disk path=IMG[,readonly=on][,format=raw|qcow2]` and `--net [tap=NAME][,mac=MAC]`.
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use disk::ImageFormat;
+use serde::{Deserialize, Deserializer};
 use vmm::machine::{DiskConfig, NetConfig};
 
 /// Split "k=v,k=v" into pairs; a bare first item is the value of `bare`.
@@ -30,14 +31,16 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let mut path = None;
     let mut read_only = false;
     let mut allow_absolute_backing = false;
+    let mut format = None;
     for (k, v) in pairs(s, "path")? {
         match k {
             "path" => path = Some(PathBuf::from(v)),
+            "format" => format = Some(parse_format(v)?),
             "readonly" | "ro" => read_only = parse_switch(k, v)?,
             "allow-absolute-backing" => allow_absolute_backing = parse_switch(k, v)?,
             _ => {
                 return Err(format!(
-                    "--disk: unknown option '{k}' (known: path, readonly, allow-absolute-backing)"
+                    "--disk: unknown option '{k}' (known: path, readonly, format, allow-absolute-backing)"
                 ))
             }
         }
@@ -47,7 +50,19 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
         path,
         read_only,
         allow_absolute_backing,
+        format,
     })
+}
+
+/// `format=raw|qcow2`.
+pub fn parse_format(v: &str) -> Result<ImageFormat, String> {
+    v.parse::<ImageFormat>().map_err(|e| format!("format={v}: {e}"))
+}
+
+fn de_format<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ImageFormat>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    s.map(|s| parse_format(&s).map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -94,6 +109,9 @@ pub struct DiskEntry {
     pub readonly: bool,
     #[serde(default)]
     pub allow_absolute_backing: bool,
+    /// "raw" or "qcow2"; absent: from the file name (docs/DISKS.md).
+    #[serde(default, deserialize_with = "de_format")]
+    pub format: Option<ImageFormat>,
 }
 
 /// A network device in the machine file.
@@ -135,6 +153,16 @@ mod tests {
         assert!(parse_disk("readonly=on").unwrap_err().contains("no path"));
         assert!(parse_disk("path=a,cache=none").unwrap_err().contains("unknown option"));
         assert!(parse_disk("path=a,readonly=maybe").is_err());
+        assert_eq!(parse_disk("a.img").unwrap().format, None);
+        assert_eq!(
+            parse_disk("path=a.img,format=qcow2").unwrap().format,
+            Some(ImageFormat::Qcow2)
+        );
+        assert_eq!(
+            parse_disk("path=a.qcow2,format=raw").unwrap().format,
+            Some(ImageFormat::Raw)
+        );
+        assert!(parse_disk("path=a,format=vmdk").unwrap_err().contains("vmdk"));
     }
 
     #[test]

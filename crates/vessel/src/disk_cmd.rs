@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 use disk::ops::{self, LayerInfo};
-use disk::{BackingRules, Format};
+use disk::{BackingRules, ImageFormat};
 
 #[derive(clap::Args)]
 pub struct DiskArgs {
@@ -31,29 +31,49 @@ enum DiskCommand {
         backing: Option<String>,
     },
     /// Show the whole backing chain: formats, virtual and allocated sizes.
-    Info { image: PathBuf },
+    Info {
+        image: PathBuf,
+        #[command(flatten)]
+        format: FormatArg,
+    },
     /// Freeze the image as snapshot NAME and continue in a new overlay.
     Snapshot {
         image: PathBuf,
         #[arg(long)]
         name: String,
+        #[command(flatten)]
+        format: FormatArg,
     },
     /// List the snapshots in the image's chain, newest first.
-    Snapshots { image: PathBuf },
+    Snapshots {
+        image: PathBuf,
+        #[command(flatten)]
+        format: FormatArg,
+    },
     /// Go back to snapshot NAME, dropping everything written after it.
     Revert {
         image: PathBuf,
         #[arg(long)]
         to: String,
+        #[command(flatten)]
+        format: FormatArg,
     },
     /// Merge the top layer down into its backing file.
-    Commit { image: PathBuf },
+    Commit {
+        image: PathBuf,
+        #[command(flatten)]
+        format: FormatArg,
+    },
     /// Copy an image (with its whole chain) into a standalone image.
     Convert {
         src: PathBuf,
         dst: PathBuf,
-        #[arg(long, value_parser = ["raw", "qcow2"], default_value = "qcow2")]
-        format: String,
+        /// The format of DST.
+        #[arg(long, value_parser = parse_format, default_value = "qcow2")]
+        format: ImageFormat,
+        /// The format of SRC [default: from its file name: .qcow2 is qcow2, anything else raw].
+        #[arg(long, value_parser = parse_format)]
+        src_format: Option<ImageFormat>,
     },
     /// Look for leaked clusters and corruption.
     Check {
@@ -62,6 +82,19 @@ enum DiskCommand {
         #[arg(long)]
         repair: bool,
     },
+}
+
+/// The image's format, when its file name does not say it.
+#[derive(clap::Args)]
+struct FormatArg {
+    /// raw or qcow2 [default: from the file name: .qcow2 is qcow2, anything
+    /// else raw; the file's contents never decide (docs/DISKS.md)].
+    #[arg(long, value_parser = parse_format)]
+    format: Option<ImageFormat>,
+}
+
+fn parse_format(s: &str) -> Result<ImageFormat, String> {
+    s.parse::<ImageFormat>().map_err(|e| e.to_string())
 }
 
 /// A size in bytes: a number with an optional K, M, G or T suffix (powers of 1024).
@@ -123,13 +156,13 @@ fn dispatch(cmd: DiskCommand, opts: &BackingRules) -> disk::Result<ExitCode> {
             let size = ops::create(&image, size, backing.as_deref(), opts)?;
             println!("created {} ({})", image.display(), human(size));
         }
-        DiskCommand::Info { image } => print_info(&ops::info(&image, opts)?),
-        DiskCommand::Snapshot { image, name } => {
-            let file = ops::snapshot(&image, &name, opts)?;
+        DiskCommand::Info { image, format } => print_info(&ops::info(&image, format.format, opts)?),
+        DiskCommand::Snapshot { image, name, format } => {
+            let file = ops::snapshot(&image, &name, format.format, opts)?;
             println!("snapshot {name} is {}", file.display());
         }
-        DiskCommand::Snapshots { image } => {
-            let snaps = ops::snapshots(&image, opts)?;
+        DiskCommand::Snapshots { image, format } => {
+            let snaps = ops::snapshots(&image, format.format, opts)?;
             if snaps.is_empty() {
                 println!("no snapshots");
             }
@@ -137,26 +170,30 @@ fn dispatch(cmd: DiskCommand, opts: &BackingRules) -> disk::Result<ExitCode> {
                 println!("{}\t{}\t{}", s.name, s.path.display(), human(s.allocated));
             }
         }
-        DiskCommand::Revert { image, to } => {
-            let dropped = ops::revert(&image, &to, opts)?;
+        DiskCommand::Revert { image, to, format } => {
+            let dropped = ops::revert(&image, &to, format.format, opts)?;
             println!("{} reverted to snapshot {to}", image.display());
             for d in dropped {
                 println!("removed {}", d.display());
             }
         }
-        DiskCommand::Commit { image } => {
+        DiskCommand::Commit { image, format } => {
             let bar = progress_bar("commit");
-            let copied = ops::commit(&image, opts, &mut |done, total| {
+            let copied = ops::commit(&image, format.format, opts, &mut |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
             })?;
             bar.finish_and_clear();
             println!("committed {} into the backing file", human(copied));
         }
-        DiskCommand::Convert { src, dst, format } => {
-            let format = if format == "raw" { Format::Raw } else { Format::Qcow2 };
+        DiskCommand::Convert {
+            src,
+            dst,
+            format,
+            src_format,
+        } => {
             let bar = progress_bar("convert");
-            ops::convert(&src, &dst, format, opts, &mut |done, total| {
+            ops::convert(&src, src_format, &dst, format, opts, &mut |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
             })?;

@@ -17,7 +17,11 @@ fn device_name(ty: u32) -> &'static str {
 pub fn describe(s: &MachineState) -> String {
     let mut o = String::new();
     let c = &s.config;
-    let _ = writeln!(o, "format:     Vessel snapshot version {FORMAT_VERSION}, written by Vessel {}", s.vessel_version);
+    let _ = writeln!(
+        o,
+        "format:     Vessel snapshot version {FORMAT_VERSION}, written by Vessel {}",
+        s.vessel_version
+    );
     let _ = writeln!(o, "engine:     {}", s.engine);
     let _ = writeln!(o, "clock:      {:.3} s of machine time", s.clock_ns as f64 / 1e9);
     let _ = writeln!(o, "memory:     {} MiB", c.mem_size >> 20);
@@ -70,7 +74,11 @@ pub fn describe(s: &MachineState) -> String {
             "  disk{i}:    {} ({}{})",
             d.path.display(),
             if d.read_only { "read-only, " } else { "" },
-            if d.frozen { "frozen in the snapshot" } else { "not frozen: referenced by path" }
+            if d.frozen {
+                "frozen in the snapshot"
+            } else {
+                "not frozen: referenced by path"
+            }
         );
     }
     for (i, n) in c.nets.iter().enumerate() {

@@ -377,6 +377,25 @@ fn bad_requests_get_400_and_change_nothing() {
     drop(vmm);
 }
 
+/// Kills every VM left in a runtime directory when a test ends (a failed
+/// test must not leave detached guests running).
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let Ok(rd) = std::fs::read_dir(&self.0) else { return };
+        for e in rd.flatten() {
+            if let Some(pid) = std::fs::read_to_string(e.path().join("pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on a VM process this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 fn runtime_cmd(run_dir: &Path) -> Command {
     let mut c = vessel();
     c.env("VESSEL_RUNTIME_DIR", run_dir);
@@ -432,6 +451,7 @@ fn wait_log(run_dir: &Path, name: &str, what: &str, timeout: Duration) -> String
 fn twenty_detached_vms() {
     let s = Scratch::new("api-fleet");
     let run_dir: PathBuf = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
     let names: Vec<String> = (0..20).map(|i| format!("vm{i:02}")).collect();
     for n in &names {
         detached(&run_dir, n, "echo FLEET-UP; sleep 100000");
@@ -482,6 +502,7 @@ fn twenty_detached_vms() {
 fn console_paste_arrives_whole() {
     let s = Scratch::new("api-console");
     let run_dir = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
     detached(
         &run_dir,
         "paste",

@@ -11,6 +11,25 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Kills every VM left in a runtime directory when a test ends (a failed
+/// test must not leave detached guests running).
+struct Reaper(std::path::PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let Ok(rd) = std::fs::read_dir(&self.0) else { return };
+        for e in rd.flatten() {
+            if let Some(pid) = std::fs::read_to_string(e.path().join("pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on a VM process this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 fn runtime_cmd(run_dir: &Path) -> std::process::Command {
     let mut c = vessel();
     c.env("VESSEL_RUNTIME_DIR", run_dir);
@@ -18,7 +37,11 @@ fn runtime_cmd(run_dir: &Path) -> std::process::Command {
 }
 
 fn cli(run_dir: &Path, args: &[&str]) -> std::process::Output {
-    let o = runtime_cmd(run_dir).args(args).stdin(Stdio::null()).timed_output().unwrap();
+    let o = runtime_cmd(run_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .timed_output()
+        .unwrap();
     assert!(
         o.status.success(),
         "vessel {args:?}: {}",
@@ -38,7 +61,10 @@ fn wait_log(run_dir: &Path, name: &str, what: &str, timeout: Duration) -> (Strin
         if l.contains(what) {
             return (l, Instant::now());
         }
-        assert!(start.elapsed() < timeout, "{name}: no {what:?} within {timeout:?}:\n{l}");
+        assert!(
+            start.elapsed() < timeout,
+            "{name}: no {what:?} within {timeout:?}:\n{l}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -73,6 +99,7 @@ fn field<'a>(log: &'a str, key: &str) -> Option<&'a str> {
 fn clones_finish_the_work_the_original_started() {
     let s = Scratch::new("snap-clones");
     let run_dir = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
     let snap = s.0.join("snap");
     let disk = s.0.join("ro.ext4");
     std::fs::copy(artifact("disk.ext4"), &disk).unwrap();
@@ -90,7 +117,9 @@ fn clones_finish_the_work_the_original_started() {
         loop_of(2)
     );
     let o = runtime_cmd(&run_dir)
-        .args(["run", "--detach", "--name", "orig", "--accel", "emu", "--cpus", "2", "--mem", "256M"])
+        .args([
+            "run", "--detach", "--name", "orig", "--accel", "emu", "--cpus", "2", "--mem", "256M",
+        ])
         .arg("--kernel")
         .arg(artifact("kernel/vmlinux"))
         .arg("--initrd")
@@ -110,10 +139,16 @@ fn clones_finish_the_work_the_original_started() {
     std::thread::sleep(Duration::from_millis(700));
     cli(&run_dir, &["snapshot", "orig", snap.to_str().unwrap()]);
     let before = log(&run_dir, "orig");
-    assert!(!before.contains("SUM1="), "the work ended before the snapshot; make it longer");
-    let inspect = String::from_utf8_lossy(&cli(&run_dir, &["snapshot", "inspect", snap.to_str().unwrap()]).stdout)
-        .into_owned();
-    assert!(inspect.contains("vcpus:      2") && inspect.contains("block"), "{inspect}");
+    assert!(
+        !before.contains("SUM1="),
+        "the work ended before the snapshot; make it longer"
+    );
+    let inspect =
+        String::from_utf8_lossy(&cli(&run_dir, &["snapshot", "inspect", snap.to_str().unwrap()]).stdout).into_owned();
+    assert!(
+        inspect.contains("vcpus:      2") && inspect.contains("block"),
+        "{inspect}"
+    );
 
     let names = String::from_utf8_lossy(&cli(&run_dir, &["restore", snap.to_str().unwrap(), "--count", "2"]).stdout)
         .into_owned();
@@ -122,17 +157,47 @@ fn clones_finish_the_work_the_original_started() {
 
     let pattern: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
     let want_pat = md5_of(pattern.as_bytes());
-    for vm in ["orig", "snap-1", "snap-2"] {
-        let (_, start) = wait_log(&run_dir, vm, "SLEEP-START", Duration::from_secs(240));
-        let (l, end) = wait_log(&run_dir, vm, "SLEEP-END", Duration::from_secs(30));
-        let slept = end - start;
+    // Watch all three at once, noting when each line first shows.
+    let vms = ["orig", "snap-1", "snap-2"];
+    let mut seen: Vec<[Option<Instant>; 2]> = vec![[None, None]; vms.len()];
+    let start = Instant::now();
+    while seen.iter().any(|s| s[1].is_none()) {
+        for (i, vm) in vms.iter().enumerate() {
+            let l = log(&run_dir, vm);
+            for (j, mark) in ["SLEEP-START", "SLEEP-END"].iter().enumerate() {
+                if seen[i][j].is_none() && l.contains(mark) {
+                    seen[i][j] = Some(Instant::now());
+                }
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(240),
+            "the work did not finish: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for (i, vm) in vms.iter().enumerate() {
+        let l = log(&run_dir, vm);
+        let slept = seen[i][1].unwrap() - seen[i][0].unwrap();
         assert!(
             slept > Duration::from_millis(500) && slept < Duration::from_secs(4),
             "{vm}: sleep 1 took {slept:?}"
         );
-        assert_eq!(field(&l, "SUM1="), Some(cpu_sum(1, N).to_string().as_str()), "{vm}:\n{l}");
-        assert_eq!(field(&l, "SUM2="), Some(cpu_sum(2, N).to_string().as_str()), "{vm}:\n{l}");
-        assert_eq!(field(&l, "PAT-SUM="), Some(want_pat.as_str()), "{vm}: memory pattern damaged");
+        assert_eq!(
+            field(&l, "SUM1="),
+            Some(cpu_sum(1, N).to_string().as_str()),
+            "{vm}:\n{l}"
+        );
+        assert_eq!(
+            field(&l, "SUM2="),
+            Some(cpu_sum(2, N).to_string().as_str()),
+            "{vm}:\n{l}"
+        );
+        assert_eq!(
+            field(&l, "PAT-SUM="),
+            Some(want_pat.as_str()),
+            "{vm}: memory pattern damaged"
+        );
         assert!(!l.contains("soft lockup") && !l.contains("Oops"), "{vm}:\n{l}");
     }
     for vm in ["orig", "snap-1", "snap-2"] {
@@ -160,6 +225,7 @@ fn curl(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
 fn hostile_snapshot_files_are_refused() {
     let s = Scratch::new("snap-hostile");
     let run_dir = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
     let snap = s.0.join("snap");
     let ticker = "i=0; while true; do echo tick$i; i=$((i+1)); sleep 0.2; done";
     let o = runtime_cmd(&run_dir)
@@ -183,7 +249,11 @@ fn hostile_snapshot_files_are_refused() {
     let mut bad: Vec<(&str, Vec<u8>, &str)> = vec![
         ("truncated", good[..good.len() / 2].to_vec(), "truncated"),
         ("empty", Vec::new(), "truncated"),
-        ("not a snapshot", b"hello world, not a snapshot at all".to_vec(), "not a Vessel snapshot"),
+        (
+            "not a snapshot",
+            b"hello world, not a snapshot at all".to_vec(),
+            "not a Vessel snapshot",
+        ),
     ];
     let mut flipped = good.clone();
     flipped[good.len() / 2] ^= 0x10;
@@ -205,7 +275,8 @@ fn hostile_snapshot_files_are_refused() {
     bad.push(("vCPU count out of range", forged, "vCPU states"));
     let forged = reencode(
         &good,
-        text.replacen("\"mem_size\":134217728,", "\"mem_size\":1099511627776,", 1).as_bytes(),
+        text.replacen("\"mem_size\":134217728,", "\"mem_size\":1099511627776,", 1)
+            .as_bytes(),
     );
     bad.push(("memory size not the memory file's", forged, "memory"));
 
@@ -260,6 +331,7 @@ fn hostile_snapshot_files_are_refused() {
     assert_eq!(code, 204, "{text}");
     let (_, info) = curl(&sock, "GET", "/", "");
     assert!(info.contains("Running"), "{info}");
+    std::thread::sleep(Duration::from_secs(2));
     let _ = vmm.kill();
     let out = vmm.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -284,7 +356,11 @@ fn crc64(data: &[u8]) -> u64 {
     for &b in data {
         crc ^= (b as u64) << 56;
         for _ in 0..8 {
-            crc = if crc & (1 << 63) != 0 { (crc << 1) ^ POLY } else { crc << 1 };
+            crc = if crc & (1 << 63) != 0 {
+                (crc << 1) ^ POLY
+            } else {
+                crc << 1
+            };
         }
     }
     crc

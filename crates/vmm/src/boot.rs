@@ -63,8 +63,10 @@ fn kernel_err(p: &Path, reason: impl ToString) -> Error {
 /// Load everything and return the boot CPU's initial state.
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<CpuState> {
     let mut file = File::open(spec.kernel).map_err(|e| kernel_err(spec.kernel, e))?;
-    let (entry, mut params) = match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
-        Ok(r) => (r.kernel_load.0, boot_params::default()),
+    // `kernel_end`: the end of the memory the kernel occupies before it
+    // reads the e820 map (the initrd must lie above it).
+    let (entry, mut params, kernel_end) = match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+        Ok(r) => (r.kernel_load.0, boot_params::default(), r.kernel_end),
         Err(elf_err) => {
             let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|bz| {
                 kernel_err(
@@ -82,11 +84,12 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<CpuState> {
                     "bzImage has no 64-bit entry point (boot protocol < 2.06)",
                 ));
             }
+            let end = bzimage_end(r.kernel_load.0, &hdr).max(r.kernel_end);
             let p = boot_params {
                 hdr,
                 ..Default::default()
             };
-            (r.kernel_load.0 + 0x200, p)
+            (r.kernel_load.0 + 0x200, p, end)
         }
     };
 
@@ -113,24 +116,15 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<CpuState> {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        let low_ram_end = spec.mem_size.min(MMIO_HOLE_START);
-        let max = if params.hdr.initrd_addr_max != 0 {
-            (params.hdr.initrd_addr_max as u64 + 1).min(low_ram_end)
-        } else {
-            low_ram_end.min(0x3800_0000)
-        };
-        let kernel_end = KERNEL_START + 64 * (1 << 20);
         let size = data.len() as u64;
-        let addr = max
-            .checked_sub(size)
-            .map(|a| a & !0xfff)
-            .filter(|&a| a >= kernel_end)
-            .ok_or_else(|| Error::Initrd {
+        let addr =
+            initrd_addr(size, spec.mem_size, params.hdr.initrd_addr_max, kernel_end).ok_or_else(|| Error::Initrd {
                 path: path.display().to_string(),
                 reason: format!(
-                    "{} MiB does not fit in guest memory of {} MiB",
-                    size >> 20,
-                    spec.mem_size >> 20
+                    "{size} bytes: it does not fit in guest memory of {} MiB between the kernel's \
+                     end ({kernel_end:#x}) and {:#x}",
+                    spec.mem_size >> 20,
+                    initrd_limit(spec.mem_size, params.hdr.initrd_addr_max),
                 ),
             })?;
         mem.write_slice(&data, GuestAddress(addr))
@@ -188,6 +182,43 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<CpuState> {
     // Linux expects interrupts off and a clean RFLAGS.
     s.rflags = x86emu::state::flags::FIXED1;
     Ok(s)
+}
+
+/// Where a bzImage's kernel ends up once it has decompressed itself: at
+/// `pref_address` (or the load address rounded up to `kernel_alignment`,
+/// if higher), taking `init_size` bytes from there before it reads the
+/// memory map (Documentation/x86/boot.rst; arch/x86/boot/compressed/head_64.S).
+fn bzimage_end(load: u64, hdr: &linux_loader::loader::bootparam::setup_header) -> u64 {
+    let align = u64::from(hdr.kernel_alignment).max(1);
+    let at = load.checked_next_multiple_of(align).unwrap_or(load);
+    let start = if hdr.relocatable_kernel != 0 {
+        at.max(hdr.pref_address)
+    } else {
+        hdr.pref_address.max(load)
+    };
+    start.saturating_add(u64::from(hdr.init_size))
+}
+
+/// The end of the area an initrd may occupy: the RAM below the MMIO hole,
+/// and below the kernel's `initrd_addr_max` (0: the protocol's old default
+/// of 0x37ffffff).
+fn initrd_limit(mem_size: u64, initrd_addr_max: u32) -> u64 {
+    let low_ram_end = mem_size.min(MMIO_HOLE_START);
+    let max = match initrd_addr_max {
+        0 => 0x3800_0000,
+        m => u64::from(m) + 1,
+    };
+    low_ram_end.min(max)
+}
+
+/// Where to put an initrd of `size` bytes: the highest page-aligned
+/// address below [`initrd_limit`] that clears the kernel (it ends at
+/// `kernel_end`), as Firecracker and QEMU place it. `None`: it does not fit.
+pub fn initrd_addr(size: u64, mem_size: u64, initrd_addr_max: u32, kernel_end: u64) -> Option<u64> {
+    initrd_limit(mem_size, initrd_addr_max)
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= kernel_end.max(HIMEM_START))
 }
 
 /// Null, 64-bit code (0x08), data (0x10), a TSS (0x18).
@@ -253,6 +284,45 @@ mod tests {
         );
         assert!(missing.is_err());
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn initrd_goes_high_and_clears_the_kernel() {
+        const MIB: u64 = 1 << 20;
+        // 64 MiB guest, 1 MiB initrd, a kernel ending at 28 MiB: the top page.
+        let a = initrd_addr(MIB, 64 * MIB, 0x7fff_ffff, 28 * MIB).unwrap();
+        assert_eq!(a, 63 * MIB);
+        // Not page-sized: rounded down to a page, still below the top.
+        let a = initrd_addr(MIB + 1, 64 * MIB, 0x7fff_ffff, 28 * MIB).unwrap();
+        assert_eq!(a, 63 * MIB - 4096);
+        // It must clear the kernel: 40 MiB does not fit above 28 MiB in 64.
+        assert_eq!(initrd_addr(40 * MIB, 64 * MIB, 0x7fff_ffff, 28 * MIB), None);
+        assert_eq!(initrd_addr(36 * MIB, 64 * MIB, 0x7fff_ffff, 28 * MIB), Some(28 * MIB));
+        // initrd_addr_max and the MMIO hole bound it; 0 means 0x37ffffff.
+        assert_eq!(initrd_addr(MIB, 8 << 30, 0x0fff_ffff, 28 * MIB), Some(255 * MIB));
+        assert_eq!(initrd_addr(MIB, 8 << 30, 0, 28 * MIB), Some(0x3800_0000 - MIB));
+        assert_eq!(
+            initrd_addr(MIB, 8 << 30, u32::MAX, 28 * MIB),
+            Some(MMIO_HOLE_START - MIB)
+        );
+        // Absurd sizes are refused, not wrapped.
+        assert_eq!(initrd_addr(u64::MAX, 64 * MIB, 0, 0), None);
+    }
+
+    #[test]
+    fn a_bzimage_ends_at_its_decompressed_size() {
+        let mut hdr = linux_loader::loader::bootparam::setup_header {
+            kernel_alignment: 0x20_0000,
+            pref_address: 0x100_0000,
+            init_size: 0xfd_1000,
+            ..Default::default()
+        };
+        // Not relocatable: at pref_address, whatever the load address.
+        assert_eq!(bzimage_end(0x10_0000, &hdr), 0x100_0000 + 0xfd_1000);
+        // Relocatable, loaded high: at the load address, aligned up.
+        hdr.relocatable_kernel = 1;
+        assert_eq!(bzimage_end(0x10_0000, &hdr), 0x100_0000 + 0xfd_1000);
+        assert_eq!(bzimage_end(0x210_0000, &hdr), 0x220_0000 + 0xfd_1000);
     }
 
     #[test]

@@ -140,24 +140,28 @@ fn vcpu_thread(id: usize, mut cpu: Cpu, shared: Arc<Shared>, ncpus: usize) {
             if ev.nmi {
                 cpu.inject_nmi();
             }
+            // Started by a SIPI: no longer done, before it runs a thing.
+            if counted_dead && !cpu.state.events.halted && !cpu.state.events.wait_for_sipi {
+                counted_dead = false;
+                shared.dead.fetch_sub(1, Ordering::AcqRel);
+            }
         }
         match cpu.run(&mut bus, SLICE) {
             Exit::Budget | Exit::ExitRequested | Exit::Shutdown => {}
             Exit::Halted => {
                 let if_set = cpu.state.rflags & flags::IF != 0;
-                if !if_set && !counted_dead {
-                    counted_dead = true;
-                    // All vCPUs halted with interrupts off: the guest is done
-                    // (for example `reboot: System halted`).
-                    if shared.dead.fetch_add(1, Ordering::AcqRel) + 1 == ncpus as u32 {
-                        shared.request_stop(STOP_HALTED);
-                    }
+                if !if_set {
+                    count_dead(&shared, &mut counted_dead, ncpus);
                 }
                 if !shared.control.pause_requested() {
                     shared.irqs.halt(id, &now, Duration::from_millis(100), if_set);
                 }
             }
             Exit::WaitForSipi => {
+                // A vCPU that was never started (or was sent INIT) runs
+                // nothing until a SIPI: with `nosmp`, the APs stay here for
+                // good, and must count as done when the BSP halts.
+                count_dead(&shared, &mut counted_dead, ncpus);
                 if !shared.control.pause_requested() {
                     shared.irqs.halt(id, &now, Duration::from_millis(100), false)
                 }
@@ -168,7 +172,7 @@ fn vcpu_thread(id: usize, mut cpu: Cpu, shared: Arc<Shared>, ncpus: usize) {
                 shared.request_stop(STOP_TRIPLE);
             }
         }
-        if counted_dead && !cpu.state.events.halted {
+        if counted_dead && !cpu.state.events.halted && !cpu.state.events.wait_for_sipi {
             counted_dead = false;
             shared.dead.fetch_sub(1, Ordering::AcqRel);
         }
@@ -183,6 +187,19 @@ fn vcpu_thread(id: usize, mut cpu: Cpu, shared: Arc<Shared>, ncpus: usize) {
         st.interrupts,
         st.unimplemented
     );
+}
+
+/// This vCPU will run nothing more unless an NMI, INIT or SIPI comes (it
+/// halted with interrupts off, or waits for a SIPI): count it once, and
+/// when every vCPU is so, the guest is done (for example `reboot: System
+/// halted`, with or without `nosmp`).
+fn count_dead(shared: &Shared, counted: &mut bool, ncpus: usize) {
+    if std::mem::replace(counted, true) {
+        return;
+    }
+    if shared.dead.fetch_add(1, Ordering::AcqRel) + 1 == ncpus as u32 {
+        shared.request_stop(STOP_HALTED);
+    }
 }
 
 /// Start an application processor in real mode at `vector << 12`.

@@ -12,6 +12,13 @@ pub mod memory;
 pub mod persist;
 pub mod virtio;
 
+#[cfg(test)]
+mod long_uptime_tests;
+#[cfg(test)]
+mod lost_ticks_tests;
+#[cfg(test)]
+mod port_io_tests;
+
 pub use engine::{Accel, EngineKind};
 pub use machine::{Machine, MachineConfig, RunOutcome, VmHandle};
 

@@ -33,6 +33,14 @@ use crate::{Error, Result};
 
 /// Guest TSC rate, advertised through CPUID.
 pub const TSC_KHZ: u32 = 2_000_000;
+/// The guest TSC at machine time `now_ns`: `now_ns * TSC_KHZ / 10^6`, in
+/// 128 bits so it never saturates (a 64-bit product did at 2 h 34 min and
+/// the guest's clock stopped). It wraps at 2^64 like a real TSC, after
+/// 292 years at 2 GHz.
+pub fn guest_tsc(now_ns: u64) -> u64 {
+    (u128::from(now_ns) * u128::from(TSC_KHZ) / 1_000_000) as u64
+}
+
 /// Most vCPUs a machine may have.
 pub const MAX_CPUS: u32 = 64;
 
@@ -51,6 +59,10 @@ pub struct MachineConfig {
     pub rng: bool,
     /// A virtio-console (`/dev/hvc0`) whose output goes to this file.
     pub console_output: Option<PathBuf>,
+    /// The largest that file may grow (what it held before counts); guest
+    /// output beyond it is dropped and counted.
+    /// [`crate::virtio::console::DEFAULT_OUTPUT_LIMIT`] is 64 MiB.
+    pub console_output_limit: u64,
 }
 
 /// A virtio-blk disk.
@@ -62,6 +74,10 @@ pub struct DiskConfig {
     /// Follow qcow2 backing-file names that are absolute or contain `..`
     /// (by default only names relative to the image, inside its folder).
     pub allow_absolute_backing: bool,
+    /// The image's format. `None`: from the file name (`.qcow2` is qcow2,
+    /// anything else raw, and then guest writes may not make its first
+    /// sector look like an image format); never from the file's contents.
+    pub format: Option<disk::ImageFormat>,
 }
 
 /// A virtio-net device on a TAP interface.
@@ -139,6 +155,52 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// A machine's shared state with 32 MiB of memory, the given
+    /// interrupt controllers and serial output, and no devices or vCPUs:
+    /// for tests of the buses.
+    #[cfg(test)]
+    pub(crate) fn for_tests(irqs: Arc<Interrupts>, console: Box<dyn Write + Send>) -> Arc<Shared> {
+        let cfg = MachineConfig {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_size: 32 << 20,
+            cpus: 1,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
+            console_output: None,
+            console_output_limit: 0,
+        };
+        Arc::new(Shared {
+            mem: memory::create(cfg.mem_size).expect("memory"),
+            irqs: irqs.clone(),
+            platform: Mutex::new(Platform {
+                serial: SerialPort::new(console),
+                i8042: I8042::default(),
+                rtc: Rtc::new(0),
+            }),
+            serial_line: Arc::new(EmuLine {
+                irqs: irqs.clone(),
+                pin: COM1_IRQ,
+            }),
+            kbd_line: Arc::new(EmuLine {
+                irqs,
+                pin: i8042::KBD_IRQ,
+            }),
+            control: Control::default(),
+            start: Instant::now(),
+            clock_base_ns: 0,
+            config: cfg,
+            engine_kind: EngineKind::Emu,
+            stop: AtomicU8::new(RUNNING),
+            triple_fault: Mutex::new(None),
+            dead: std::sync::atomic::AtomicU32::new(0),
+            virtio: Vec::new(),
+            pausing: Mutex::new(()),
+        })
+    }
+
     pub(crate) fn now_ns(&self) -> u64 {
         self.clock_base_ns
             .saturating_add(u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX))
@@ -270,58 +332,22 @@ unsafe impl Bus for VcpuBus {
         self.shared.irqs.with(|r| r.mmio_write(id, gpa, data, now));
     }
 
+    /// Every port device is byte-wide: a 16- or 32-bit access is byte
+    /// accesses to consecutive ports, as on the ISA bus (and in QEMU).
     fn io_in(&mut self, port: u16, size: u8) -> u32 {
-        let mask = if size >= 4 { u32::MAX } else { (1u32 << (size * 8)) - 1 };
-        let now = self.shared.now_ns();
-        let v = match port {
-            COM1_BASE..=0x3ff => {
-                let mut p = self.shared.platform();
-                let v = p.serial.read(port);
-                self.shared.serial_irq(&mut p);
-                v as u32
-            }
-            i8042::DATA_PORT | i8042::STATUS_PORT => {
-                let mut p = self.shared.platform();
-                let v = p.i8042.read(port);
-                self.shared.kbd_irq(&mut p);
-                v as u32
-            }
-            0x70 | 0x71 => self.shared.platform().rtc.read(port, now) as u32,
-            p if acpi_pm::handles(p) => acpi_pm::read(p) as u32,
-            _ => match self.shared.irqs.with(|r| r.io_read(port, now)) {
-                Some(v) => v as u32,
-                None => u32::MAX,
-            },
-        };
-        v & mask
+        (0..size.clamp(1, 4)).fold(0, |v, i| {
+            v | (u32::from(self.io_in_byte(port.wrapping_add(u16::from(i)))) << (8 * i))
+        })
     }
 
-    fn io_out(&mut self, port: u16, _size: u8, value: u32) {
-        let now = self.shared.now_ns();
-        match port {
-            COM1_BASE..=0x3ff => {
-                let mut p = self.shared.platform();
-                p.serial.write(port, value as u8);
-                self.shared.serial_irq(&mut p);
-            }
-            i8042::DATA_PORT | i8042::STATUS_PORT => {
-                let mut p = self.shared.platform();
-                p.i8042.write(port, value as u8);
-                self.shared.kbd_irq(&mut p);
-                if p.i8042.reset_requested {
-                    drop(p);
-                    self.shared.request_stop(STOP_RESET);
-                }
-            }
-            0x70 | 0x71 => self.shared.platform().rtc.write(port, value as u8, now),
-            p if acpi_pm::handles(p) => match acpi_pm::action(p, value as u8) {
-                PowerAction::PowerOff => self.shared.request_stop(STOP_HALTED),
-                PowerAction::Reset => self.shared.request_stop(STOP_RESET),
-                PowerAction::None => {}
-            },
-            _ => {
-                self.shared.irqs.with(|r| r.io_write(port, value as u8, now));
-            }
+    fn io_out(&mut self, port: u16, size: u8, value: u32) {
+        for (i, b) in value
+            .to_le_bytes()
+            .into_iter()
+            .take(size.clamp(1, 4).into())
+            .enumerate()
+        {
+            self.io_out_byte(port.wrapping_add(i as u16), b);
         }
     }
 
@@ -345,7 +371,7 @@ unsafe impl Bus for VcpuBus {
     }
 
     fn tsc(&mut self, _instret: u64) -> u64 {
-        self.shared.now_ns().saturating_mul(TSC_KHZ as u64) / 1_000_000
+        guest_tsc(self.shared.now_ns())
     }
 
     fn interrupt_pending(&mut self) -> bool {
@@ -367,6 +393,59 @@ unsafe impl Bus for VcpuBus {
         self.shared.stop.load(Ordering::Acquire) != RUNNING
             || self.shared.irqs.events_pending(self.id)
             || self.shared.control.pause_requested()
+    }
+}
+
+impl VcpuBus {
+    /// One byte from a port device (0xff from no device).
+    fn io_in_byte(&mut self, port: u16) -> u8 {
+        let now = self.shared.now_ns();
+        match port {
+            COM1_BASE..=0x3ff => {
+                let mut p = self.shared.platform();
+                let v = p.serial.read(port);
+                self.shared.serial_irq(&mut p);
+                v
+            }
+            i8042::DATA_PORT | i8042::STATUS_PORT => {
+                let mut p = self.shared.platform();
+                let v = p.i8042.read(port);
+                self.shared.kbd_irq(&mut p);
+                v
+            }
+            0x70 | 0x71 => self.shared.platform().rtc.read(port, now),
+            p if acpi_pm::handles(p) => acpi_pm::read(p),
+            _ => self.shared.irqs.with(|r| r.io_read(port, now)).unwrap_or(0xff),
+        }
+    }
+
+    fn io_out_byte(&mut self, port: u16, value: u8) {
+        let now = self.shared.now_ns();
+        match port {
+            COM1_BASE..=0x3ff => {
+                let mut p = self.shared.platform();
+                p.serial.write(port, value);
+                self.shared.serial_irq(&mut p);
+            }
+            i8042::DATA_PORT | i8042::STATUS_PORT => {
+                let mut p = self.shared.platform();
+                p.i8042.write(port, value);
+                self.shared.kbd_irq(&mut p);
+                if p.i8042.reset_requested {
+                    drop(p);
+                    self.shared.request_stop(STOP_RESET);
+                }
+            }
+            0x70 | 0x71 => self.shared.platform().rtc.write(port, value, now),
+            p if acpi_pm::handles(p) => match acpi_pm::action(p, value) {
+                PowerAction::PowerOff => self.shared.request_stop(STOP_HALTED),
+                PowerAction::Reset => self.shared.request_stop(STOP_RESET),
+                PowerAction::None => {}
+            },
+            _ => {
+                self.shared.irqs.with(|r| r.io_write(port, value, now));
+            }
+        }
     }
 }
 
@@ -721,7 +800,8 @@ impl VmHandle {
             dev.flush()
                 .map_err(|e| PersistError::Save(format!("flushing virtio device {i}: {e}")))?;
         }
-        let mem_bytes = memory::save_to_file(&self.shared.mem, mem_file).map_err(|e| PersistError::Save(e.to_string()))?;
+        let mem_bytes =
+            memory::save_to_file(&self.shared.mem, mem_file).map_err(|e| PersistError::Save(e.to_string()))?;
         let state_bytes = state.write_file(state_file)?;
         Ok(SnapshotInfo {
             state_bytes,
@@ -795,7 +875,10 @@ fn create_virtio_devices(
     for d in &cfg.disks {
         let backend = disk::open_with(
             &d.path,
-            &disk::OpenOptions { read_only: d.read_only },
+            &disk::OpenOptions {
+                read_only: d.read_only,
+                format: d.format,
+            },
             &disk::BackingRules {
                 allow_absolute_backing: d.allow_absolute_backing,
             },
@@ -817,7 +900,7 @@ fn create_virtio_devices(
             .append(true)
             .open(path)
             .map_err(|e| Error::Config(format!("--console-output {}: {e}", path.display())))?;
-        models.push(Box::new(Console::new(file)));
+        models.push(Box::new(Console::with_limit(file, cfg.console_output_limit)));
     }
     if models.len() > virtio::MAX_DEVICES {
         return Err(Error::Config(format!(

@@ -87,35 +87,6 @@ fn host_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hole_split() {
-        assert_eq!(ram_ranges(256 << 20), vec![(0, 256 << 20)]);
-        assert_eq!(
-            ram_ranges(4 << 30),
-            vec![(0, MMIO_HOLE_START), (1 << 32, (4 << 30) - MMIO_HOLE_START)]
-        );
-        assert!(create(1 << 20).is_err());
-    }
-
-    #[test]
-    fn digest_sees_one_changed_byte() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 21), (GuestAddress(1 << 22), 4096)]).unwrap();
-        let d0 = digest(&mem);
-        assert_eq!(d0, digest(&mem));
-        mem.write_obj(1u8, GuestAddress((1 << 22) + 4095)).unwrap();
-        let d1 = digest(&mem);
-        assert_ne!(d0, d1);
-        mem.write_obj(0u8, GuestAddress((1 << 22) + 4095)).unwrap();
-        assert_eq!(d0, digest(&mem));
-        mem.write_obj(7u8, GuestAddress(12345)).unwrap();
-        assert_ne!(d0, digest(&mem));
-    }
-}
-
 /// Write all guest RAM to `path`, the ranges one after another (the
 /// layout [`ram_ranges`] gives for the memory size). Pages of zeroes are
 /// left as holes, so the file takes only the space of the pages in use.
@@ -185,4 +156,33 @@ pub fn map_private(path: &std::path::Path, size: u64) -> Result<GuestMemoryMmap>
         file_off += rlen;
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hole_split() {
+        assert_eq!(ram_ranges(256 << 20), vec![(0, 256 << 20)]);
+        assert_eq!(
+            ram_ranges(4 << 30),
+            vec![(0, MMIO_HOLE_START), (1 << 32, (4 << 30) - MMIO_HOLE_START)]
+        );
+        assert!(create(1 << 20).is_err());
+    }
+
+    #[test]
+    fn digest_sees_one_changed_byte() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 21), (GuestAddress(1 << 22), 4096)]).unwrap();
+        let d0 = digest(&mem);
+        assert_eq!(d0, digest(&mem));
+        mem.write_obj(1u8, GuestAddress((1 << 22) + 4095)).unwrap();
+        let d1 = digest(&mem);
+        assert_ne!(d0, d1);
+        mem.write_obj(0u8, GuestAddress((1 << 22) + 4095)).unwrap();
+        assert_eq!(d0, digest(&mem));
+        mem.write_obj(7u8, GuestAddress(12345)).unwrap();
+        assert_ne!(d0, digest(&mem));
+    }
 }

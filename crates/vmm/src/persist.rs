@@ -128,7 +128,7 @@ impl MachineState {
                 c.cpus
             ));
         }
-        if c.mem_size < crate::memory::MIN_MEM || c.mem_size % 4096 != 0 {
+        if c.mem_size < crate::memory::MIN_MEM || !c.mem_size.is_multiple_of(4096) {
             return bad(format!("memory size {}", c.mem_size));
         }
         let expected = c.disks.len() + c.nets.len() + usize::from(c.rng) + usize::from(c.console_output.is_some());
@@ -139,7 +139,11 @@ impl MachineState {
             ));
         }
         if self.disks.len() != c.disks.len() {
-            return bad(format!("{} disk references for {} disks", self.disks.len(), c.disks.len()));
+            return bad(format!(
+                "{} disk references for {} disks",
+                self.disks.len(),
+                c.disks.len()
+            ));
         }
         if self.platform.serial.in_buffer.len() > 64 {
             return bad("serial FIFO longer than 64 bytes".into());
@@ -190,7 +194,10 @@ impl MachineState {
             return Err(PersistError::Truncated(format!("{} of {need} bytes", bytes.len())));
         }
         if bytes.len() > need {
-            return Err(PersistError::Malformed(format!("{} bytes after the checksum", bytes.len() - need)));
+            return Err(PersistError::Malformed(format!(
+                "{} bytes after the checksum",
+                bytes.len() - need
+            )));
         }
         let body = &bytes[..HEADER_LEN + len as usize];
         let crc = u64::from_le_bytes(bytes[need - 8..need].try_into().expect("8 bytes"));

@@ -93,6 +93,7 @@ fn pause_is_quiescent_under_disk_and_network_load() {
         path: image.clone(),
         read_only: false,
         allow_absolute_backing: false,
+        format: None,
     });
     cfg.nets.push(NetConfig {
         id: None,

@@ -32,6 +32,7 @@ fn quit_stops_every_worker_and_keeps_the_data() {
         path: image.clone(),
         read_only: false,
         allow_absolute_backing: false,
+        format: None,
     });
     let guest = Guest::boot(cfg, None);
     guest.wait_for("WROTE");

@@ -2,9 +2,9 @@
 //! host's KVM (through `vmm::kvm`) and x86emu (with its `TestBus`). The
 //! final registers, memory, port and MMIO traffic must agree.
 //!
-//! On a host whose /dev/kvm cannot be opened these tests say so and pass
-//! without running; on a PVM-type KVM they run (KVM emulates the payload's
-//! instructions), which is all they need.
+//! They need /dev/kvm: on a host where it cannot be opened they fail and
+//! say so (a test that cannot run must not pass). On a PVM-type KVM they
+//! run (KVM emulates the payload's instructions), which is all they need.
 
 use std::sync::Arc;
 
@@ -30,13 +30,13 @@ struct Outcome {
     mmio_writes: Vec<(u64, Vec<u8>)>,
 }
 
-fn kvm_usable() -> bool {
-    match kvm_ioctls::Kvm::new() {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipping: cannot open /dev/kvm: {e}");
-            false
-        }
+/// Fail the test, saying what is missing, when /dev/kvm cannot be used.
+fn require_kvm() {
+    if let Err(e) = kvm_ioctls::Kvm::new() {
+        panic!(
+            "this test needs the host's KVM, and /dev/kvm cannot be opened: {e}. \
+             Run it on a host (or in a VM) with KVM and read-write access to /dev/kvm."
+        );
     }
 }
 
@@ -100,10 +100,8 @@ fn run_kvm(start: &CpuState, image: &[(u64, Vec<u8>)], io_reads: &[u32]) -> Outc
 }
 
 /// Run under both engines and compare what a program can observe.
-fn compare(start: CpuState, code: Vec<u8>, extra: Vec<(u64, Vec<u8>)>, io_reads: &[u32]) -> Option<Outcome> {
-    if !kvm_usable() {
-        return None;
-    }
+fn compare(start: CpuState, code: Vec<u8>, extra: Vec<(u64, Vec<u8>)>, io_reads: &[u32]) -> Outcome {
+    require_kvm();
     let mut image = vec![(CODE, code)];
     image.extend(extra);
     let emu = run_emu(&start, &image, io_reads);
@@ -123,7 +121,7 @@ fn compare(start: CpuState, code: Vec<u8>, extra: Vec<(u64, Vec<u8>)>, io_reads:
             kvm.ram[i], emu.ram[i]
         );
     }
-    Some(kvm)
+    kvm
 }
 
 #[test]
@@ -159,9 +157,7 @@ fn real_mode_arithmetic_ports_and_mmio() {
     start.segs[1] = Segment::real_mode(0, true);
     start.rip = CODE;
     start.gpr[4] = 0x7000;
-    let Some(out) = compare(start, code, vec![], &[0x5a]) else {
-        return;
-    };
+    let out = compare(start, code, vec![], &[0x5a]);
     assert_eq!(out.state.gpr[0] & 0xff, 0x5a, "IN returned the bus's value");
     assert_eq!(out.io_writes, vec![(0x3f8, 1, 0x41), (0x80, 2, out.io_writes[1].2)]);
     assert_eq!(out.mmio_writes, vec![(MMIO, vec![0xef, 0xbe])]);
@@ -219,9 +215,7 @@ fn long_mode_arithmetic_stack_ports_and_mmio() {
         .into_iter()
         .map(|(addr, v)| (addr, v.to_le_bytes().to_vec()))
         .collect();
-    let Some(out) = compare(start, code, tables, &[0x7654_3210]) else {
-        return;
-    };
+    let out = compare(start, code, tables, &[0x7654_3210]);
     assert_eq!(out.state.gpr[11], 0x7654_3210);
     assert_eq!(out.io_writes, vec![(0x510, 4, 0xcafe_f00d), (0x510, 2, 0xf00d)]);
     assert_eq!(
@@ -233,9 +227,7 @@ fn long_mode_arithmetic_stack_ports_and_mmio() {
 
 #[test]
 fn state_read_back_from_kvm_round_trips() {
-    if !kvm_usable() {
-        return;
-    }
+    require_kvm();
     // What KVM reports for a state we set converts back to the same state.
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
     let vm = KvmVm::new(&mem, VmOptions { irqchip: false }).unwrap();
@@ -283,9 +275,7 @@ fn state_read_back_from_kvm_round_trips() {
 
 #[test]
 fn triple_fault_ends_with_the_registers() {
-    if !kvm_usable() {
-        return;
-    }
+    require_kvm();
     // An empty IDT: the breakpoint cannot be delivered, nor the #GP that
     // follows, nor the double fault. Both engines must see a triple fault.
     let mut a = CodeAssembler::new(64).unwrap();
@@ -340,4 +330,80 @@ fn triple_fault_ends_with_the_registers() {
         }
         other => panic!("expected a triple fault, got {other:?}"),
     }
+}
+
+/// Issue 14, hole 4: string I/O (`rep outs`/`rep ins`) under kvm moved only
+/// its first element, and 256 bytes or more wrapped the length to a byte.
+/// Every element must reach the device, in order, at its own width.
+#[test]
+fn string_port_io_moves_every_element() {
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.cld().unwrap();
+    a.mov(dx, 0x3f8).unwrap();
+    a.mov(rsi, DATA).unwrap();
+    a.mov(rcx, 300u64).unwrap();
+    a.rep().outsb().unwrap();
+    a.mov(dx, 0x510).unwrap();
+    a.mov(rcx, 3u64).unwrap();
+    a.rep().outsw().unwrap();
+    a.mov(rcx, 2u64).unwrap();
+    a.rep().outsd().unwrap();
+    a.mov(rdi, DATA + 0x800).unwrap();
+    a.mov(dx, 0x511).unwrap();
+    a.mov(rcx, 260u64).unwrap();
+    a.rep().insb().unwrap();
+    a.mov(rcx, 3u64).unwrap();
+    a.rep().insw().unwrap();
+    a.mov(rcx, 2u64).unwrap();
+    a.rep().insd().unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut start = CpuState::long_mode_flat(PML4);
+    start.rip = CODE;
+    start.gpr[4] = 0x8000;
+    let mut image: Vec<(u64, Vec<u8>)> = page_tables()
+        .into_iter()
+        .map(|(addr, v)| (addr, v.to_le_bytes().to_vec()))
+        .collect();
+    let data: Vec<u8> = (0..0x400u32).map(|i| (i % 251) as u8).collect();
+    image.push((DATA, data.clone()));
+    let reads: Vec<u32> = (0..265u32).map(|i| 0x1000_0000 + i * 0x0101).collect();
+    let out = compare(start, code, image, &reads);
+
+    let mut want: Vec<(u16, u8, u32)> = data[..300].iter().map(|&b| (0x3f8, 1, u32::from(b))).collect();
+    for w in data[300..306].chunks(2) {
+        want.push((0x510, 2, u32::from(u16::from_le_bytes([w[0], w[1]]))));
+    }
+    for d in data[306..314].chunks(4) {
+        want.push((0x510, 4, u32::from_le_bytes([d[0], d[1], d[2], d[3]])));
+    }
+    assert_eq!(out.io_writes.len(), want.len(), "elements written");
+    assert_eq!(out.io_writes, want);
+    let base = (DATA + 0x800) as usize;
+    let mut expect = Vec::new();
+    expect.extend(reads[..260].iter().map(|&v| v as u8));
+    for &v in &reads[260..263] {
+        expect.extend_from_slice(&(v as u16).to_le_bytes());
+    }
+    for &v in &reads[263..265] {
+        expect.extend_from_slice(&v.to_le_bytes());
+    }
+    assert_eq!(&out.ram[base..base + expect.len()], &expect[..], "bytes read in");
+}
+
+/// Issue 14, hole 8 under kvm: an AP that was never started (as with
+/// `nosmp`) counts as done for the all-vCPUs-halted power-off, and a BSP
+/// that runs does not.
+#[test]
+fn a_never_started_ap_counts_as_halted_for_good() {
+    require_kvm();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let vm = KvmVm::new(&mem, VmOptions { irqchip: true }).expect("KVM VM with an in-kernel irqchip");
+    let bsp = vm.create_vcpu(0, 2).unwrap();
+    let ap = vm.create_vcpu(1, 2).unwrap();
+    let mut s = CpuState::long_mode_flat(PML4);
+    s.rip = CODE;
+    bsp.set_state(&s, 0).unwrap();
+    assert!(ap.halted_for_good(), "an AP waiting for its SIPI runs nothing");
+    assert!(!bsp.halted_for_good(), "a runnable BSP is not done");
 }

@@ -109,7 +109,10 @@ impl Controller {
                 cache_type: "Writeback".into(),
                 rate_limiter: None,
                 io_engine: "Sync".into(),
-                format: "raw".into(),
+                format: match d.format.unwrap_or_else(|| disk::ImageFormat::from_file_name(&d.path)) {
+                    disk::ImageFormat::Qcow2 => "qcow2".into(),
+                    disk::ImageFormat::Raw => "raw".into(),
+                },
             })
             .collect();
         self.nets = m
@@ -348,7 +351,9 @@ impl Controller {
             VmmAction::CreateSnapshot(c) => {
                 let vm = self.running()?;
                 if self.state != VmState::Paused {
-                    return Err(ActionError::Runtime("pause the microVM before taking a snapshot".into()));
+                    return Err(ActionError::Runtime(
+                        "pause the microVM before taking a snapshot".into(),
+                    ));
                 }
                 if c.snapshot_type != "Full" {
                     return Err(ActionError::Unsupported(format!(
@@ -357,7 +362,9 @@ impl Controller {
                     )));
                 }
                 if c.snapshot_path.as_os_str().is_empty() || c.mem_file_path.as_os_str().is_empty() {
-                    return Err(ActionError::InvalidConfig("snapshot_path and mem_file_path must not be empty".into()));
+                    return Err(ActionError::InvalidConfig(
+                        "snapshot_path and mem_file_path must not be empty".into(),
+                    ));
                 }
                 if c.snapshot_path == c.mem_file_path {
                     return Err(ActionError::InvalidConfig(
@@ -388,7 +395,10 @@ impl Controller {
                 if self.state != VmState::NotStarted {
                     return Err(ActionError::NotAllowedAfterStart);
                 }
-                if self.boot_source.is_some() || !self.drives.is_empty() || !self.nets.is_empty() || self.direct.is_some()
+                if self.boot_source.is_some()
+                    || !self.drives.is_empty()
+                    || !self.nets.is_empty()
+                    || self.direct.is_some()
                 {
                     return Err(ActionError::InvalidConfig(
                         "loading a snapshot is only allowed before the microVM is configured".into(),
@@ -550,6 +560,11 @@ impl Controller {
                 path: d.path_on_host.clone(),
                 read_only: d.is_read_only,
                 allow_absolute_backing: false,
+                format: Some(if d.is_qcow2().unwrap_or(false) {
+                    disk::ImageFormat::Qcow2
+                } else {
+                    disk::ImageFormat::Raw
+                }),
             })
             .collect();
         let nets = self
@@ -578,6 +593,7 @@ impl Controller {
             nets,
             rng: self.entropy.is_some(),
             console_output: None,
+            console_output_limit: vmm::virtio::console::DEFAULT_OUTPUT_LIMIT,
         })
     }
 
@@ -634,8 +650,7 @@ impl Controller {
         let accel_kind: vmm::Accel = accel
             .parse()
             .map_err(|e: vmm::Error| ActionError::InvalidConfig(e.to_string()))?;
-        let (engine, why) =
-            vmm::engine::choose(accel_kind).map_err(|e| ActionError::StartMicrovm(e.to_string()))?;
+        let (engine, why) = vmm::engine::choose(accel_kind).map_err(|e| ActionError::StartMicrovm(e.to_string()))?;
         let output = self.serial_output()?;
         let started = Instant::now();
         let machine = vmm::Machine::restore(&state, &mem_file, output, engine)

@@ -108,7 +108,18 @@ pub struct InterruptRouter {
     /// vCPUs whose deliverable interrupts or deadline may have changed
     /// since the last [`InterruptRouter::take_touched`] (not state).
     touched: Vec<bool>,
+    /// PIT ticks missed while vCPU 0 was late (its thread waited for a
+    /// host core), still to be delivered: one more each time the guest
+    /// takes the timer interrupt, as KVM reinjects PIT ticks. Without this
+    /// an overcommitted guest sees too few ticks in Linux's timer check and
+    /// panics ("IO-APIC + timer doesn't work!"). Not state: a restored
+    /// machine starts without a backlog.
+    pit_backlog: u64,
 }
+
+/// The most missed PIT ticks kept for delivery (a second at HZ=1000); a
+/// longer stall (a paused VM) is not replayed tick by tick.
+const MAX_PIT_BACKLOG: u64 = 1000;
 
 impl InterruptRouter {
     /// Controllers after reset for `num_cpus` vCPUs (APIC ids 0..N-1, the
@@ -123,6 +134,7 @@ impl InterruptRouter {
             lapics: (0..n).map(|i| Lapic::new(i as u32, tsc_hz)).collect(),
             extint_pending: vec![false; n],
             touched: vec![true; n],
+            pit_backlog: 0,
         }
     }
 
@@ -162,6 +174,7 @@ impl InterruptRouter {
             lapics,
             extint_pending,
             touched: vec![true; n],
+            pit_backlog: 0,
         }
     }
 
@@ -280,15 +293,43 @@ impl InterruptRouter {
         }
         self.touch(cpu);
         if let Some(v) = self.lapics[cpu].acknowledge() {
+            if self.pit_backlog > 0 && self.is_pit_ioapic_vector(v) {
+                self.redeliver_pit_tick();
+            }
             return Some(v);
         }
         if self.extint_ready(cpu) {
             self.extint_pending[cpu] = false;
             let v = self.pic.acknowledge();
             self.pic_changed();
+            if self.pit_backlog > 0 && v == self.pic.state().master.vector_base {
+                self.redeliver_pit_tick();
+            }
             return Some(v);
         }
         None
+    }
+
+    /// Whether `vector` is what the IOAPIC pin of ISA IRQ 0 sends.
+    fn is_pit_ioapic_vector(&self, vector: u8) -> bool {
+        let Some(pin) = isa_irq_to_pin(0) else {
+            return false;
+        };
+        self.ioapic
+            .entry(usize::from(pin))
+            .is_some_and(|e| e & (1 << 16) == 0 && (e & 0xff) as u8 == vector)
+    }
+
+    /// The guest took a timer interrupt: raise the next missed tick. It
+    /// waits in the IRR until the guest's EOI ends the one in service.
+    fn redeliver_pit_tick(&mut self) {
+        self.pit_backlog -= 1;
+        self.pulse_irq(0);
+    }
+
+    /// PIT ticks still to be delivered (see `pit_backlog`).
+    pub fn pit_backlog(&self) -> u64 {
+        self.pit_backlog
     }
 
     /// NMI, INIT or SIPI wait for `cpu`.
@@ -342,8 +383,12 @@ impl InterruptRouter {
             l.tick(now_ns);
             self.touch(cpu);
         }
-        if cpu == 0 && self.pit.tick(now_ns) {
-            self.pulse_irq(0);
+        if cpu == 0 {
+            let edges = self.pit.tick_count(now_ns);
+            if edges > 0 {
+                self.pit_backlog = (self.pit_backlog + edges - 1).min(MAX_PIT_BACKLOG);
+                self.pulse_irq(0);
+            }
         }
     }
 
@@ -372,6 +417,10 @@ impl InterruptRouter {
                 true
             }
             pit::PIT_PORT_FIRST..=pit::PIT_PORT_LAST | pit::PORT_B => {
+                if port != pit::PORT_B {
+                    // Reprogrammed: ticks of the old period are moot.
+                    self.pit_backlog = 0;
+                }
                 self.pit.write(port, value, now_ns);
                 self.touch(0); // the PIT deadline is vCPU 0's
                 true

@@ -340,13 +340,26 @@ impl Pit {
     /// Advance to `now_ns`: `true` if channel 0's OUT rose since the last
     /// call (one edge per call, however many periods were missed).
     pub fn tick(&mut self, now_ns: u64) -> bool {
+        self.tick_count(now_ns) > 0
+    }
+
+    /// Advance to `now_ns`: how many times channel 0's OUT rose since the
+    /// last call (more than one when the caller was late: a vCPU thread
+    /// that waited for a host core).
+    pub fn tick_count(&mut self, now_ns: u64) -> u64 {
         let ch = &mut self.s.channels[0];
         match ch.next_edge_ns {
             Some(t) if t <= now_ns => {
+                let r = u64::from(ch.reload.max(1));
+                let edges = match ch.mode {
+                    // Periodic: one edge every `r` input clocks.
+                    2 | 3 => (ch.ticks(now_ns) / r).saturating_sub(ch.ticks(t) / r) + 1,
+                    _ => 1,
+                };
                 ch.next_edge_ns = ch.next_edge(now_ns);
-                true
+                edges
             }
-            _ => false,
+            _ => 0,
         }
     }
 

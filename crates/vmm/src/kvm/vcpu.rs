@@ -14,6 +14,15 @@ const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
+/// Where port I/O data sits in the kvm_run mapping, in pages
+/// (KVM_PIO_PAGE_OFFSET in the kernel's x86 uapi).
+const PIO_PAGE_OFFSET: usize = 1;
+
+fn page_size() -> usize {
+    // SAFETY: sysconf reads a constant of the system; no memory is touched.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
 
 /// What one `KVM_RUN` came back with, after the bus handled any I/O.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,14 +149,24 @@ impl KvmVcpu {
         Ok(out)
     }
 
-    /// Whether the vCPU sits in HLT with interrupts off (in-kernel irqchip
-    /// only): nothing but an NMI or INIT can wake it.
+    /// Whether the vCPU sits in HLT with interrupts off, or is an AP that
+    /// waits for a SIPI (never started, as with `nosmp`, or sent INIT), in
+    /// the in-kernel irqchip only: nothing but an NMI, INIT or SIPI can
+    /// make it run.
     pub fn halted_for_good(&self) -> bool {
         if !self.irqchip {
             return false;
         }
-        let halted = matches!(self.fd.get_mp_state(), Ok(m) if m.mp_state == kvm_bindings::KVM_MP_STATE_HALTED);
-        halted && matches!(self.fd.get_regs(), Ok(r) if r.rflags & x86emu::state::flags::IF == 0)
+        let Ok(mp) = self.fd.get_mp_state() else {
+            return false;
+        };
+        match mp.mp_state {
+            kvm_bindings::KVM_MP_STATE_INIT_RECEIVED | kvm_bindings::KVM_MP_STATE_UNINITIALIZED => self.id != 0,
+            kvm_bindings::KVM_MP_STATE_HALTED => {
+                matches!(self.fd.get_regs(), Ok(r) if r.rflags & x86emu::state::flags::IF == 0)
+            }
+            _ => false,
+        }
     }
 
     /// Ask the next (or current) `KVM_RUN` to return at once.
@@ -163,20 +182,9 @@ impl KvmVcpu {
             Err(e) => return Step::Fault(format!("KVM_RUN failed: {e}")),
         };
         match exit {
-            VcpuExit::IoIn(port, data) => {
-                let v = bus.io_in(port, data.len() as u8);
-                let bytes = v.to_le_bytes();
-                let n = data.len().min(4);
-                data[..n].copy_from_slice(&bytes[..n]);
-                Step::Continue
-            }
-            VcpuExit::IoOut(port, data) => {
-                let mut b = [0u8; 4];
-                let n = data.len().min(4);
-                b[..n].copy_from_slice(&data[..n]);
-                bus.io_out(port, data.len() as u8, u32::from_le_bytes(b));
-                Step::Continue
-            }
+            // kvm-ioctls hands over `count * size` bytes and drops the
+            // element size, so the exit is decoded from kvm_run itself.
+            VcpuExit::IoIn(port, _) | VcpuExit::IoOut(port, _) => self.port_io(bus, port),
             VcpuExit::MmioRead(addr, data) => {
                 bus.mmio_read(addr, data);
                 Step::Continue
@@ -208,6 +216,45 @@ impl KvmVcpu {
                 Step::Fault(format!("unexpected exit {what}: {}", self.describe()))
             }
         }
+    }
+
+    /// A port I/O exit: `count` elements of `size` bytes (string I/O,
+    /// `rep ins/outs`, brings up to a page of them), each one an access of
+    /// `size` bytes to the same port, in order.
+    fn port_io(&mut self, bus: &mut dyn Bus, port: u16) -> Step {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason was KVM_EXIT_IO, so `io` is the union
+        // member the kernel filled in.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size);
+        let count = io.count as usize;
+        let page = PIO_PAGE_OFFSET * page_size();
+        if !matches!(size, 1 | 2 | 4) || count == 0 || size * count > page_size() || io.data_offset as usize != page {
+            return Step::Fault(format!(
+                "KVM port I/O exit with size {size}, count {count}, data at {:#x}: {}",
+                io.data_offset,
+                self.describe()
+            ));
+        }
+        let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
+        // SAFETY: KVM puts a port I/O exit's data in the page at
+        // KVM_PIO_PAGE_OFFSET pages into the vCPU's kvm_run mapping (checked
+        // above), which KVM_GET_VCPU_MMAP_SIZE always covers and which stays
+        // mapped while `self.fd` lives. `size * count` fits in that page, and
+        // nothing else refers to those bytes until the next KVM_RUN.
+        let data = unsafe { std::slice::from_raw_parts_mut(base.add(page), size * count) };
+        let input = u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_IN;
+        for element in data.chunks_exact_mut(size) {
+            if input {
+                let v = bus.io_in(port, size as u8);
+                element.copy_from_slice(&v.to_le_bytes()[..size]);
+            } else {
+                let mut b = [0u8; 4];
+                b[..size].copy_from_slice(element);
+                bus.io_out(port, size as u8, u32::from_le_bytes(b));
+            }
+        }
+        Step::Continue
     }
 
     fn internal_suberror(&mut self) -> String {

@@ -48,7 +48,14 @@ fn rig(name: &str, read_only: bool) -> Rig {
     let image = std::env::temp_dir().join(format!("vessel-virtio-{name}-{}", std::process::id()));
     let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(&image, data).unwrap();
-    let disk = disk::open(&image, &disk::OpenOptions { read_only }).unwrap();
+    let disk = disk::open(
+        &image,
+        &disk::OpenOptions {
+            read_only,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let line = Arc::new(Line::default());
     let dma_log = Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = dma_log.clone();

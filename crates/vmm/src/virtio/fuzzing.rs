@@ -47,7 +47,14 @@ fn disk() -> Arc<dyn disk::BlockBackend> {
         std::fs::File::create(&path)
             .and_then(|f| f.set_len(1 << 20))
             .expect("fuzz disk");
-        let d = disk::open(&path, &disk::OpenOptions { read_only: false }).expect("fuzz disk");
+        let d = disk::open(
+            &path,
+            &disk::OpenOptions {
+                read_only: false,
+                ..Default::default()
+            },
+        )
+        .expect("fuzz disk");
         let _ = std::fs::remove_file(&path);
         Arc::from(d)
     })

@@ -462,7 +462,11 @@ impl MmioTransport {
     /// refused and leaves the transport as it was.
     pub fn restore_state(&mut self, s: &MmioState) -> Result<(), String> {
         if s.queues.len() != self.regs.len() {
-            return Err(format!("{} queues saved, the device has {}", s.queues.len(), self.regs.len()));
+            return Err(format!(
+                "{} queues saved, the device has {}",
+                s.queues.len(),
+                self.regs.len()
+            ));
         }
         if s.driver_features & !self.device.features() != 0 {
             return Err(format!(
@@ -475,7 +479,10 @@ impl MmioTransport {
         let mut queues = Vec::with_capacity(s.queues.len());
         for (i, (r, cur)) in s.queues.iter().zip(&self.regs).enumerate() {
             if r.max_size != cur.max_size {
-                return Err(format!("queue {i}: saved maximum size {}, the device's is {}", r.max_size, cur.max_size));
+                return Err(format!(
+                    "queue {i}: saved maximum size {}, the device's is {}",
+                    r.max_size, cur.max_size
+                ));
             }
             let q = Queue::try_from(QueueState {
                 max_size: r.max_size,
@@ -502,8 +509,10 @@ impl MmioTransport {
         self.driver_features = s.driver_features;
         self.queue_sel = s.queue_sel;
         self.config_generation = s.config_generation;
-        self.interrupt.set_status(s.interrupt_status & (super::INT_VRING | super::INT_CONFIG));
-        self.broken.store(s.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0, Ordering::Release);
+        self.interrupt
+            .set_status(s.interrupt_status & (super::INT_VRING | super::INT_CONFIG));
+        self.broken
+            .store(s.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0, Ordering::Release);
         self.paused = true;
         self.active = active;
         Ok(())

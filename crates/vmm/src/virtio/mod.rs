@@ -12,6 +12,8 @@ pub mod blk;
 pub mod console;
 #[cfg(test)]
 mod device_tests;
+#[cfg(test)]
+mod dma_order_tests;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod mmio;
@@ -94,11 +96,30 @@ pub fn no_dma_observer() -> DmaObserver {
     Arc::new(|_, _| {})
 }
 
-/// Report the device-writable buffers of `chain` as written.
+/// Report the device-writable buffers of `chain` as written. Call it
+/// *after* the bytes are in guest memory: an engine that drops its decoded
+/// code first could decode the old bytes again before the write lands.
 pub fn note_dma_writes(chain: &queue::Chain<'_>, dma: &DmaObserver) {
     for d in chain.clone().writable() {
         dma(d.addr().0, u64::from(d.len()));
     }
+}
+
+/// Write into the device-writable buffers of `chain` with `write`, then
+/// report them to `dma` (in that order, see [`note_dma_writes`]). `None`
+/// when the chain cannot be written (its buffers are still reported).
+pub fn write_chain<R>(
+    mem: &GuestMemoryMmap,
+    chain: queue::Chain<'_>,
+    dma: &DmaObserver,
+    write: impl FnOnce(&mut virtio_queue::Writer<'_>) -> R,
+) -> Option<R> {
+    let written = chain.clone();
+    let r = virtio_queue::Writer::<()>::new(mem, chain)
+        .ok()
+        .map(|mut w| write(&mut w));
+    note_dma_writes(&written, dma);
+    r
 }
 
 /// What a device gets when the driver starts it.

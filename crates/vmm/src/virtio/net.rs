@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -19,7 +19,7 @@ use super::queue::{report_broken, serve, QueueError};
 use super::tap::Tap;
 use super::worker::{Poller, Worker, STOP_TOKEN};
 use super::{
-    note_dma_writes, read_config_bytes, Activation, DmaObserver, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    read_config_bytes, write_chain, Activation, DmaObserver, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -226,11 +226,12 @@ impl Port {
             self.buf[..HDR_LEN].fill(0);
             self.buf[10] = 1;
             let frame = &self.buf[..HDR_LEN + len];
-            note_dma_writes(&chain, &self.dma);
-            let written = match Writer::<()>::new(mem, chain) {
-                Ok(mut w) if w.available_bytes() >= frame.len() => w.write_all(frame).ok().map(|_| frame.len()),
-                _ => None,
-            };
+            let written = write_chain(mem, chain, &self.dma, |w| {
+                (w.available_bytes() >= frame.len())
+                    .then(|| w.write_all(frame).ok().map(|_| frame.len()))
+                    .flatten()
+            })
+            .flatten();
             match written {
                 Some(n) => {
                     self.metrics.rx_frames.fetch_add(1, Ordering::Relaxed);

@@ -3,10 +3,9 @@
 use std::io::Write;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::Writer;
 
 use super::worker::{spawn_queue_worker, Worker};
-use super::{note_dma_writes, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{write_chain, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 64;
 /// Bytes given per request at most; the driver asks again for more.
@@ -54,15 +53,14 @@ impl VirtioDevice for Rng {
     fn activate(&mut self, _acked: u64, a: Activation) -> std::io::Result<()> {
         let mut buf = vec![0u8; MAX_REQUEST];
         self.worker = Some(spawn_queue_worker("virtio-rng", a, 0, move |mem, chain, dma| {
-            note_dma_writes(&chain, dma);
-            let Ok(mut w) = Writer::<()>::new(mem, chain) else {
-                return 0;
-            };
-            let n = w.available_bytes().min(MAX_REQUEST);
-            if !fill_random(&mut buf[..n]) || w.write_all(&buf[..n]).is_err() {
-                return 0;
-            }
-            n as u32
+            write_chain(mem, chain, dma, |w| {
+                let n = w.available_bytes().min(MAX_REQUEST);
+                if !fill_random(&mut buf[..n]) || w.write_all(&buf[..n]).is_err() {
+                    return 0;
+                }
+                n as u32
+            })
+            .unwrap_or(0)
         })?);
         Ok(())
     }

@@ -68,6 +68,7 @@ pub fn guest_config(cmd: &str, end: &str) -> MachineConfig {
         nets: Vec::new(),
         rng: false,
         console_output: None,
+        console_output_limit: vmm::virtio::console::DEFAULT_OUTPUT_LIMIT,
     }
 }
 
