@@ -134,8 +134,17 @@ pub fn map_private(path: &std::path::Path, size: u64) -> Result<GuestMemoryMmap>
     use vm_memory::mmap::MmapRegion;
     use vm_memory::{FileOffset, GuestRegionMmap};
     let err = |e: String| Error::Memory(format!("{}: {e}", path.display()));
-    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
-    let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| err(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    let len = meta.len();
     if len != size {
         return Err(err(format!(
             "the memory file has {len} bytes, the snapshot's machine {size}"

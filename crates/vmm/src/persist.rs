@@ -232,7 +232,20 @@ impl MachineState {
             path: path.display().to_string(),
             source,
         };
-        let f = std::fs::File::open(path).map_err(io)?;
+        // Non-blocking, and only a regular file: a FIFO or a device named
+        // by a client must not hang the VMM.
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io)?;
+        if !f.metadata().map_err(io)?.is_file() {
+            return Err(PersistError::Malformed(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
         let mut bytes = Vec::new();
         f.take(HEADER_LEN as u64 + MAX_PAYLOAD + 9)
             .read_to_end(&mut bytes)

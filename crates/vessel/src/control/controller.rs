@@ -608,6 +608,23 @@ impl Controller {
 
     fn start(&mut self) -> Result<(), ActionError> {
         let cfg = self.machine_config()?;
+        // Only regular files: a FIFO or device named by a client would
+        // block the VMM while it reads.
+        for (what, p) in [
+            ("kernel_image_path", Some(&cfg.kernel)),
+            ("initrd_path", cfg.initrd.as_ref()),
+        ] {
+            if let Some(p) = p {
+                let meta = std::fs::metadata(p)
+                    .map_err(|e| ActionError::StartMicrovm(format!("{what} {}: {e}", p.display())))?;
+                if !meta.is_file() {
+                    return Err(ActionError::StartMicrovm(format!(
+                        "{what} {} is not a regular file",
+                        p.display()
+                    )));
+                }
+            }
+        }
         let accel: vmm::Accel = self
             .machine
             .accel
