@@ -264,6 +264,42 @@ pub fn snapshot(top: &Path, name: &str, format: Option<ImageFormat>, opts: &Back
     Ok(snap)
 }
 
+/// Give a restore or clone of a VM snapshot its own writable layer: create
+/// `overlay`, a new empty qcow2 image whose backing file is `frozen` (a
+/// layer frozen into a VM snapshot). `overlay` must be in the same
+/// directory as `frozen`, so that the backing name is a plain file name
+/// and the default backing rules follow it; it must not exist yet. The
+/// frozen layer must not be open for writing anywhere (its shared lock is
+/// taken while the overlay is made). Returns the overlay's virtual size.
+pub fn clone_overlay(frozen: &Path, overlay: &Path, opts: &BackingRules) -> Result<u64> {
+    let layers = top_qcow2(frozen, Some(ImageFormat::Qcow2), opts)?;
+    if layers.len() >= chain::MAX_CHAIN_DEPTH {
+        return Err(Error::ChainTooDeep {
+            image: overlay.display().to_string(),
+            limit: chain::MAX_CHAIN_DEPTH,
+        });
+    }
+    if parent(frozen) != parent(overlay) {
+        return Err(Error::Format(format!(
+            "{}: a clone's overlay must be in the directory of its frozen layer {}",
+            overlay.display(),
+            frozen.display()
+        )));
+    }
+    let name = frozen
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::Format(format!("{}: no file name", frozen.display())))?;
+    if overlay.symlink_metadata().is_ok() {
+        return Err(Error::Format(format!("{} already exists", overlay.display())));
+    }
+    let _shared = crate::lock::lock_chain(&layers, false)?;
+    let size = layers[0].virtual_size()?;
+    create_qcow2(overlay, size, Some((&name, ImageFormat::Qcow2)))?;
+    sync_dir(overlay)?;
+    Ok(size)
+}
+
 /// Revert `top` to snapshot `name`: a new empty top on that snapshot; the
 /// snapshots taken after it are deleted. Returns the deleted files.
 pub fn revert(top: &Path, name: &str, format: Option<ImageFormat>, opts: &BackingRules) -> Result<Vec<PathBuf>> {
