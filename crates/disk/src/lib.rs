@@ -100,6 +100,15 @@ pub trait BlockBackend: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
     /// A stable identifier for the guest (virtio-blk GET_ID, 20 bytes max).
     fn id(&self) -> String;
+    /// Freeze the current top layer as the read-only snapshot layer `name`
+    /// and carry on writing a new, empty overlay on it, while the disk
+    /// stays open (docs/DISKS.md, "Snapshots of a running VM"). The caller
+    /// holds off guest I/O (the VM is paused). Returns the frozen layer's
+    /// path, or `None` for a backend that is not frozen (raw files: the
+    /// user manages their contents, docs/SNAPSHOTS.md).
+    fn freeze_top(&self, _name: &str) -> Result<Option<std::path::PathBuf>> {
+        Ok(None)
+    }
 }
 
 /// How to open an image.

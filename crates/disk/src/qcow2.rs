@@ -7,7 +7,8 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
@@ -100,9 +101,14 @@ pub(crate) fn open_chain(layers: &[Layer], writable: bool) -> Result<Image> {
 
 pub struct Qcow2Disk {
     image: RwLock<Image>,
-    layers: Vec<Layer>,
-    /// Every file of the chain: the top exclusive when writable, the rest shared.
-    _locks: Vec<crate::ImageLock>,
+    /// The chain, top first, and the locks on every file of it: the top
+    /// exclusive when writable, the rest shared. It changes when the top
+    /// is frozen ([`BlockBackend::freeze_top`]).
+    chain: Mutex<(Vec<Layer>, Vec<crate::ImageLock>)>,
+    rules: BackingRules,
+    /// A freeze renamed the top but could not reopen the new chain: the
+    /// open image is now the frozen layer, which must never be written.
+    stuck: AtomicBool,
     size: u64,
     read_only: bool,
     id: String,
@@ -121,20 +127,25 @@ impl Qcow2Disk {
         Ok(Qcow2Disk {
             size: image.size(),
             image: RwLock::new(image),
-            layers,
-            _locks: locks,
+            chain: Mutex::new((layers, locks)),
+            rules: *rules,
+            stuck: AtomicBool::new(false),
             read_only: opts.read_only,
             id: format!("vsl{:x}-{:x}", meta.dev(), meta.ino()),
         })
     }
 
     /// The chain, top first.
-    pub fn layers(&self) -> &[Layer] {
-        &self.layers
+    pub fn layers(&self) -> Vec<Layer> {
+        self.chain.lock().unwrap_or_else(|e| e.into_inner()).0.clone()
     }
 
     pub fn path(&self) -> PathBuf {
-        self.layers[0].path.clone()
+        self.chain.lock().unwrap_or_else(|e| e.into_inner()).0[0].path.clone()
+    }
+
+    fn writable(&self) -> bool {
+        !self.read_only && !self.stuck.load(Ordering::Acquire)
     }
 
     fn image(&self) -> std::sync::RwLockReadGuard<'_, Image> {
@@ -161,7 +172,7 @@ impl BlockBackend for Qcow2Disk {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        check_write(self.read_only, offset, buf.len() as u64, self.size)?;
+        check_write(!self.writable(), offset, buf.len() as u64, self.size)?;
         self.image().write(buf, offset).map_err(io(offset))
     }
 
@@ -175,7 +186,7 @@ impl BlockBackend for Qcow2Disk {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        check_write(self.read_only, offset, len, self.size)?;
+        check_write(!self.writable(), offset, len, self.size)?;
         let mut image = self.image.write().unwrap_or_else(|e| e.into_inner());
         // Advisory: an image that cannot discard keeps its data.
         let _ = image.discard_to_any(offset, len);
@@ -183,11 +194,54 @@ impl BlockBackend for Qcow2Disk {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
-        check_write(self.read_only, offset, len, self.size)?;
+        check_write(!self.writable(), offset, len, self.size)?;
         self.image().write_zeroes(offset, len).map_err(io(offset))
     }
 
     fn id(&self) -> String {
         self.id.clone()
+    }
+
+    /// The live snapshot of docs/DISKS.md: with I/O held off (the image's
+    /// write lock), flush, drop this disk's own locks, run
+    /// [`crate::ops::snapshot`] (which takes the top's exclusive lock
+    /// itself), then reopen the chain on the new top with its locks. Between
+    /// dropping and retaking the locks another process could take them;
+    /// then the reopen fails with the lock error.
+    fn freeze_top(&self, name: &str) -> Result<Option<PathBuf>> {
+        if !self.writable() {
+            return Err(Error::ReadOnly);
+        }
+        let mut image = self.image.write().unwrap_or_else(|e| e.into_inner());
+        image.flush().map_err(io(0))?;
+        image.sync().map_err(io(0))?;
+        let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        let top = chain.0[0].path.clone();
+        chain.1.clear();
+        let frozen = match crate::ops::snapshot(&top, name, Some(ImageFormat::Qcow2), &self.rules) {
+            Ok(f) => f,
+            Err(e) => {
+                // Nothing was renamed: the old chain is still ours.
+                chain.1 = crate::lock::lock_chain(&chain.0, true)?;
+                return Err(e);
+            }
+        };
+        let reopen = || -> Result<_> {
+            let layers = chain::walk_as(&top, Some(ImageFormat::Qcow2), &self.rules)?;
+            let locks = crate::lock::lock_chain(&layers, true)?;
+            let new = open_chain(&layers, true)?;
+            Ok((layers, locks, new))
+        };
+        match reopen() {
+            Ok((layers, locks, new)) => {
+                *image = new;
+                *chain = (layers, locks);
+                Ok(Some(frozen))
+            }
+            Err(e) => {
+                self.stuck.store(true, Ordering::Release);
+                Err(e)
+            }
+        }
     }
 }

@@ -140,3 +140,65 @@ fn clone_overlays_are_refused_where_they_would_share_or_escape() {
     std::fs::write(&raw, vec![0u8; 4096]).unwrap();
     assert!(ops::clone_overlay(&raw, &dir.path().join("r.qcow2"), &rules).is_err());
 }
+
+#[test]
+fn an_open_disk_freezes_its_top_and_carries_on_in_a_new_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = BackingRules::default();
+    let base = dir.path().join("base.qcow2");
+    let vm = dir.path().join("vm.qcow2");
+    ops::create(&base, Some(8 * MIB), None, &rules).unwrap();
+    ops::create(&vm, None, Some("base.qcow2"), &rules).unwrap();
+
+    let live = open_rw(&vm);
+    live.write_at(&[0xaa; 4096], A).unwrap();
+    let frozen = live.freeze_top("vmsnap-1").unwrap().expect("a qcow2 disk is frozen");
+    assert_eq!(frozen, dir.path().join("vm@vmsnap-1.qcow2"));
+    live.write_at(&[0xbb; 4096], B).unwrap();
+    let mut buf = vec![0u8; 4096];
+    live.read_at(&mut buf, A).unwrap();
+    assert_eq!(buf, vec![0xaa; 4096], "the open disk still reads what it froze");
+
+    // The frozen layer takes no writer; clones are made on it while the
+    // original still runs.
+    assert!(disk::open(
+        &frozen,
+        &OpenOptions {
+            read_only: false,
+            format: Some(ImageFormat::Qcow2)
+        }
+    )
+    .is_err());
+    let clone = dir.path().join("vm@vmsnap-1.clone-1.qcow2");
+    ops::clone_overlay(&frozen, &clone, &rules).unwrap();
+    // A second writer of the original's new top is refused.
+    assert!(ops::clone_overlay(&vm, &dir.path().join("x.qcow2"), &rules).is_err());
+    live.flush().unwrap();
+
+    assert_eq!(read(&clone, A), vec![0xaa; 4096]);
+    assert_eq!(read(&clone, B), vec![0; 4096], "the original's write after the freeze");
+    drop(live);
+    assert_eq!(read(&vm, B), vec![0xbb; 4096]);
+    assert_eq!(read(&frozen, B), vec![0; 4096]);
+    for layer in [&base, &frozen, &vm, &clone] {
+        qemu_img(&["check", "-U", "-f", "qcow2", layer.to_str().unwrap()]);
+    }
+    let info = qemu_img(&["info", "-U", "--backing-chain", vm.to_str().unwrap()]);
+    assert!(
+        info.contains("vm@vmsnap-1.qcow2") && info.contains("base.qcow2"),
+        "{info}"
+    );
+
+    // A raw disk is not frozen.
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+    let r = disk::open(
+        &raw,
+        &OpenOptions {
+            read_only: false,
+            format: Some(ImageFormat::Raw),
+        },
+    )
+    .unwrap();
+    assert!(r.freeze_top("s").unwrap().is_none());
+}
