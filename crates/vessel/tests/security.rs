@@ -28,23 +28,6 @@ fn planted_sector(backing: &str) -> Vec<u8> {
     s
 }
 
-fn base64_bytes(b: &[u8]) -> String {
-    // common::b64 encodes a &str; the sector is not UTF-8, so encode here.
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in b.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            out.push(if i <= c.len() {
-                T[(n >> (18 - 6 * i)) as usize & 63] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
-}
-
 /// The guest writes the planted sector to sector 0 of /dev/vda and says
 /// whether the write went through.
 fn plant_cmd() -> String {
@@ -54,7 +37,7 @@ fn plant_cmd() -> String {
         "echo {} | base64 -d > /tmp/h && \
          if dd if=/tmp/h of=/dev/vda bs=512 count=1 conv=sync,notrunc,fsync 2>/dev/null; \
          then echo PLANT-WRITTEN; else echo PLANT-REFUSED; fi; true",
-        base64_bytes(&planted_sector("secret")[..80])
+        common::b64_bytes(&planted_sector("secret")[..80])
     )
 }
 

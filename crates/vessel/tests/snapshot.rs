@@ -11,31 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Kills every VM left in a runtime directory when a test ends (a failed
-/// test must not leave detached guests running).
-struct Reaper(std::path::PathBuf);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let Ok(rd) = std::fs::read_dir(&self.0) else { return };
-        for e in rd.flatten() {
-            if let Some(pid) = std::fs::read_to_string(e.path().join("pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok())
-            {
-                // SAFETY: kill(2) on a VM process this test started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
-fn runtime_cmd(run_dir: &Path) -> std::process::Command {
-    let mut c = vessel();
-    c.env("VESSEL_RUNTIME_DIR", run_dir);
-    c
-}
-
 fn cli(run_dir: &Path, args: &[&str]) -> std::process::Output {
     let o = runtime_cmd(run_dir)
         .args(args)

@@ -26,8 +26,12 @@ pub fn vessel() -> Command {
 }
 
 pub fn b64(s: &str) -> String {
+    b64_bytes(s.as_bytes())
+}
+
+/// Base64 of any bytes (guest commands and planted sectors).
+pub fn b64_bytes(b: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let b = s.as_bytes();
     let mut out = String::new();
     for c in b.chunks(3) {
         let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
@@ -40,6 +44,32 @@ pub fn b64(s: &str) -> String {
         }
     }
     out
+}
+
+/// `vessel` with named VMs kept in `run_dir` (VESSEL_RUNTIME_DIR).
+pub fn runtime_cmd(run_dir: &std::path::Path) -> Command {
+    let mut c = vessel();
+    c.env("VESSEL_RUNTIME_DIR", run_dir);
+    c
+}
+
+/// Kills every VM left in a runtime directory when a test ends (a failed
+/// test must not leave detached guests running).
+pub struct Reaper(pub PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let Ok(rd) = std::fs::read_dir(&self.0) else { return };
+        for e in rd.flatten() {
+            if let Some(pid) = std::fs::read_to_string(e.path().join("pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on a VM process this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
 }
 
 pub fn stdout(o: &Output) -> String {
