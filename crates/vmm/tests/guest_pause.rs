@@ -84,7 +84,8 @@ fn pause_is_quiescent_under_disk_and_network_load() {
              dd if=/dev/vda bs=64k skip=$((i*2)) count=2 iflag=direct 2>/dev/null | cmp -s - /tmp/pat || exit 2; \
              i=$((i+1)); done; echo DISK-DONE ) > /tmp/disk.log 2>&1 & \
          disk=$! && \
-         ( nc 10.79.0.1 5000 > /tmp/r && nc 10.79.0.1 5001 < /tmp/r && echo NET-DONE ) > /tmp/net.log 2>&1 & \
+         ( n=0; until nc 10.79.0.1 5000 > /tmp/r; do n=$((n+1)); [ $n -lt 20 ] || exit 1; sleep 0.3; done; \
+           nc 10.79.0.1 5001 < /tmp/r && echo NET-DONE ) > /tmp/net.log 2>&1 & \
          net=$! && echo WORK-STARTED && \
          wait $disk; echo disk-status=$?; wait $net; echo net-status=$?; cat /tmp/disk.log /tmp/net.log"
     );
