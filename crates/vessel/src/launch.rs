@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::time::Instant;
 
 use crate::console_hub::ConsoleHub;
@@ -204,18 +204,4 @@ pub fn exit_code(outcome: vmm::RunOutcome) -> ExitCode {
             ExitCode::from(4)
         }
     }
-}
-
-/// Send one action to the main loop and wait for its answer (for callers
-/// inside the process other than the API).
-pub fn request(tx: &Sender<Msg>, action: VmmAction) -> Result<crate::control::VmmData, String> {
-    let (reply, rx) = tokio::sync::oneshot::channel();
-    tx.send(Msg::Request {
-        action,
-        reply: Some(reply),
-    })
-    .map_err(|_| "the VMM has stopped".to_string())?;
-    rx.blocking_recv()
-        .map_err(|_| "the VMM has stopped".to_string())?
-        .map_err(|e| e.to_string())
 }

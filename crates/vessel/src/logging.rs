@@ -108,9 +108,7 @@ pub fn configure(l: &fc::Logger) -> Result<(), String> {
         (None, None) => None,
     };
     let file = match &l.log_path {
-        Some(p) => {
-            Some(crate::control::open_output_for_metrics(p).map_err(|e| format!("log_path {}: {e}", p.display()))?)
-        }
+        Some(p) => Some(crate::control::open_output(p).map_err(|e| format!("log_path {}: {e}", p.display()))?),
         None => None,
     };
     if let Some(h) = HANDLES.get() {

@@ -33,8 +33,7 @@ impl MetricsSink {
 
     /// Where the lines go (once).
     pub fn open(&self, path: &Path) -> Result<(), String> {
-        let f = crate::control::open_output_for_metrics(path)
-            .map_err(|e| format!("metrics_path {}: {e}", path.display()))?;
+        let f = crate::control::open_output(path).map_err(|e| format!("metrics_path {}: {e}", path.display()))?;
         self.lock().out = Some(f);
         Ok(())
     }

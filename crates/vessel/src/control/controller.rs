@@ -191,12 +191,7 @@ impl Controller {
                 match self.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
                     Some(o) => *o = d,
                     None => {
-                        if self.drives.len() + self.device_count_without_drives() >= vmm::virtio::MAX_DEVICES {
-                            return Err(ActionError::InvalidConfig(format!(
-                                "at most {} virtio devices",
-                                vmm::virtio::MAX_DEVICES
-                            )));
-                        }
+                        self.room_for_one_more_device()?;
                         self.drives.push(d)
                     }
                 }
@@ -238,12 +233,7 @@ impl Controller {
                 match self.nets.iter_mut().find(|o| o.iface_id == n.iface_id) {
                     Some(o) => *o = n,
                     None => {
-                        if self.nets.len() + self.drives.len() + self.extra_devices() >= vmm::virtio::MAX_DEVICES {
-                            return Err(ActionError::InvalidConfig(format!(
-                                "at most {} virtio devices",
-                                vmm::virtio::MAX_DEVICES
-                            )));
-                        }
+                        self.room_for_one_more_device()?;
                         self.nets.push(n)
                     }
                 }
@@ -276,11 +266,8 @@ impl Controller {
                         ));
                     }
                 }
-                if self.entropy.is_none() && self.drives.len() + self.nets.len() + 1 > vmm::virtio::MAX_DEVICES {
-                    return Err(ActionError::InvalidConfig(format!(
-                        "at most {} virtio devices",
-                        vmm::virtio::MAX_DEVICES
-                    )));
+                if self.entropy.is_none() {
+                    self.room_for_one_more_device()?;
                 }
                 self.entropy = Some(e);
                 empty
@@ -458,12 +445,16 @@ impl Controller {
         }
     }
 
-    fn extra_devices(&self) -> usize {
-        usize::from(self.entropy.is_some())
-    }
-
-    fn device_count_without_drives(&self) -> usize {
-        self.nets.len() + self.extra_devices()
+    /// Refuse a new virtio device when the machine's windows are full.
+    fn room_for_one_more_device(&self) -> Result<(), ActionError> {
+        let count = self.drives.len() + self.nets.len() + usize::from(self.entropy.is_some());
+        if count >= vmm::virtio::MAX_DEVICES {
+            return Err(ActionError::InvalidConfig(format!(
+                "at most {} virtio devices",
+                vmm::virtio::MAX_DEVICES
+            )));
+        }
+        Ok(())
     }
 
     pub fn instance_info(&self) -> InstanceInfo {
@@ -704,7 +695,7 @@ impl Controller {
     }
 }
 
-/// Open a serial or metrics destination for appending: a file (created if
+/// Open a serial, log or metrics destination for appending: a file (created if
 /// missing) or a named pipe, never blocking on a pipe with no reader yet.
 pub fn open_output(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;

@@ -7,7 +7,7 @@
 mod controller;
 mod state;
 
-pub use controller::{open_output as open_output_for_metrics, ConsoleWiring, Controller, Exit};
+pub use controller::{open_output, ConsoleWiring, Controller, Exit};
 pub use state::{StateError, VmState};
 
 use serde::Serialize;
