@@ -44,6 +44,19 @@ fn wait_log(run_dir: &Path, name: &str, what: &str, timeout: Duration) -> (Strin
     }
 }
 
+/// As [`wait_log`], for a whole line.
+fn wait_line(run_dir: &Path, name: &str, line: &str, timeout: Duration) {
+    let start = Instant::now();
+    while !log(run_dir, name).lines().any(|l| l.trim_end() == line) {
+        assert!(
+            start.elapsed() < timeout,
+            "{name}: no line {line:?} within {timeout:?}:\n{}",
+            log(run_dir, name)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The shell arithmetic the guest does, done here.
 fn cpu_sum(seed: u64, n: u64) -> u64 {
     let mut s = seed;
@@ -339,4 +352,158 @@ fn crc64(data: &[u8]) -> u64 {
         }
     }
     crc
+}
+
+/// The guest's disk as a flat image, read through its whole qcow2 chain.
+fn disk_bytes(s: &Scratch, top: &Path) -> Vec<u8> {
+    let out = s.0.join("flat.raw");
+    let o = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
+        .arg(top)
+        .arg(&out)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        o.status.success(),
+        "qemu-img convert {}: {}",
+        top.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::read(&out).unwrap()
+}
+
+/// The counter the guest last wrote at 1 MiB (`N=%08d`).
+fn counter_of(flat: &[u8]) -> u64 {
+    let rec = &flat[1 << 20..(1 << 20) + 10];
+    assert_eq!(&rec[..2], b"N=", "no counter on the disk: {rec:?}");
+    std::str::from_utf8(&rec[2..]).unwrap().parse().unwrap()
+}
+
+fn qemu_img_check(layer: &Path) {
+    let o = std::process::Command::new("qemu-img")
+        .args(["check", "-U", "-f", "qcow2"])
+        .arg(layer)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        o.status.success(),
+        "qemu-img check {}: {}{}",
+        layer.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A qcow2 disk is frozen into the snapshot: what the guest wrote before
+/// the snapshot is in every clone, what the original wrote after it is in
+/// none, each clone writes a layer of its own, and every layer checks clean.
+#[test]
+fn qcow2_disks_are_frozen_into_the_snapshot() {
+    let s = Scratch::new("snap-disks");
+    let run_dir = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
+    let snap = s.0.join("snap");
+    let img = s.0.join("d.qcow2");
+    let o = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M")
+        .output()
+        .expect("qemu-img");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let work = "printf BEFORE-MARK | dd of=/dev/vda bs=512 count=1 conv=sync,notrunc 2>/dev/null; sync; \
+                i=0; while true; do printf N=%08d $i | dd of=/dev/vda bs=512 seek=2048 count=1 conv=sync,notrunc \
+                2>/dev/null; sync; echo W$i; i=$((i+1)); sleep 0.1; done";
+    let o = runtime_cmd(&run_dir)
+        .args(["run", "--detach", "--name", "orig", "--accel", "emu", "--mem", "128M"])
+        .arg("--kernel")
+        .arg(artifact("kernel/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"))
+        .arg("--disk")
+        .arg(disk_arg(&img, ""))
+        .arg("--cmdline")
+        .arg(format!("console=ttyS0 reboot=k panic=-1 vessel.cmd={}", b64(work)))
+        .stdin(Stdio::null())
+        .timed_output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_line(&run_dir, "orig", "W3", Duration::from_secs(120));
+    cli(&run_dir, &["snapshot", "orig", snap.to_str().unwrap()]);
+    let inspect =
+        String::from_utf8_lossy(&cli(&run_dir, &["snapshot", "inspect", snap.to_str().unwrap()]).stdout).into_owned();
+    let frozen = inspect
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("disk0:"))
+        .and_then(|l| l.trim().strip_suffix("(frozen in the snapshot)"))
+        .map(|p| std::path::PathBuf::from(p.trim()))
+        .unwrap_or_else(|| panic!("disk0 is not frozen:\n{inspect}"));
+    assert!(
+        frozen.file_name().unwrap().to_string_lossy().starts_with("d@vmsnap-"),
+        "{}",
+        frozen.display()
+    );
+    let frozen_flat = disk_bytes(&s, &frozen);
+    assert_eq!(&frozen_flat[..11], b"BEFORE-MARK");
+    let at_snapshot = counter_of(&frozen_flat);
+    let frozen_md5 = md5_of(&std::fs::read(&frozen).unwrap());
+
+    // Clones wait paused while the original writes on.
+    cli(
+        &run_dir,
+        &["restore", snap.to_str().unwrap(), "--count", "2", "--paused"],
+    );
+    let stem = frozen.file_stem().unwrap().to_string_lossy().into_owned();
+    let overlays: Vec<std::path::PathBuf> = std::fs::read_dir(&s.0)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with(&format!("{stem}.")) && n.ends_with(".qcow2") && *p != frozen
+        })
+        .collect();
+    assert_eq!(overlays.len(), 2, "one overlay per clone: {overlays:?}");
+    let later = format!("W{}", at_snapshot + 12);
+    wait_line(&run_dir, "orig", &later, Duration::from_secs(60));
+    cli(&run_dir, &["stop", "orig"]);
+    let orig_after = counter_of(&disk_bytes(&s, &img));
+    assert!(orig_after > at_snapshot + 5, "{orig_after} vs {at_snapshot}");
+    for o in &overlays {
+        let flat = disk_bytes(&s, o);
+        assert_eq!(&flat[..11], b"BEFORE-MARK", "{}", o.display());
+        assert_eq!(
+            counter_of(&flat),
+            at_snapshot,
+            "{}: the original's writes after the snapshot reached a clone",
+            o.display()
+        );
+    }
+
+    // Each clone writes its own overlay.
+    for vm in ["snap-1", "snap-2"] {
+        cli(&run_dir, &["resume", vm]);
+    }
+    for vm in ["snap-1", "snap-2"] {
+        let next = format!("W{}", at_snapshot + 3);
+        wait_line(&run_dir, vm, &next, Duration::from_secs(60));
+        cli(&run_dir, &["stop", vm]);
+    }
+    for o in &overlays {
+        let flat = disk_bytes(&s, o);
+        assert_eq!(&flat[..11], b"BEFORE-MARK", "{}", o.display());
+        assert!(
+            counter_of(&flat) > at_snapshot,
+            "{}: the clone did not write",
+            o.display()
+        );
+    }
+    assert_eq!(
+        md5_of(&std::fs::read(&frozen).unwrap()),
+        frozen_md5,
+        "the frozen layer changed"
+    );
+    assert_eq!(counter_of(&disk_bytes(&s, &img)), orig_after);
+    for layer in overlays.iter().chain([&frozen, &img]) {
+        qemu_img_check(layer);
+    }
 }

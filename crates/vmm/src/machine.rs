@@ -795,10 +795,23 @@ impl VmHandle {
         mem_file: &std::path::Path,
     ) -> std::result::Result<SnapshotInfo, crate::persist::PersistError> {
         use crate::persist::PersistError;
-        let state = self.save_state()?;
+        let mut state = self.save_state()?;
         for (i, mut dev) in self.shared.virtio_devices().enumerate() {
             dev.flush()
                 .map_err(|e| PersistError::Save(format!("flushing virtio device {i}: {e}")))?;
+        }
+        // Each writable qcow2 disk's top becomes a layer of the snapshot,
+        // and the VM goes on in a new overlay (docs/SNAPSHOTS.md, "Disks").
+        // The disks are the first devices, in configuration order.
+        let layer = format!("vmsnap-{}", unix_millis());
+        for (d, dev) in state.disks.iter_mut().zip(self.shared.virtio_devices()) {
+            if let Some(frozen) = dev
+                .freeze_disk(&layer)
+                .map_err(|e| PersistError::Save(format!("freezing disk {}: {e}", d.path.display())))?
+            {
+                d.path = frozen;
+                d.frozen = true;
+            }
         }
         let mem_bytes =
             memory::save_to_file(&self.shared.mem, mem_file).map_err(|e| PersistError::Save(e.to_string()))?;
@@ -861,6 +874,14 @@ impl VmHandle {
     pub fn guest_memory_digest(&self) -> u64 {
         memory::digest(&self.shared.mem)
     }
+}
+
+/// Milliseconds since the Unix epoch, to name things uniquely.
+fn unix_millis() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
 }
 
 /// The virtio devices the configuration asks for, in window order: disks,

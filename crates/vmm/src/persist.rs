@@ -145,6 +145,11 @@ impl MachineState {
                 c.disks.len()
             ));
         }
+        for (i, (d, cfg)) in self.disks.iter().zip(&c.disks).enumerate() {
+            if d.frozen && (d.read_only || cfg.read_only) {
+                return bad(format!("disk {i} is read-only but marked frozen"));
+            }
+        }
         if self.platform.serial.in_buffer.len() > 64 {
             return bad("serial FIFO longer than 64 bytes".into());
         }
@@ -208,6 +213,49 @@ impl MachineState {
             serde_json::from_slice(&body[HEADER_LEN..]).map_err(|e| PersistError::Malformed(e.to_string()))?;
         state.validate()?;
         Ok(state)
+    }
+
+    /// Give a restore of this state its own writable layer on every disk
+    /// frozen into the snapshot: a new, empty qcow2 overlay on the frozen
+    /// layer, named `<frozen layer>.<clone_id>.qcow2` beside it
+    /// ([`disk::ops::clone_overlay`]), which the configuration then names.
+    /// Disks not frozen keep their path. Returns the overlays made; on
+    /// error, those made so far are removed again.
+    pub fn clone_disks(&mut self, clone_id: &str) -> Result<Vec<std::path::PathBuf>, PersistError> {
+        if !disk::ops::valid_snapshot_name(clone_id) {
+            return Err(PersistError::Invalid(format!("clone id {clone_id:?}")));
+        }
+        let mut made: Vec<std::path::PathBuf> = Vec::new();
+        let undo = |made: &[std::path::PathBuf]| {
+            for f in made {
+                let _ = std::fs::remove_file(f);
+            }
+        };
+        for (d, cfg) in self.disks.iter().zip(self.config.disks.iter_mut()) {
+            if !d.frozen {
+                continue;
+            }
+            let stem = d
+                .path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let overlay = d.path.with_file_name(format!("{stem}.{clone_id}.qcow2"));
+            let rules = disk::BackingRules {
+                allow_absolute_backing: cfg.allow_absolute_backing,
+            };
+            if let Err(e) = disk::ops::clone_overlay(&d.path, &overlay, &rules) {
+                undo(&made);
+                return Err(PersistError::Invalid(format!(
+                    "disk {}: cannot make the clone's overlay: {e}",
+                    d.path.display()
+                )));
+            }
+            cfg.path = overlay.clone();
+            cfg.format = Some(disk::ImageFormat::Qcow2);
+            made.push(overlay);
+        }
+        Ok(made)
     }
 
     /// Write the snapshot file (to a temporary name, then renamed, so a

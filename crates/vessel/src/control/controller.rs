@@ -661,8 +661,24 @@ impl Controller {
         let (engine, why) = vmm::engine::choose(accel_kind).map_err(|e| ActionError::StartMicrovm(e.to_string()))?;
         let output = self.serial_output()?;
         let started = Instant::now();
-        let machine = vmm::Machine::restore(&state, &mem_file, output, engine)
-            .map_err(|e| ActionError::StartMicrovm(e.to_string()))?;
+        // Disks frozen into the snapshot get an overlay of this VM's own.
+        let clone_id = format!(
+            "{}-{}",
+            &self.id[..self.id.len().min(40)],
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        );
+        let overlays = state
+            .clone_disks(&clone_id)
+            .map_err(|e| ActionError::InvalidConfig(e.to_string()))?;
+        let machine = vmm::Machine::restore(&state, &mem_file, output, engine).map_err(|e| {
+            for f in &overlays {
+                let _ = std::fs::remove_file(f);
+            }
+            ActionError::StartMicrovm(e.to_string())
+        })?;
         eprintln!("{why}");
         self.configure_direct(state.config.clone(), accel);
         self.launch(machine, engine)?;

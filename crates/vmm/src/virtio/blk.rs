@@ -143,6 +143,13 @@ impl VirtioDevice for Block {
         }
         self.disk.flush().map_err(std::io::Error::other)
     }
+
+    fn freeze_disk(&self, name: &str) -> std::io::Result<Option<std::path::PathBuf>> {
+        if self.disk.read_only() {
+            return Ok(None);
+        }
+        self.disk.freeze_top(name).map_err(std::io::Error::other)
+    }
 }
 
 /// Everything a request needs; also driven directly by the fuzz target.

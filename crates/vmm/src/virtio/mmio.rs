@@ -540,6 +540,12 @@ impl MmioTransport {
         self.device.flush()
     }
 
+    /// While paused: freeze the device's disk as layer `name`
+    /// ([`VirtioDevice::freeze_disk`]).
+    pub fn freeze_disk(&self, name: &str) -> std::io::Result<Option<std::path::PathBuf>> {
+        self.device.freeze_disk(name)
+    }
+
     /// Stop the device for good (the machine stopped): the worker ends
     /// after its request in flight, and what the device wrote to the host
     /// is made durable (virtio-blk: fdatasync).

@@ -166,6 +166,13 @@ pub trait VirtioDevice: Send {
     fn flush(&self) -> std::io::Result<()> {
         Ok(())
     }
+    /// While paused: freeze the device's disk contents as the read-only
+    /// layer `name` and carry on writing a new overlay (a qcow2 disk; see
+    /// `disk::BlockBackend::freeze_top`). `None` when the device has no
+    /// contents to freeze (not a disk, a raw or a read-only disk).
+    fn freeze_disk(&self, _name: &str) -> std::io::Result<Option<std::path::PathBuf>> {
+        Ok(None)
+    }
 }
 
 /// Copy `src` (a device's config space) into `data` at `offset`; bytes
