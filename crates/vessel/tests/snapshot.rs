@@ -507,3 +507,75 @@ fn qcow2_disks_are_frozen_into_the_snapshot() {
         qemu_img_check(layer);
     }
 }
+
+/// `RNDi=VALUE` lines printed after `after` in a console log.
+fn random_lines(log: &str, after: &str) -> Vec<(String, String)> {
+    let Some(at) = log.find(after) else {
+        return Vec::new();
+    };
+    log[at..]
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("RND"))
+        .filter_map(|l| l.split_once('='))
+        .filter(|(_, v)| v.len() == 16)
+        .map(|(i, v)| (i.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Clones get a new VM generation ID (VMGenID): Debian's kernel binds its
+/// vmgenid driver to our ACPI device, and each restored clone reseeds its
+/// random generator, so two clones no longer read the same random bytes.
+#[test]
+fn clones_get_a_new_generation_id_and_reseed() {
+    let s = Scratch::new("snap-vmgenid");
+    let run_dir = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
+    let snap = s.0.join("snap");
+    let work = "echo DRIVER=$(ls /sys/bus/acpi/drivers/vmgenid | grep VSSL0001); \
+                i=0; while true; do echo RND$i=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n'); \
+                i=$((i+1)); sleep 0.3; done";
+    let o = runtime_cmd(&run_dir)
+        .args(["run", "--detach", "--name", "orig", "--accel", "emu", "--mem", "512M"])
+        .arg("--kernel")
+        .arg(artifact("debian/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!("console=ttyS0 reboot=k panic=-1 vessel.cmd={}", b64(work)))
+        .stdin(Stdio::null())
+        .timed_output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (l, _) = wait_log(&run_dir, "orig", "RND2=", Duration::from_secs(240));
+    assert!(
+        l.contains("DRIVER=VSSL0001:00"),
+        "the guest's vmgenid driver did not bind to our device:\n{l}"
+    );
+    cli(
+        &run_dir,
+        &["snapshot", "orig", snap.to_str().unwrap(), "--leave-paused"],
+    );
+    cli(&run_dir, &["stop", "orig"]);
+    cli(&run_dir, &["restore", snap.to_str().unwrap(), "--count", "2"]);
+    const RESEED: &str = "crng reseeded due to virtual machine fork";
+    let start = Instant::now();
+    let (a, b) = loop {
+        let a = random_lines(&log(&run_dir, "snap-1"), RESEED);
+        let b = random_lines(&log(&run_dir, "snap-2"), RESEED);
+        if a.len() >= 3 && b.len() >= 3 {
+            break (a, b);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the clones did not reseed and print:\nsnap-1:\n{}\nsnap-2:\n{}",
+            log(&run_dir, "snap-1"),
+            log(&run_dir, "snap-2")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let same: Vec<_> = a.iter().filter(|x| b.contains(x)).collect();
+    assert!(same.is_empty(), "the clones read the same random bytes: {same:?}");
+    for vm in ["snap-1", "snap-2"] {
+        cli(&run_dir, &["stop", vm]);
+    }
+}

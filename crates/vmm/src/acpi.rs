@@ -17,7 +17,10 @@
 //!   which is what the MP table ([`crate::devices::mptable`]) says too;
 //! - DSDT: COM1 (`PNP0501`, ports 0x3f8-0x3ff, IRQ 4), the RTC (`PNP0B00`,
 //!   ports 0x70-0x71, IRQ 8), one `LNRO0005` device per virtio-mmio slot,
-//!   and `_S5` so that the guest can power off.
+//!   the VM generation ID (`VGEN`, Microsoft's VMGenID: 16 bytes at
+//!   [`VMGENID_ADDR`]) with the Generic Event Device (`ACPI0013`, GSI
+//!   [`VMGENID_GSI`]) that tells the guest when it changes, and `_S5` so
+//!   that the guest can power off.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -50,6 +53,15 @@ pub const MAX_VIRTIO_SLOTS: usize = NUM_PINS - 16;
 /// The CMOS RTC's index/data ports and ISA IRQ.
 const RTC_PORT: u16 = 0x70;
 const RTC_IRQ: u32 = 8;
+
+/// Where the 16-byte VM generation ID lives: in the BIOS area, reserved in
+/// the e820 map, after the tables.
+pub const VMGENID_ADDR: u64 = 0xf_e000;
+/// The Generic Event Device's interrupt: an ISA IRQ nothing else uses
+/// (edge-triggered, active high).
+pub const VMGENID_GSI: u32 = 5;
+/// The notification value ACPI gives for "the generation ID changed".
+const VMGENID_NOTIFY: u8 = 0x80;
 
 const OEM_ID: [u8; 6] = *b"VESSEL";
 const OEM_REVISION: u32 = 1;
@@ -200,8 +212,43 @@ fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
         let dev = aml::Device::new(path.as_str().into(), names.iter().map(|n| n as &dyn Aml).collect());
         virtio_devices.push(to_bytes(&dev));
     }
+    // VMGenID: ADDR returns the ID's address as two 32-bit halves.
+    let (addr_lo, addr_hi) = (VMGENID_ADDR as u32, (VMGENID_ADDR >> 32) as u32);
+    let addr_pkg = aml::Package::new(vec![&addr_lo, &addr_hi]);
+    let addr_ret = aml::Return::new(&addr_pkg);
+    let addr = aml::Method::new("ADDR".into(), 0, false, vec![&addr_ret]);
+    let vgen_names = [
+        // Linux and Windows match the _CID; the _HID is ours.
+        aml::Name::new("_HID".into(), &"VSSL0001"),
+        aml::Name::new("_CID".into(), &"VM_Gen_Counter"),
+        aml::Name::new("_DDN".into(), &"VM_Gen_Counter"),
+    ];
+    let mut vgen_children: Vec<&dyn Aml> = vgen_names.iter().map(|n| n as &dyn Aml).collect();
+    vgen_children.push(&addr);
+    let vgen = aml::Device::new("VGEN".into(), vgen_children);
+    // The Generic Event Device: its interrupt runs _EVT with the GSI,
+    // which notifies VGEN.
+    let ged_irq = aml::Interrupt::new(true, true, false, false, VMGENID_GSI);
+    let ged_crs = aml::ResourceTemplate::new(vec![&ged_irq]);
+    let vgen_path = aml::Path::new("\\_SB_.VGEN");
+    let notify_value = VMGENID_NOTIFY;
+    let notify = aml::Notify::new(&vgen_path, &notify_value);
+    let gsi = VMGENID_GSI;
+    let is_vgen = aml::Equal::new(&aml::Arg(0), &gsi);
+    let on_vgen = aml::If::new(&is_vgen, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&on_vgen]);
+    let ged_hid = "ACPI0013";
+    let ged_names = [
+        aml::Name::new("_HID".into(), &ged_hid),
+        aml::Name::new("_UID".into(), &aml::ZERO),
+        aml::Name::new("_CRS".into(), &ged_crs),
+    ];
+    let mut ged_children: Vec<&dyn Aml> = ged_names.iter().map(|n| n as &dyn Aml).collect();
+    ged_children.push(&evt);
+    let ged = aml::Device::new("GED_".into(), ged_children);
+
     let virtio_raw: Vec<RawAml> = virtio_devices.into_iter().map(RawAml).collect();
-    let mut sb_children: Vec<&dyn Aml> = vec![&com1, &rtc];
+    let mut sb_children: Vec<&dyn Aml> = vec![&com1, &rtc, &vgen, &ged];
     sb_children.extend(virtio_raw.iter().map(|d| d as &dyn Aml));
     let sb = aml::Scope::new("\\_SB_".into(), sb_children);
     let s5_type = S5_SLEEP_TYPE;
@@ -324,7 +371,7 @@ pub fn build(cpus: u8, virtio: &[VirtioSlot]) -> Result<Tables> {
     let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
     out[..rsdp.len()].copy_from_slice(&rsdp);
 
-    if base + out.len() as u64 > ACPI_END {
+    if base + out.len() as u64 > VMGENID_ADDR {
         return Err(Error::Config(format!(
             "ACPI tables of {} bytes do not fit in the BIOS area",
             out.len()
@@ -341,7 +388,27 @@ pub fn setup_acpi(mem: &GuestMemoryMmap, cpus: u8, virtio: &[VirtioSlot]) -> Res
     let t = build(cpus, virtio)?;
     mem.write_slice(&t.bytes, GuestAddress(ACPI_START))
         .map_err(|e| Error::Memory(format!("cannot write the ACPI tables: {e}")))?;
+    new_generation_id(mem)?;
     Ok(GuestAddress(t.rsdp))
+}
+
+/// Give the VM a new, random generation ID (at boot, and on every restore
+/// of a snapshot, so that clones differ). The caller then raises
+/// [`VMGENID_GSI`] once the guest may run, so that the guest reads it and
+/// reseeds its random generator.
+pub fn new_generation_id(mem: &GuestMemoryMmap) -> Result<[u8; 16]> {
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom writes at most 16 bytes into `id`, which is 16 long.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        return Err(Error::Memory(format!(
+            "no randomness for the VM generation ID: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    mem.write_slice(&id, GuestAddress(VMGENID_ADDR))
+        .map_err(|e| Error::Memory(format!("cannot write the VM generation ID: {e}")))?;
+    Ok(id)
 }
 
 #[cfg(test)]
@@ -567,6 +634,9 @@ mod tests {
                 assert!(dsl.contains("EisaId (\"PNP0501\")"), "{dsl}");
                 assert!(dsl.contains("EisaId (\"PNP0B00\")"), "{dsl}");
                 assert!(dsl.contains("Name (_S5, Package"), "{dsl}");
+                assert!(dsl.contains("Name (_CID, \"VM_Gen_Counter\")"), "{dsl}");
+                assert!(dsl.contains("Notify (\\_SB.VGEN, 0x80)"), "{dsl}");
+                assert!(dsl.contains("0x000FE000"), "{dsl}");
                 assert!(dsl.contains("0xD0003000,         // Address Base"), "{dsl}");
                 // Recompiling the disassembly must work too.
                 let o = std::process::Command::new("iasl")

@@ -614,6 +614,7 @@ impl Machine {
             .map_err(|e| Error::Config(format!("snapshot: {e}")))?;
         let serial_line = lines(COM1_IRQ)?;
         let kbd_line = lines(i8042::KBD_IRQ)?;
+        let vmgenid_line = lines(acpi::VMGENID_GSI)?;
         let engine: Box<dyn Engine> = Box::new(EmuEngine::from_states(code_map, &state.cpus));
         let shared = Arc::new(Shared {
             mem,
@@ -638,6 +639,11 @@ impl Machine {
         });
         // Held until resume: the vCPUs park before running any guest code.
         shared.control.pause(Duration::ZERO);
+        // Every restore is a new generation of the VM (VMGenID): a guest
+        // that supports it reads the new ID when the interrupt reaches it
+        // and reseeds its random generator, so clones do not share one.
+        acpi::new_generation_id(&shared.mem)?;
+        vmgenid_line.trigger();
         {
             let mut p = shared.platform();
             shared.serial_irq(&mut p);
