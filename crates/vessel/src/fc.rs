@@ -372,6 +372,9 @@ pub struct MemBackend {
 pub struct NetworkOverride {
     pub iface_id: String,
     pub host_dev_name: String,
+    /// Vessel: a MAC address of the clone's own for the device.
+    #[serde(default)]
+    pub guest_mac: Option<String>,
 }
 
 /// `PUT /snapshot/load`.

@@ -579,3 +579,90 @@ fn clones_get_a_new_generation_id_and_reseed() {
         cli(&run_dir, &["stop", vm]);
     }
 }
+
+/// `network_overrides` give a restored VM another TAP (Firecracker) and, as
+/// a Vessel extension, a MAC address of its own for the device.
+#[test]
+fn network_overrides_give_a_clone_its_own_tap_and_mac() {
+    let s = Scratch::new("snap-netover");
+    let run_dir = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
+    let snap = s.0.join("snap");
+    let tap = format!("vso{}", std::process::id() % 100_000);
+    let tap2 = format!("vsc{}", std::process::id() % 100_000);
+    let o = runtime_cmd(&run_dir)
+        .args(["run", "--detach", "--name", "src", "--accel", "emu", "--mem", "128M"])
+        .args(["--net", &format!("tap={tap},mac=52:54:00:00:00:01")])
+        .arg("--kernel")
+        .arg(artifact("kernel/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=-1 vessel.cmd={}",
+            b64("echo MAC=$(cat /sys/class/net/eth0/address); sleep 100000")
+        ))
+        .stdin(Stdio::null())
+        .timed_output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_log(&run_dir, "src", "MAC=52:54:00:00:00:01", Duration::from_secs(120));
+    cli(&run_dir, &["snapshot", "src", snap.to_str().unwrap(), "--leave-paused"]);
+    cli(&run_dir, &["stop", "src"]);
+
+    let sock = s.0.join("api.sock");
+    let vmm = KillOnDrop(
+        vessel()
+            .arg("run")
+            .arg("--api-sock")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let _dog = Watchdog::new(&vmm.0);
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let load = |mac: &str| {
+        serde_json::json!({
+            "snapshot_path": snap.join("state"),
+            "mem_backend": {"backend_type": "File", "backend_path": snap.join("memory")},
+            "network_overrides": [{"iface_id": "net0", "host_dev_name": tap2, "guest_mac": mac}],
+        })
+        .to_string()
+    };
+    let (code, text) = curl(&sock, "PUT", "/snapshot/load", &load("52:54:00:zz:00:02"));
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("guest_mac"), "{text}");
+    let (code, text) = curl(&sock, "PUT", "/snapshot/load", &load("52:54:00:00:00:02"));
+    assert_eq!(code, 204, "{text}");
+    let (code, config) = curl(&sock, "GET", "/vm/config", "");
+    assert_eq!(code, 200, "{config}");
+    let v: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let net = &v["network-interfaces"][0];
+    assert_eq!(net["host_dev_name"], tap2.as_str(), "{config}");
+    assert_eq!(
+        net["guest_mac"].as_str().map(str::to_lowercase).as_deref(),
+        Some("52:54:00:00:00:02"),
+        "{config}"
+    );
+    let (code, _) = curl(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    assert_eq!(code, 204);
+    let (_, info) = curl(&sock, "GET", "/", "");
+    assert!(info.contains("Running"), "{info}");
+}
+
+/// Kills and reaps a child process when the test ends, pass or fail.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -653,6 +653,11 @@ impl Controller {
                 ActionError::InvalidConfig(format!("no network interface {:?} in the snapshot", o.iface_id))
             })?;
             state.config.nets[i].tap = Some(o.host_dev_name.clone());
+            if let Some(mac) = &o.guest_mac {
+                let mac = crate::device_args::parse_mac(mac)
+                    .map_err(|e| ActionError::InvalidConfig(format!("guest_mac: {e}")))?;
+                state.config.nets[i].mac = Some(mac);
+            }
         }
         let accel = l.accel.clone().unwrap_or_else(|| state.engine.to_string());
         let accel_kind: vmm::Accel = accel
