@@ -87,43 +87,96 @@ fn host_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Write all guest RAM to `path`, the ranges one after another (the
-/// layout [`ram_ranges`] gives for the memory size). Pages of zeroes are
-/// left as holes, so the file takes only the space of the pages in use.
-/// Returns the bytes written.
+/// Write all guest memory to `path`, as a sparse file laid out like guest
+/// physical memory (region after region): pages of zeroes are holes.
+/// Returns the bytes written. The VM must be paused: nothing may write
+/// guest memory meanwhile.
+///
+/// Pages of anonymous memory that were never touched (neither present nor
+/// swapped out, says /proc/self/pagemap) are zero and skipped without
+/// reading them, which would fault each one in; runs of non-zero pages go
+/// out in one write each.
 pub fn save_to_file(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<u64> {
-    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    const MAX_RUN: usize = 4 << 20;
     let err = |e: std::io::Error| Error::Memory(format!("{}: {e}", path.display()));
     // A new file renamed over the old one: a VM restored from the old file
     // maps it privately, and truncating it under that VM would fault it.
     let tmp = path.with_extension("vessel-tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    let mut buf = vec![0u8; 1 << 20];
+    let f = std::fs::File::create(&tmp).map_err(err)?;
+    let zero = [0u8; PAGE];
     let mut pos = 0u64;
     let mut written = 0u64;
     for region in mem.iter() {
-        let start = region.start_addr().0;
-        let len = region.len();
-        let mut off = 0u64;
-        while off < len {
-            let n = (len - off).min(buf.len() as u64) as usize;
-            mem.read_slice(&mut buf[..n], GuestAddress(start + off))
-                .map_err(|e| Error::Memory(format!("reading guest memory at {:#x}: {e}", start + off)))?;
-            for page in buf[..n].chunks(4096) {
-                if page.iter().any(|&b| b != 0) {
-                    f.seek(SeekFrom::Start(pos)).map_err(err)?;
-                    f.write_all(page).map_err(err)?;
-                    written += page.len() as u64;
+        let len = region.len() as usize;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| Error::Memory(format!("guest memory region: {e}")))?;
+        // SAFETY: `host` is the start of the region's mapping of `len`
+        // bytes, which `mem` keeps mapped while we hold it; the VM is
+        // paused, so nothing writes it while the slice lives.
+        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
+        let untouched = if region.file_offset().is_none() {
+            untouched_pages(host as usize, len / PAGE)
+        } else {
+            None
+        };
+        let mut run_start: Option<usize> = None;
+        let flush = |start: usize, end: usize, written: &mut u64| -> Result<()> {
+            f.write_all_at(&bytes[start..end], pos + start as u64).map_err(err)?;
+            *written += (end - start) as u64;
+            Ok(())
+        };
+        for page in 0..len / PAGE {
+            let at = page * PAGE;
+            let skip = untouched.as_ref().is_some_and(|u| u[page]) || bytes[at..at + PAGE] == zero;
+            match (skip, run_start) {
+                (true, Some(start)) => {
+                    flush(start, at, &mut written)?;
+                    run_start = None;
                 }
-                pos += page.len() as u64;
+                (false, Some(start)) if at - start >= MAX_RUN => {
+                    flush(start, at, &mut written)?;
+                    run_start = Some(at);
+                }
+                (false, None) => run_start = Some(at),
+                _ => {}
             }
-            off += n as u64;
         }
+        if let Some(start) = run_start {
+            flush(start, len / PAGE * PAGE, &mut written)?;
+        }
+        pos += len as u64;
     }
     f.set_len(pos).map_err(err)?;
     f.sync_all().map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)?;
     Ok(written)
+}
+
+/// For `pages` pages of this process's anonymous memory from `addr`: which
+/// were never touched (neither present nor swapped out), from
+/// /proc/self/pagemap. `None` when pagemap cannot be read (say, no /proc
+/// in a jail): then every page is read.
+fn untouched_pages(addr: usize, pages: usize) -> Option<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let f = std::fs::File::open("/proc/self/pagemap").ok()?;
+    let mut out = Vec::with_capacity(pages);
+    let mut buf = vec![0u8; 8 * 4096];
+    let first = (addr / 4096) as u64;
+    while out.len() < pages {
+        let n = (pages - out.len()).min(buf.len() / 8);
+        f.read_exact_at(&mut buf[..n * 8], (first + out.len() as u64) * 8)
+            .ok()?;
+        out.extend(buf[..n * 8].chunks_exact(8).map(|e| {
+            let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+            e & (PRESENT | SWAPPED) == 0
+        }));
+    }
+    Some(out)
 }
 
 /// Guest memory of `size` bytes mapped from a file written by
@@ -179,6 +232,34 @@ mod tests {
             vec![(0, MMIO_HOLE_START), (1 << 32, (4 << 30) - MMIO_HOLE_START)]
         );
         assert!(create(1 << 20).is_err());
+    }
+
+    /// Saving skips untouched and zero pages, writes long runs whole, and
+    /// a restored (file-backed) memory saves again with every page, read
+    /// or not since the restore.
+    #[test]
+    fn save_and_map_back() {
+        let size = 64u64 << 20;
+        let mem = create(size).unwrap();
+        mem.write_slice(&[1; 4096], GuestAddress(0)).unwrap();
+        mem.write_slice(&[0; 4096], GuestAddress(8192)).unwrap(); // touched, zero
+        mem.write_slice(&vec![2u8; 5 << 20], GuestAddress(1 << 20)).unwrap(); // longer than a run
+        mem.write_obj(3u8, GuestAddress(size - 1)).unwrap();
+        let dir = std::env::temp_dir().join(format!("vessel-memsave-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        let written = save_to_file(&mem, &a).unwrap();
+        assert_eq!(written, 4096 + (5 << 20) + 4096);
+        assert_eq!(std::fs::metadata(&a).unwrap().len(), size);
+        let restored = map_private(&a, size).unwrap();
+        assert_eq!(digest(&restored), digest(&mem));
+        // Pages of the restored memory are the file's until touched.
+        restored.write_obj(4u8, GuestAddress(4096)).unwrap();
+        assert_eq!(save_to_file(&restored, &b).unwrap(), written + 4096);
+        let again = map_private(&b, size).unwrap();
+        assert_eq!(digest(&again), digest(&restored));
+        assert_ne!(digest(&again), digest(&mem));
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
