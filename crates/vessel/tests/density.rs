@@ -84,7 +84,7 @@ fn fifty_idle_guests_boot_at_once_and_cost_little() {
     }
     let started = start.elapsed();
     let log = |i: usize| std::fs::read_to_string(run_dir.join(format!("g{i}")).join("console.log")).unwrap_or_default();
-    let mut up = vec![false; GUESTS];
+    let mut up = [false; GUESTS];
     while up.iter().any(|u| !u) {
         for (i, u) in up.iter_mut().enumerate() {
             if !*u {
