@@ -78,6 +78,25 @@ pub trait Engine: Send {
     fn run(self: Box<Self>, shared: Arc<Shared>) -> RunOutcome;
 }
 
+/// What an engine itself holds of a machine's state, beyond the vCPUs'
+/// `CpuState`s: under kvm the in-kernel LAPICs, PIC, IOAPIC and PIT, the
+/// kvmclock and the XSAVE areas. (Under emu those are the machine's own
+/// models, which need no engine to read.)
+pub trait EngineSave: Send + Sync {
+    /// While paused: the interrupt controllers as the engine-neutral
+    /// state, the parked `cpus` brought to the snapshot's conventions (the
+    /// TSC as an offset from the machine clock's `guest_tsc(now_ns)`), and
+    /// what only this engine can restore.
+    fn save(
+        &self,
+        cpus: &mut [CpuState],
+        now_ns: u64,
+    ) -> std::result::Result<
+        (crate::devices::irq::RouterState, Option<crate::persist::KvmState>),
+        crate::persist::PersistError,
+    >;
+}
+
 /// Machine-wide control of the vCPU threads, the same for both engines:
 /// a way to get every vCPU out of guest code (the engine installs it), and
 /// the pause gate vCPUs wait at.
