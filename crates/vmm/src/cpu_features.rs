@@ -292,6 +292,11 @@ impl CpuFeatures {
         out
     }
 
+    /// Every compared feature, by name.
+    pub fn names(&self) -> Vec<String> {
+        self.missing_from(&CpuFeatures::default())
+    }
+
     /// Clear in a CPUID answer for `leaf`/`subleaf` the compared features
     /// that `self` lacks, so that a guest restored from a snapshot keeps
     /// seeing no more than it saw (bits left out of the comparison stay).
