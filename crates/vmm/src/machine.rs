@@ -17,12 +17,11 @@ use crate::cpu_features::CpuFeatures;
 use crate::devices::acpi_pm::{self, PowerAction};
 use crate::devices::i8042::{self, KeyError, I8042};
 use crate::devices::irq::{InterruptRouter, Interrupts};
-use crate::devices::irq_line::{EmuLine, InterruptLine};
+use crate::devices::irq_line::InterruptLine;
 use crate::devices::mptable;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{SerialPort, COM1_BASE, COM1_IRQ};
 pub use crate::emu::format_regs;
-use crate::emu::EmuEngine;
 use crate::engine::{Control, Engine, EngineKind, EngineSave};
 use crate::memory;
 use crate::virtio::console::Console;
@@ -186,11 +185,11 @@ impl Shared {
                 i8042: I8042::default(),
                 rtc: Rtc::new(0),
             }),
-            serial_line: Arc::new(EmuLine {
+            serial_line: Arc::new(crate::devices::irq_line::EmuLine {
                 irqs: irqs.clone(),
                 pin: COM1_IRQ,
             }),
-            kbd_line: Arc::new(EmuLine {
+            kbd_line: Arc::new(crate::devices::irq_line::EmuLine {
                 irqs,
                 pin: i8042::KBD_IRQ,
             }),
@@ -483,30 +482,11 @@ impl Machine {
         router.setup_virtual_wire();
         let irqs = Arc::new(Interrupts::new(router));
         let code_map = Arc::new(CodeMap::new(mem.last_addr().0 + 1));
-        // The engine's interrupt controller: device lines go to our IOAPIC
-        // under emu, to the kernel's through irqfd under kvm.
-        let kvm = match engine {
-            EngineKind::Emu => None,
-            EngineKind::Kvm => Some(crate::kvm::engine::KvmEngine::new(&mem, cfg.cpus)?),
-        };
-        let lines = |pin: u32| -> Result<Arc<dyn InterruptLine>> {
-            match &kvm {
-                None => Ok(Arc::new(EmuLine {
-                    irqs: irqs.clone(),
-                    pin,
-                })),
-                Some(k) => k.irq_line(pin),
-            }
-        };
-        // Device writes to guest memory must drop x86emu's cached decoded
-        // code there; under kvm nothing caches code, so nobody listens.
-        let dma: virtio::DmaObserver = match kvm {
-            None => {
-                let code_map = code_map.clone();
-                Arc::new(move |gpa, len| code_map.invalidate_range(gpa, len))
-            }
-            Some(_) => virtio::no_dma_observer(),
-        };
+        // The engine's interrupt controller takes the device lines, and the
+        // engine hears of device writes to guest memory.
+        let setup = crate::engine::prepare(engine, &mem, cfg.cpus, &irqs, &code_map, None)?;
+        let lines = |pin: u32| setup.irq_line(pin);
+        let dma = setup.dma_observer();
         let devices = create_virtio_devices(cfg, &mem, &lines, &dma)?;
         // Where each device sits: one window and one IOAPIC pin per device.
         let slots: Vec<VirtioSlot> = (0..devices.len())
@@ -537,20 +517,8 @@ impl Machine {
         mptable::setup_mptable(&mem, cfg.cpus as u8).map_err(|e| Error::Memory(format!("MP table: {e}")))?;
         let serial_line = lines(COM1_IRQ)?;
         let kbd_line = lines(i8042::KBD_IRQ)?;
-        let (engine, cpu_features, engine_save): (Box<dyn Engine>, _, Option<Arc<dyn EngineSave>>) = match kvm {
-            None => (
-                Box::new(EmuEngine::new(cfg.cpus, code_map, &boot_state)),
-                CpuFeatures::emu(cfg.cpus),
-                None,
-            ),
-            Some(mut k) => {
-                k.set_boot_state(&boot_state)?;
-                register_doorbells(&k, &devices)?;
-                let features = k.vm().features(cfg.cpus)?;
-                let save = k.platform();
-                (Box::new(k), features, Some(save))
-            }
-        };
+        let ready = setup.boot(&boot_state, &devices)?;
+        let engine = ready.engine;
         let shared = Arc::new(Shared {
             mem,
             irqs,
@@ -566,8 +534,8 @@ impl Machine {
             clock_base_ns: 0,
             config: cfg.clone(),
             engine_kind: engine.kind(),
-            cpu_features,
-            engine_save,
+            cpu_features: ready.cpu_features,
+            engine_save: ready.save,
             stop: AtomicU8::new(RUNNING),
             triple_fault: Mutex::new(None),
             dead: std::sync::atomic::AtomicU32::new(0),
@@ -595,35 +563,9 @@ impl Machine {
         let mem = memory::map_private(mem_file, cfg.mem_size)?;
         let irqs = Arc::new(Interrupts::new(InterruptRouter::from_state(state.interrupts.clone())));
         let code_map = Arc::new(CodeMap::new(mem.last_addr().0 + 1));
-        let kvm = match engine {
-            EngineKind::Emu => {
-                let missing = state.cpu_features.missing_from(&CpuFeatures::emu(cfg.cpus));
-                if !missing.is_empty() {
-                    return Err(Error::Config(format!(
-                        "the snapshot's guest saw CPU features that emu does not offer: {}",
-                        missing.join(", ")
-                    )));
-                }
-                None
-            }
-            EngineKind::Kvm => Some(crate::kvm::engine::KvmEngine::restore(&mem, state)?),
-        };
-        let lines = |pin: u32| -> Result<Arc<dyn InterruptLine>> {
-            match &kvm {
-                None => Ok(Arc::new(EmuLine {
-                    irqs: irqs.clone(),
-                    pin,
-                })),
-                Some(k) => k.irq_line(pin),
-            }
-        };
-        let dma: virtio::DmaObserver = match kvm {
-            None => {
-                let code_map = code_map.clone();
-                Arc::new(move |gpa, len| code_map.invalidate_range(gpa, len))
-            }
-            Some(_) => virtio::no_dma_observer(),
-        };
+        let setup = crate::engine::prepare(engine, &mem, cfg.cpus, &irqs, &code_map, Some(&state.cpu_features))?;
+        let lines = |pin: u32| setup.irq_line(pin);
+        let dma = setup.dma_observer();
         let mut devices = create_virtio_devices(cfg, &mem, &lines, &dma)?;
         for (i, (dev, saved)) in devices.iter_mut().zip(&state.devices).enumerate() {
             dev.restore_state(saved)
@@ -633,19 +575,8 @@ impl Machine {
             .map_err(|e| Error::Config(format!("snapshot: {e}")))?;
         let serial_line = lines(COM1_IRQ)?;
         let kbd_line = lines(i8042::KBD_IRQ)?;
-        let (engine, cpu_features, engine_save): (Box<dyn Engine>, _, Option<Arc<dyn EngineSave>>) = match kvm {
-            None => (
-                Box::new(EmuEngine::from_states(code_map, &state.cpus)),
-                CpuFeatures::emu(cfg.cpus),
-                None,
-            ),
-            Some(k) => {
-                register_doorbells(&k, &devices)?;
-                let save = k.platform();
-                // The vCPUs' CPUID is limited to what the guest saw.
-                (Box::new(k), state.cpu_features, Some(save))
-            }
-        };
+        let ready = setup.restore(state, &devices)?;
+        let engine = ready.engine;
         let shared = Arc::new(Shared {
             mem,
             irqs,
@@ -661,8 +592,8 @@ impl Machine {
             clock_base_ns: state.clock_ns,
             config: cfg.clone(),
             engine_kind: engine.kind(),
-            cpu_features,
-            engine_save,
+            cpu_features: ready.cpu_features,
+            engine_save: ready.save,
             stop: AtomicU8::new(RUNNING),
             triple_fault: Mutex::new(None),
             dead: std::sync::atomic::AtomicU32::new(0),
@@ -894,22 +825,6 @@ impl VmHandle {
     pub fn guest_memory_digest(&self) -> u64 {
         memory::digest(&self.shared.mem)
     }
-}
-
-/// Let queue notifications reach the devices' eventfds inside the kernel,
-/// without an exit (ioeventfd). Device i sits in window i.
-fn register_doorbells(k: &crate::kvm::engine::KvmEngine, devices: &[MmioTransport]) -> Result<()> {
-    for (i, dev) in devices.iter().enumerate() {
-        let base = virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE;
-        for (q, evt) in dev.notifiers().iter().enumerate() {
-            k.vm().register_mmio_doorbell(
-                evt,
-                base + virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64,
-                q as u32,
-            )?;
-        }
-    }
-    Ok(())
 }
 
 /// The virtio devices the configuration asks for, in window order: disks,

@@ -19,11 +19,14 @@ use super::irqchip_state::{
 use super::state::msr;
 use super::vcpu::{restores_msr, KvmVcpu, Step, SNAPSHOT_MSRS};
 use super::vm::{get_vm_state, set_vm_state, KvmVm, VmIrqchipState, VmOptions};
+use crate::cpu_features::CpuFeatures;
 use crate::devices::irq::RouterState;
 use crate::devices::irq_line::InterruptLine;
-use crate::engine::{Engine, EngineKind, EngineSave};
+use crate::engine::{Engine, EngineKind, EngineSave, EngineSetup, Ready};
 use crate::machine::{guest_tsc, RunOutcome, Shared, VcpuBus, RUNNING, STOP_HALTED, STOP_RESET, STOP_TRIPLE, TSC_KHZ};
 use crate::persist::{KvmState, MachineState, PersistError};
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::DmaObserver;
 use crate::Result;
 
 pub struct KvmEngine {
@@ -124,11 +127,7 @@ impl KvmEngine {
     /// A VM over `mem` with `count` vCPUs, all but the BSP waiting in the
     /// in-kernel LAPIC for INIT/SIPI.
     pub fn new(mem: &GuestMemoryMmap, count: u32) -> Result<Self> {
-        let vm = KvmVm::new(mem, VmOptions { irqchip: true })?;
-        let vcpus = (0..count)
-            .map(|i| vm.create_vcpu(i, count))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(Self::assemble(vm, vcpus))
+        Self::prepare(mem, count, None)
     }
 
     fn assemble(vm: KvmVm, vcpus: Vec<KvmVcpu>) -> Self {
@@ -139,28 +138,35 @@ impl KvmEngine {
         KvmEngine { vm, vcpus, platform }
     }
 
-    /// A VM over `mem` (the snapshot's memory) in the state `state` saved,
-    /// under either engine. Refused, naming them, when the guest saw CPU
-    /// features this KVM does not offer; the vCPUs' CPUID offers no more
-    /// than the guest saw.
-    pub fn restore(mem: &GuestMemoryMmap, state: &MachineState) -> Result<Self> {
-        let count = state.config.cpus;
+    /// A VM over `mem` with `count` vCPUs, for the machine to build
+    /// around. `saw`, on a restore: the CPU features the guest saw, which
+    /// this KVM must offer (refused, naming the missing ones, otherwise);
+    /// the vCPUs' CPUID then offers no more than those.
+    pub fn prepare(mem: &GuestMemoryMmap, count: u32, saw: Option<&CpuFeatures>) -> Result<Self> {
         let vm = KvmVm::new(mem, VmOptions { irqchip: true })?;
-        let missing = state.cpu_features.missing_from(&vm.features(count)?);
-        if !missing.is_empty() {
-            return Err(crate::Error::Config(format!(
-                "the snapshot's guest saw CPU features that kvm here does not offer: {}",
-                missing.join(", ")
-            )));
+        if let Some(saw) = saw {
+            let missing = saw.missing_from(&vm.features(count)?);
+            if !missing.is_empty() {
+                return Err(crate::Error::Config(format!(
+                    "the snapshot's guest saw CPU features that kvm here does not offer: {}",
+                    missing.join(", ")
+                )));
+            }
         }
         let vcpus = (0..count)
-            .map(|i| vm.create_vcpu_seeing(i, count, Some(&state.cpu_features)))
+            .map(|i| vm.create_vcpu_seeing(i, count, saw))
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Self::assemble(vm, vcpus))
+    }
+
+    /// Load the state a snapshot saved, under either engine, into the VM
+    /// and its vCPUs.
+    pub fn load_state(&self, state: &MachineState) -> Result<()> {
         let now = state.clock_ns;
         let r = &state.interrupts;
         let [pic_master, pic_slave] = pic_to_kvm(&r.pic);
         set_vm_state(
-            &vm.fd,
+            &self.vm.fd,
             &VmIrqchipState {
                 pic_master,
                 pic_slave,
@@ -172,11 +178,14 @@ impl KvmEngine {
                 },
             },
         )?;
-        for (i, (vcpu, cpu)) in vcpus.iter().zip(&state.cpus).enumerate() {
+        for (i, (vcpu, cpu)) in self.vcpus.iter().zip(&state.cpus).enumerate() {
             let mut cpu = cpu.clone();
             cpu.msr.other.retain(|&(index, _)| restores_msr(index));
             vcpu.set_state(&cpu, guest_tsc(now))?;
-            let lapic = &r.lapics[i];
+            let lapic = r
+                .lapics
+                .get(i)
+                .ok_or_else(|| crate::Error::Config(format!("snapshot: no LAPIC state for vcpu{i}")))?;
             let mut page = vcpu.get_lapic()?;
             lapic_to_kvm(lapic, now, &mut page);
             let deadline = if (lapic.lvt[0] >> 17) & 3 == 2 {
@@ -184,10 +193,26 @@ impl KvmEngine {
             } else {
                 0
             };
-            let xsave = state.kvm.as_ref().map(|k| k.xsave[i].as_slice());
+            let xsave = state.kvm.as_ref().and_then(|k| k.xsave.get(i)).map(Vec::as_slice);
             vcpu.set_platform_state(&cpu, &page, deadline, xsave)?;
         }
-        Ok(Self::assemble(vm, vcpus))
+        Ok(())
+    }
+
+    /// Let queue notifications reach the devices' eventfds inside the
+    /// kernel, without an exit (ioeventfd). Device i sits in window i.
+    fn register_doorbells(&self, devices: &[MmioTransport]) -> Result<()> {
+        for (i, dev) in devices.iter().enumerate() {
+            let base = crate::virtio::MMIO_BASE + i as u64 * crate::virtio::MMIO_SIZE;
+            for (q, evt) in dev.notifiers().iter().enumerate() {
+                self.vm.register_mmio_doorbell(
+                    evt,
+                    base + virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64,
+                    q as u32,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// The engine's side of a snapshot (for the machine to keep).
@@ -218,6 +243,41 @@ impl KvmEngine {
     /// The VM, for registering doorbells (ioeventfd) and more lines.
     pub fn vm(&self) -> &KvmVm {
         &self.vm
+    }
+}
+
+impl EngineSetup for KvmEngine {
+    fn irq_line(&self, pin: u32) -> Result<Arc<dyn InterruptLine>> {
+        KvmEngine::irq_line(self, pin)
+    }
+
+    /// Nothing caches guest code under kvm, so nobody listens.
+    fn dma_observer(&self) -> DmaObserver {
+        crate::virtio::no_dma_observer()
+    }
+
+    fn boot(mut self: Box<Self>, boot_state: &CpuState, devices: &[MmioTransport]) -> Result<Ready> {
+        self.set_boot_state(boot_state)?;
+        self.register_doorbells(devices)?;
+        let cpu_features = self.vm.features(self.vcpus.len() as u32)?;
+        let save: Arc<dyn EngineSave> = self.platform();
+        Ok(Ready {
+            engine: self,
+            cpu_features,
+            save: Some(save),
+        })
+    }
+
+    fn restore(self: Box<Self>, state: &MachineState, devices: &[MmioTransport]) -> Result<Ready> {
+        self.load_state(state)?;
+        self.register_doorbells(devices)?;
+        let save: Arc<dyn EngineSave> = self.platform();
+        // The vCPUs' CPUID is cut down to what the guest saw.
+        Ok(Ready {
+            engine: self,
+            cpu_features: state.cpu_features,
+            save: Some(save),
+        })
     }
 }
 
