@@ -7,6 +7,8 @@
 #     -s N      vCPUs of the QEMU guest (default 1)
 #     -m SIZE   its memory (default 1G)
 #     -i FILE   its initramfs (default: $VESSEL_CACHE/nested/initramfs.cpio.gz)
+#     -f SRC:DST also put the host file SRC at DST there (repeatable; DST's
+#               folder is made)
 #   In the command, /bin/vessel is a static Vessel, /guest/vmlinux and
 #   /guest/initramfs.cpio.gz the minimal test guest. The kvm modules are
 #   loaded first; "NESTED-KVM-READY" is printed once /dev/kvm exists.
@@ -16,12 +18,14 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 smp=1 mem=1G initrd=${VESSEL_CACHE}/nested/initramfs.cpio.gz
-while getopts 's:m:i:h' opt; do
+files=()
+while getopts 's:m:i:f:h' opt; do
 	case $opt in
 	s) smp=$OPTARG ;;
 	m) mem=$OPTARG ;;
 	i) initrd=$OPTARG ;;
-	*) sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; exit 2 ;;
+	f) files+=("$OPTARG") ;;
+	*) sed -n '2,14s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; exit 2 ;;
 	esac
 done
 shift $((OPTIND - 1))
@@ -37,6 +41,11 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 printf '%s\n%s\n' "$setup" "$*" >"$work/cmd.sh"
 printf 'file /cmd.sh %s 0755 0 0\n' "$work/cmd.sh" >"$work/list"
+for f in "${files[@]}"; do
+	src=${f%%:*} dst=${f#*:}
+	[[ -f $src && $dst == /* ]] || die "-f $f: wants an existing file and an absolute destination"
+	printf 'dir %s 0755 0 0\nfile %s %s 0644 0 0\n' "$(dirname "$dst")" "$dst" "$src" >>"$work/list"
+done
 cp "$initrd" "$work/initrd"
 "${VESSEL_CACHE}/tools/gen_init_cpio" -t 0 "$work/list" | gzip -1 -n >>"$work/initrd"
 b64=$(printf 'sh /cmd.sh\n' | base64 -w0)

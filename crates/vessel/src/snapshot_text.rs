@@ -30,6 +30,15 @@ pub fn describe(s: &MachineState) -> String {
         let _ = writeln!(o, "initrd:     {}", i.display());
     }
     let _ = writeln!(o, "cmdline:    {}", c.cmdline);
+    let _ = writeln!(o, "cpu:        {}", s.cpu_features.names().join(" "));
+    if let Some(k) = &s.kvm {
+        let _ = writeln!(
+            o,
+            "kvm:        kvmclock at {:.3} s, {} XSAVE areas",
+            k.clock_ns as f64 / 1e9,
+            k.xsave.len()
+        );
+    }
     let _ = writeln!(o, "vcpus:      {}", s.cpus.len());
     for (i, cpu) in s.cpus.iter().enumerate() {
         let mode = if cpu.efer & (1 << 10) != 0 {

@@ -139,3 +139,121 @@ fn nested_svm_boots_the_guest_with_kvm() {
     assert_eq!(field("before"), field("after"), "the guest ran while paused\n{text}");
     assert_eq!(field("end"), Some(8), "the guest did not finish after resume\n{text}");
 }
+
+/// The shell arithmetic the guest's workload does, done here.
+fn cpu_sum(seed: u64, n: u64) -> u64 {
+    (0..n).fold(seed, |s, i| (s * 31 + i) % 1_000_003)
+}
+
+/// Snapshots across engines: a guest booted under emu (on this host) is
+/// snapshotted in the middle of a checksummed loop; inside the nested
+/// environment the snapshot is restored under kvm, which runs part of the
+/// loop and is snapshotted in turn; that snapshot is restored under emu,
+/// which finishes the loop. The sum must be right.
+#[test]
+fn nested_snapshots_move_between_emu_and_kvm() {
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    use common::{artifact, runtime_cmd, Reaper, Scratch, TimedOutput};
+
+    const N: u64 = 40_000;
+    const STEP: u64 = 2_000;
+    let s = Scratch::new("nested-snap");
+    let run_dir = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
+    let snap = s.0.join("snap1");
+    let work = format!(
+        "s=1; i=0; while [ $i -lt {N} ]; do s=$(( (s*31 + i) % 1000003 )); i=$((i+1)); \
+         [ $((i % {STEP})) -eq 0 ] && echo PROGRESS$i; done; echo SUM=$s; echo WORK-DONE"
+    );
+    let o = runtime_cmd(&run_dir)
+        .args(["run", "--detach", "--name", "orig", "--accel", "emu", "--mem", "128M"])
+        .arg("--kernel")
+        .arg(artifact("kernel/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=-1 no_timer_check vessel.cmd={} vessel.end=reboot",
+            b64(&work)
+        ))
+        .stdin(Stdio::null())
+        .timed_output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let console = run_dir.join("orig/console.log");
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains(&format!("PROGRESS{STEP}"))
+    {
+        assert!(start.elapsed() < Duration::from_secs(180), "the workload did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = runtime_cmd(&run_dir)
+        .args(["snapshot", "orig", snap.to_str().unwrap(), "--leave-paused"])
+        .stdin(Stdio::null())
+        .timed_output()
+        .unwrap();
+    assert!(o.status.success(), "snapshot: {}", String::from_utf8_lossy(&o.stderr));
+    let _ = runtime_cmd(&run_dir).args(["stop", "orig"]).timed_output();
+    let before = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(
+        !before.contains("SUM="),
+        "the work ended before the snapshot:\n{before}"
+    );
+
+    let build = Command::new(repo().join("guest/build-nested.sh"))
+        .status()
+        .expect("running guest/build-nested.sh");
+    assert!(build.success(), "guest/build-nested.sh failed");
+    // Under kvm: 17 more progress marks (of the 19 left; or 4 minutes),
+    // then a snapshot; emu, itself under QEMU TCG and slow there, finishes
+    // the rest (about 100 s).
+    let script = "export VESSEL_RUNTIME_DIR=/tmp/vr
+/bin/vessel restore /snap1 --name k --accel kvm; rc1=$?
+n=0; while [ $(grep -c ^PROGRESS /tmp/vr/k/console.log) -lt 17 ] && [ $n -lt 2400 ]; do sleep 0.1; n=$((n+1)); done
+/bin/vessel snapshot k /tmp/snap2 --leave-paused; rc2=$?
+sed 's/^/kvm-run: /' /tmp/vr/k/console.log /tmp/vr/.k.vmm.log
+/bin/vessel stop k
+/bin/vessel snapshot inspect /tmp/snap2 | sed 's/^/inspect: /'
+/bin/vessel run --restore /tmp/snap2 --accel emu >/tmp/emu.out 2>&1 </dev/null; rc3=$?
+sed 's/^/emu-run: /' /tmp/emu.out
+echo \"NESTED-SNAP rc1=$rc1 rc2=$rc2 rc3=$rc3\"
+";
+    let out = Command::new("timeout")
+        .arg("900")
+        .arg(repo().join("guest/run-nested.sh"))
+        .args(["-m", "2G", "-f"])
+        .arg(format!("{}:/snap1/state", snap.join("state").display()))
+        .arg("-f")
+        .arg(format!("{}:/snap1/memory", snap.join("memory").display()))
+        .arg("--")
+        .arg(script)
+        .output()
+        .expect("running guest/run-nested.sh");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("NESTED-KVM-READY"),
+        "no /dev/kvm in the nested environment:\n{text}"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("NESTED-SNAP "))
+        .unwrap_or_else(|| panic!("no result:\n{text}"));
+    eprintln!("{line}");
+    assert!(line.contains("rc1=0 rc2=0 rc3=0"), "{line}\n{text}");
+    let kvm_progress = text.lines().filter(|l| l.starts_with("kvm-run: PROGRESS")).count();
+    assert!(kvm_progress > 0, "the loop made no progress under kvm\n{text}");
+    assert!(
+        !text.contains("kvm-run: SUM="),
+        "the loop ended under kvm; make it longer\n{text}"
+    );
+    assert!(text.contains("inspect: engine:     kvm"), "{text}");
+    let emu_progress = text.lines().filter(|l| l.starts_with("emu-run: PROGRESS")).count();
+    assert!(emu_progress > 0, "the loop made no progress under emu\n{text}");
+    let want = format!("emu-run: SUM={}", cpu_sum(1, N));
+    assert!(text.lines().any(|l| l.trim_end() == want), "wanted {want:?}\n{text}");
+    eprintln!("progress marks: {kvm_progress} under kvm, {emu_progress} under emu");
+}

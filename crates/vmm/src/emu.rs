@@ -8,8 +8,14 @@ use std::time::Duration;
 use x86emu::state::{flags, CpuState, Segment};
 use x86emu::{CodeMap, Cpu, CpuConfig, Exit};
 
-use crate::engine::{Engine, EngineKind};
+use crate::cpu_features::CpuFeatures;
+use crate::devices::irq::Interrupts;
+use crate::devices::irq_line::{EmuLine, InterruptLine};
+use crate::engine::{Engine, EngineKind, EngineSetup, Ready};
 use crate::machine::{RunOutcome, Shared, VcpuBus, RUNNING, STOP_HALTED, STOP_TRIPLE, TSC_KHZ};
+use crate::persist::MachineState;
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::DmaObserver;
 
 /// Instructions a vCPU runs between checks of machine-wide state.
 const SLICE: u64 = 200_000;
@@ -64,6 +70,67 @@ impl EmuEngine {
             })
             .collect();
         EmuEngine { cpus }
+    }
+}
+
+/// The emu engine while the machine is built: device lines go to the
+/// machine's own interrupt controllers, device writes to guest memory drop
+/// the decoded code cached there.
+pub struct EmuSetup {
+    cpus: u32,
+    irqs: Arc<Interrupts>,
+    code_map: Arc<CodeMap>,
+}
+
+impl EmuSetup {
+    /// Refused when the guest saw (`saw`, on a restore) CPU features emu
+    /// does not offer.
+    pub fn new(
+        cpus: u32,
+        irqs: Arc<Interrupts>,
+        code_map: Arc<CodeMap>,
+        saw: Option<&CpuFeatures>,
+    ) -> crate::Result<Self> {
+        if let Some(saw) = saw {
+            let missing = saw.missing_from(&CpuFeatures::emu(cpus));
+            if !missing.is_empty() {
+                return Err(crate::Error::Config(format!(
+                    "the snapshot's guest saw CPU features that emu does not offer: {}",
+                    missing.join(", ")
+                )));
+            }
+        }
+        Ok(EmuSetup { cpus, irqs, code_map })
+    }
+}
+
+impl EngineSetup for EmuSetup {
+    fn irq_line(&self, pin: u32) -> crate::Result<Arc<dyn InterruptLine>> {
+        Ok(Arc::new(EmuLine {
+            irqs: self.irqs.clone(),
+            pin,
+        }))
+    }
+
+    fn dma_observer(&self) -> DmaObserver {
+        let code_map = self.code_map.clone();
+        Arc::new(move |gpa, len| code_map.invalidate_range(gpa, len))
+    }
+
+    fn boot(self: Box<Self>, boot_state: &CpuState, _: &[MmioTransport]) -> crate::Result<Ready> {
+        Ok(Ready {
+            engine: Box::new(EmuEngine::new(self.cpus, self.code_map, boot_state)),
+            cpu_features: CpuFeatures::emu(self.cpus),
+            save: None,
+        })
+    }
+
+    fn restore(self: Box<Self>, state: &MachineState, _: &[MmioTransport]) -> crate::Result<Ready> {
+        Ok(Ready {
+            engine: Box::new(EmuEngine::from_states(self.code_map, &state.cpus)),
+            cpu_features: CpuFeatures::emu(self.cpus),
+            save: None,
+        })
     }
 }
 

@@ -10,7 +10,13 @@ use std::time::Duration;
 
 use x86emu::state::CpuState;
 
+use crate::cpu_features::CpuFeatures;
+use crate::devices::irq::Interrupts;
+use crate::devices::irq_line::InterruptLine;
 use crate::machine::{RunOutcome, Shared};
+use crate::persist::MachineState;
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::DmaObserver;
 use crate::{Error, Result};
 
 /// Which engine runs the vCPUs.
@@ -76,6 +82,69 @@ pub trait Engine: Send {
     fn kind(&self) -> EngineKind;
     /// Run every vCPU on its own thread until the guest ends.
     fn run(self: Box<Self>, shared: Arc<Shared>) -> RunOutcome;
+}
+
+/// What an engine itself holds of a machine's state, beyond the vCPUs'
+/// `CpuState`s: under kvm the in-kernel LAPICs, PIC, IOAPIC and PIT, the
+/// kvmclock and the XSAVE areas. (Under emu those are the machine's own
+/// models, which need no engine to read.)
+pub trait EngineSave: Send + Sync {
+    /// While paused: the interrupt controllers as the engine-neutral
+    /// state, the parked `cpus` brought to the snapshot's conventions (the
+    /// TSC as an offset from the machine clock's `guest_tsc(now_ns)`), and
+    /// what only this engine can restore.
+    fn save(
+        &self,
+        cpus: &mut [CpuState],
+        now_ns: u64,
+    ) -> std::result::Result<
+        (crate::devices::irq::RouterState, Option<crate::persist::KvmState>),
+        crate::persist::PersistError,
+    >;
+}
+
+/// An engine while the machine is built around it: it gives the devices
+/// their interrupt lines and DMA observer, then takes the vCPUs' start
+/// (a boot, or a snapshot) and becomes the [`Engine`] that runs them. The
+/// machine builds itself the same way whatever the engine; [`prepare`] is
+/// the one place that picks by kind.
+pub trait EngineSetup {
+    /// An interrupt line into the engine's interrupt controller at `pin`.
+    fn irq_line(&self, pin: u32) -> Result<Arc<dyn InterruptLine>>;
+    /// Who hears of device writes to guest memory.
+    fn dma_observer(&self) -> DmaObserver;
+    /// A fresh boot: the BSP starts in `boot_state`, the others wait for
+    /// INIT/SIPI; `devices` are the machine's virtio devices, in window order.
+    fn boot(self: Box<Self>, boot_state: &CpuState, devices: &[MmioTransport]) -> Result<Ready>;
+    /// A restore: everything the engine holds comes from `state`.
+    fn restore(self: Box<Self>, state: &MachineState, devices: &[MmioTransport]) -> Result<Ready>;
+}
+
+/// An engine ready to run, with what the machine keeps of it.
+pub struct Ready {
+    pub engine: Box<dyn Engine>,
+    /// The CPU features the guest is offered.
+    pub cpu_features: CpuFeatures,
+    /// The engine's side of a snapshot, when it holds state of its own.
+    pub save: Option<Arc<dyn EngineSave>>,
+}
+
+/// The engine `kind` for a machine of `cpus` vCPUs over `mem`, whose own
+/// interrupt controllers are `irqs` and decoded-code cache `code_map`.
+/// `saw`: for a restore, the CPU features the guest saw, which the engine
+/// must offer (refused, naming the missing ones, otherwise).
+pub fn prepare(
+    kind: EngineKind,
+    mem: &vm_memory::GuestMemoryMmap,
+    cpus: u32,
+    irqs: &Arc<Interrupts>,
+    code_map: &Arc<x86emu::CodeMap>,
+    saw: Option<&CpuFeatures>,
+) -> Result<Box<dyn EngineSetup>> {
+    Ok(match kind {
+        EngineKind::Emu => Box::new(crate::emu::EmuSetup::new(cpus, irqs.clone(), code_map.clone(), saw)?),
+        EngineKind::Kvm => Box::new(crate::kvm::engine::KvmEngine::prepare(mem, cpus, saw)?),
+    })
 }
 
 /// Machine-wide control of the vCPU threads, the same for both engines:

@@ -3,6 +3,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod cpu_features;
 pub mod devices;
 pub mod emu;
 pub mod engine;

@@ -13,16 +13,16 @@ use x86emu::{Bus, CodeMap};
 
 use crate::acpi::{self, VirtioSlot};
 use crate::boot::{self, BootSpec};
+use crate::cpu_features::CpuFeatures;
 use crate::devices::acpi_pm::{self, PowerAction};
 use crate::devices::i8042::{self, KeyError, I8042};
 use crate::devices::irq::{InterruptRouter, Interrupts};
-use crate::devices::irq_line::{EmuLine, InterruptLine};
+use crate::devices::irq_line::InterruptLine;
 use crate::devices::mptable;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{SerialPort, COM1_BASE, COM1_IRQ};
 pub use crate::emu::format_regs;
-use crate::emu::EmuEngine;
-use crate::engine::{Control, Engine, EngineKind};
+use crate::engine::{Control, Engine, EngineKind, EngineSave};
 use crate::memory;
 use crate::virtio::console::Console;
 use crate::virtio::mmio::{MmioState, MmioTransport};
@@ -143,6 +143,11 @@ pub struct Shared {
     /// What the machine was built from (snapshots record it).
     pub(crate) config: MachineConfig,
     pub(crate) engine_kind: EngineKind,
+    /// The CPU features the guest is offered (snapshots record them).
+    pub(crate) cpu_features: CpuFeatures,
+    /// The engine's side of a snapshot, when the engine holds state of its
+    /// own (kvm); under emu the machine's models are all there is.
+    pub(crate) engine_save: Option<Arc<dyn EngineSave>>,
     pub(crate) stop: AtomicU8,
     /// Why the guest stopped (triple fault or engine fault): the registers.
     pub(crate) triple_fault: Mutex<Option<String>>,
@@ -180,11 +185,11 @@ impl Shared {
                 i8042: I8042::default(),
                 rtc: Rtc::new(0),
             }),
-            serial_line: Arc::new(EmuLine {
+            serial_line: Arc::new(crate::devices::irq_line::EmuLine {
                 irqs: irqs.clone(),
                 pin: COM1_IRQ,
             }),
-            kbd_line: Arc::new(EmuLine {
+            kbd_line: Arc::new(crate::devices::irq_line::EmuLine {
                 irqs,
                 pin: i8042::KBD_IRQ,
             }),
@@ -193,6 +198,8 @@ impl Shared {
             clock_base_ns: 0,
             config: cfg,
             engine_kind: EngineKind::Emu,
+            cpu_features: CpuFeatures::emu(1),
+            engine_save: None,
             stop: AtomicU8::new(RUNNING),
             triple_fault: Mutex::new(None),
             dead: std::sync::atomic::AtomicU32::new(0),
@@ -475,30 +482,11 @@ impl Machine {
         router.setup_virtual_wire();
         let irqs = Arc::new(Interrupts::new(router));
         let code_map = Arc::new(CodeMap::new(mem.last_addr().0 + 1));
-        // The engine's interrupt controller: device lines go to our IOAPIC
-        // under emu, to the kernel's through irqfd under kvm.
-        let kvm = match engine {
-            EngineKind::Emu => None,
-            EngineKind::Kvm => Some(crate::kvm::engine::KvmEngine::new(&mem, cfg.cpus)?),
-        };
-        let lines = |pin: u32| -> Result<Arc<dyn InterruptLine>> {
-            match &kvm {
-                None => Ok(Arc::new(EmuLine {
-                    irqs: irqs.clone(),
-                    pin,
-                })),
-                Some(k) => k.irq_line(pin),
-            }
-        };
-        // Device writes to guest memory must drop x86emu's cached decoded
-        // code there; under kvm nothing caches code, so nobody listens.
-        let dma: virtio::DmaObserver = match kvm {
-            None => {
-                let code_map = code_map.clone();
-                Arc::new(move |gpa, len| code_map.invalidate_range(gpa, len))
-            }
-            Some(_) => virtio::no_dma_observer(),
-        };
+        // The engine's interrupt controller takes the device lines, and the
+        // engine hears of device writes to guest memory.
+        let setup = crate::engine::prepare(engine, &mem, cfg.cpus, &irqs, &code_map, None)?;
+        let lines = |pin: u32| setup.irq_line(pin);
+        let dma = setup.dma_observer();
         let devices = create_virtio_devices(cfg, &mem, &lines, &dma)?;
         // Where each device sits: one window and one IOAPIC pin per device.
         let slots: Vec<VirtioSlot> = (0..devices.len())
@@ -529,24 +517,8 @@ impl Machine {
         mptable::setup_mptable(&mem, cfg.cpus as u8).map_err(|e| Error::Memory(format!("MP table: {e}")))?;
         let serial_line = lines(COM1_IRQ)?;
         let kbd_line = lines(i8042::KBD_IRQ)?;
-        let engine: Box<dyn Engine> = match kvm {
-            None => Box::new(EmuEngine::new(cfg.cpus, code_map, &boot_state)),
-            Some(mut k) => {
-                k.set_boot_state(&boot_state)?;
-                // Queue notifications reach the devices' eventfds inside the
-                // kernel, without an exit (ioeventfd).
-                for (dev, slot) in devices.iter().zip(&slots) {
-                    for (q, evt) in dev.notifiers().iter().enumerate() {
-                        k.vm().register_mmio_doorbell(
-                            evt,
-                            slot.base + virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64,
-                            q as u32,
-                        )?;
-                    }
-                }
-                Box::new(k)
-            }
-        };
+        let ready = setup.boot(&boot_state, &devices)?;
+        let engine = ready.engine;
         let shared = Arc::new(Shared {
             mem,
             irqs,
@@ -562,6 +534,8 @@ impl Machine {
             clock_base_ns: 0,
             config: cfg.clone(),
             engine_kind: engine.kind(),
+            cpu_features: ready.cpu_features,
+            engine_save: ready.save,
             stop: AtomicU8::new(RUNNING),
             triple_fault: Mutex::new(None),
             dead: std::sync::atomic::AtomicU32::new(0),
@@ -575,8 +549,9 @@ impl Machine {
     /// copy-on-write from `mem_file` and its devices opened from
     /// `state.config` (the caller may change the config first, say a
     /// network override). It starts paused: [`VmHandle::resume`] runs it.
-    /// Only the emu engine restores for now; a snapshot of either engine
-    /// restores under emu.
+    /// A snapshot of either engine restores under either, when `engine`
+    /// offers every CPU feature the guest saw (refused, naming them,
+    /// otherwise).
     pub fn restore(
         state: &crate::persist::MachineState,
         mem_file: &std::path::Path,
@@ -584,27 +559,13 @@ impl Machine {
         engine: EngineKind,
     ) -> Result<Self> {
         state.validate().map_err(|e| Error::Config(e.to_string()))?;
-        if engine != EngineKind::Emu {
-            return Err(Error::Config(
-                "restoring under kvm is not supported yet (the in-kernel LAPIC, IOAPIC and PIT state are not \
-                 loaded); restore with accel emu"
-                    .into(),
-            ));
-        }
         let cfg = &state.config;
         let mem = memory::map_private(mem_file, cfg.mem_size)?;
         let irqs = Arc::new(Interrupts::new(InterruptRouter::from_state(state.interrupts.clone())));
         let code_map = Arc::new(CodeMap::new(mem.last_addr().0 + 1));
-        let lines = |pin: u32| -> Result<Arc<dyn InterruptLine>> {
-            Ok(Arc::new(EmuLine {
-                irqs: irqs.clone(),
-                pin,
-            }))
-        };
-        let dma: virtio::DmaObserver = {
-            let code_map = code_map.clone();
-            Arc::new(move |gpa, len| code_map.invalidate_range(gpa, len))
-        };
+        let setup = crate::engine::prepare(engine, &mem, cfg.cpus, &irqs, &code_map, Some(&state.cpu_features))?;
+        let lines = |pin: u32| setup.irq_line(pin);
+        let dma = setup.dma_observer();
         let mut devices = create_virtio_devices(cfg, &mem, &lines, &dma)?;
         for (i, (dev, saved)) in devices.iter_mut().zip(&state.devices).enumerate() {
             dev.restore_state(saved)
@@ -615,7 +576,8 @@ impl Machine {
         let serial_line = lines(COM1_IRQ)?;
         let kbd_line = lines(i8042::KBD_IRQ)?;
         let vmgenid_line = lines(acpi::VMGENID_GSI)?;
-        let engine: Box<dyn Engine> = Box::new(EmuEngine::from_states(code_map, &state.cpus));
+        let ready = setup.restore(state, &devices)?;
+        let engine = ready.engine;
         let shared = Arc::new(Shared {
             mem,
             irqs,
@@ -630,7 +592,9 @@ impl Machine {
             start: Instant::now(),
             clock_base_ns: state.clock_ns,
             config: cfg.clone(),
-            engine_kind: EngineKind::Emu,
+            engine_kind: engine.kind(),
+            cpu_features: ready.cpu_features,
+            engine_save: ready.save,
             stop: AtomicU8::new(RUNNING),
             triple_fault: Mutex::new(None),
             dead: std::sync::atomic::AtomicU32::new(0),
@@ -741,14 +705,7 @@ impl VmHandle {
         if !self.is_paused() {
             return Err(PersistError::Save("the VM is not paused".into()));
         }
-        if self.shared.engine_kind != EngineKind::Emu {
-            return Err(PersistError::Save(
-                "snapshots under kvm are not supported yet (the in-kernel LAPIC, IOAPIC and PIT state are not \
-                 read out)"
-                    .into(),
-            ));
-        }
-        let cpus = self
+        let mut cpus = self
             .vcpu_states()
             .into_iter()
             .enumerate()
@@ -770,14 +727,20 @@ impl VmHandle {
             }
         };
         let cfg = &self.shared.config;
+        let clock_ns = self.shared.now_ns();
+        let (interrupts, kvm) = match &self.shared.engine_save {
+            Some(engine) => engine.save(&mut cpus, clock_ns)?,
+            None => (self.shared.irqs.state(), None),
+        };
         let state = MachineState {
             vessel_version: env!("CARGO_PKG_VERSION").into(),
             config: cfg.clone(),
             engine: self.shared.engine_kind,
-            clock_ns: self.shared.now_ns(),
+            clock_ns,
             cpus,
+            cpu_features: self.shared.cpu_features,
             platform,
-            interrupts: self.shared.irqs.state(),
+            interrupts,
             devices: self.shared.virtio_devices().map(|d| d.state()).collect(),
             disks: cfg
                 .disks
@@ -788,6 +751,7 @@ impl VmHandle {
                     frozen: false,
                 })
                 .collect(),
+            kvm,
         };
         state.validate()?;
         Ok(state)

@@ -16,6 +16,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use x86emu::CpuState;
 
+use crate::cpu_features::CpuFeatures;
 use crate::devices::i8042::I8042;
 use crate::devices::irq::RouterState;
 use crate::devices::rtc::RtcState;
@@ -25,7 +26,9 @@ use crate::machine::MachineConfig;
 use crate::virtio::mmio::MmioState;
 
 /// The snapshot format this Vessel writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added the CPU features the guest saw and the state only KVM
+/// holds (kvmclock, XSAVE areas).
+pub const FORMAT_VERSION: u32 = 2;
 /// The file's first bytes.
 pub const MAGIC: [u8; 8] = *b"VESSELSN";
 /// The largest state payload read (the state of 64 vCPUs and 8 devices is
@@ -102,12 +105,33 @@ pub struct MachineState {
     /// from here.
     pub clock_ns: u64,
     pub cpus: Vec<CpuState>,
+    /// The CPU features the guest was offered: a restore needs an engine
+    /// that offers them all.
+    pub cpu_features: CpuFeatures,
     pub platform: PlatformState,
     pub interrupts: RouterState,
     /// Each virtio-mmio transport, in window order.
     pub devices: Vec<MmioState>,
     pub disks: Vec<DiskRef>,
+    /// What only KVM holds, when saved under kvm: a restore under kvm
+    /// loads it, one under emu has no use for it.
+    pub kvm: Option<KvmState>,
 }
+
+/// The part of a machine's state that only KVM has and the engine-neutral
+/// values cannot hold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvmState {
+    /// The kvmclock's time (`KVM_GET_CLOCK`, ns) when saved.
+    pub clock_ns: u64,
+    /// Each vCPU's XSAVE area (`KVM_GET_XSAVE`, 4 KiB as 1024 words): the
+    /// AVX and later registers, beyond the x87/SSE state in `CpuState`.
+    pub xsave: Vec<Vec<u32>>,
+}
+
+/// Words in a [`KvmState`] XSAVE area.
+pub const XSAVE_WORDS: usize = 1024;
 
 impl MachineState {
     /// Checks that need no host resources: counts and sizes that the rest
@@ -148,6 +172,15 @@ impl MachineState {
         for (i, (d, cfg)) in self.disks.iter().zip(&c.disks).enumerate() {
             if d.frozen && (d.read_only || cfg.read_only) {
                 return bad(format!("disk {i} is read-only but marked frozen"));
+            }
+        }
+        if let Some(k) = &self.kvm {
+            if k.xsave.len() != c.cpus as usize || k.xsave.iter().any(|x| x.len() != XSAVE_WORDS) {
+                return bad(format!(
+                    "{} KVM XSAVE areas (each must be {XSAVE_WORDS} words) for {} vCPUs",
+                    k.xsave.len(),
+                    c.cpus
+                ));
             }
         }
         if self.platform.serial.in_buffer.len() > 64 {
@@ -327,6 +360,7 @@ pub(crate) mod tests {
             engine: EngineKind::Emu,
             clock_ns: 123,
             cpus: vec![CpuState::reset()],
+            cpu_features: CpuFeatures::emu(1),
             platform: PlatformState {
                 serial: SerialData::default(),
                 i8042: I8042::default(),
@@ -335,6 +369,7 @@ pub(crate) mod tests {
             interrupts: router.state(),
             devices: Vec::new(),
             disks: Vec::new(),
+            kvm: None,
         }
     }
 
@@ -360,6 +395,17 @@ pub(crate) mod tests {
         let mut v = bytes.clone();
         v[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(err(&v).contains("limit"));
+        let mut s2 = sample();
+        s2.kvm = Some(KvmState {
+            clock_ns: 5,
+            xsave: vec![vec![0; XSAVE_WORDS]],
+        });
+        assert_eq!(MachineState::decode(&s2.encode().unwrap()).unwrap(), s2);
+        s2.kvm = Some(KvmState {
+            clock_ns: 5,
+            xsave: vec![vec![0; 3]],
+        });
+        assert!(err(&s2.encode().unwrap()).contains("XSAVE"));
         let mut extra = bytes.clone();
         extra.push(0);
         assert!(err(&extra).contains("after the checksum"));

@@ -228,6 +228,12 @@ impl PitChannelState {
         byte
     }
 
+    /// Recompute when OUT next rises, at `now_ns`: for a state built from
+    /// another PIT model's (KVM's, in a snapshot across engines).
+    pub fn refresh_next_edge(&mut self, now_ns: u64) {
+        self.next_edge_ns = self.next_edge(now_ns);
+    }
+
     fn set_gate(&mut self, gate: bool, now_ns: u64) {
         let rising = gate && !self.gate;
         self.gate = gate;

@@ -7,20 +7,117 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use kvm_bindings::{kvm_clock_data, kvm_lapic_state};
+use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 use x86emu::state::CpuState;
 
+use super::irqchip_state::{
+    ioapic_from_kvm, ioapic_to_kvm, lapic_from_kvm, lapic_to_kvm, pic_from_kvm, pic_to_kvm, pit_from_kvm, pit_to_kvm,
+    LapicExtras, MSR_TSC_DEADLINE,
+};
 use super::state::msr;
-use super::vcpu::{KvmVcpu, Step};
-use super::vm::{KvmVm, VmOptions};
+use super::vcpu::{restores_msr, KvmVcpu, Step, SNAPSHOT_MSRS};
+use super::vm::{get_vm_state, set_vm_state, KvmVm, VmIrqchipState, VmOptions};
+use crate::cpu_features::CpuFeatures;
+use crate::devices::irq::RouterState;
 use crate::devices::irq_line::InterruptLine;
-use crate::engine::{Engine, EngineKind};
-use crate::machine::{RunOutcome, Shared, VcpuBus, RUNNING, STOP_HALTED, STOP_RESET, STOP_TRIPLE};
+use crate::engine::{Engine, EngineKind, EngineSave, EngineSetup, Ready};
+use crate::machine::{guest_tsc, RunOutcome, Shared, VcpuBus, RUNNING, STOP_HALTED, STOP_RESET, STOP_TRIPLE, TSC_KHZ};
+use crate::persist::{KvmState, MachineState, PersistError};
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::DmaObserver;
 use crate::Result;
 
 pub struct KvmEngine {
     vm: KvmVm,
     vcpus: Vec<KvmVcpu>,
+    platform: Arc<KvmPlatform>,
+}
+
+/// What a parked vCPU leaves for a snapshot besides its `CpuState`.
+#[derive(Clone)]
+struct ParkedVcpu {
+    lapic: kvm_lapic_state,
+    xsave: Vec<u32>,
+    /// The guest TSC's rate under KVM (0: unknown).
+    tsc_khz: u32,
+}
+
+/// The kvm engine's side of a snapshot: the VM, and what each vCPU left
+/// when it parked.
+pub struct KvmPlatform {
+    vm_fd: Arc<VmFd>,
+    parked: Mutex<Vec<Option<ParkedVcpu>>>,
+}
+
+/// The host's CLOCK_MONOTONIC in ns: KVM's time base for the PIT.
+fn host_monotonic_ns() -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec.saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec)
+}
+
+impl EngineSave for KvmPlatform {
+    fn save(
+        &self,
+        cpus: &mut [CpuState],
+        now_ns: u64,
+    ) -> std::result::Result<(RouterState, Option<KvmState>), PersistError> {
+        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let save_err = |e: super::KvmError| PersistError::Save(e.to_string());
+        let vm = get_vm_state(&self.vm_fd).map_err(save_err)?;
+        let host_now = host_monotonic_ns();
+        let mut lapics = Vec::with_capacity(cpus.len());
+        let mut xsave = Vec::with_capacity(cpus.len());
+        for (i, cpu) in cpus.iter_mut().enumerate() {
+            let p = parked
+                .get(i)
+                .cloned()
+                .flatten()
+                .ok_or_else(|| PersistError::Save(format!("vcpu{i}'s LAPIC and XSAVE state are unreadable")))?;
+            // Parked states hold the TSC itself (time base 0).
+            let guest_tsc_now = cpu.msr.tsc_offset as u64;
+            cpu.msr.tsc_offset = guest_tsc_now.wrapping_sub(guest_tsc(now_ns)) as i64;
+            let mut tsc_deadline = 0;
+            cpu.msr.other.retain(|&(index, value)| {
+                if index == MSR_TSC_DEADLINE {
+                    tsc_deadline = value;
+                }
+                index != MSR_TSC_DEADLINE
+            });
+            let tsc_khz = if p.tsc_khz == 0 { TSC_KHZ } else { p.tsc_khz };
+            let mut lapic = lapic_from_kvm(
+                &p.lapic,
+                LapicExtras {
+                    apic_base: cpu.apic_base,
+                    tsc_deadline,
+                    tsc_hz: u64::from(tsc_khz) * 1000,
+                    guest_tsc: guest_tsc_now,
+                },
+                now_ns,
+            );
+            // Our model counts the deadline in the machine's TSC.
+            lapic.tsc_hz = u64::from(TSC_KHZ) * 1000;
+            lapics.push(lapic);
+            xsave.push(p.xsave);
+        }
+        let interrupts = RouterState {
+            pic: pic_from_kvm(&vm.pic_master, &vm.pic_slave),
+            ioapic: ioapic_from_kvm(&vm.ioapic),
+            pit: pit_from_kvm(&vm.pit, now_ns, host_now),
+            extint_pending: vec![false; lapics.len()],
+            lapics,
+        };
+        Ok((
+            interrupts,
+            Some(KvmState {
+                clock_ns: vm.clock.clock,
+                xsave,
+            }),
+        ))
+    }
 }
 
 /// MTRRs on, default type write-back (as firmware leaves them).
@@ -30,11 +127,97 @@ impl KvmEngine {
     /// A VM over `mem` with `count` vCPUs, all but the BSP waiting in the
     /// in-kernel LAPIC for INIT/SIPI.
     pub fn new(mem: &GuestMemoryMmap, count: u32) -> Result<Self> {
+        Self::prepare(mem, count, None)
+    }
+
+    fn assemble(vm: KvmVm, vcpus: Vec<KvmVcpu>) -> Self {
+        let platform = Arc::new(KvmPlatform {
+            vm_fd: vm.vm_fd(),
+            parked: Mutex::new(vec![None; vcpus.len()]),
+        });
+        KvmEngine { vm, vcpus, platform }
+    }
+
+    /// A VM over `mem` with `count` vCPUs, for the machine to build
+    /// around. `saw`, on a restore: the CPU features the guest saw, which
+    /// this KVM must offer (refused, naming the missing ones, otherwise);
+    /// the vCPUs' CPUID then offers no more than those.
+    pub fn prepare(mem: &GuestMemoryMmap, count: u32, saw: Option<&CpuFeatures>) -> Result<Self> {
         let vm = KvmVm::new(mem, VmOptions { irqchip: true })?;
+        if let Some(saw) = saw {
+            let missing = saw.missing_from(&vm.features(count)?);
+            if !missing.is_empty() {
+                return Err(crate::Error::Config(format!(
+                    "the snapshot's guest saw CPU features that kvm here does not offer: {}",
+                    missing.join(", ")
+                )));
+            }
+        }
         let vcpus = (0..count)
-            .map(|i| vm.create_vcpu(i, count))
+            .map(|i| vm.create_vcpu_seeing(i, count, saw))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(KvmEngine { vm, vcpus })
+        Ok(Self::assemble(vm, vcpus))
+    }
+
+    /// Load the state a snapshot saved, under either engine, into the VM
+    /// and its vCPUs.
+    pub fn load_state(&self, state: &MachineState) -> Result<()> {
+        let now = state.clock_ns;
+        let r = &state.interrupts;
+        let [pic_master, pic_slave] = pic_to_kvm(&r.pic);
+        set_vm_state(
+            &self.vm.fd,
+            &VmIrqchipState {
+                pic_master,
+                pic_slave,
+                ioapic: ioapic_to_kvm(&r.ioapic),
+                pit: pit_to_kvm(&r.pit, now, host_monotonic_ns()),
+                clock: kvm_clock_data {
+                    clock: state.kvm.as_ref().map_or(now, |k| k.clock_ns),
+                    ..Default::default()
+                },
+            },
+        )?;
+        for (i, (vcpu, cpu)) in self.vcpus.iter().zip(&state.cpus).enumerate() {
+            let mut cpu = cpu.clone();
+            cpu.msr.other.retain(|&(index, _)| restores_msr(index));
+            vcpu.set_state(&cpu, guest_tsc(now))?;
+            let lapic = r
+                .lapics
+                .get(i)
+                .ok_or_else(|| crate::Error::Config(format!("snapshot: no LAPIC state for vcpu{i}")))?;
+            let mut page = vcpu.get_lapic()?;
+            lapic_to_kvm(lapic, now, &mut page);
+            let deadline = if (lapic.lvt[0] >> 17) & 3 == 2 {
+                lapic.tsc_deadline
+            } else {
+                0
+            };
+            let xsave = state.kvm.as_ref().and_then(|k| k.xsave.get(i)).map(Vec::as_slice);
+            vcpu.set_platform_state(&cpu, &page, deadline, xsave)?;
+        }
+        Ok(())
+    }
+
+    /// Let queue notifications reach the devices' eventfds inside the
+    /// kernel, without an exit (ioeventfd). Device i sits in window i.
+    fn register_doorbells(&self, devices: &[MmioTransport]) -> Result<()> {
+        for (i, dev) in devices.iter().enumerate() {
+            let base = crate::virtio::MMIO_BASE + i as u64 * crate::virtio::MMIO_SIZE;
+            for (q, evt) in dev.notifiers().iter().enumerate() {
+                self.vm.register_mmio_doorbell(
+                    evt,
+                    base + virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64,
+                    q as u32,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The engine's side of a snapshot (for the machine to keep).
+    pub fn platform(&self) -> Arc<KvmPlatform> {
+        self.platform.clone()
     }
 
     /// Where the BSP starts.
@@ -60,6 +243,41 @@ impl KvmEngine {
     /// The VM, for registering doorbells (ioeventfd) and more lines.
     pub fn vm(&self) -> &KvmVm {
         &self.vm
+    }
+}
+
+impl EngineSetup for KvmEngine {
+    fn irq_line(&self, pin: u32) -> Result<Arc<dyn InterruptLine>> {
+        KvmEngine::irq_line(self, pin)
+    }
+
+    /// Nothing caches guest code under kvm, so nobody listens.
+    fn dma_observer(&self) -> DmaObserver {
+        crate::virtio::no_dma_observer()
+    }
+
+    fn boot(mut self: Box<Self>, boot_state: &CpuState, devices: &[MmioTransport]) -> Result<Ready> {
+        self.set_boot_state(boot_state)?;
+        self.register_doorbells(devices)?;
+        let cpu_features = self.vm.features(self.vcpus.len() as u32)?;
+        let save: Arc<dyn EngineSave> = self.platform();
+        Ok(Ready {
+            engine: self,
+            cpu_features,
+            save: Some(save),
+        })
+    }
+
+    fn restore(self: Box<Self>, state: &MachineState, devices: &[MmioTransport]) -> Result<Ready> {
+        self.load_state(state)?;
+        self.register_doorbells(devices)?;
+        let save: Arc<dyn EngineSave> = self.platform();
+        // The vCPUs' CPUID is cut down to what the guest saw.
+        Ok(Ready {
+            engine: self,
+            cpu_features: state.cpu_features,
+            save: Some(save),
+        })
     }
 }
 
@@ -107,15 +325,16 @@ impl Engine for KvmEngine {
         let threads: Threads = Arc::default();
         let kick_threads = threads.clone();
         shared.control.set_kick(Box::new(move || kick_all(&kick_threads)));
-        let KvmEngine { vm, vcpus } = *self;
+        let KvmEngine { vm, vcpus, platform } = *self;
         let mut handles = Vec::new();
         for vcpu in vcpus {
             let id = vcpu.id;
             let s = shared.clone();
+            let p = platform.clone();
             shared.control.vcpu_started();
             match std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_thread(vcpu, s))
+                .spawn(move || vcpu_thread(vcpu, s, p))
             {
                 Ok(h) => {
                     threads.lock().unwrap_or_else(|e| e.into_inner()).push(h.as_pthread_t());
@@ -148,7 +367,33 @@ impl Engine for KvmEngine {
     }
 }
 
-fn vcpu_thread(mut vcpu: KvmVcpu, shared: Arc<Shared>) {
+/// Read vCPU state for a snapshot: `CpuState` (with [`SNAPSHOT_MSRS`]),
+/// and the LAPIC, XSAVE and TSC rate into `platform`.
+fn park_state(vcpu: &KvmVcpu, platform: &KvmPlatform) -> Option<CpuState> {
+    let read = || -> std::result::Result<(CpuState, ParkedVcpu), super::KvmError> {
+        let state = vcpu.get_state(0, SNAPSHOT_MSRS)?;
+        let parked = ParkedVcpu {
+            lapic: vcpu.get_lapic()?,
+            xsave: vcpu.get_xsave()?,
+            tsc_khz: vcpu.fd.get_tsc_khz().unwrap_or(0),
+        };
+        Ok((state, parked))
+    };
+    let id = vcpu.id as usize;
+    let (state, parked) = match read() {
+        Ok((s, p)) => (Some(s), Some(p)),
+        Err(e) => {
+            tracing::warn!("vcpu{id}: reading its state: {e}");
+            (None, None)
+        }
+    };
+    if let Some(slot) = platform.parked.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
+        *slot = parked;
+    }
+    state
+}
+
+fn vcpu_thread(mut vcpu: KvmVcpu, shared: Arc<Shared>, platform: Arc<KvmPlatform>) {
     let mut bus = VcpuBus {
         id: vcpu.id as usize,
         shared: shared.clone(),
@@ -159,13 +404,7 @@ fn vcpu_thread(mut vcpu: KvmVcpu, shared: Arc<Shared>) {
     while !stopping() {
         // While paused, the vCPU's state is out of KVM as a CpuState (the
         // snapshot format of both engines), and it continues from that.
-        let mut save = || match vcpu.get_state(0, &[]) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!("vcpu{}: reading its state: {e}", vcpu.id);
-                None
-            }
-        };
+        let mut save = || park_state(&vcpu, &platform);
         let resumed = shared.control.park_if_paused(vcpu.id as usize, &stopping, &mut save);
         if stopping() {
             break;

@@ -11,6 +11,7 @@
 
 pub mod cpuid;
 pub mod engine;
+pub mod irqchip_state;
 pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -1,7 +1,9 @@
 //! One KVM vCPU: its state as x86emu's `CpuState`, and `KVM_RUN` with the
 //! port and MMIO exits handed to an `x86emu::Bus`.
 
-use kvm_bindings::{kvm_msr_entry, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_lapic_state, kvm_msr_entry, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use x86emu::state::CpuState;
 use x86emu::Bus;
@@ -22,6 +24,59 @@ fn page_size() -> usize {
     // SAFETY: sysconf reads a constant of the system; no memory is touched.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
+
+/// MSRs beyond those `CpuState` names that a snapshot under kvm keeps (in
+/// `msr.other`): the MTRRs, KVM's paravirtual MSRs (kvmclock, async page
+/// faults, steal time, PV EOI, poll control) and the TSC deadline. Those
+/// KVM does not know are left out when read.
+pub const SNAPSHOT_MSRS: &[u32] = &[
+    0x2ff,
+    0x200,
+    0x201,
+    0x202,
+    0x203,
+    0x204,
+    0x205,
+    0x206,
+    0x207,
+    0x208,
+    0x209,
+    0x20a,
+    0x20b,
+    0x20c,
+    0x20d,
+    0x20e,
+    0x20f,
+    0x250,
+    0x258,
+    0x259,
+    0x268,
+    0x269,
+    0x26a,
+    0x26b,
+    0x26c,
+    0x26d,
+    0x26e,
+    0x26f,
+    0x11,
+    0x12,
+    0x4b56_4d00,
+    0x4b56_4d01,
+    0x4b56_4d02,
+    0x4b56_4d03,
+    0x4b56_4d04,
+    0x4b56_4d05,
+    0x4b56_4d06,
+    0x6e0,
+];
+
+/// Whether KVM takes MSR `index` from a snapshot's `msr.other` (those of
+/// [`SNAPSHOT_MSRS`]); emu keeps a few more it only stores (feature
+/// control, microcode revision, MCG status, DEBUGCTL), which KVM answers
+/// for itself.
+pub fn restores_msr(index: u32) -> bool {
+    SNAPSHOT_MSRS.contains(&index) && index != super::irqchip_state::MSR_TSC_DEADLINE
 }
 
 /// What one `KVM_RUN` came back with, after the bus handled any I/O.
@@ -126,6 +181,62 @@ impl KvmVcpu {
             },
         };
         Ok(state::from_kvm(&k, time_base))
+    }
+
+    /// The LAPIC's register page (`KVM_GET_LAPIC`).
+    pub fn get_lapic(&self) -> Result<kvm_lapic_state, KvmError> {
+        self.fd.get_lapic().map_err(KvmError::ioctl("KVM_GET_LAPIC"))
+    }
+
+    /// The XSAVE area (`KVM_GET_XSAVE`): the x87/SSE state `CpuState` has
+    /// and the AVX and later state it has no room for.
+    pub fn get_xsave(&self) -> Result<Vec<u32>, KvmError> {
+        let x = self.fd.get_xsave().map_err(KvmError::ioctl("KVM_GET_XSAVE"))?;
+        Ok(x.region.to_vec())
+    }
+
+    /// After [`Self::set_state`]: the LAPIC page, then the TSC deadline
+    /// (which counts in the TSC just set), then the XSAVE area when the
+    /// snapshot came from KVM, then `s`'s events and MP state again
+    /// (loaded last, as QEMU does, so the LAPIC load cannot undo them).
+    pub fn set_platform_state(
+        &self,
+        s: &CpuState,
+        lapic: &kvm_lapic_state,
+        tsc_deadline: u64,
+        xsave: Option<&[u32]>,
+    ) -> Result<(), KvmError> {
+        let fd = &self.fd;
+        fd.set_lapic(lapic).map_err(KvmError::ioctl("KVM_SET_LAPIC"))?;
+        if tsc_deadline != 0 {
+            let msrs = Msrs::from_entries(&[kvm_msr_entry {
+                index: super::irqchip_state::MSR_TSC_DEADLINE,
+                data: tsc_deadline,
+                ..Default::default()
+            }])
+            .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
+            fd.set_msrs(&msrs).map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
+        }
+        if let Some(region) = xsave {
+            let mut x = kvm_bindings::kvm_xsave::default();
+            if region.len() != x.region.len() {
+                return Err(KvmError::Setup(format!("an XSAVE area of {} words", region.len())));
+            }
+            x.region.copy_from_slice(region);
+            // SAFETY: the kernel reads `sizeof(struct kvm_xsave)` (4 KiB)
+            // from this pointer, all of which `x` is: this VM never enables
+            // the larger XSAVE state (AMX) that KVM_SET_XSAVE2 would read
+            // past it.
+            unsafe { fd.set_xsave(&x) }.map_err(KvmError::ioctl("KVM_SET_XSAVE"))?;
+        }
+        let k = state::to_kvm(s, 0);
+        fd.set_vcpu_events(&k.events)
+            .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
+        if self.irqchip {
+            fd.set_mp_state(k.mp_state)
+                .map_err(KvmError::ioctl("KVM_SET_MP_STATE"))?;
+        }
+        Ok(())
     }
 
     /// Read `indices`, leaving out the ones KVM does not know.

@@ -3,13 +3,18 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, CpuId,
+    KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::vcpu::KvmVcpu;
 use super::KvmError;
+use crate::cpu_features::CpuFeatures;
 use crate::devices::irq_line::InterruptLine;
 
 /// Where KVM may put the TSS and identity map it needs for real mode on
@@ -76,17 +81,42 @@ impl KvmVm {
 
     /// Create vCPU `id` of `count`, with its filtered CPUID.
     pub fn create_vcpu(&self, id: u32, count: u32) -> Result<KvmVcpu, KvmError> {
+        self.create_vcpu_seeing(id, count, None)
+    }
+
+    /// The CPU features vCPUs of a machine of `count` see (with no mask).
+    pub fn features(&self, count: u32) -> Result<CpuFeatures, KvmError> {
+        let cpuid = super::cpuid::for_vcpu(&self.supported_cpuid, 0, count)?;
+        Ok(features_of(&cpuid))
+    }
+
+    /// [`Self::create_vcpu`], its CPUID limited to the features `saw`
+    /// (those a restored guest saw before), when given.
+    pub fn create_vcpu_seeing(&self, id: u32, count: u32, saw: Option<&CpuFeatures>) -> Result<KvmVcpu, KvmError> {
         let fd = self
             .fd
             .create_vcpu(id as u64)
             .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))?;
-        let cpuid = super::cpuid::for_vcpu(&self.supported_cpuid, id, count)?;
+        let mut cpuid = super::cpuid::for_vcpu(&self.supported_cpuid, id, count)?;
+        if let Some(saw) = saw {
+            for e in cpuid.as_mut_slice() {
+                let mut regs = [e.eax, e.ebx, e.ecx, e.edx];
+                saw.mask(e.function, e.index, &mut regs);
+                [e.eax, e.ebx, e.ecx, e.edx] = regs;
+            }
+        }
         fd.set_cpuid2(&cpuid).map_err(KvmError::ioctl("KVM_SET_CPUID2"))?;
         let vcpu = KvmVcpu::new(id, fd, self.irqchip);
         if self.irqchip {
             vcpu.setup_lapic_virtual_wire()?;
         }
         Ok(vcpu)
+    }
+
+    /// The VM's file, for reading and loading its state while it runs
+    /// (see [`get_vm_state`]).
+    pub fn vm_fd(&self) -> Arc<VmFd> {
+        self.fd.clone()
     }
 
     /// An interrupt line into the in-kernel irqchip at `gsi` (irqfd).
@@ -112,6 +142,61 @@ impl KvmVm {
             .register_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
             .map_err(KvmError::ioctl("KVM_IOEVENTFD"))
     }
+}
+
+/// What the VM (not a vCPU) holds: the in-kernel PIC pair and IOAPIC, the
+/// PIT, and the kvmclock's time.
+#[derive(Clone, Copy)]
+pub struct VmIrqchipState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+/// The in-kernel PIC pair, IOAPIC, PIT and clock of the VM `fd` (its
+/// vCPUs out of `KVM_RUN`).
+pub fn get_vm_state(fd: &VmFd) -> Result<VmIrqchipState, KvmError> {
+    let chip = |chip_id| -> Result<kvm_irqchip, KvmError> {
+        let mut c = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        fd.get_irqchip(&mut c).map_err(KvmError::ioctl("KVM_GET_IRQCHIP"))?;
+        Ok(c)
+    };
+    Ok(VmIrqchipState {
+        pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+        pit: fd.get_pit2().map_err(KvmError::ioctl("KVM_GET_PIT2"))?,
+        clock: fd.get_clock().map_err(KvmError::ioctl("KVM_GET_CLOCK"))?,
+    })
+}
+
+/// Load what [`get_vm_state`] read (the clock's time only).
+pub fn set_vm_state(fd: &VmFd, s: &VmIrqchipState) -> Result<(), KvmError> {
+    for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+        fd.set_irqchip(c).map_err(KvmError::ioctl("KVM_SET_IRQCHIP"))?;
+    }
+    fd.set_pit2(&s.pit).map_err(KvmError::ioctl("KVM_SET_PIT2"))?;
+    let clock = kvm_clock_data {
+        clock: s.clock.clock,
+        ..Default::default()
+    };
+    fd.set_clock(&clock).map_err(KvmError::ioctl("KVM_SET_CLOCK"))
+}
+
+/// The compared CPU features of a vCPU's CPUID.
+pub fn features_of(cpuid: &CpuId) -> CpuFeatures {
+    let entries = cpuid.as_slice();
+    CpuFeatures::from_cpuid(|leaf, sub| {
+        entries
+            .iter()
+            .find(|e| e.function == leaf && (e.index == sub || e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0))
+            .map_or([0; 4], |e| [e.eax, e.ebx, e.ecx, e.edx])
+    })
 }
 
 /// A device interrupt through an irqfd: one eventfd write is one edge.
