@@ -87,6 +87,10 @@ pub fn parse(method: &str, path: &str, body_bytes: &[u8]) -> Result<VmmAction, R
         }
         ("PUT", ["snapshot", "create"]) => VmmAction::CreateSnapshot(body(b)?),
         ("PUT", ["snapshot", "load"]) => VmmAction::LoadSnapshot(body(b)?),
+        ("PUT", ["migration", "receive"]) => VmmAction::MigrationReceive(body(b)?),
+        ("PUT", ["migration", "send"]) => VmmAction::MigrationSend(body(b)?),
+        ("GET", ["migration"]) => VmmAction::GetMigration,
+        ("PUT", ["migration", "cancel"]) => VmmAction::CancelMigration,
         ("PATCH", ["vm"]) => {
             let s: fc::VmStateRequest = body(b)?;
             match s.state.as_str() {

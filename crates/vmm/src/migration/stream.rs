@@ -8,7 +8,8 @@
 
 use std::io::{Read, Write};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+pub use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::persist::{MachineState, PersistError};
 
