@@ -214,6 +214,15 @@ impl Conn {
         }
     }
 
+    /// A peer that stops reading (a host that died) fails the writer
+    /// after `t` instead of blocking it for good.
+    fn set_write_timeout(&self, t: Duration) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_write_timeout(Some(t)),
+            Conn::Tcp(s) => s.set_write_timeout(Some(t)),
+        }
+    }
+
     fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
         match self {
             Conn::Unix(s) => s.set_nonblocking(on),
@@ -385,7 +394,8 @@ fn send_thread(vm: vmm::VmHandle, endpoint: Endpoint, url: String, opts: SendOpt
         }
     };
     let mut reader = match conn
-        .try_clone()
+        .set_write_timeout(PEER_TIMEOUT)
+        .and_then(|_| conn.try_clone())
         .and_then(|r| r.set_read_timeout(PEER_TIMEOUT).map(|_| r))
     {
         Ok(r) => r,
