@@ -355,3 +355,80 @@ fn a_corrupted_stream_fails_on_the_destination_and_the_source_runs_on() {
     still_ticking(&run_dir, "src");
     assert_eq!(api(&run_dir, "dst", "GET", "/", None).json()["state"], "Not started");
 }
+
+/// A source whose guest rewrites 4 MiB of non-zero data in a loop, faster
+/// than a 4 Mbit/s link carries it.
+fn start_dirtier(run_dir: &Path, name: &str) {
+    let work = "echo DIRTY-READY; k=0; while true; do yes dirtydirty$k | head -c 4194304 > /tmp/big; k=$((k+1)); echo TICK$k; done";
+    let o = runtime_cmd(run_dir)
+        .args([
+            "run", "--detach", "--name", name, "--accel", "emu", "--cpus", "1", "--mem", "256M",
+        ])
+        .arg("--kernel")
+        .arg(artifact("kernel/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=-1 no_timer_check vessel.cmd={}",
+            b64(work)
+        ))
+        .stdin(Stdio::null())
+        .timed_output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Without auto-converge the dirtier never fits a 50 ms downtime at
+/// 4 Mbit/s and the migration times out (cancelled, the source runs on);
+/// with it, the vCPUs are throttled in steps until it converges.
+#[test]
+fn auto_converge_makes_a_fast_dirtier_converge() {
+    let s = Scratch::new("mig-converge");
+    let run_dir = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
+    start_dirtier(&run_dir, "src");
+    wait_log(&run_dir, "src", "TICK2", Duration::from_secs(180));
+    let send = |dst: &str, auto: bool, timeout_s: u64| {
+        let url = format!("unix:{}", s.0.join(format!("{dst}.sock")).display());
+        start_destination(&run_dir, dst, &url);
+        let body = format!(
+            r#"{{"destination_url": "{url}", "downtime_ms": 50, "max_bandwidth_mbps": 4,
+                "auto_converge": {auto}, "timeout_s": {timeout_s}}}"#
+        );
+        let r = api(&run_dir, "src", "PUT", "/migration/send", Some(&body));
+        assert_eq!(r.status, 204, "{}", r.body);
+    };
+    // Without: it does not converge within 40 s.
+    send("dst1", false, 40);
+    let m = wait_status(&run_dir, "src", "cancelled");
+    assert!(m["error"].as_str().unwrap_or_default().contains("timed out"), "{m}");
+    assert!(m["iterations"].as_u64().unwrap_or(0) >= 2, "{m}");
+    still_ticking(&run_dir, "src");
+    // With: throttled, it converges.
+    send("dst2", true, 600);
+    let mut max_throttle = 0;
+    let start = Instant::now();
+    loop {
+        let sock = run_dir.join("src").join("api.sock");
+        let Ok(r) = client::request(&sock, "GET", "/migration", None, Duration::from_secs(2)) else {
+            break; // the source exited: done
+        };
+        let m = r.json();
+        max_throttle = max_throttle.max(m["throttle_percent"].as_u64().unwrap_or(0));
+        assert_ne!(m["status"], "failed", "{m}");
+        assert_ne!(m["status"], "cancelled", "{m}");
+        if m["status"] == "completed" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(600), "no convergence: {m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        max_throttle >= 20,
+        "converged without throttling (max {max_throttle}%): the workload is too slow"
+    );
+    let m = wait_status(&run_dir, "dst2", "completed");
+    eprintln!("auto-converge: throttle up to {max_throttle}%, {m}");
+    still_ticking(&run_dir, "dst2");
+}
