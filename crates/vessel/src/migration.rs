@@ -531,7 +531,7 @@ fn receive_thread(listener: Listener, url: String, h: Handles, exits: Sender<Msg
         Ok(Message::Commit { paused_at_unix_ns }) => paused_at_unix_ns,
         Ok(Message::Error(e)) => {
             machine.discard();
-            return fail(format!("the source gave up: {e}; discarded what it sent"), None);
+            return fail(format!("{e}; discarded what it sent"), None);
         }
         Ok(m) => {
             machine.discard();

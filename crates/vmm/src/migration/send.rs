@@ -217,7 +217,10 @@ fn run(
             // Send this round's pages while the guest runs.
             let round_start = Instant::now();
             let sent_before = link.sent;
-            send_pages(&mut link, &mem, &pending, cancel)?;
+            // A timeout that cancels cuts a round short; one that switches
+            // waits for the round's end (its pages are needed anyway).
+            let deadline = (opts.timeout_action == TimeoutAction::Cancel).then(|| start + opts.timeout);
+            send_pages(&mut link, &mem, &pending, cancel, deadline)?;
             link.w.flush().map_err(StreamError::from)?;
             iterations += 1;
             let round_time = round_start.elapsed().max(Duration::from_millis(1));
@@ -245,11 +248,13 @@ fn run(
                 break;
             }
             if cancel.load(Ordering::Acquire) {
-                return Err(SendError::Cancelled);
+                return Err(give_up(&mut link, SendError::Cancelled));
             }
             if start.elapsed() >= opts.timeout {
                 match opts.timeout_action {
-                    TimeoutAction::Cancel => return Err(SendError::TimedOut(opts.timeout.as_secs())),
+                    TimeoutAction::Cancel => {
+                        return Err(give_up(&mut link, SendError::TimedOut(opts.timeout.as_secs())))
+                    }
                     TimeoutAction::Switch => break,
                 }
             }
@@ -289,7 +294,7 @@ fn run(
         paused_at = SystemTime::now();
     }
     update(info, |i| i.remaining_bytes = pending.len() as u64 * PAGE_SIZE);
-    send_pages(&mut link, &mem, &pending, cancel)?;
+    send_pages(&mut link, &mem, &pending, cancel, None)?;
     iterations += 1;
     let state = vm
         .save_state()
@@ -314,9 +319,7 @@ fn run(
         }
     }
     if cancel.load(Ordering::Acquire) {
-        let _ = stream::write_message(&mut link.w, &Message::Error("cancelled at the source".into()));
-        let _ = link.w.flush();
-        return Err(SendError::Cancelled);
+        return Err(give_up(&mut link, SendError::Cancelled));
     }
     let paused_at_unix_ns = paused_at
         .duration_since(UNIX_EPOCH)
@@ -360,6 +363,7 @@ fn send_pages<W: Write>(
     mem: &GuestMemoryMmap,
     pages: &[u64],
     cancel: &AtomicBool,
+    deadline: Option<Instant>,
 ) -> Result<(), SendError> {
     let mut batch = PageBatchBuilder::default();
     let mut buf = [0u8; PAGE_SIZE as usize];
@@ -375,13 +379,29 @@ fn send_pages<W: Write>(
                 info.remaining_bytes = (total - i as u64 - 1) * PAGE_SIZE
             });
             if cancel.load(Ordering::Acquire) {
-                return Err(SendError::Cancelled);
+                return Err(give_up(link, SendError::Cancelled));
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                let secs = d_secs(link.start, deadline);
+                return Err(give_up(link, SendError::TimedOut(secs)));
             }
         }
     }
     let n = batch.flush(&mut link.w)?;
     link.account(n);
     Ok(())
+}
+
+/// Tell the destination why we stop (at a message boundary), so it
+/// reports that rather than a closed stream.
+fn give_up<W: Write>(link: &mut Link<'_, W>, e: SendError) -> SendError {
+    let _ = stream::write_message(&mut link.w, &Message::Error(format!("the source gave up: {e}")));
+    let _ = link.w.flush();
+    e
+}
+
+fn d_secs(start: Instant, deadline: Option<Instant>) -> u64 {
+    deadline.map_or(0, |d| d.saturating_duration_since(start).as_secs())
 }
 
 /// Have every vCPU drop its cached write translations, so that the next
