@@ -166,7 +166,12 @@ impl Listener {
         loop {
             let r = match self {
                 Listener::Unix(l, _) => l.accept().map(|(s, _)| Conn::Unix(s)),
-                Listener::Tcp(l) => l.accept().map(|(s, _)| Conn::Tcp(s)),
+                Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                    // The small replies (prepared, running) must not wait
+                    // for Nagle: they are on the downtime's path.
+                    let _ = s.set_nodelay(true);
+                    Conn::Tcp(s)
+                }),
             };
             match r {
                 Ok(c) => {
