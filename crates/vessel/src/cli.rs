@@ -79,6 +79,10 @@ enum Command {
     },
     /// Create, inspect, snapshot and convert disk images.
     Disk(disk_cmd::DiskArgs),
+    /// Migrate a running VM to another Vessel (started with `vessel run
+    /// --incoming URL`), showing its progress; the VM here ends once the
+    /// destination runs it.
+    Migrate(crate::migration::MigrateArgs),
 }
 
 #[derive(clap::Args)]
@@ -163,6 +167,10 @@ pub struct RunArgs {
     /// With --restore: leave the VM paused.
     #[arg(long, requires = "restore")]
     pub paused: bool,
+    /// Wait for an incoming migration on unix:PATH or tcp:HOST:PORT
+    /// instead of booting (the API's PUT /migration/receive).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["kernel", "config", "restore"])]
+    pub incoming: Option<String>,
 }
 
 /// The `vessel` binary's entry point (also `firecracker` and its flags
@@ -191,6 +199,7 @@ pub fn main() -> ExitCode {
         Command::Logs { name, follow } => logs(&name, follow),
         Command::Console { name } => console(&name),
         Command::Snapshot(a) => snapshot(a),
+        Command::Migrate(a) => api_of(&a.name).and_then(|sock| crate::migration::cli_migrate(&sock, &a)),
         Command::Restore {
             dir,
             name,
@@ -253,7 +262,12 @@ fn run(args: RunArgs, process_start: Instant) -> ExitCode {
         process_start,
         metrics_path: None,
         restore: None,
+        incoming: args.incoming.clone(),
     };
+    if args.incoming.is_some() {
+        launch.start_now = false;
+        return crate::launch::run_with(launch, None);
+    }
     if let Some(dir) = &args.restore {
         launch.start_now = false;
         launch.restore = Some(fc::SnapshotLoad {
@@ -340,7 +354,7 @@ fn detach(name: &str) -> Result<(), String> {
 }
 
 /// The API socket of a running VM named `name`.
-fn api_of(name: &str) -> Result<PathBuf, String> {
+pub(crate) fn api_of(name: &str) -> Result<PathBuf, String> {
     runtime::check_name(name)?;
     let dir = runtime::dir_of(name);
     if !dir.exists() || !runtime::is_live(&dir) {

@@ -181,6 +181,7 @@ pub fn main() -> ExitCode {
             process_start,
             metrics_path: args.metrics_path,
             restore: None,
+            incoming: None,
         },
         None,
     )

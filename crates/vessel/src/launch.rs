@@ -41,6 +41,8 @@ pub struct Launch {
     pub metrics_path: Option<PathBuf>,
     /// Start from this snapshot.
     pub restore: Option<fc::SnapshotLoad>,
+    /// Wait for an incoming migration on this URL (`vessel run --incoming`).
+    pub incoming: Option<String>,
 }
 
 fn restore_terminal() {
@@ -118,6 +120,12 @@ pub fn run_with(l: Launch, direct: Option<(vmm::MachineConfig, String)>) -> Exit
             return fail(&e.to_string());
         }
     }
+    if let Some(url) = l.incoming {
+        let r = crate::migration::ReceiveRequest { receiver_url: url };
+        if let Err(e) = ctl.handle(VmmAction::MigrationReceive(r)) {
+            return fail(&e.to_string());
+        }
+    }
     if l.start_now {
         if let Err(e) = ctl.handle(VmmAction::InstanceStart) {
             let msg = match e {
@@ -162,6 +170,7 @@ fn main_loop(ctl: &mut Controller, rx: &std::sync::mpsc::Receiver<Msg>) -> ExitC
                 }
             }
             Msg::Signal(sig) => on_signal(ctl, sig),
+            Msg::Call(f) => f(ctl),
             Msg::Exit(Exit::NeverStarted) => return ExitCode::SUCCESS,
             Msg::Exit(Exit::Ran(outcome)) => {
                 ctl.mark_shut_down();

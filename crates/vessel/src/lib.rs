@@ -15,6 +15,7 @@ pub mod firecracker;
 pub mod launch;
 pub mod logging;
 pub mod metrics;
+pub mod migration;
 pub mod runtime;
 pub mod signals;
 pub mod snapshot_text;

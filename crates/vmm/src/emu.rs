@@ -191,6 +191,9 @@ fn vcpu_thread(id: usize, mut cpu: Cpu, shared: Arc<Shared>, ncpus: usize) {
         if let Some(state) = resumed {
             cpu.set_state(state);
         }
+        // Live migration harvested the dirty pages: drop the cached write
+        // pointers so the next write to each page is seen.
+        shared.dirty.vcpu_check(id, || cpu.flush_tlb());
         if shared.irqs.events_pending(id) {
             let ev = shared.irqs.take_events(id);
             if ev.init && id != 0 {
@@ -213,7 +216,21 @@ fn vcpu_thread(id: usize, mut cpu: Cpu, shared: Arc<Shared>, ncpus: usize) {
                 shared.dead.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        match cpu.run(&mut bus, SLICE) {
+        let throttle = shared.dirty.throttle();
+        let slice_start = (throttle > 0).then(std::time::Instant::now);
+        let exit = cpu.run(&mut bus, SLICE);
+        // Auto-converge: sit out `throttle` percent of the time.
+        if let Some(t) = slice_start {
+            std::thread::sleep(t.elapsed() * u32::from(throttle) / u32::from(100 - throttle));
+        }
+        // While a migration tracks pages, a halted vCPU wakes often enough
+        // to answer its flush requests.
+        let halt_wait = if shared.dirty.enabled() {
+            Duration::from_millis(2)
+        } else {
+            Duration::from_millis(100)
+        };
+        match exit {
             Exit::Budget | Exit::ExitRequested | Exit::Shutdown => {}
             Exit::Halted => {
                 let if_set = cpu.state.rflags & flags::IF != 0;
@@ -221,7 +238,7 @@ fn vcpu_thread(id: usize, mut cpu: Cpu, shared: Arc<Shared>, ncpus: usize) {
                     count_dead(&shared, &mut counted_dead, ncpus);
                 }
                 if !shared.control.pause_requested() {
-                    shared.irqs.halt(id, &now, Duration::from_millis(100), if_set);
+                    shared.irqs.halt(id, &now, halt_wait, if_set);
                 }
             }
             Exit::WaitForSipi => {
@@ -230,7 +247,7 @@ fn vcpu_thread(id: usize, mut cpu: Cpu, shared: Arc<Shared>, ncpus: usize) {
                 // good, and must count as done when the BSP halts.
                 count_dead(&shared, &mut counted_dead, ncpus);
                 if !shared.control.pause_requested() {
-                    shared.irqs.halt(id, &now, Duration::from_millis(100), false)
+                    shared.irqs.halt(id, &now, halt_wait, false)
                 }
             }
             Exit::TripleFault => {

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod persist;
 pub mod virtio;
 

@@ -24,6 +24,7 @@ use crate::devices::serial::{SerialPort, COM1_BASE, COM1_IRQ};
 pub use crate::emu::format_regs;
 use crate::engine::{Control, Engine, EngineKind, EngineSave};
 use crate::memory;
+use crate::migration::dirty::DirtyLog;
 use crate::virtio::console::Console;
 use crate::virtio::mmio::{MmioState, MmioTransport};
 use crate::virtio::net::{random_mac, Net};
@@ -157,6 +158,8 @@ pub struct Shared {
     pub(crate) virtio: Vec<Mutex<MmioTransport>>,
     /// Held while pausing or resuming, so the two never interleave.
     pausing: Mutex<()>,
+    /// Pages written since the last harvest, while live migration tracks them.
+    pub(crate) dirty: Arc<DirtyLog>,
 }
 
 impl Shared {
@@ -205,6 +208,7 @@ impl Shared {
             dead: std::sync::atomic::AtomicU32::new(0),
             virtio: Vec::new(),
             pausing: Mutex::new(()),
+            dirty: Arc::default(),
         })
     }
 
@@ -311,6 +315,10 @@ unsafe impl Bus for VcpuBus {
         NonNull::new(host)
     }
 
+    fn note_write_mapping(&mut self, gpa: u64) {
+        self.shared.dirty.mark(gpa);
+    }
+
     fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
         if let Some((mut dev, offset)) = self.shared.virtio_at(gpa) {
             return dev.read(offset, data);
@@ -400,6 +408,7 @@ unsafe impl Bus for VcpuBus {
         self.shared.stop.load(Ordering::Acquire) != RUNNING
             || self.shared.irqs.events_pending(self.id)
             || self.shared.control.pause_requested()
+            || self.shared.dirty.flush_wanted()
     }
 }
 
@@ -482,11 +491,13 @@ impl Machine {
         router.setup_virtual_wire();
         let irqs = Arc::new(Interrupts::new(router));
         let code_map = Arc::new(CodeMap::new(mem.last_addr().0 + 1));
-        // The engine's interrupt controller takes the device lines, and the
-        // engine hears of device writes to guest memory.
+        // The engine's interrupt controller takes the device lines. Device
+        // writes to guest memory go to the engine (x86emu drops decoded code
+        // there) and to the dirty log a live migration reads.
         let setup = crate::engine::prepare(engine, &mem, cfg.cpus, &irqs, &code_map, None)?;
         let lines = |pin: u32| setup.irq_line(pin);
-        let dma = setup.dma_observer();
+        let dirty = Arc::new(DirtyLog::default());
+        let dma = with_dirty_log(setup.dma_observer(), &dirty);
         let devices = create_virtio_devices(cfg, &mem, &lines, &dma)?;
         // Where each device sits: one window and one IOAPIC pin per device.
         let slots: Vec<VirtioSlot> = (0..devices.len())
@@ -541,6 +552,7 @@ impl Machine {
             dead: std::sync::atomic::AtomicU32::new(0),
             virtio: devices.into_iter().map(Mutex::new).collect(),
             pausing: Mutex::new(()),
+            dirty,
         });
         Ok(Machine { shared, engine })
     }
@@ -558,14 +570,35 @@ impl Machine {
         console: Box<dyn Write + Send>,
         engine: EngineKind,
     ) -> Result<Self> {
+        let mem = memory::map_private(mem_file, state.config.mem_size)?;
+        Self::restore_with_memory(state, mem, console, engine)
+    }
+
+    /// [`Machine::restore`] with guest memory already filled (a migration
+    /// destination: anonymous memory written from the stream's pages). It
+    /// must have the layout `memory::ram_ranges` gives for the state's
+    /// memory size.
+    pub fn restore_with_memory(
+        state: &crate::persist::MachineState,
+        mem: GuestMemoryMmap,
+        console: Box<dyn Write + Send>,
+        engine: EngineKind,
+    ) -> Result<Self> {
         state.validate().map_err(|e| Error::Config(e.to_string()))?;
+        let expected = memory::ram_ranges(state.config.mem_size);
+        let layout: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        if layout != expected {
+            return Err(Error::Memory(format!(
+                "guest memory is laid out as {layout:x?}, the state's machine as {expected:x?}"
+            )));
+        }
         let cfg = &state.config;
-        let mem = memory::map_private(mem_file, cfg.mem_size)?;
         let irqs = Arc::new(Interrupts::new(InterruptRouter::from_state(state.interrupts.clone())));
         let code_map = Arc::new(CodeMap::new(mem.last_addr().0 + 1));
         let setup = crate::engine::prepare(engine, &mem, cfg.cpus, &irqs, &code_map, Some(&state.cpu_features))?;
         let lines = |pin: u32| setup.irq_line(pin);
-        let dma = setup.dma_observer();
+        let dirty = Arc::new(DirtyLog::default());
+        let dma = with_dirty_log(setup.dma_observer(), &dirty);
         let mut devices = create_virtio_devices(cfg, &mem, &lines, &dma)?;
         for (i, (dev, saved)) in devices.iter_mut().zip(&state.devices).enumerate() {
             dev.restore_state(saved)
@@ -600,6 +633,7 @@ impl Machine {
             dead: std::sync::atomic::AtomicU32::new(0),
             virtio: devices.into_iter().map(Mutex::new).collect(),
             pausing: Mutex::new(()),
+            dirty,
         });
         // Held until resume: the vCPUs park before running any guest code.
         shared.control.pause(Duration::ZERO);
@@ -618,6 +652,12 @@ impl Machine {
     /// The engine that runs the vCPUs.
     pub fn engine(&self) -> EngineKind {
         self.engine.kind()
+    }
+
+    /// Give up a machine that never ran (a migration that did not
+    /// commit): its device workers end and its disks are flushed.
+    pub fn discard(self) {
+        self.shared.stop_devices();
     }
 
     /// A handle that can feed console input while `run` blocks.
@@ -838,12 +878,52 @@ impl VmHandle {
         self.shared.virtio_devices().map(|d| d.state()).collect()
     }
 
+    /// Guest memory (shared with the running machine), for migration.
+    pub fn guest_memory(&self) -> GuestMemoryMmap {
+        self.shared.mem.clone()
+    }
+
+    /// The dirty-page log live migration uses.
+    pub fn dirty_log(&self) -> &DirtyLog {
+        &self.shared.dirty
+    }
+
+    /// The engine running the vCPUs.
+    pub fn engine_kind(&self) -> EngineKind {
+        self.shared.engine_kind
+    }
+
+    /// What the machine was built from.
+    pub fn config(&self) -> &MachineConfig {
+        &self.shared.config
+    }
+
+    /// Take every vCPU out of guest code once (they go on at once).
+    pub fn kick_vcpus(&self) {
+        self.shared.control.kick();
+    }
+
+    /// Whether the machine stopped (or is stopping) for good.
+    pub fn stopped(&self) -> bool {
+        self.shared.stop.load(Ordering::Acquire) != RUNNING
+    }
+
     /// A 64-bit digest of all guest memory, for tests and snapshots to
     /// tell whether memory changed (say, while paused). Not cryptographic;
     /// stable across runs and builds.
     pub fn guest_memory_digest(&self) -> u64 {
         memory::digest(&self.shared.mem)
     }
+}
+
+/// `engine`'s observer of device writes to guest memory, which also marks
+/// the pages in `dirty` (for live migration).
+fn with_dirty_log(engine: virtio::DmaObserver, dirty: &Arc<DirtyLog>) -> virtio::DmaObserver {
+    let dirty = dirty.clone();
+    Arc::new(move |gpa, len| {
+        engine(gpa, len);
+        dirty.mark_range(gpa, len);
+    })
 }
 
 /// Milliseconds since the Unix epoch, to name things uniquely.

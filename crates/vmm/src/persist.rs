@@ -339,7 +339,12 @@ impl MachineState {
 pub(crate) mod tests {
     use super::*;
 
-    /// A small valid state: one vCPU, no devices.
+    /// A small valid state: one vCPU, no devices (for the migration
+    /// stream's tests too).
+    pub(crate) fn sample_state() -> MachineState {
+        sample()
+    }
+
     fn sample() -> MachineState {
         let mut router = crate::devices::irq::InterruptRouter::new(1, 1_000_000_000);
         router.setup_virtual_wire();

@@ -20,6 +20,13 @@ pub unsafe trait Bus {
     /// or `None` if the page is not RAM (MMIO or a hole).
     fn ram_page(&mut self, gpa: u64) -> Option<NonNull<u8>>;
 
+    /// The CPU is about to cache a pointer for writing to the RAM page at
+    /// `gpa` (a TLB fill for a write), or set accessed/dirty bits in a
+    /// page table there: later writes may go through the cached pointer
+    /// without asking again. For dirty-page tracking (live migration);
+    /// costs a call per TLB write fill, nothing per write.
+    fn note_write_mapping(&mut self, _gpa: u64) {}
+
     /// Read from a non-RAM physical address (MMIO). `data.len()` is 1, 2, 4 or 8.
     /// Unclaimed addresses read as all ones.
     fn mmio_read(&mut self, gpa: u64, data: &mut [u8]);

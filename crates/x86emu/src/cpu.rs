@@ -96,6 +96,13 @@ impl Cpu {
         self.flush_translations();
     }
 
+    /// Drop the cached translations (and their host pointers), keeping
+    /// decoded code: the next access to each page walks and asks the bus
+    /// again (dirty-page tracking needs the next write seen).
+    pub fn flush_tlb(&mut self) {
+        self.tlb.flush_all();
+    }
+
     /// Drop all cached translations and decoded code.
     pub fn flush_translations(&mut self) {
         self.tlb.flush_all();

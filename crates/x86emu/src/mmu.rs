@@ -432,6 +432,7 @@ pub fn walk(bus: &mut dyn Bus, s: &CpuState, lin: u64, access: Access, user: boo
             bits |= PTE_D;
         }
         if bits != 0 {
+            bus.note_write_mapping(addr & !(PAGE_SIZE - 1));
             set_bits(host, addr, wide, bits);
         }
     }
@@ -453,6 +454,9 @@ pub fn translate(
         return Ok(t);
     }
     let w = walk(bus, s, lin, access, user)?;
+    if access == Access::Write {
+        bus.note_write_mapping(w.phys);
+    }
     let host = bus.ram_page(w.phys);
     tlb.insert(ctx, lin, &w, access, host, s);
     Ok(Translation { phys: w.phys, host })
@@ -480,6 +484,65 @@ mod tests {
         bus.write_u64(pd + ((lin >> 21) & 0x1ff) * 8, pt | upper);
         bus.write_u64(pt + ((lin >> 12) & 0x1ff) * 8, phys | leaf_flags);
         pml4
+    }
+
+    /// A bus that records `note_write_mapping` calls.
+    struct NotingBus {
+        inner: TestBus,
+        notes: Vec<u64>,
+    }
+
+    // SAFETY: every memory answer is the inner TestBus's.
+    unsafe impl Bus for NotingBus {
+        fn ram_page(&mut self, gpa: u64) -> Option<NonNull<u8>> {
+            self.inner.ram_page(gpa)
+        }
+        fn note_write_mapping(&mut self, gpa: u64) {
+            self.notes.push(gpa);
+        }
+        fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
+            self.inner.mmio_read(gpa, data)
+        }
+        fn mmio_write(&mut self, gpa: u64, data: &[u8]) {
+            self.inner.mmio_write(gpa, data)
+        }
+        fn io_in(&mut self, port: u16, size: u8) -> u32 {
+            self.inner.io_in(port, size)
+        }
+        fn io_out(&mut self, port: u16, size: u8, value: u32) {
+            self.inner.io_out(port, size, value)
+        }
+    }
+
+    /// Dirty tracking's contract: the first write to a page through the
+    /// TLB is told to the bus (with the page-table pages whose A/D bits
+    /// the walk set), later writes through the cached entry are not, and
+    /// after a flush the next write is told again. Reads never are.
+    #[test]
+    fn write_fills_are_told_to_the_bus() {
+        let mut inner = TestBus::new(1 << 20);
+        let cr3 = map_4k(&mut inner, 0x40_0000, 0x9000, PTE_P | PTE_W);
+        let mut bus = NotingBus {
+            inner,
+            notes: Vec::new(),
+        };
+        let s = long_state(cr3);
+        let mut tlb = Tlb::default();
+        translate(&mut tlb, &mut bus, &s, 0x40_0010, Access::Read, false).unwrap();
+        assert!(!bus.notes.contains(&0x9000), "{:x?}", bus.notes);
+        bus.notes.clear();
+        translate(&mut tlb, &mut bus, &s, 0x40_0010, Access::Write, false).unwrap();
+        assert!(
+            bus.notes.contains(&0x9000) && bus.notes.contains(&0x4000),
+            "{:x?}",
+            bus.notes
+        );
+        bus.notes.clear();
+        translate(&mut tlb, &mut bus, &s, 0x40_0ff0, Access::Write, false).unwrap();
+        assert!(bus.notes.is_empty(), "{:x?}", bus.notes);
+        tlb.flush_all();
+        translate(&mut tlb, &mut bus, &s, 0x40_0020, Access::Write, false).unwrap();
+        assert_eq!(bus.notes, vec![0x9000]);
     }
 
     #[test]

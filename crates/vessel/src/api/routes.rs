@@ -87,6 +87,10 @@ pub fn parse(method: &str, path: &str, body_bytes: &[u8]) -> Result<VmmAction, R
         }
         ("PUT", ["snapshot", "create"]) => VmmAction::CreateSnapshot(body(b)?),
         ("PUT", ["snapshot", "load"]) => VmmAction::LoadSnapshot(body(b)?),
+        ("PUT", ["migration", "receive"]) => VmmAction::MigrationReceive(body(b)?),
+        ("PUT", ["migration", "send"]) => VmmAction::MigrationSend(body(b)?),
+        ("GET", ["migration"]) => VmmAction::GetMigration,
+        ("PUT", ["migration", "cancel"]) => VmmAction::CancelMigration,
         ("PATCH", ["vm"]) => {
             let s: fc::VmStateRequest = body(b)?;
             match s.state.as_str() {
@@ -132,6 +136,19 @@ mod tests {
             parse("PUT", "/machine-config", br#"{"vcpu_count": 2, "mem_size_mib": 1024}"#).unwrap(),
             VmmAction::PutMachineConfig(_)
         ));
+        assert_eq!(parse("GET", "/migration", b"").unwrap(), VmmAction::GetMigration);
+        assert_eq!(
+            parse("PUT", "/migration/cancel", b"").unwrap(),
+            VmmAction::CancelMigration
+        );
+        assert!(matches!(
+            parse("PUT", "/migration/send", br#"{"destination_url": "unix:/m", "mode": "cold"}"#).unwrap(),
+            VmmAction::MigrationSend(ref r) if r.destination_url == "unix:/m"
+        ));
+        assert!(matches!(
+            parse("PUT", "/migration/receive", br#"{"receiver_url": "tcp:0.0.0.0:4444"}"#).unwrap(),
+            VmmAction::MigrationReceive(_)
+        ));
     }
 
     #[test]
@@ -160,6 +177,14 @@ mod tests {
             ("GET", "/drives/a/b", b""),
             ("PUT", "/snapshot/create", b"{}"),
             ("PUT", "/snapshot/load", br#"{"snapshot_path": "/s", "bogus": 1}"#),
+            ("PUT", "/migration/send", b"{}"),
+            (
+                "PUT",
+                "/migration/send",
+                br#"{"destination_url": "tcp:h:1", "mode": "warm"}"#,
+            ),
+            ("PUT", "/migration/receive", br#"{"receiver_url": 5}"#),
+            ("POST", "/migration", b""),
         ] {
             assert!(parse(m, p, b).is_err(), "{m} {p} accepted");
         }

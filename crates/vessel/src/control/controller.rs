@@ -62,6 +62,8 @@ pub struct Controller {
     /// than Firecracker's API: qcow2 backing rules, virtio-console, taps
     /// created on demand); used instead of the API's pieces.
     direct: Option<vmm::MachineConfig>,
+    /// The current or last migration, either way.
+    pub(crate) migration: crate::migration::Slot,
 }
 
 impl Controller {
@@ -83,6 +85,7 @@ impl Controller {
             exits,
             stopped: false,
             direct: None,
+            migration: crate::migration::Slot::default(),
         }
     }
 
@@ -152,6 +155,20 @@ impl Controller {
     fn dispatch(&mut self, action: VmmAction) -> Result<VmmData, ActionError> {
         if action.is_pre_boot() && self.state != VmState::NotStarted {
             return Err(ActionError::NotAllowedAfterStart);
+        }
+        if self.migration.active()
+            && matches!(
+                action,
+                VmmAction::Pause
+                    | VmmAction::Resume
+                    | VmmAction::CreateSnapshot(_)
+                    | VmmAction::LoadSnapshot(_)
+                    | VmmAction::InstanceStart
+            )
+        {
+            return Err(ActionError::Runtime(
+                "a migration is in progress: cancel it first (PUT /migration/cancel)".into(),
+            ));
         }
         let empty = Ok(VmmData::Empty);
         match action {
@@ -397,6 +414,19 @@ impl Controller {
                 self.load_snapshot(l)?;
                 empty
             }
+            VmmAction::MigrationReceive(r) => {
+                crate::migration::start_receive(self, r)?;
+                empty
+            }
+            VmmAction::MigrationSend(r) => {
+                crate::migration::start_send(self, r)?;
+                empty
+            }
+            VmmAction::GetMigration => Ok(VmmData::Migration(self.migration.info())),
+            VmmAction::CancelMigration => {
+                self.migration.cancel()?;
+                empty
+            }
             VmmAction::Stop => {
                 match &self.vm {
                     // The run thread reports the end through `exits`.
@@ -411,6 +441,68 @@ impl Controller {
                 empty
             }
         }
+    }
+
+    /// Where the main loop hears of work for it (migration threads).
+    pub(crate) fn exits(&self) -> Sender<Msg> {
+        self.exits.clone()
+    }
+
+    /// The running VM to migrate away, and whether it is paused.
+    pub(crate) fn migration_source(&self) -> Result<(vmm::VmHandle, bool), ActionError> {
+        let vm = self.running()?;
+        Ok((vm.handle.clone(), self.state == VmState::Paused))
+    }
+
+    /// Refuse `what` unless this Vessel is fresh: not started, nothing
+    /// configured (as for loading a snapshot).
+    pub(crate) fn check_fresh(&self, what: &str) -> Result<(), ActionError> {
+        if self.state != VmState::NotStarted {
+            return Err(ActionError::NotAllowedAfterStart);
+        }
+        if self.boot_source.is_some() || !self.drives.is_empty() || !self.nets.is_empty() || self.direct.is_some() {
+            return Err(ActionError::InvalidConfig(format!(
+                "{what} is only allowed before the microVM is configured"
+            )));
+        }
+        Ok(())
+    }
+
+    /// An incoming migration's machine, built from the state and the
+    /// memory that came, paused and not yet running.
+    pub(crate) fn prepare_incoming(
+        &mut self,
+        state: &vmm::persist::MachineState,
+        mem: vmm::migration::stream::GuestMemoryMmap,
+    ) -> Result<vmm::Machine, ActionError> {
+        self.check_fresh("receiving a migration")?;
+        let accel: vmm::Accel = state
+            .engine
+            .to_string()
+            .parse()
+            .map_err(|e: vmm::Error| ActionError::InvalidConfig(e.to_string()))?;
+        let (engine, _) = vmm::engine::choose(accel).map_err(|e| ActionError::StartMicrovm(e.to_string()))?;
+        let output = self.serial_output()?;
+        vmm::Machine::restore_with_memory(state, mem, output, engine)
+            .map_err(|e| ActionError::StartMicrovm(e.to_string()))
+    }
+
+    /// The source committed: run the prepared machine. Returns when its
+    /// vCPUs were let go.
+    pub(crate) fn start_incoming(
+        &mut self,
+        machine: vmm::Machine,
+        state: &vmm::persist::MachineState,
+    ) -> Result<std::time::SystemTime, ActionError> {
+        let engine = machine.engine();
+        self.configure_direct(state.config.clone(), engine.to_string());
+        self.launch(machine, engine)?;
+        self.state = VmState::Paused;
+        let vm = self.running()?;
+        vm.handle.resume();
+        let resumed_at = std::time::SystemTime::now();
+        self.state = VmState::Running;
+        Ok(resumed_at)
     }
 
     /// The VM's run ended (the main loop learned it from `exits`).

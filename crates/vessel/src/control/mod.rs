@@ -26,6 +26,9 @@ pub enum Msg {
     /// A signal: SIGUSR1 pause, SIGUSR2 resume, SIGTERM/SIGINT stop.
     Signal(i32),
     Exit(Exit),
+    /// Work another thread needs done with the controller (a migration
+    /// building or starting its VM), run on the main thread.
+    Call(Box<dyn FnOnce(&mut Controller) + Send>),
 }
 
 /// What a client asks of the VMM.
@@ -53,6 +56,14 @@ pub enum VmmAction {
     Resume,
     CreateSnapshot(fc::SnapshotCreate),
     LoadSnapshot(fc::SnapshotLoad),
+    /// `PUT /migration/receive`: listen for an incoming migration.
+    MigrationReceive(crate::migration::ReceiveRequest),
+    /// `PUT /migration/send`: migrate this VM away.
+    MigrationSend(crate::migration::SendRequest),
+    /// `GET /migration`.
+    GetMigration,
+    /// `PUT /migration/cancel`.
+    CancelMigration,
     /// Stop the VM cleanly (SIGTERM, SIGINT, `vessel stop`): vCPUs out,
     /// devices stopped, disks flushed, then the process exits 0.
     Stop,
@@ -99,6 +110,10 @@ impl VmmAction {
             VmmAction::Pause | VmmAction::Resume => ("patch_api_requests", "vmm"),
             VmmAction::CreateSnapshot(_) => ("put_api_requests", "snapshot_create"),
             VmmAction::LoadSnapshot(_) => ("put_api_requests", "snapshot_load"),
+            VmmAction::MigrationReceive(_) | VmmAction::MigrationSend(_) | VmmAction::CancelMigration => {
+                ("put_api_requests", "migration")
+            }
+            VmmAction::GetMigration => ("get_api_requests", "migration_count"),
             VmmAction::Stop => ("signals", "stop"),
         }
     }
@@ -135,6 +150,7 @@ pub enum VmmData {
     Version(Version),
     FullConfig(Box<fc::FullVmConfig>),
     MachineConfig(fc::MachineConfig),
+    Migration(vmm::migration::MigrationInfo),
 }
 
 /// Why an action was refused. Every variant is the client's to fix, or a
