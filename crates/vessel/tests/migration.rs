@@ -451,3 +451,32 @@ fn auto_converge_makes_a_fast_dirtier_converge() {
     eprintln!("auto-converge: throttle up to {max_throttle}%, {m}");
     still_ticking(&run_dir, "dst2");
 }
+
+/// Cold: the source pauses, sends everything, and the destination finishes
+/// the work with pattern and sum intact.
+#[test]
+fn cold_migration_over_a_unix_socket() {
+    let s = Scratch::new("mig-cold");
+    let url = format!("unix:{}", s.0.join("mig.sock").display());
+    let run_dir = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
+    start_source(&run_dir, "src");
+    start_destination(&run_dir, "dst", &url);
+    wait_log(&run_dir, "src", "TICK1", Duration::from_secs(180));
+    let body = format!(r#"{{"destination_url": "{url}", "mode": "cold"}}"#);
+    let r = api(&run_dir, "src", "PUT", "/migration/send", Some(&body));
+    assert_eq!(r.status, 204, "{}", r.body);
+    let m = wait_status(&run_dir, "dst", "completed");
+    assert!(m["downtime_ms"].as_u64().is_some(), "{m}");
+    let l = wait_log(&run_dir, "dst", "WORK-DONE", Duration::from_secs(240));
+    assert!(!l.contains("PAT-BAD"), "the pattern broke:\n{l}");
+    assert!(l.contains(&format!("SUM={}", cpu_sum())), "wrong CPU sum:\n{l}");
+    let pattern: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
+    assert!(l.contains(&format!("PAT-SUM={}", md5_of(pattern.as_bytes()))), "{l}");
+    let start = Instant::now();
+    while run_dir.join("src").exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "the source did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    still_ticking(&run_dir, "dst");
+}

@@ -605,6 +605,44 @@ mod tests {
     }
 
     #[test]
+    fn hand_over_messages_round_trip() {
+        let mut out = Vec::new();
+        for m in [
+            Message::Prepared,
+            Message::Commit {
+                paused_at_unix_ns: 1_700_000_000_123_456_789,
+            },
+            Message::Running { downtime_ms: 42 },
+            Message::Error("x".repeat(10_000)),
+        ] {
+            write_message(&mut out, &m).unwrap();
+        }
+        let mut r = &out[..];
+        assert!(matches!(read_message(&mut r).unwrap(), Message::Prepared));
+        assert!(matches!(
+            read_message(&mut r).unwrap(),
+            Message::Commit {
+                paused_at_unix_ns: 1_700_000_000_123_456_789
+            }
+        ));
+        assert!(matches!(
+            read_message(&mut r).unwrap(),
+            Message::Running { downtime_ms: 42 }
+        ));
+        // A long error is cut to its bound, not refused.
+        assert!(matches!(read_message(&mut r).unwrap(), Message::Error(e) if e.len() == 4096));
+        assert!(matches!(read_message(&mut r), Err(StreamError::Closed)));
+        // A commit of the wrong size is malformed (a checksum over it
+        // does not make it valid).
+        let mut v = Vec::new();
+        write_frame(&mut v, Kind::Commit, &[1, 2, 3]).unwrap();
+        assert!(read_message(&mut &v[..])
+            .unwrap_err()
+            .to_string()
+            .contains("malformed commit"));
+    }
+
+    #[test]
     fn zero_pages_go_as_an_address() {
         let mut b = PageBatchBuilder::default();
         b.push(0, &[0; 4096]);
