@@ -13,23 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// One request with curl, as Firecracker's getting-started guide does.
-fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut c = Command::new("curl");
-    c.args(["-sS", "--max-time", "30", "--unix-socket"])
-        .arg(sock)
-        .args(["-X", method])
-        .arg(format!("http://localhost{path}"))
-        .args(["-H", "Accept: application/json", "-w", "\n%{http_code}"]);
-    if let Some(b) = body {
-        c.args(["-H", "Content-Type: application/json", "-d", b]);
-    }
-    let o = c.output().expect("curl is needed (guest/build-all.sh installs it)");
-    let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
 fn ok(sock: &Path, method: &str, path: &str, body: &str) {
     let (code, text) = curl(sock, method, path, Some(body));
     assert_eq!(code, 204, "{method} {path} {body}: {text}");
@@ -121,10 +104,6 @@ fn wait_for_socket(sock: &Path) {
         assert!(start.elapsed() < Duration::from_secs(10), "API socket never answered");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn boot_args(cmd: &str) -> String {
-    format!("console=ttyS0 reboot=k panic=-1 no_timer_check vessel.cmd={}", b64(cmd))
 }
 
 fn ticks(text: &str) -> usize {
@@ -377,47 +356,9 @@ fn bad_requests_get_400_and_change_nothing() {
     drop(vmm);
 }
 
-fn cli(run_dir: &Path, args: &[&str]) -> std::process::Output {
-    runtime_cmd(run_dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .timed_output()
-        .unwrap()
-}
-
-fn detached(run_dir: &Path, name: &str, cmd: &str) {
-    let o = runtime_cmd(run_dir)
-        .args(["run", "--detach", "--name", name, "--accel", "emu", "--mem", "128M"])
-        .arg("--kernel")
-        .arg(artifact("kernel/vmlinux"))
-        .arg("--initrd")
-        .arg(artifact("initramfs.cpio.gz"))
-        .arg("--cmdline")
-        .arg(boot_args(cmd))
-        .stdin(Stdio::null())
-        .timed_output()
-        .unwrap();
-    assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+fn start_named(run_dir: &Path, name: &str, cmd: &str) {
+    let o = launch(&mut detached(run_dir, name, "128M", cmd));
     assert_eq!(stdout(&o).trim(), name);
-}
-
-fn console_log(run_dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(run_dir.join(name).join("console.log")).unwrap_or_default()
-}
-
-fn wait_log(run_dir: &Path, name: &str, what: &str, timeout: Duration) -> String {
-    let start = Instant::now();
-    loop {
-        let log = console_log(run_dir, name);
-        if log.contains(what) {
-            return log;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{name}: no {what:?} within {timeout:?}:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Twenty detached VMs show in `vessel ps` and each stops with `vessel
@@ -429,7 +370,7 @@ fn twenty_detached_vms() {
     let _reaper = Reaper(run_dir.clone());
     let names: Vec<String> = (0..20).map(|i| format!("vm{i:02}")).collect();
     for n in &names {
-        detached(&run_dir, n, "echo FLEET-UP; sleep 100000");
+        start_named(&run_dir, n, "echo FLEET-UP; sleep 100000");
     }
     for n in &names {
         wait_log(&run_dir, n, "FLEET-UP", Duration::from_secs(240));
@@ -478,7 +419,7 @@ fn console_paste_arrives_whole() {
     let s = Scratch::new("api-console");
     let run_dir = s.0.join("run");
     let _reaper = Reaper(run_dir.clone());
-    detached(
+    start_named(
         &run_dir,
         "paste",
         "echo PASTE-READY; head -c 4096 > /tmp/p; echo PASTE-BYTES=$(wc -c < /tmp/p) PASTE-SUM=$(md5sum < /tmp/p | cut -c1-32); sleep 100000",

@@ -31,44 +31,6 @@ fn workload() -> String {
     )
 }
 
-fn cpu_sum() -> u64 {
-    let mut s = 1;
-    for i in 0..CPU_LOOP {
-        s = (s * 31 + i) % 1_000_003;
-    }
-    s
-}
-
-fn md5_of(data: &[u8]) -> String {
-    let mut c = std::process::Command::new("md5sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("md5sum is needed by this test");
-    c.stdin.as_mut().unwrap().write_all(data).unwrap();
-    drop(c.stdin.take());
-    String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout)[..32].to_string()
-}
-
-fn log(run_dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(run_dir.join(name).join("console.log")).unwrap_or_default()
-}
-
-fn wait_log(run_dir: &Path, name: &str, what: &str, timeout: Duration) -> String {
-    let start = Instant::now();
-    loop {
-        let l = log(run_dir, name);
-        if l.contains(what) {
-            return l;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{name}: no {what:?} within {timeout:?}:\n{l}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The highest TICKn in a console log.
 fn last_tick(log: &str) -> u64 {
     log.lines()
@@ -90,23 +52,7 @@ fn migration(run_dir: &Path, name: &str) -> serde_json::Value {
 }
 
 fn start_source(run_dir: &Path, name: &str) {
-    let o = runtime_cmd(run_dir)
-        .args([
-            "run", "--detach", "--name", name, "--accel", "emu", "--cpus", "2", "--mem", "256M",
-        ])
-        .arg("--kernel")
-        .arg(artifact("kernel/vmlinux"))
-        .arg("--initrd")
-        .arg(artifact("initramfs.cpio.gz"))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 reboot=k panic=-1 no_timer_check vessel.cmd={}",
-            b64(&workload())
-        ))
-        .stdin(Stdio::null())
-        .timed_output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    launch(detached(run_dir, name, "256M", &workload()).args(["--cpus", "2"]));
 }
 
 fn start_destination(run_dir: &Path, name: &str, url: &str) {
@@ -149,7 +95,7 @@ fn live_migration(s: &Scratch, url: &str) {
     start_destination(&run_dir, "dst", url);
     wait_log(&run_dir, "src", "PAT-READY", Duration::from_secs(120));
     wait_log(&run_dir, "src", "TICK1", Duration::from_secs(60));
-    let tick_at_start = last_tick(&log(&run_dir, "src"));
+    let tick_at_start = last_tick(&console_log(&run_dir, "src"));
     // 16 Mbit/s: pre-copy lasts seconds, long enough to see the guest run.
     let mut migrate = runtime_cmd(&run_dir)
         .args(["migrate", "src", "--to", url, "--max-bandwidth-mbps", "16"])
@@ -166,7 +112,7 @@ fn live_migration(s: &Scratch, url: &str) {
         if let Ok(r) = client::request(&sock, "GET", "/migration", None, Duration::from_secs(2)) {
             let m = r.json();
             if m["status"] == "active" && m["remaining_bytes"].as_u64().unwrap_or(0) > 0 {
-                tick_during_precopy = tick_during_precopy.max(last_tick(&log(&run_dir, "src")));
+                tick_during_precopy = tick_during_precopy.max(last_tick(&console_log(&run_dir, "src")));
                 transferred_seen.push(m["transferred_bytes"].as_u64().unwrap_or(0));
             }
         }
@@ -199,7 +145,10 @@ fn live_migration(s: &Scratch, url: &str) {
     // The destination finishes the work.
     let l = wait_log(&run_dir, "dst", "WORK-DONE", Duration::from_secs(240));
     assert!(!l.contains("PAT-BAD"), "the pattern broke:\n{l}");
-    assert!(l.contains(&format!("SUM={}", cpu_sum())), "wrong CPU sum:\n{l}");
+    assert!(
+        l.contains(&format!("SUM={}", cpu_sum(1, CPU_LOOP))),
+        "wrong CPU sum:\n{l}"
+    );
     let pattern: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
     assert!(
         l.contains(&format!("PAT-SUM={}", md5_of(pattern.as_bytes()))),
@@ -264,7 +213,7 @@ fn still_ticking(run_dir: &Path, name: &str) {
     let start = Instant::now();
     let mut first = None;
     loop {
-        let t = last_tick(&log(run_dir, name));
+        let t = last_tick(&console_log(run_dir, name));
         if t > 0 && first.is_none() {
             first = Some(t);
         }
@@ -274,7 +223,7 @@ fn still_ticking(run_dir: &Path, name: &str) {
         assert!(
             start.elapsed() < Duration::from_secs(90),
             "{name}: the guest stopped ticking:\n{}",
-            log(run_dir, name)
+            console_log(run_dir, name)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -376,23 +325,7 @@ fn a_corrupted_stream_fails_on_the_destination_and_the_source_runs_on() {
 /// faster than a 16 Mbit/s link carries it.
 fn start_dirtier(run_dir: &Path, name: &str) {
     let work = "echo DIRTY-READY; k=0; while true; do yes dirtydirty$k | head -c 4194304 > /tmp/big; k=$((k+1)); echo TICK$k; done";
-    let o = runtime_cmd(run_dir)
-        .args([
-            "run", "--detach", "--name", name, "--accel", "emu", "--cpus", "1", "--mem", "256M",
-        ])
-        .arg("--kernel")
-        .arg(artifact("kernel/vmlinux"))
-        .arg("--initrd")
-        .arg(artifact("initramfs.cpio.gz"))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 reboot=k panic=-1 no_timer_check vessel.cmd={}",
-            b64(work)
-        ))
-        .stdin(Stdio::null())
-        .timed_output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    launch(&mut detached(run_dir, name, "256M", work));
 }
 
 /// Without auto-converge the dirtier never fits a 50 ms downtime at
@@ -470,7 +403,10 @@ fn cold_migration_over_a_unix_socket() {
     assert!(m["downtime_ms"].as_u64().is_some(), "{m}");
     let l = wait_log(&run_dir, "dst", "WORK-DONE", Duration::from_secs(240));
     assert!(!l.contains("PAT-BAD"), "the pattern broke:\n{l}");
-    assert!(l.contains(&format!("SUM={}", cpu_sum())), "wrong CPU sum:\n{l}");
+    assert!(
+        l.contains(&format!("SUM={}", cpu_sum(1, CPU_LOOP))),
+        "wrong CPU sum:\n{l}"
+    );
     let pattern: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
     assert!(l.contains(&format!("PAT-SUM={}", md5_of(pattern.as_bytes()))), "{l}");
     let start = Instant::now();

@@ -11,72 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn cli(run_dir: &Path, args: &[&str]) -> std::process::Output {
-    let o = runtime_cmd(run_dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .timed_output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "vessel {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-fn log(run_dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(run_dir.join(name).join("console.log")).unwrap_or_default()
-}
-
-fn wait_log(run_dir: &Path, name: &str, what: &str, timeout: Duration) -> (String, Instant) {
-    let start = Instant::now();
-    loop {
-        let l = log(run_dir, name);
-        if l.contains(what) {
-            return (l, Instant::now());
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{name}: no {what:?} within {timeout:?}:\n{l}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// As [`wait_log`], for a whole line.
-fn wait_line(run_dir: &Path, name: &str, line: &str, timeout: Duration) {
-    let start = Instant::now();
-    while !log(run_dir, name).lines().any(|l| l.trim_end() == line) {
-        assert!(
-            start.elapsed() < timeout,
-            "{name}: no line {line:?} within {timeout:?}:\n{}",
-            log(run_dir, name)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The shell arithmetic the guest does, done here.
-fn cpu_sum(seed: u64, n: u64) -> u64 {
-    let mut s = seed;
-    for i in 0..n {
-        s = (s * 31 + i) % 1_000_003;
-    }
-    s
-}
-
-fn md5_of(data: &[u8]) -> String {
-    let mut c = std::process::Command::new("md5sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(c.stdin.as_mut().unwrap(), data).unwrap();
-    drop(c.stdin.take());
-    String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout)[..32].to_string()
-}
-
 fn field<'a>(log: &'a str, key: &str) -> Option<&'a str> {
     log.lines()
         .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix(key)))
@@ -104,41 +38,23 @@ fn clones_finish_the_work_the_original_started() {
         loop_of(1),
         loop_of(2)
     );
-    let o = runtime_cmd(&run_dir)
-        .args([
-            "run", "--detach", "--name", "orig", "--accel", "emu", "--cpus", "2", "--mem", "256M",
-        ])
-        .arg("--kernel")
-        .arg(artifact("kernel/vmlinux"))
-        .arg("--initrd")
-        .arg(artifact("initramfs.cpio.gz"))
-        .arg("--disk")
-        .arg(disk_arg(&disk, "readonly=on"))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 reboot=k panic=-1 no_timer_check vessel.cmd={}",
-            b64(&work)
-        ))
-        .stdin(Stdio::null())
-        .timed_output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    launch(detached(&run_dir, "orig", "256M", &work).args(["--cpus", "2", "--disk", &disk_arg(&disk, "readonly=on")]));
     wait_log(&run_dir, "orig", "PAT-READY", Duration::from_secs(120));
     std::thread::sleep(Duration::from_millis(700));
-    cli(&run_dir, &["snapshot", "orig", snap.to_str().unwrap()]);
-    let before = log(&run_dir, "orig");
+    cli_ok(&run_dir, &["snapshot", "orig", snap.to_str().unwrap()]);
+    let before = console_log(&run_dir, "orig");
     assert!(
         !before.contains("SUM1="),
         "the work ended before the snapshot; make it longer"
     );
-    let inspect =
-        String::from_utf8_lossy(&cli(&run_dir, &["snapshot", "inspect", snap.to_str().unwrap()]).stdout).into_owned();
+    let inspect = String::from_utf8_lossy(&cli_ok(&run_dir, &["snapshot", "inspect", snap.to_str().unwrap()]).stdout)
+        .into_owned();
     assert!(
         inspect.contains("vcpus:      2") && inspect.contains("block"),
         "{inspect}"
     );
 
-    let names = String::from_utf8_lossy(&cli(&run_dir, &["restore", snap.to_str().unwrap(), "--count", "2"]).stdout)
+    let names = String::from_utf8_lossy(&cli_ok(&run_dir, &["restore", snap.to_str().unwrap(), "--count", "2"]).stdout)
         .into_owned();
     let clones: Vec<&str> = names.lines().collect();
     assert_eq!(clones, ["snap-1", "snap-2"]);
@@ -151,7 +67,7 @@ fn clones_finish_the_work_the_original_started() {
     let start = Instant::now();
     while seen.iter().any(|s| s[1].is_none()) {
         for (i, vm) in vms.iter().enumerate() {
-            let l = log(&run_dir, vm);
+            let l = console_log(&run_dir, vm);
             for (j, mark) in ["SLEEP-START", "SLEEP-END"].iter().enumerate() {
                 if seen[i][j].is_none() && l.contains(mark) {
                     seen[i][j] = Some(Instant::now());
@@ -165,7 +81,7 @@ fn clones_finish_the_work_the_original_started() {
         std::thread::sleep(Duration::from_millis(10));
     }
     for (i, vm) in vms.iter().enumerate() {
-        let l = log(&run_dir, vm);
+        let l = console_log(&run_dir, vm);
         let slept = seen[i][1].unwrap() - seen[i][0].unwrap();
         assert!(
             slept > Duration::from_millis(500) && slept < Duration::from_secs(4),
@@ -189,21 +105,8 @@ fn clones_finish_the_work_the_original_started() {
         assert!(!l.contains("soft lockup") && !l.contains("Oops"), "{vm}:\n{l}");
     }
     for vm in ["orig", "snap-1", "snap-2"] {
-        cli(&run_dir, &["stop", vm]);
+        cli_ok(&run_dir, &["stop", vm]);
     }
-}
-
-fn curl(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let o = std::process::Command::new("curl")
-        .args(["-sS", "--max-time", "30", "--unix-socket"])
-        .arg(sock)
-        .args(["-X", method, &format!("http://localhost{path}"), "-w", "\n%{http_code}"])
-        .args(["-H", "Content-Type: application/json", "-d", body])
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 /// Truncated, bit-flipped, version-bumped and out-of-range snapshot files
@@ -216,21 +119,10 @@ fn hostile_snapshot_files_are_refused() {
     let _reaper = Reaper(run_dir.clone());
     let snap = s.0.join("snap");
     let ticker = "i=0; while true; do echo tick$i; i=$((i+1)); sleep 0.2; done";
-    let o = runtime_cmd(&run_dir)
-        .args(["run", "--detach", "--name", "src", "--accel", "emu", "--mem", "128M"])
-        .arg("--kernel")
-        .arg(artifact("kernel/vmlinux"))
-        .arg("--initrd")
-        .arg(artifact("initramfs.cpio.gz"))
-        .arg("--cmdline")
-        .arg(format!("console=ttyS0 reboot=k panic=-1 vessel.cmd={}", b64(ticker)))
-        .stdin(Stdio::null())
-        .timed_output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    launch(&mut detached(&run_dir, "src", "128M", ticker));
     wait_log(&run_dir, "src", "tick2", Duration::from_secs(120));
-    cli(&run_dir, &["snapshot", "src", snap.to_str().unwrap(), "--leave-paused"]);
-    cli(&run_dir, &["stop", "src"]);
+    cli_ok(&run_dir, &["snapshot", "src", snap.to_str().unwrap(), "--leave-paused"]);
+    cli_ok(&run_dir, &["stop", "src"]);
     let good = std::fs::read(snap.join("state")).unwrap();
     let mem = snap.join("memory");
 
@@ -292,10 +184,10 @@ fn hostile_snapshot_files_are_refused() {
             "mem_backend": {"backend_type": "File", "backend_path": mem},
         })
         .to_string();
-        let (code, text) = curl(&sock, "PUT", "/snapshot/load", &body);
+        let (code, text) = curl(&sock, "PUT", "/snapshot/load", Some(&body));
         assert_eq!(code, 400, "{what}: {text}");
         assert!(text.contains(expect), "{what}: {text}");
-        let (code, text) = curl(&sock, "GET", "/", "");
+        let (code, text) = curl(&sock, "GET", "/", None);
         assert!(code == 200 && text.contains("Not started"), "{what}: {text}");
     }
     // A memory file of the wrong size.
@@ -306,7 +198,7 @@ fn hostile_snapshot_files_are_refused() {
         "mem_backend": {"backend_type": "File", "backend_path": short},
     })
     .to_string();
-    let (code, text) = curl(&sock, "PUT", "/snapshot/load", &body);
+    let (code, text) = curl(&sock, "PUT", "/snapshot/load", Some(&body));
     assert_eq!(code, 400, "{text}");
     // The real one loads and runs.
     let body = serde_json::json!({
@@ -315,9 +207,9 @@ fn hostile_snapshot_files_are_refused() {
         "resume_vm": true,
     })
     .to_string();
-    let (code, text) = curl(&sock, "PUT", "/snapshot/load", &body);
+    let (code, text) = curl(&sock, "PUT", "/snapshot/load", Some(&body));
     assert_eq!(code, 204, "{text}");
-    let (_, info) = curl(&sock, "GET", "/", "");
+    let (_, info) = curl(&sock, "GET", "/", None);
     assert!(info.contains("Running"), "{info}");
     std::thread::sleep(Duration::from_secs(2));
     let _ = vmm.kill();
@@ -414,24 +306,11 @@ fn qcow2_disks_are_frozen_into_the_snapshot() {
     let work = "printf BEFORE-MARK | dd of=/dev/vda bs=512 count=1 conv=sync,notrunc 2>/dev/null; sync; \
                 i=0; while true; do printf N=%08d $i | dd of=/dev/vda bs=512 seek=2048 count=1 conv=sync,notrunc \
                 2>/dev/null; sync; echo W$i; i=$((i+1)); sleep 0.1; done";
-    let o = runtime_cmd(&run_dir)
-        .args(["run", "--detach", "--name", "orig", "--accel", "emu", "--mem", "128M"])
-        .arg("--kernel")
-        .arg(artifact("kernel/vmlinux"))
-        .arg("--initrd")
-        .arg(artifact("initramfs.cpio.gz"))
-        .arg("--disk")
-        .arg(disk_arg(&img, ""))
-        .arg("--cmdline")
-        .arg(format!("console=ttyS0 reboot=k panic=-1 vessel.cmd={}", b64(work)))
-        .stdin(Stdio::null())
-        .timed_output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    launch(detached(&run_dir, "orig", "128M", work).args(["--disk", &disk_arg(&img, "")]));
     wait_line(&run_dir, "orig", "W3", Duration::from_secs(120));
-    cli(&run_dir, &["snapshot", "orig", snap.to_str().unwrap()]);
-    let inspect =
-        String::from_utf8_lossy(&cli(&run_dir, &["snapshot", "inspect", snap.to_str().unwrap()]).stdout).into_owned();
+    cli_ok(&run_dir, &["snapshot", "orig", snap.to_str().unwrap()]);
+    let inspect = String::from_utf8_lossy(&cli_ok(&run_dir, &["snapshot", "inspect", snap.to_str().unwrap()]).stdout)
+        .into_owned();
     let frozen = inspect
         .lines()
         .find_map(|l| l.trim().strip_prefix("disk0:"))
@@ -465,7 +344,7 @@ fn qcow2_disks_are_frozen_into_the_snapshot() {
     assert_eq!(overlays.len(), 2, "one overlay per clone: {overlays:?}");
     let later = format!("W{}", at_snapshot + 12);
     wait_line(&run_dir, "orig", &later, Duration::from_secs(60));
-    cli(&run_dir, &["stop", "orig"]);
+    cli_ok(&run_dir, &["stop", "orig"]);
     let orig_after = counter_of(&disk_bytes(&s, &img));
     assert!(orig_after > at_snapshot + 5, "{orig_after} vs {at_snapshot}");
     for o in &overlays {
@@ -481,12 +360,12 @@ fn qcow2_disks_are_frozen_into_the_snapshot() {
 
     // Each clone writes its own overlay.
     for vm in ["snap-1", "snap-2"] {
-        cli(&run_dir, &["resume", vm]);
+        cli_ok(&run_dir, &["resume", vm]);
     }
     for vm in ["snap-1", "snap-2"] {
         let next = format!("W{}", at_snapshot + 3);
         wait_line(&run_dir, vm, &next, Duration::from_secs(60));
-        cli(&run_dir, &["stop", vm]);
+        cli_ok(&run_dir, &["stop", vm]);
     }
     for o in &overlays {
         let flat = disk_bytes(&s, o);
@@ -534,49 +413,38 @@ fn clones_get_a_new_generation_id_and_reseed() {
     let work = "echo DRIVER=$(ls /sys/bus/acpi/drivers/vmgenid | grep VSSL0001); \
                 i=0; while true; do echo RND$i=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n'); \
                 i=$((i+1)); sleep 0.3; done";
-    let o = runtime_cmd(&run_dir)
-        .args(["run", "--detach", "--name", "orig", "--accel", "emu", "--mem", "512M"])
-        .arg("--kernel")
-        .arg(artifact("debian/vmlinux"))
-        .arg("--initrd")
-        .arg(artifact("initramfs.cpio.gz"))
-        .arg("--cmdline")
-        .arg(format!("console=ttyS0 reboot=k panic=-1 vessel.cmd={}", b64(work)))
-        .stdin(Stdio::null())
-        .timed_output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (l, _) = wait_log(&run_dir, "orig", "RND2=", Duration::from_secs(240));
+    launch(&mut detached_on(&run_dir, "orig", "debian/vmlinux", "512M", work));
+    let l = wait_log(&run_dir, "orig", "RND2=", Duration::from_secs(240));
     assert!(
         l.contains("DRIVER=VSSL0001:00"),
         "the guest's vmgenid driver did not bind to our device:\n{l}"
     );
-    cli(
+    cli_ok(
         &run_dir,
         &["snapshot", "orig", snap.to_str().unwrap(), "--leave-paused"],
     );
-    cli(&run_dir, &["stop", "orig"]);
-    cli(&run_dir, &["restore", snap.to_str().unwrap(), "--count", "2"]);
+    cli_ok(&run_dir, &["stop", "orig"]);
+    cli_ok(&run_dir, &["restore", snap.to_str().unwrap(), "--count", "2"]);
     const RESEED: &str = "crng reseeded due to virtual machine fork";
     let start = Instant::now();
     let (a, b) = loop {
-        let a = random_lines(&log(&run_dir, "snap-1"), RESEED);
-        let b = random_lines(&log(&run_dir, "snap-2"), RESEED);
+        let a = random_lines(&console_log(&run_dir, "snap-1"), RESEED);
+        let b = random_lines(&console_log(&run_dir, "snap-2"), RESEED);
         if a.len() >= 3 && b.len() >= 3 {
             break (a, b);
         }
         assert!(
             start.elapsed() < Duration::from_secs(120),
             "the clones did not reseed and print:\nsnap-1:\n{}\nsnap-2:\n{}",
-            log(&run_dir, "snap-1"),
-            log(&run_dir, "snap-2")
+            console_log(&run_dir, "snap-1"),
+            console_log(&run_dir, "snap-2")
         );
         std::thread::sleep(Duration::from_millis(50));
     };
     let same: Vec<_> = a.iter().filter(|x| b.contains(x)).collect();
     assert!(same.is_empty(), "the clones read the same random bytes: {same:?}");
     for vm in ["snap-1", "snap-2"] {
-        cli(&run_dir, &["stop", vm]);
+        cli_ok(&run_dir, &["stop", vm]);
     }
 }
 
@@ -590,25 +458,18 @@ fn network_overrides_give_a_clone_its_own_tap_and_mac() {
     let snap = s.0.join("snap");
     let tap = format!("vso{}", std::process::id() % 100_000);
     let tap2 = format!("vsc{}", std::process::id() % 100_000);
-    let o = runtime_cmd(&run_dir)
-        .args(["run", "--detach", "--name", "src", "--accel", "emu", "--mem", "128M"])
-        .args(["--net", &format!("tap={tap},mac=52:54:00:00:00:01")])
-        .arg("--kernel")
-        .arg(artifact("kernel/vmlinux"))
-        .arg("--initrd")
-        .arg(artifact("initramfs.cpio.gz"))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 reboot=k panic=-1 vessel.cmd={}",
-            b64("echo MAC=$(cat /sys/class/net/eth0/address); sleep 100000")
-        ))
-        .stdin(Stdio::null())
-        .timed_output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    launch(
+        detached(
+            &run_dir,
+            "src",
+            "128M",
+            "echo MAC=$(cat /sys/class/net/eth0/address); sleep 100000",
+        )
+        .args(["--net", &format!("tap={tap},mac=52:54:00:00:00:01")]),
+    );
     wait_log(&run_dir, "src", "MAC=52:54:00:00:00:01", Duration::from_secs(120));
-    cli(&run_dir, &["snapshot", "src", snap.to_str().unwrap(), "--leave-paused"]);
-    cli(&run_dir, &["stop", "src"]);
+    cli_ok(&run_dir, &["snapshot", "src", snap.to_str().unwrap(), "--leave-paused"]);
+    cli_ok(&run_dir, &["stop", "src"]);
 
     let sock = s.0.join("api.sock");
     let vmm = KillOnDrop(
@@ -636,12 +497,12 @@ fn network_overrides_give_a_clone_its_own_tap_and_mac() {
         })
         .to_string()
     };
-    let (code, text) = curl(&sock, "PUT", "/snapshot/load", &load("52:54:00:zz:00:02"));
+    let (code, text) = curl(&sock, "PUT", "/snapshot/load", Some(&load("52:54:00:zz:00:02")));
     assert_eq!(code, 400, "{text}");
     assert!(text.contains("guest_mac"), "{text}");
-    let (code, text) = curl(&sock, "PUT", "/snapshot/load", &load("52:54:00:00:00:02"));
+    let (code, text) = curl(&sock, "PUT", "/snapshot/load", Some(&load("52:54:00:00:00:02")));
     assert_eq!(code, 204, "{text}");
-    let (code, config) = curl(&sock, "GET", "/vm/config", "");
+    let (code, config) = curl(&sock, "GET", "/vm/config", None);
     assert_eq!(code, 200, "{config}");
     let v: serde_json::Value = serde_json::from_str(&config).unwrap();
     let net = &v["network-interfaces"][0];
@@ -651,18 +512,8 @@ fn network_overrides_give_a_clone_its_own_tap_and_mac() {
         Some("52:54:00:00:00:02"),
         "{config}"
     );
-    let (code, _) = curl(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    let (code, _) = curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
     assert_eq!(code, 204);
-    let (_, info) = curl(&sock, "GET", "/", "");
+    let (_, info) = curl(&sock, "GET", "/", None);
     assert!(info.contains("Running"), "{info}");
-}
-
-/// Kills and reaps a child process when the test ends, pass or fail.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

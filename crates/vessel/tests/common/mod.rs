@@ -236,3 +236,147 @@ impl Drop for Watchdog {
         self.0.store(true, std::sync::atomic::Ordering::Release);
     }
 }
+
+/// The kernel command line of a test guest that runs `cmd` (the test
+/// initramfs decodes `vessel.cmd`).
+pub fn boot_args(cmd: &str) -> String {
+    format!("console=ttyS0 reboot=k panic=-1 no_timer_check vessel.cmd={}", b64(cmd))
+}
+
+/// `vessel run --detach --name NAME` of the test guest on `kernel` (a
+/// cache path such as `kernel/vmlinux`) with `mem`, under emu, running
+/// `cmd`; add arguments (`--cpus`, `--disk`, ...) and pass it to [`launch`].
+pub fn detached_on(run_dir: &std::path::Path, name: &str, kernel: &str, mem: &str, cmd: &str) -> Command {
+    detached_with_cmdline(run_dir, name, kernel, mem, &boot_args(cmd))
+}
+
+/// [`detached_on`] with a whole kernel command line of the caller's.
+pub fn detached_with_cmdline(run_dir: &std::path::Path, name: &str, kernel: &str, mem: &str, cmdline: &str) -> Command {
+    let mut c = runtime_cmd(run_dir);
+    c.args(["run", "--detach", "--name", name, "--accel", "emu", "--mem", mem])
+        .arg("--kernel")
+        .arg(artifact(kernel))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(cmdline)
+        .stdin(Stdio::null());
+    c
+}
+
+/// [`detached_on`] with the minimal kernel.
+pub fn detached(run_dir: &std::path::Path, name: &str, mem: &str, cmd: &str) -> Command {
+    detached_on(run_dir, name, "kernel/vmlinux", mem, cmd)
+}
+
+/// Run a `vessel` command that must succeed; its output.
+pub fn launch(c: &mut Command) -> Output {
+    let o = c.timed_output().unwrap();
+    assert!(o.status.success(), "{c:?}: {}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// `vessel ARGS` on the VMs of `run_dir`, whatever its outcome.
+pub fn cli(run_dir: &std::path::Path, args: &[&str]) -> Output {
+    runtime_cmd(run_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .timed_output()
+        .unwrap()
+}
+
+/// [`cli`] that must succeed.
+pub fn cli_ok(run_dir: &std::path::Path, args: &[&str]) -> Output {
+    let o = cli(run_dir, args);
+    assert!(
+        o.status.success(),
+        "vessel {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// A named VM's console output so far.
+pub fn console_log(run_dir: &std::path::Path, name: &str) -> String {
+    std::fs::read_to_string(run_dir.join(name).join("console.log")).unwrap_or_default()
+}
+
+/// Wait until a named VM's console shows `what`; its console output then.
+pub fn wait_log(run_dir: &std::path::Path, name: &str, what: &str, timeout: std::time::Duration) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let l = console_log(run_dir, name);
+        if l.contains(what) {
+            return l;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{name}: no {what:?} within {timeout:?}:\n{l}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// As [`wait_log`], for a whole line.
+pub fn wait_line(run_dir: &std::path::Path, name: &str, line: &str, timeout: std::time::Duration) {
+    let start = std::time::Instant::now();
+    while !console_log(run_dir, name).lines().any(|l| l.trim_end() == line) {
+        assert!(
+            start.elapsed() < timeout,
+            "{name}: no line {line:?} within {timeout:?}:\n{}",
+            console_log(run_dir, name)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// One API request with curl, as Firecracker's getting-started guide does:
+/// the status and the body.
+pub fn curl(sock: &std::path::Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--max-time", "30", "--unix-socket"])
+        .arg(sock)
+        .args(["-X", method])
+        .arg(format!("http://localhost{path}"))
+        .args(["-H", "Accept: application/json", "-w", "\n%{http_code}"]);
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "-d", b]);
+    }
+    let o = c.output().expect("curl is needed (guest/build-all.sh installs it)");
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The MD5 of `data` in hex, by md5sum (what the guest uses).
+pub fn md5_of(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut c = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("md5sum is needed by this test");
+    c.stdin.as_mut().unwrap().write_all(data).unwrap();
+    drop(c.stdin.take());
+    String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout)[..32].to_string()
+}
+
+/// The checksum the guests' shell loop computes:
+/// `s=SEED; for i in 0..N: s = (s*31 + i) % 1000003`.
+pub fn cpu_sum(seed: u64, n: u64) -> u64 {
+    let mut s = seed;
+    for i in 0..n {
+        s = (s * 31 + i) % 1_000_003;
+    }
+    s
+}
+
+/// Kills and reaps a child process when the test ends, pass or fail.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
