@@ -79,6 +79,10 @@ enum Command {
     },
     /// Create, inspect, snapshot and convert disk images.
     Disk(disk_cmd::DiskArgs),
+    /// Run a VMM in a chroot jail as an unprivileged uid, with its own
+    /// mount (and PID) namespace, netns, cgroup and rlimits: Firecracker's
+    /// jailer and its flags (also when started as `jailer`).
+    Jail(crate::jail::JailArgs),
 }
 
 #[derive(clap::Args)]
@@ -163,6 +167,11 @@ pub struct RunArgs {
     /// With --restore: leave the VM paused.
     #[arg(long, requires = "restore")]
     pub paused: bool,
+    /// Turn the seccomp filters off (for debugging). Without it every
+    /// thread runs under its own allow-list; a call outside it ends the
+    /// process with exit code 148 and names the call (docs/SECURITY.md).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// The `vessel` binary's entry point (also `firecracker` and its flags
@@ -176,12 +185,16 @@ pub fn main() -> ExitCode {
     if invoked_as == "firecracker" {
         return crate::firecracker::main();
     }
+    if invoked_as == "jailer" {
+        return crate::jail::main();
+    }
     let process_start = Instant::now();
     let cli = Cli::parse();
     crate::logging::init(cli.verbose);
     let result = match cli.command {
         Command::Run(args) => return run(*args, process_start),
         Command::Disk(args) => return disk_cmd::run(args),
+        Command::Jail(args) => return crate::jail::main_with(args),
         Command::Ps => ps(),
         Command::Pause { name } => set_state(&name, "Paused"),
         Command::Resume { name } => set_state(&name, "Resumed"),
@@ -253,6 +266,7 @@ fn run(args: RunArgs, process_start: Instant) -> ExitCode {
         process_start,
         metrics_path: None,
         restore: None,
+        seccomp: !args.no_seccomp,
     };
     if let Some(dir) = &args.restore {
         launch.start_now = false;

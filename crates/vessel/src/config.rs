@@ -151,6 +151,7 @@ mod tests {
             detach: false,
             restore: None,
             paused: false,
+            no_seccomp: false,
         }
     }
 

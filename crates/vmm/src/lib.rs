@@ -10,6 +10,7 @@ pub mod kvm;
 pub mod machine;
 pub mod memory;
 pub mod persist;
+pub mod seccomp;
 pub mod virtio;
 
 #[cfg(test)]

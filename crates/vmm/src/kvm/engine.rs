@@ -149,6 +149,7 @@ impl Engine for KvmEngine {
 }
 
 fn vcpu_thread(mut vcpu: KvmVcpu, shared: Arc<Shared>) {
+    crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
     let mut bus = VcpuBus {
         id: vcpu.id as usize,
         shared: shared.clone(),
