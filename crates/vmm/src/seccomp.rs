@@ -177,6 +177,8 @@ fn own_syscalls(kind: ThreadKind) -> &'static [List] {
                 // halt: wait for the next interrupt
                 SYS_ppoll,
                 SYS_poll,
+                // serial output to `vessel console` clients' sockets
+                SYS_sendto,
                 // the virtio-console output cap looks at its file
                 SYS_statx,
                 SYS_fstat,
@@ -206,6 +208,9 @@ fn own_syscalls(kind: ThreadKind) -> &'static [List] {
                 SYS_accept4,
                 SYS_accept,
                 SYS_read,
+                // console socket clients (std reads a socket with recv)
+                SYS_recvfrom,
+                SYS_sendto,
                 SYS_setsockopt,
                 SYS_fcntl,
                 SYS_ioctl,
@@ -341,12 +346,14 @@ thread_local! {
 /// the SIGSYS handler. Threads then filter themselves in [`enter`].
 pub fn enable() -> Result<(), SeccompError> {
     install_sigsys_handler()?;
-    // glibc's malloc, on a new thread's first allocation, reads
-    // /sys/devices/system/cpu/online (openat) to size its arena limit,
-    // unless the limit is set: set it here, so no filtered thread opens a
-    // file for the allocator.
+    // glibc's malloc opens files on a thread's behalf: on a new thread's
+    // first allocation it reads /sys/devices/system/cpu/online to size its
+    // arena limit, and shrinking a thread arena's heap reads
+    // /proc/sys/vm/overcommit_memory. With one arena (the brk heap) it does
+    // neither, so no filtered thread needs openat for the allocator (and
+    // the VMM keeps one heap, not one per thread).
     // SAFETY: mallopt with a plain integer option, before other threads.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 4) };
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let mut built = Vec::new();
     for k in ThreadKind::ALL {
         built.push((k, build(k)?));
