@@ -281,3 +281,54 @@ fn unprivileged_run_boots_an_emu_guest() {
     );
     assert!(out.contains("UNPRIVILEGED-GUEST-UP"), "{out}");
 }
+
+/// Started as `jailer` with --new-pid-ns and --daemonize: the VMM is pid 1
+/// of its namespace (its host pid in `<jail>/vessel.pid`), its stdio is
+/// /dev/null, and it serves its API from the jail.
+#[test]
+fn jailer_argv0_new_pid_ns_and_daemonize() {
+    let s = Scratch::new("jailer-pidns");
+    let link = s.0.join("jailer");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vessel"), &link).unwrap();
+    let id = format!("pn{}", std::process::id());
+    let o = Command::new(&link)
+        .args(["--id", &id, "--exec-file", env!("CARGO_BIN_EXE_vessel")])
+        .args(["--uid", "65534", "--gid", "65534", "--chroot-base-dir"])
+        .arg(&s.0)
+        .args(["--parent-cgroup", &format!("vessel-jail-test-{id}")])
+        .args(["--new-pid-ns", "--daemonize", "--", "run", "--api-sock", "/api.sock"])
+        .stdin(Stdio::null())
+        .timed_output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let root = s.0.join("vessel").join(&id).join("root");
+    let start = Instant::now();
+    while !root.join("api.sock").exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "no API socket in the jail");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid: u32 = std::fs::read_to_string(root.join("vessel.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the VMM this test started.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+    let _kill = Kill(pid);
+    let nspid = status_field(pid, "NSpid");
+    assert_eq!(nspid.split_whitespace().last(), Some("1"), "NSpid {nspid}");
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    for fd in 0..3 {
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+        assert_eq!(target, Path::new("/dev/null"), "fd {fd}");
+    }
+    let (code, body) = curl(&root.join("api.sock"), "GET", "/", "");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"pid\":1"), "{body}");
+}
