@@ -83,6 +83,10 @@ enum Command {
     /// --incoming URL`), showing its progress; the VM here ends once the
     /// destination runs it.
     Migrate(crate::migration::MigrateArgs),
+    /// Run a VMM in a chroot jail as an unprivileged uid, with its own
+    /// mount (and PID) namespace, netns, cgroup and rlimits: Firecracker's
+    /// jailer and its flags (also when started as `jailer`).
+    Jail(crate::jail::JailArgs),
 }
 
 #[derive(clap::Args)]
@@ -171,6 +175,11 @@ pub struct RunArgs {
     /// instead of booting (the API's PUT /migration/receive).
     #[arg(long, value_name = "URL", conflicts_with_all = ["kernel", "config", "restore"])]
     pub incoming: Option<String>,
+    /// Turn the seccomp filters off (for debugging). Without it every
+    /// thread runs under its own allow-list; a call outside it ends the
+    /// process with exit code 148 and names the call (docs/SECURITY.md).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// The `vessel` binary's entry point (also `firecracker` and its flags
@@ -184,12 +193,16 @@ pub fn main() -> ExitCode {
     if invoked_as == "firecracker" {
         return crate::firecracker::main();
     }
+    if invoked_as == "jailer" {
+        return crate::jail::main();
+    }
     let process_start = Instant::now();
     let cli = Cli::parse();
     crate::logging::init(cli.verbose);
     let result = match cli.command {
         Command::Run(args) => return run(*args, process_start),
         Command::Disk(args) => return disk_cmd::run(args),
+        Command::Jail(args) => return crate::jail::main_with(args),
         Command::Ps => ps(),
         Command::Pause { name } => set_state(&name, "Paused"),
         Command::Resume { name } => set_state(&name, "Resumed"),
@@ -263,6 +276,7 @@ fn run(args: RunArgs, process_start: Instant) -> ExitCode {
         metrics_path: None,
         restore: None,
         incoming: args.incoming.clone(),
+        seccomp: !args.no_seccomp,
     };
     if args.incoming.is_some() {
         launch.start_now = false;

@@ -152,6 +152,7 @@ mod tests {
             restore: None,
             paused: false,
             incoming: None,
+            no_seccomp: false,
         }
     }
 

@@ -116,6 +116,7 @@ impl Escape {
 /// Forward standard input to the guest until EOF or Ctrl-A x.
 pub fn spawn_input(input: ConsoleInput) {
     std::thread::spawn(move || {
+        vmm::seccomp::enter(vmm::seccomp::ThreadKind::Console);
         let mut esc = Escape::default();
         let mut buf = [0u8; 256];
         let mut stdin = std::io::stdin();

@@ -52,6 +52,7 @@ impl ConsoleHub {
         let listener = UnixListener::bind(sock)?;
         let hub = self.clone();
         std::thread::Builder::new().name("console".into()).spawn(move || {
+            vmm::seccomp::enter(vmm::seccomp::ThreadKind::Console);
             for stream in listener.incoming().flatten() {
                 let Ok(reader) = stream.try_clone() else { continue };
                 let _ = stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));

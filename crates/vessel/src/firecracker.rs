@@ -54,8 +54,7 @@ struct FirecrackerArgs {
     /// Largest API request body, in bytes.
     #[arg(long, default_value_t = crate::api::MAX_PAYLOAD)]
     http_api_max_payload_size: usize,
-    /// Turn seccomp off. Vessel does not install seccomp filters yet, so
-    /// this changes nothing.
+    /// Turn the seccomp filters off (for debugging).
     #[arg(long)]
     no_seccomp: bool,
     /// A custom seccomp filter (not supported: refused).
@@ -182,6 +181,7 @@ pub fn main() -> ExitCode {
             metrics_path: args.metrics_path,
             restore: None,
             incoming: None,
+            seccomp: !args.no_seccomp,
         },
         None,
     )

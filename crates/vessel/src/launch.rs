@@ -43,6 +43,8 @@ pub struct Launch {
     pub restore: Option<fc::SnapshotLoad>,
     /// Wait for an incoming migration on this URL (`vessel run --incoming`).
     pub incoming: Option<String>,
+    /// Filter every thread's syscalls (off with --no-seccomp).
+    pub seccomp: bool,
 }
 
 fn restore_terminal() {
@@ -76,6 +78,15 @@ fn wiring(l: &Launch, hub: ConsoleHub) -> ConsoleWiring {
 /// whole machine from `vessel run`'s flags, with its `--accel`.
 pub fn run_with(l: Launch, direct: Option<(vmm::MachineConfig, String)>) -> ExitCode {
     signals::block();
+    // Before any thread starts, any file or socket is opened on a
+    // client's behalf, or any guest code runs: the main thread's filter
+    // (the other threads add their own at their start).
+    if l.seccomp {
+        if let Err(e) = vmm::seccomp::enable() {
+            return fail(&e.to_string());
+        }
+        vmm::seccomp::enter(vmm::seccomp::ThreadKind::Vmm);
+    }
     let (tx, rx) = channel::<Msg>();
     signals::spawn(tx.clone());
     let metrics = MetricsSink::default();

@@ -12,6 +12,7 @@ pub mod device_args;
 pub mod disk_cmd;
 pub mod fc;
 pub mod firecracker;
+pub mod jail;
 pub mod launch;
 pub mod logging;
 pub mod metrics;

@@ -175,6 +175,7 @@ impl Engine for EmuEngine {
 }
 
 fn vcpu_thread(id: usize, mut cpu: Cpu, shared: Arc<Shared>, ncpus: usize) {
+    crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
     let mut bus = VcpuBus {
         id,
         shared: shared.clone(),

@@ -12,6 +12,7 @@ pub mod machine;
 pub mod memory;
 pub mod migration;
 pub mod persist;
+pub mod seccomp;
 pub mod virtio;
 
 #[cfg(test)]

@@ -109,6 +109,7 @@ pub fn serve(path: &Path, vmm: Sender<Msg>, max_payload: usize) -> std::io::Resu
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("api".into()).spawn(move || {
+        vmm::seccomp::enter(vmm::seccomp::ThreadKind::Api);
         runtime.block_on(async move {
             let listener = match tokio::net::UnixListener::from_std(listener) {
                 Ok(l) => l,

@@ -394,6 +394,7 @@ fn park_state(vcpu: &KvmVcpu, platform: &KvmPlatform) -> Option<CpuState> {
 }
 
 fn vcpu_thread(mut vcpu: KvmVcpu, shared: Arc<Shared>, platform: Arc<KvmPlatform>) {
+    crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
     let mut bus = VcpuBus {
         id: vcpu.id as usize,
         shared: shared.clone(),

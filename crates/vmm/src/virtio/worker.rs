@@ -42,6 +42,7 @@ impl Worker {
         let handle = std::thread::Builder::new().name(name.to_string()).spawn(move || {
             // The poller's stop eventfd must outlive the loop.
             let _keep = stop_clone;
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Worker);
             body(poller)
         })?;
         Ok(Worker {
