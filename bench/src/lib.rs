@@ -95,3 +95,39 @@ pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// Connect to QEMU's QMP socket at `sock` (waiting up to 10 s for it) and
+/// leave capabilities negotiation behind.
+pub fn qmp(sock: &Path) -> std::io::BufReader<std::os::unix::net::UnixStream> {
+    use std::io::BufRead;
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(sock) {
+            let mut r = std::io::BufReader::new(s);
+            let mut greeting = String::new();
+            let _ = r.read_line(&mut greeting);
+            qmp_cmd(&mut r, r#"{"execute": "qmp_capabilities"}"#);
+            return r;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "no QMP");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Send a QMP command and return its answer (skipping events); `Null`
+/// when QEMU closed the socket.
+pub fn qmp_cmd(r: &mut std::io::BufReader<std::os::unix::net::UnixStream>, cmd: &str) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    r.get_mut().write_all(cmd.as_bytes()).expect("QMP");
+    r.get_mut().write_all(b"\n").expect("QMP");
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return serde_json::Value::Null;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v.get("return").is_some() || v.get("error").is_some() {
+            return v;
+        }
+    }
+}

@@ -13,15 +13,14 @@
 //! Usage: cargo run --release -p vessel-bench --bin migrate -- [RUNS]
 //! (after `cargo build --release -p vessel` and `guest/build-all.sh`).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vessel::api::client;
-use vessel_bench::{b64, cache, default_kernel, median, qemu_guest, vessel_binary};
+use vessel_bench::{b64, cache, default_kernel, median, qemu_guest, qmp, qmp_cmd, vessel_binary};
 
 const IDLE: &str = "i=0; while true; do echo tick$i; i=$((i+1)); sleep 0.1; done";
 const DIRTY: &str =
@@ -148,36 +147,6 @@ fn vessel_run(dir: &Path, work: &str) -> Figures {
         last["transferred_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0,
         d["downtime_ms"].as_f64().unwrap_or(f64::NAN),
     )
-}
-
-fn qmp(sock: &Path) -> BufReader<UnixStream> {
-    let start = Instant::now();
-    loop {
-        if let Ok(s) = UnixStream::connect(sock) {
-            let mut r = BufReader::new(s);
-            let mut greeting = String::new();
-            let _ = r.read_line(&mut greeting);
-            qmp_cmd(&mut r, r#"{"execute": "qmp_capabilities"}"#);
-            return r;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "no QMP");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn qmp_cmd(r: &mut BufReader<UnixStream>, cmd: &str) -> serde_json::Value {
-    r.get_mut().write_all(cmd.as_bytes()).expect("QMP");
-    r.get_mut().write_all(b"\n").expect("QMP");
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
-            return serde_json::Value::Null;
-        }
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v.get("return").is_some() || v.get("error").is_some() {
-            return v;
-        }
-    }
 }
 
 fn qemu_run(dir: &Path, work: &str) -> Figures {

@@ -12,16 +12,15 @@
 //! (default 3 runs at 256 and 2048 MiB; after `cargo build --release -p
 //! vessel` and `guest/build-all.sh`). Engines: Vessel emu, QEMU TCG.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vessel::api::client;
-use vessel_bench::{b64, cache, default_kernel, median, qemu_guest, vessel_binary};
+use vessel_bench::{b64, cache, default_kernel, median, qemu_guest, qmp, qmp_cmd, vessel_binary};
 
 const TICKER: &str = "i=0; while true; do echo tick$i; i=$((i+1)); sleep 0.1; done";
 
@@ -134,36 +133,6 @@ fn vessel_run(dir: &Path, mib: u64) -> (f64, u64, f64, f64) {
     (create, size, (ticked - t0).as_secs_f64() * 1e3, load)
 }
 
-fn qmp(sock: &Path) -> BufReader<UnixStream> {
-    let start = Instant::now();
-    loop {
-        if let Ok(s) = UnixStream::connect(sock) {
-            let mut r = BufReader::new(s);
-            let mut greeting = String::new();
-            let _ = r.read_line(&mut greeting);
-            qmp_cmd(&mut r, r#"{"execute": "qmp_capabilities"}"#);
-            return r;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "no QMP");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Send a QMP command and return its answer (skipping events).
-fn qmp_cmd(r: &mut BufReader<UnixStream>, cmd: &str) -> String {
-    r.get_mut().write_all(cmd.as_bytes()).expect("QMP");
-    r.get_mut().write_all(b"\n").expect("QMP");
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
-            return line;
-        }
-        if line.contains("\"return\"") || line.contains("\"error\"") {
-            return line;
-        }
-    }
-}
-
 fn qemu_run(dir: &Path, mib: u64) -> (f64, u64, f64) {
     let sock = dir.join("q.sock");
     let file = dir.join("qemu.mig");
@@ -194,7 +163,7 @@ fn qemu_run(dir: &Path, mib: u64) -> (f64, u64, f64) {
         ),
     );
     loop {
-        let s = qmp_cmd(&mut q, r#"{"execute": "query-migrate"}"#);
+        let s = qmp_cmd(&mut q, r#"{"execute": "query-migrate"}"#).to_string();
         if s.contains("\"completed\"") {
             break;
         }
@@ -212,7 +181,7 @@ fn qemu_run(dir: &Path, mib: u64) -> (f64, u64, f64) {
     // An incoming VM that was stopped when saved stays stopped: continue it.
     let mut q = qmp(&sock);
     loop {
-        let s = qmp_cmd(&mut q, r#"{"execute": "query-migrate"}"#);
+        let s = qmp_cmd(&mut q, r#"{"execute": "query-migrate"}"#).to_string();
         if s.contains("\"completed\"") {
             break;
         }
