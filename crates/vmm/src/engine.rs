@@ -4,7 +4,7 @@
 //! implement it; nothing else in the VMM knows which one runs.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -158,6 +158,9 @@ pub struct Control {
     changed: Condvar,
     /// Each parked vCPU's state, in the one format both engines share.
     states: Mutex<Vec<Option<CpuState>>>,
+    /// The share of time, in percent, each vCPU sits out (auto-converge
+    /// of live migration); 0: none.
+    throttle_percent: AtomicU8,
 }
 
 #[derive(Default)]
@@ -177,6 +180,16 @@ impl Control {
         if let Some(k) = self.kick.get() {
             k();
         }
+    }
+
+    /// Let each vCPU run only `100 - percent` percent of the time (at
+    /// most 99 % throttled); 0 lifts it. The vCPU loop honours it.
+    pub fn set_throttle(&self, percent: u8) {
+        self.throttle_percent.store(percent.min(99), Ordering::Relaxed);
+    }
+
+    pub fn throttle(&self) -> u8 {
+        self.throttle_percent.load(Ordering::Relaxed)
     }
 
     pub fn pause_requested(&self) -> bool {

@@ -11,6 +11,7 @@ pub mod kvm;
 pub mod machine;
 pub mod memory;
 pub mod persist;
+pub(crate) mod vcpu_loop;
 pub mod virtio;
 
 #[cfg(test)]
