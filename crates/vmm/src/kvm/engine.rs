@@ -144,6 +144,13 @@ impl KvmEngine {
     /// the vCPUs' CPUID then offers no more than those.
     pub fn prepare(mem: &GuestMemoryMmap, count: u32, saw: Option<&CpuFeatures>) -> Result<Self> {
         let vm = KvmVm::new(mem, VmOptions { irqchip: true })?;
+        if !vm.tsc_scaling() {
+            tracing::info!(
+                "kvm: no TSC scaling on this host: the guest's TSC runs at the host's rate, not the machine's {} kHz \
+                 (a snapshot moved to the other engine sees its TSC rate change)",
+                TSC_KHZ
+            );
+        }
         if let Some(saw) = saw {
             let missing = saw.missing_from(&vm.features(count)?);
             if !missing.is_empty() {
@@ -350,7 +357,7 @@ fn park_state(vcpu: &KvmVcpu, platform: &KvmPlatform) -> Option<CpuState> {
         let parked = ParkedVcpu {
             lapic: vcpu.get_lapic()?,
             xsave: vcpu.get_xsave()?,
-            tsc_khz: vcpu.fd.get_tsc_khz().unwrap_or(0),
+            tsc_khz: vcpu.tsc_khz().unwrap_or(0),
         };
         Ok((state, parked))
     };
