@@ -1,7 +1,6 @@
 //! The `emu` engine: x86emu runs each vCPU on its own thread, with our
 //! LAPIC/IOAPIC/PIC/PIT (`devices::irq`) as the interrupt controller.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +11,9 @@ use crate::cpu_features::CpuFeatures;
 use crate::devices::irq::Interrupts;
 use crate::devices::irq_line::{EmuLine, InterruptLine};
 use crate::engine::{Engine, EngineKind, EngineSetup, Ready};
-use crate::machine::{RunOutcome, Shared, VcpuBus, RUNNING, STOP_HALTED, STOP_TRIPLE, TSC_KHZ};
+use crate::machine::{RunOutcome, Shared, VcpuBus, TSC_KHZ};
 use crate::persist::MachineState;
+use crate::vcpu_loop::{run_vcpus, Kicker, Vcpu, VcpuExit};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DmaObserver;
 
@@ -140,150 +140,117 @@ impl Engine for EmuEngine {
     }
 
     fn run(self: Box<Self>, shared: Arc<Shared>) -> RunOutcome {
-        let n = self.cpus.len();
         let irqs = shared.irqs.clone();
-        shared.control.set_kick(Box::new(move || {
-            for cpu in 0..irqs.num_cpus() {
-                irqs.kick(cpu);
-            }
-        }));
-        let handles: Vec<_> = self
+        // A vCPU checks for kicks between instructions, and its halts wait
+        // on the interrupt controller, which a kick wakes: none is lost.
+        let kicker = Kicker {
+            kick: Box::new(move |_| {
+                for cpu in 0..irqs.num_cpus() {
+                    irqs.kick(cpu);
+                }
+            }),
+            watch: None,
+        };
+        let vcpus = self
             .cpus
             .into_iter()
             .enumerate()
-            .filter_map(|(id, cpu)| {
-                let s = shared.clone();
-                shared.control.vcpu_started();
-                let spawned = std::thread::Builder::new()
-                    .name(format!("vcpu{id}"))
-                    .spawn(move || vcpu_thread(id, cpu, s, n));
-                match spawned {
-                    Ok(h) => Some(h),
-                    Err(e) => {
-                        shared.control.vcpu_stopped();
-                        shared.fail(format!("cannot start vcpu{id}: {e}"));
-                        None
-                    }
-                }
-            })
+            .map(|(id, cpu)| EmuVcpu { id, cpu })
             .collect();
-        for h in handles {
-            let _ = h.join();
-        }
-        shared.outcome()
+        run_vcpus(vcpus, shared, kicker)
     }
 }
 
-fn vcpu_thread(id: usize, mut cpu: Cpu, shared: Arc<Shared>, ncpus: usize) {
-    crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
-    let mut bus = VcpuBus {
-        id,
-        shared: shared.clone(),
-    };
-    let now = || shared.now_ns();
-    let mut counted_dead = false;
-    while shared.stop.load(Ordering::Acquire) == RUNNING {
-        let resumed =
-            shared
-                .control
-                .park_if_paused(id, &|| shared.stop.load(Ordering::Acquire) != RUNNING, &mut || {
-                    Some(cpu.state.clone())
-                });
-        if let Some(state) = resumed {
-            cpu.set_state(state);
-        }
+/// One x86emu vCPU for the vCPU loop.
+struct EmuVcpu {
+    id: usize,
+    cpu: Cpu,
+}
+
+impl Vcpu for EmuVcpu {
+    fn id(&self) -> usize {
+        self.id
+    }
+
+    fn take_events(&mut self, shared: &Shared) {
+        let (id, cpu) = (self.id, &mut self.cpu);
         // Live migration harvested the dirty pages: drop the cached write
         // pointers so the next write to each page is seen.
         shared.dirty.vcpu_check(id, || cpu.flush_tlb());
-        if shared.irqs.events_pending(id) {
-            let ev = shared.irqs.take_events(id);
-            if ev.init && id != 0 {
-                let apic_base = cpu.state.apic_base;
-                cpu.set_state(CpuState::reset());
-                cpu.state.apic_base = apic_base;
-                cpu.state.events.wait_for_sipi = true;
-            }
-            if let Some(vector) = ev.sipi {
-                if cpu.state.events.wait_for_sipi {
-                    start_at_sipi(&mut cpu, vector);
-                }
-            }
-            if ev.nmi {
-                cpu.inject_nmi();
-            }
-            // Started by a SIPI: no longer done, before it runs a thing.
-            if counted_dead && !cpu.state.events.halted && !cpu.state.events.wait_for_sipi {
-                counted_dead = false;
-                shared.dead.fetch_sub(1, Ordering::AcqRel);
+        if !shared.irqs.events_pending(id) {
+            return;
+        }
+        let ev = shared.irqs.take_events(id);
+        if ev.init && id != 0 {
+            let apic_base = cpu.state.apic_base;
+            cpu.set_state(CpuState::reset());
+            cpu.state.apic_base = apic_base;
+            cpu.state.events.wait_for_sipi = true;
+        }
+        if let Some(vector) = ev.sipi {
+            if cpu.state.events.wait_for_sipi {
+                start_at_sipi(cpu, vector);
             }
         }
-        let throttle = shared.dirty.throttle();
-        let slice_start = (throttle > 0).then(std::time::Instant::now);
-        let exit = cpu.run(&mut bus, SLICE);
-        // Auto-converge: sit out `throttle` percent of the time.
-        if let Some(t) = slice_start {
-            std::thread::sleep(t.elapsed() * u32::from(throttle) / u32::from(100 - throttle));
+        if ev.nmi {
+            cpu.inject_nmi();
         }
+    }
+
+    fn run(&mut self, bus: &mut VcpuBus) -> VcpuExit {
+        match self.cpu.run(bus, SLICE) {
+            Exit::Budget | Exit::ExitRequested | Exit::Shutdown => VcpuExit::Ran,
+            Exit::Halted => VcpuExit::Halted {
+                interrupts: self.cpu.state.rflags & flags::IF != 0,
+            },
+            Exit::WaitForSipi => VcpuExit::WaitForSipi,
+            Exit::TripleFault => VcpuExit::TripleFault(format!("vcpu{}: {}", self.id, format_regs(&self.cpu))),
+        }
+    }
+
+    fn idle_for_good(&self, last: Option<&VcpuExit>) -> Option<bool> {
+        // Halted with interrupts off, or (never started, as with `nosmp`,
+        // or sent INIT) waiting for a SIPI; running once out of either.
+        match last {
+            Some(VcpuExit::Halted { interrupts: false } | VcpuExit::WaitForSipi) => Some(true),
+            _ => {
+                let e = &self.cpu.state.events;
+                (!e.halted && !e.wait_for_sipi).then_some(false)
+            }
+        }
+    }
+
+    fn wait_halted(&mut self, shared: &Shared, interrupts: bool) {
         // While a migration tracks pages, a halted vCPU wakes often enough
         // to answer its flush requests.
-        let halt_wait = if shared.dirty.enabled() {
+        let wait = if shared.dirty.enabled() {
             Duration::from_millis(2)
         } else {
             Duration::from_millis(100)
         };
-        match exit {
-            Exit::Budget | Exit::ExitRequested | Exit::Shutdown => {}
-            Exit::Halted => {
-                let if_set = cpu.state.rflags & flags::IF != 0;
-                if !if_set {
-                    count_dead(&shared, &mut counted_dead, ncpus);
-                }
-                if !shared.control.pause_requested() {
-                    shared.irqs.halt(id, &now, halt_wait, if_set);
-                }
-            }
-            Exit::WaitForSipi => {
-                // A vCPU that was never started (or was sent INIT) runs
-                // nothing until a SIPI: with `nosmp`, the APs stay here for
-                // good, and must count as done when the BSP halts.
-                count_dead(&shared, &mut counted_dead, ncpus);
-                if !shared.control.pause_requested() {
-                    shared.irqs.halt(id, &now, halt_wait, false)
-                }
-            }
-            Exit::TripleFault => {
-                *shared.triple_fault.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(format!("vcpu{id}: {}", format_regs(&cpu)));
-                shared.request_stop(STOP_TRIPLE);
-            }
-        }
-        if counted_dead && !cpu.state.events.halted && !cpu.state.events.wait_for_sipi {
-            counted_dead = false;
-            shared.dead.fetch_sub(1, Ordering::AcqRel);
-        }
+        shared.irqs.halt(self.id, &|| shared.now_ns(), wait, interrupts);
     }
-    shared.control.vcpu_stopped();
-    let st = &cpu.stats;
-    tracing::info!(
-        "vcpu{id}: {} instructions, {} blocks decoded, {} exceptions, {} interrupts; unimplemented (raised #UD): {:?}",
-        st.instructions,
-        st.blocks_decoded,
-        st.exceptions,
-        st.interrupts,
-        st.unimplemented
-    );
-}
 
-/// This vCPU will run nothing more unless an NMI, INIT or SIPI comes (it
-/// halted with interrupts off, or waits for a SIPI): count it once, and
-/// when every vCPU is so, the guest is done (for example `reboot: System
-/// halted`, with or without `nosmp`).
-fn count_dead(shared: &Shared, counted: &mut bool, ncpus: usize) {
-    if std::mem::replace(counted, true) {
-        return;
+    fn save_state(&mut self) -> Option<CpuState> {
+        Some(self.cpu.state.clone())
     }
-    if shared.dead.fetch_add(1, Ordering::AcqRel) + 1 == ncpus as u32 {
-        shared.request_stop(STOP_HALTED);
+
+    fn load_state(&mut self, state: CpuState) -> Result<(), String> {
+        self.cpu.set_state(state);
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        let st = &self.cpu.stats;
+        tracing::info!(
+            "vcpu{}: {} instructions, {} blocks decoded, {} exceptions, {} interrupts; unimplemented (raised #UD): {:?}",
+            self.id,
+            st.instructions,
+            st.blocks_decoded,
+            st.exceptions,
+            st.interrupts,
+            st.unimplemented
+        );
     }
 }
 

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod migration;
 pub mod persist;
 pub mod seccomp;
+pub(crate) mod vcpu_loop;
 pub mod virtio;
 
 #[cfg(test)]

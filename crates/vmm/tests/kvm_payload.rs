@@ -407,3 +407,21 @@ fn a_never_started_ap_counts_as_halted_for_good() {
     assert!(ap.halted_for_good(), "an AP waiting for its SIPI runs nothing");
     assert!(!bsp.halted_for_good(), "a runnable BSP is not done");
 }
+
+/// Where KVM scales the TSC, a vCPU's TSC runs at the machine's rate (as
+/// under emu), so a guest keeps its clock's rate across engines; where it
+/// does not, the VM still builds and the vCPU reports the host's rate.
+#[test]
+fn vcpu_tsc_runs_at_the_machine_rate_where_kvm_scales_it() {
+    require_kvm();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let vm = KvmVm::new(&mem, VmOptions { irqchip: true }).expect("KVM VM with an in-kernel irqchip");
+    let vcpu = vm.create_vcpu(0, 1).unwrap();
+    let khz = vcpu.tsc_khz().expect("KVM_GET_TSC_KHZ");
+    if vm.tsc_scaling() {
+        assert_eq!(khz, vmm::machine::TSC_KHZ, "KVM scales the TSC here");
+    } else {
+        eprintln!("no TSC scaling here: the vCPU's TSC runs at the host's {khz} kHz");
+        assert!(khz > 0, "the host's TSC rate");
+    }
+}

@@ -1,9 +1,8 @@
-//! The `kvm` engine: one thread per vCPU around `KVM_RUN`, exits handed to
+//! The `kvm` engine: each vCPU runs `KVM_RUN` in the one vCPU loop
+//! ([`crate::vcpu_loop`]), exits handed to
 //! the machine's buses (`VcpuBus`, as under `emu`), and a real-time signal
 //! to take vCPUs out of the guest (to stop or to pause).
 
-use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -23,8 +22,9 @@ use crate::cpu_features::CpuFeatures;
 use crate::devices::irq::RouterState;
 use crate::devices::irq_line::InterruptLine;
 use crate::engine::{Engine, EngineKind, EngineSave, EngineSetup, Ready};
-use crate::machine::{guest_tsc, RunOutcome, Shared, VcpuBus, RUNNING, STOP_HALTED, STOP_RESET, STOP_TRIPLE, TSC_KHZ};
+use crate::machine::{guest_tsc, RunOutcome, Shared, VcpuBus, TSC_KHZ};
 use crate::persist::{KvmState, MachineState, PersistError};
+use crate::vcpu_loop::{run_vcpus, Kicker, Vcpu, VcpuExit};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DmaObserver;
 use crate::Result;
@@ -144,6 +144,13 @@ impl KvmEngine {
     /// the vCPUs' CPUID then offers no more than those.
     pub fn prepare(mem: &GuestMemoryMmap, count: u32, saw: Option<&CpuFeatures>) -> Result<Self> {
         let vm = KvmVm::new(mem, VmOptions { irqchip: true })?;
+        if !vm.tsc_scaling() {
+            tracing::info!(
+                "kvm: no TSC scaling on this host: the guest's TSC runs at the host's rate, not the machine's {} kHz \
+                 (a snapshot moved to the other engine sees its TSC rate change)",
+                TSC_KHZ
+            );
+        }
         if let Some(saw) = saw {
             let missing = saw.missing_from(&vm.features(count)?);
             if !missing.is_empty() {
@@ -298,14 +305,12 @@ fn install_kick_handler() -> std::result::Result<(), String> {
         .clone()
 }
 
-type Threads = Arc<Mutex<Vec<libc::pthread_t>>>;
-
-fn kick_all(threads: &Threads) {
-    let threads = threads.lock().unwrap_or_else(|e| e.into_inner());
-    for &t in threads.iter() {
+/// Send the kick signal to each of `threads`.
+fn kick_all(threads: &[libc::pthread_t]) {
+    for &t in threads {
         // SAFETY: `t` belongs to a vCPU thread that has not been joined yet
-        // (the list is emptied before joining), so the id is valid; the
-        // signal's handler does nothing, it only interrupts KVM_RUN.
+        // (the runner empties the list before joining), so the id is valid;
+        // the signal's handler does nothing, it only interrupts KVM_RUN.
         unsafe {
             libc::pthread_kill(t, kick_signal());
         }
@@ -322,48 +327,25 @@ impl Engine for KvmEngine {
             shared.fail(e);
             return shared.outcome();
         }
-        let threads: Threads = Arc::default();
-        let kick_threads = threads.clone();
-        shared.control.set_kick(Box::new(move || kick_all(&kick_threads)));
         let KvmEngine { vm, vcpus, platform } = *self;
-        let mut handles = Vec::new();
-        for vcpu in vcpus {
-            let id = vcpu.id;
-            let s = shared.clone();
-            let p = platform.clone();
-            shared.control.vcpu_started();
-            match std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_thread(vcpu, s, p))
-            {
-                Ok(h) => {
-                    threads.lock().unwrap_or_else(|e| e.into_inner()).push(h.as_pthread_t());
-                    handles.push(h);
-                }
-                Err(e) => {
-                    shared.control.vcpu_stopped();
-                    shared.fail(format!("cannot start vcpu{id}: {e}"));
-                }
-            }
-        }
-        // A kick can land just before a vCPU enters KVM_RUN; keep kicking
-        // until every thread has seen the stop. While running, kick twice a
-        // second so that vCPUs halted for good (HLT with interrupts off,
-        // which KVM waits out in the kernel) are noticed.
-        let mut ticks = 0u32;
-        while !handles.iter().all(|h| h.is_finished()) {
-            std::thread::sleep(Duration::from_millis(10));
-            ticks += 1;
-            if shared.stop.load(Ordering::Acquire) != RUNNING || ticks.is_multiple_of(50) {
-                shared.control.kick();
-            }
-        }
-        threads.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        for h in handles {
-            let _ = h.join();
-        }
+        let vcpus = vcpus
+            .into_iter()
+            .map(|vcpu| KvmLoopVcpu {
+                vcpu,
+                platform: platform.clone(),
+            })
+            .collect();
+        // A kick can land just before a vCPU enters KVM_RUN: the runner
+        // kicks until every thread has seen the stop. While running, kick
+        // twice a second so that vCPUs halted for good (HLT with interrupts
+        // off, which KVM waits out in the kernel) are noticed.
+        let kicker = Kicker {
+            kick: Box::new(kick_all),
+            watch: Some(Duration::from_millis(500)),
+        };
+        let outcome = run_vcpus(vcpus, shared, kicker);
         drop(vm);
-        shared.outcome()
+        outcome
     }
 }
 
@@ -375,7 +357,7 @@ fn park_state(vcpu: &KvmVcpu, platform: &KvmPlatform) -> Option<CpuState> {
         let parked = ParkedVcpu {
             lapic: vcpu.get_lapic()?,
             xsave: vcpu.get_xsave()?,
-            tsc_khz: vcpu.fd.get_tsc_khz().unwrap_or(0),
+            tsc_khz: vcpu.tsc_khz().unwrap_or(0),
         };
         Ok((state, parked))
     };
@@ -393,55 +375,47 @@ fn park_state(vcpu: &KvmVcpu, platform: &KvmPlatform) -> Option<CpuState> {
     state
 }
 
-fn vcpu_thread(mut vcpu: KvmVcpu, shared: Arc<Shared>, platform: Arc<KvmPlatform>) {
-    crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
-    let mut bus = VcpuBus {
-        id: vcpu.id as usize,
-        shared: shared.clone(),
-    };
-    let stopping = || shared.stop.load(Ordering::Acquire) != RUNNING;
-    let ncpus = shared.irqs.num_cpus() as u32;
-    let mut counted_dead = false;
-    while !stopping() {
-        // While paused, the vCPU's state is out of KVM as a CpuState (the
-        // snapshot format of both engines), and it continues from that.
-        let mut save = || park_state(&vcpu, &platform);
-        let resumed = shared.control.park_if_paused(vcpu.id as usize, &stopping, &mut save);
-        if stopping() {
-            break;
-        }
-        if let Some(state) = resumed {
-            if let Err(e) = vcpu.set_state(&state, 0) {
-                shared.fail(format!("vcpu{}: loading its state after a pause: {e}", vcpu.id));
-                break;
-            }
-        }
-        match vcpu.run_once(&mut bus) {
-            Step::Continue => {}
-            Step::Interrupted => {
-                // Every vCPU halted with interrupts off: the guest is done
-                // (Linux's `reboot: System halted` without ACPI), as under emu.
-                let dead = vcpu.halted_for_good();
-                if dead && !counted_dead {
-                    counted_dead = true;
-                    if shared.dead.fetch_add(1, Ordering::AcqRel) + 1 == ncpus {
-                        shared.request_stop(STOP_HALTED);
-                    }
-                } else if !dead && counted_dead {
-                    counted_dead = false;
-                    shared.dead.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
-            // Only without the in-kernel irqchip; do not spin.
-            Step::Halted => std::thread::sleep(Duration::from_millis(1)),
-            Step::TripleFault(regs) => {
-                *shared.triple_fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(regs);
-                shared.request_stop(STOP_TRIPLE);
-            }
-            Step::Reset => shared.request_stop(STOP_RESET),
-            Step::PowerOff => shared.request_stop(STOP_HALTED),
-            Step::Fault(msg) => shared.fail(msg),
+/// One KVM vCPU for the vCPU loop.
+struct KvmLoopVcpu {
+    vcpu: KvmVcpu,
+    platform: Arc<KvmPlatform>,
+}
+
+impl Vcpu for KvmLoopVcpu {
+    fn id(&self) -> usize {
+        self.vcpu.id as usize
+    }
+
+    fn run(&mut self, bus: &mut VcpuBus) -> VcpuExit {
+        match self.vcpu.run_once(bus) {
+            Step::Continue => VcpuExit::Ran,
+            Step::Interrupted => VcpuExit::Interrupted,
+            // Only without the in-kernel irqchip.
+            Step::Halted => VcpuExit::Halted { interrupts: true },
+            Step::TripleFault(regs) => VcpuExit::TripleFault(regs),
+            Step::Reset => VcpuExit::Reset,
+            Step::PowerOff => VcpuExit::PowerOff,
+            Step::Fault(msg) => VcpuExit::Fault(msg),
         }
     }
-    shared.control.vcpu_stopped();
+
+    /// Asked of KVM only when a kick took the vCPU out (twice a second at
+    /// least): the in-kernel LAPIC waits out HLT without an exit.
+    fn idle_for_good(&self, last: Option<&VcpuExit>) -> Option<bool> {
+        matches!(last, Some(VcpuExit::Interrupted)).then(|| self.vcpu.halted_for_good())
+    }
+
+    /// Only without the in-kernel irqchip (KVM waits itself otherwise):
+    /// do not spin.
+    fn wait_halted(&mut self, _: &Shared, _: bool) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    fn save_state(&mut self) -> Option<CpuState> {
+        park_state(&self.vcpu, &self.platform)
+    }
+
+    fn load_state(&mut self, state: CpuState) -> std::result::Result<(), String> {
+        self.vcpu.set_state(&state, 0).map_err(|e| e.to_string())
+    }
 }

@@ -280,6 +280,11 @@ impl KvmVcpu {
         }
     }
 
+    /// The guest TSC's rate in kHz (`KVM_GET_TSC_KHZ`).
+    pub fn tsc_khz(&self) -> Result<u32, KvmError> {
+        self.fd.get_tsc_khz().map_err(KvmError::ioctl("KVM_GET_TSC_KHZ"))
+    }
+
     /// Ask the next (or current) `KVM_RUN` to return at once.
     pub fn set_immediate_exit(&mut self, on: bool) {
         self.fd.set_kvm_immediate_exit(on as u8);

@@ -8,7 +8,7 @@ use kvm_bindings::{
     KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -16,6 +16,7 @@ use super::vcpu::KvmVcpu;
 use super::KvmError;
 use crate::cpu_features::CpuFeatures;
 use crate::devices::irq_line::InterruptLine;
+use crate::machine::TSC_KHZ;
 
 /// Where KVM may put the TSS and identity map it needs for real mode on
 /// VMX: three pages plus one just below the 4 GiB firmware area.
@@ -34,6 +35,7 @@ pub struct KvmVm {
     pub(crate) fd: Arc<VmFd>,
     supported_cpuid: CpuId,
     irqchip: bool,
+    tsc_scaling: bool,
 }
 
 impl KvmVm {
@@ -72,7 +74,9 @@ impl KvmVm {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(KvmError::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let tsc_scaling = fd.check_extension(Cap::TscControl) && fd.check_extension(Cap::GetTscKhz);
         Ok(KvmVm {
+            tsc_scaling,
             fd: Arc::new(fd),
             supported_cpuid,
             irqchip: opts.irqchip,
@@ -106,11 +110,24 @@ impl KvmVm {
             }
         }
         fd.set_cpuid2(&cpuid).map_err(KvmError::ioctl("KVM_SET_CPUID2"))?;
+        if self.tsc_scaling {
+            // The machine's TSC rate, as under emu, so a guest moved
+            // between engines keeps its clock's rate.
+            fd.set_tsc_khz(TSC_KHZ)
+                .map_err(KvmError::ioctl("KVM_SET_TSC_KHZ (the machine's 2 GHz TSC)"))?;
+        }
         let vcpu = KvmVcpu::new(id, fd, self.irqchip);
         if self.irqchip {
             vcpu.setup_lapic_virtual_wire()?;
         }
         Ok(vcpu)
+    }
+
+    /// Whether KVM scales the guest's TSC here (`KVM_CAP_TSC_CONTROL`): the
+    /// vCPUs' TSC then runs at the machine's `TSC_KHZ`, as under emu;
+    /// otherwise at the host's rate.
+    pub fn tsc_scaling(&self) -> bool {
+        self.tsc_scaling
     }
 
     /// The VM's file, for reading and loading its state while it runs
