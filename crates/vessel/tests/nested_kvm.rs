@@ -15,7 +15,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::b64;
+use common::{b64, cpu_sum};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -65,12 +65,26 @@ fn pause_script() -> String {
     )
 }
 
-#[test]
-fn nested_svm_boots_the_guest_with_kvm() {
+/// The tests take turns: they share the nested environment's build
+/// (guest/build-nested.sh writes one set of files), and one QEMU TCG at a
+/// time is all two cores carry within the scripts' timeouts.
+static NESTED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn take_turn() -> std::sync::MutexGuard<'static, ()> {
+    NESTED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn build_nested() {
     let build = Command::new(repo().join("guest/build-nested.sh"))
         .status()
         .expect("running guest/build-nested.sh");
     assert!(build.success(), "guest/build-nested.sh failed");
+}
+
+#[test]
+fn nested_svm_boots_the_guest_with_kvm() {
+    let _turn = take_turn();
+    build_nested();
     let out = Command::new("timeout")
         .arg("300")
         .arg(repo().join("guest/run-nested.sh"))
@@ -140,11 +154,6 @@ fn nested_svm_boots_the_guest_with_kvm() {
     assert_eq!(field("end"), Some(8), "the guest did not finish after resume\n{text}");
 }
 
-/// The shell arithmetic the guest's workload does, done here.
-fn cpu_sum(seed: u64, n: u64) -> u64 {
-    (0..n).fold(seed, |s, i| (s * 31 + i) % 1_000_003)
-}
-
 /// Snapshots across engines: a guest booted under emu (on this host) is
 /// snapshotted in the middle of a checksummed loop; inside the nested
 /// environment the snapshot is restored under kvm, which runs part of the
@@ -152,6 +161,7 @@ fn cpu_sum(seed: u64, n: u64) -> u64 {
 /// which finishes the loop. The sum must be right.
 #[test]
 fn nested_snapshots_move_between_emu_and_kvm() {
+    let _turn = take_turn();
     use std::process::Stdio;
     use std::time::Duration;
 
@@ -204,10 +214,7 @@ fn nested_snapshots_move_between_emu_and_kvm() {
         "the work ended before the snapshot:\n{before}"
     );
 
-    let build = Command::new(repo().join("guest/build-nested.sh"))
-        .status()
-        .expect("running guest/build-nested.sh");
-    assert!(build.success(), "guest/build-nested.sh failed");
+    build_nested();
     // Under kvm: 17 more progress marks (of the 19 left; or 4 minutes),
     // then a snapshot; emu, itself under QEMU TCG and slow there, finishes
     // the rest (about 100 s).
