@@ -23,6 +23,9 @@ use crate::control::{ActionError, Controller, Msg, VmmAction};
 /// How long either side waits for the other before it counts as gone.
 const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a migrated source waits for a client to read "completed"
+/// before it exits.
+const REPORT_GRACE: Duration = Duration::from_secs(10);
 /// The most guest memory a destination accepts from a stream.
 const MAX_INCOMING_MEM: u64 = 1 << 40;
 
@@ -417,9 +420,12 @@ fn send_thread(vm: vmm::VmHandle, endpoint: Endpoint, url: String, opts: SendOpt
                 o.iterations,
                 o.downtime_ms.map_or("unknown".into(), |d| format!("{d} ms"))
             );
-            // Give a polling client a moment to see "completed".
+            // A client polling GET /migration (`vessel migrate`) must see
+            // "completed" before the API goes away with the process: wait
+            // until one has, or at most REPORT_GRACE on a busy host where
+            // the client's next poll may come late.
             let wait = Instant::now();
-            while !h.reported.load(Ordering::Acquire) && wait.elapsed() < Duration::from_secs(1) {
+            while !h.reported.load(Ordering::Acquire) && wait.elapsed() < REPORT_GRACE {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let _ = exits.send(Msg::Call(Box::new(|ctl: &mut Controller| {
