@@ -571,18 +571,33 @@ impl Machine {
         engine: EngineKind,
     ) -> Result<Self> {
         let mem = memory::map_private(mem_file, state.config.mem_size)?;
-        Self::restore_with_memory(state, mem, console, engine)
+        // A restore from a snapshot is a new generation of the VM (it may be
+        // one of many clones).
+        Self::restored(state, mem, console, engine, true)
     }
 
     /// [`Machine::restore`] with guest memory already filled (a migration
     /// destination: anonymous memory written from the stream's pages). It
     /// must have the layout `memory::ram_ranges` gives for the state's
-    /// memory size.
+    /// memory size. The VM moved rather than forked, so its generation ID
+    /// stays (as under Hyper-V and QEMU live migration).
     pub fn restore_with_memory(
         state: &crate::persist::MachineState,
         mem: GuestMemoryMmap,
         console: Box<dyn Write + Send>,
         engine: EngineKind,
+    ) -> Result<Self> {
+        Self::restored(state, mem, console, engine, false)
+    }
+
+    /// The machine `state` describes over `mem`, paused; with
+    /// `new_generation`, under a new VM generation ID.
+    fn restored(
+        state: &crate::persist::MachineState,
+        mem: GuestMemoryMmap,
+        console: Box<dyn Write + Send>,
+        engine: EngineKind,
+        new_generation: bool,
     ) -> Result<Self> {
         state.validate().map_err(|e| Error::Config(e.to_string()))?;
         let expected = memory::ram_ranges(state.config.mem_size);
@@ -637,11 +652,13 @@ impl Machine {
         });
         // Held until resume: the vCPUs park before running any guest code.
         shared.control.pause(Duration::ZERO);
-        // Every restore is a new generation of the VM (VMGenID): a guest
-        // that supports it reads the new ID when the interrupt reaches it
-        // and reseeds its random generator, so clones do not share one.
-        acpi::new_generation_id(&shared.mem)?;
-        vmgenid_line.trigger();
+        // A new generation of the VM (VMGenID): a guest that supports it
+        // reads the new ID when the interrupt reaches it and reseeds its
+        // random generator, so clones do not share one.
+        if new_generation {
+            acpi::new_generation_id(&shared.mem)?;
+            vmgenid_line.trigger();
+        }
         {
             let mut p = shared.platform();
             shared.serial_irq(&mut p);
