@@ -944,7 +944,7 @@ fn with_dirty_log(engine: virtio::DmaObserver, dirty: &Arc<DirtyLog>) -> virtio:
 }
 
 /// Milliseconds since the Unix epoch, to name things uniquely.
-fn unix_millis() -> u128 {
+pub fn unix_millis() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())

@@ -759,14 +759,7 @@ impl Controller {
         let output = self.serial_output()?;
         let started = Instant::now();
         // Disks frozen into the snapshot get an overlay of this VM's own.
-        let clone_id = format!(
-            "{}-{}",
-            &self.id[..self.id.len().min(40)],
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0)
-        );
+        let clone_id = format!("{}-{}", &self.id[..self.id.len().min(40)], vmm::machine::unix_millis());
         let overlays = state
             .clone_disks(&clone_id)
             .map_err(|e| ActionError::InvalidConfig(e.to_string()))?;
