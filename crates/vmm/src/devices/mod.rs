@@ -1,6 +1,7 @@
 //! Emulated platform devices for the `emu` engine.
 
 pub mod acpi_pm;
+pub mod fuzzing;
 pub mod i8042;
 pub mod ioapic;
 pub mod irq;

@@ -101,8 +101,16 @@ pub fn blk_queue(data: &[u8]) {
 }
 
 /// The virtio-mmio transport driven by arbitrary register accesses.
+/// The first two bytes say how many 7-byte register operations follow;
+/// what is left fills guest memory, so that the requests the driver
+/// starts meet rings and descriptors with content.
 pub fn mmio_registers(data: &[u8]) {
-    let mem = memory(&[]);
+    let (count, data) = match data {
+        [a, b, rest @ ..] => (usize::from(u16::from_le_bytes([*a, *b])), rest),
+        _ => return,
+    };
+    let (data, contents) = data.split_at((count * 7).min(data.len()));
+    let mem = memory(contents);
     let line = Arc::new(CountingLine::default());
     let device: Box<dyn VirtioDevice> = Box::new(super::blk::Block::new(disk()));
     let Ok(mut t) = MmioTransport::new(device, mem, Arc::new(Interrupt::new(line)), super::no_dma_observer()) else {
@@ -120,6 +128,174 @@ pub fn mmio_registers(data: &[u8]) {
         }
     }
     t.reset();
+}
+
+/// A device's queues driven through its virtio-mmio transport, with its
+/// real worker thread: the first bytes choose each queue's size and ring
+/// addresses, the rest fills guest memory (descriptors, rings, buffers).
+/// The driver notifies, moves the available index under the worker's feet,
+/// notifies again, and finally resets the device.
+fn device_queues(device: Box<dyn VirtioDevice>, data: &[u8]) {
+    use virtio_bindings::virtio_config::*;
+    use virtio_bindings::virtio_mmio::*;
+
+    let header = 24;
+    if data.len() < header {
+        return;
+    }
+    let (setup, contents) = data.split_at(header);
+    let mem = memory(contents);
+    let line = Arc::new(CountingLine::default());
+    let Ok(mut t) = MmioTransport::new(
+        device,
+        mem.clone(),
+        Arc::new(Interrupt::new(line.clone())),
+        super::no_dma_observer(),
+    ) else {
+        return;
+    };
+    let write = |t: &mut MmioTransport, reg: u32, v: u32| t.write(u64::from(reg), &v.to_le_bytes());
+    let addr = |i: usize| {
+        let a = u64::from(u16::from_le_bytes([setup[i], setup[i + 1]])) & !0xf;
+        // Either ring area of the fuzzer's memory.
+        if setup[i] & 1 == 0 {
+            a % LOW
+        } else {
+            HIGH + a % LOW
+        }
+    };
+    let ok = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
+    write(
+        &mut t,
+        VIRTIO_MMIO_STATUS,
+        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+    );
+    write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    write(
+        &mut t,
+        VIRTIO_MMIO_DRIVER_FEATURES,
+        1 << (super::VIRTIO_F_VERSION_1 - 32),
+    );
+    write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    write(
+        &mut t,
+        VIRTIO_MMIO_DRIVER_FEATURES,
+        u32::from(setup[0] & 1) << super::VIRTIO_RING_F_EVENT_IDX,
+    );
+    write(&mut t, VIRTIO_MMIO_STATUS, ok);
+    let queues = t.notifiers().len().min(3);
+    let mut avail = Vec::new();
+    for q in 0..queues {
+        let at = 1 + 7 * q;
+        write(&mut t, VIRTIO_MMIO_QUEUE_SEL, q as u32);
+        write(&mut t, VIRTIO_MMIO_QUEUE_NUM, 1 << (setup[at] % 9));
+        write(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, addr(at + 1) as u32);
+        write(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, addr(at + 3) as u32);
+        write(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, addr(at + 5) as u32);
+        write(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        avail.push(addr(at + 3));
+    }
+    write(&mut t, VIRTIO_MMIO_STATUS, ok | VIRTIO_CONFIG_S_DRIVER_OK);
+    for round in 0..3u16 {
+        for (q, &ring) in avail.iter().enumerate() {
+            write(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, q as u32);
+            if round > 0 {
+                let _ = mem.write_obj(
+                    u16::from_le_bytes([setup[22], setup[23]]).wrapping_add(round),
+                    GuestAddress(ring + 2),
+                );
+            }
+        }
+        // Let the worker run; whatever it has not finished, the reset stops.
+        std::thread::sleep(std::time::Duration::from_micros(300));
+    }
+    t.reset();
+}
+
+/// virtio-rng's request queue.
+pub fn rng_queue(data: &[u8]) {
+    device_queues(Box::new(super::rng::Rng::default()), data);
+}
+
+/// virtio-console's receive and transmit queues (output to /dev/null,
+/// through the same size cap as a real console file).
+pub fn console_queues(data: &[u8]) {
+    let Ok(out) = std::fs::OpenOptions::new().append(true).open("/dev/null") else {
+        panic!("/dev/null cannot be opened for writing");
+    };
+    device_queues(Box::new(super::console::Console::new(out)), data);
+}
+
+/// virtio-net's receive and transmit queues on a real TAP, shared by all
+/// runs (creating one needs CAP_NET_ADMIN: the target fails without it).
+/// Frames the guest sends go out through the TAP; the host side sends the
+/// fuzzer's own frames in, so that the receive path writes guest memory.
+pub fn net_queues(data: &[u8]) {
+    static TAP: OnceLock<super::tap::Tap> = OnceLock::new();
+    let tap = TAP.get_or_init(|| {
+        let tap =
+            super::tap::Tap::open(Some("vfuzz%d")).unwrap_or_else(|e| panic!("the net fuzz target needs a TAP: {e}"));
+        let status = std::process::Command::new("ip")
+            .args(["link", "set", "dev", tap.name(), "up"])
+            .status();
+        assert!(
+            matches!(status, Ok(s) if s.success()),
+            "cannot bring {} up with `ip link`: {status:?}",
+            tap.name()
+        );
+        tap
+    });
+    let Ok(handle) = tap.try_clone() else {
+        panic!("cannot duplicate the TAP's descriptor");
+    };
+    if let Some(frame) = data.get(24..).map(|d| &d[..d.len().min(1514)]) {
+        inject_frame(tap.name(), frame);
+    }
+    device_queues(
+        Box::new(super::net::Net::new(handle, [0x52, 0x54, 0, 0x12, 0x34, 0x56])),
+        data,
+    );
+}
+
+/// Transmit `frame` on the host's side of interface `ifname`, so that the
+/// TAP's reader receives it (best effort: a frame the kernel refuses, for
+/// its size or its headers, is simply not delivered).
+fn inject_frame(ifname: &str, frame: &[u8]) {
+    if frame.len() < 14 {
+        return;
+    }
+    let Ok(name) = std::ffi::CString::new(ifname) else {
+        return;
+    };
+    // SAFETY: if_nametoindex reads the NUL-terminated name and nothing else.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return;
+    }
+    // SAFETY: a plain socket(2) call; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_ifindex = index as i32;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&frame[..6]);
+    // SAFETY: `frame` and `to` are valid for the lengths passed, for the
+    // duration of the call; `fd` is our own socket.
+    unsafe {
+        libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            libc::MSG_DONTWAIT,
+            (&to as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        libc::close(fd);
+    }
 }
 
 #[cfg(test)]
@@ -142,6 +318,12 @@ mod tests {
             let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
             blk_queue(&data);
             mmio_registers(&data);
+        }
+        for _ in 0..40 {
+            let len = (next() % 9000) as usize;
+            let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            rng_queue(&data);
+            console_queues(&data);
         }
     }
 

@@ -66,6 +66,14 @@ impl Tap {
         &self.name
     }
 
+    /// A second handle on the same interface (a duplicated descriptor).
+    pub fn try_clone(&self) -> io::Result<Tap> {
+        Ok(Tap {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+
     /// Read one frame; `WouldBlock` when none waits.
     pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
         (&self.file).read(buf)
