@@ -14,7 +14,7 @@ here=$(dirname "${BASH_SOURCE[0]}")
 source "$here/lib.sh"
 
 ensure_qemu
-ensure_pkgs acpica-tools iproute2 e2fsprogs curl socat util-linux
+ensure_pkgs acpica-tools iproute2 e2fsprogs curl socat util-linux strace
 "$here/build-kernel.sh"
 "$here/build-initramfs.sh"
 "$here/build-disk.sh"
@@ -24,7 +24,7 @@ if [[ ${WITH_DEBIAN_KERNEL:-0} == 1 ]]; then
 	"$here/build-debian-root.sh"
 fi
 # Every command the tests run, checked after all the installs above.
-require_cmds qemu-img qemu-io qemu-system-x86_64 iasl ip debugfs mkfs.ext4 gcc python3 curl socat setpriv md5sum
+require_cmds qemu-img qemu-io qemu-system-x86_64 iasl ip debugfs mkfs.ext4 gcc python3 curl socat setpriv md5sum strace
 
 echo
 echo "kernel (bzImage):    ${VESSEL_CACHE}/kernel/bzImage"

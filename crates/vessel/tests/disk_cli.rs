@@ -327,3 +327,127 @@ fn guest_data_synced_before_sigkill_is_in_the_qcow2_image() {
     assert!(code == 0 || code == 3, "qemu-img check exit {code}");
     guest_wrote(&contents(d, "vm.qcow2"), &base);
 }
+
+/// Durability, shown where the page cache cannot hide it. A SIGKILL test
+/// cannot catch a missing fdatasync (the data survives in the host's page
+/// cache), so this one watches the system calls: under `strace`, every
+/// write Vessel makes to a raw and to a qcow2 image must be followed by a
+/// completed fdatasync or fsync of that image before the guest can tell
+/// the world "SYNCED" (its serial output, written after the flush
+/// requests completed).
+#[test]
+fn every_image_write_is_synced_before_the_guest_sees_its_flush_complete() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    std::fs::write(d.join("raw.img"), vec![0u8; 4 << 20]).unwrap();
+    let out = tool(d, "qemu-img", &["create", "-f", "qcow2", "vm.qcow2", "4M"]);
+    assert!(out.status.success());
+    let writes = "dd if=/dev/urandom of=/dev/vda bs=64k count=8 conv=fsync 2>/dev/null && \
+        dd if=/dev/urandom of=/dev/vdb bs=64k count=8 conv=fsync 2>/dev/null && echo SYNCED";
+    let mut run = common::guest(writes, "reboot");
+    run.arg("--disk")
+        .arg(common::disk_arg(&d.join("raw.img"), "format=raw"))
+        .arg("--disk")
+        .arg(common::disk_arg(&d.join("vm.qcow2"), "format=qcow2"));
+    let log = d.join("strace.log");
+    let mut traced = Command::new("strace");
+    traced
+        .current_dir(d)
+        .args([
+            "-f",
+            "-qq",
+            "--seccomp-bpf",
+            "-e",
+            "trace=openat,fdatasync,fsync,pwrite64,pwritev,pwritev2,write",
+        ])
+        .arg("-o")
+        .arg(&log)
+        .arg(run.get_program())
+        .args(run.get_args())
+        .stdin(Stdio::null());
+    let out = traced
+        .timed_output()
+        .unwrap_or_else(|e| panic!("strace: {e} (guest/build-all.sh installs it)"));
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(console.contains("SYNCED"), "the guest never synced:\n{console}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    for image in ["raw.img", "vm.qcow2"] {
+        let unsynced = writes_unsynced_before(&log, image, "SYNCED");
+        assert_eq!(
+            unsynced,
+            Some(0),
+            "{image}: writes not synced before the guest saw its flush complete"
+        );
+    }
+}
+
+/// In an `strace -f` log: how many writes to the (last read-write) file
+/// descriptor of `image` were not covered by a completed fdatasync/fsync of
+/// it, started after them, by the time the serial output (write(1, ...))
+/// had spelled `marker`. `None` when the image was never written before the
+/// marker (the check would prove nothing) or the marker never appeared.
+fn writes_unsynced_before(log: &str, image: &str, marker: &str) -> Option<usize> {
+    let mut fd = String::new();
+    // Per thread: the write count when its unfinished sync started.
+    let mut syncing: std::collections::HashMap<&str, usize> = Default::default();
+    let (mut written, mut synced, mut serial) = (0usize, 0usize, String::new());
+    for line in log.lines() {
+        let (pid, call) = line.split_once(' ').unwrap_or(("", line));
+        let call = call.trim_start();
+        let ok = call.ends_with("= 0");
+        if call.starts_with("openat(")
+            && (call.contains(&format!("\"{image}\"")) || call.contains(&format!("/{image}\"")))
+            && call.contains("O_RDWR")
+        {
+            fd = call.rsplit("= ").next().unwrap_or("").trim().to_string();
+        } else if fd.is_empty() {
+            continue;
+        } else if ["pwrite64", "pwritev", "pwritev2"]
+            .iter()
+            .any(|n| call.starts_with(&format!("{n}({fd},")))
+        {
+            written += 1;
+        } else if ["fdatasync", "fsync"]
+            .iter()
+            .any(|n| call.starts_with(&format!("{n}({fd})")))
+        {
+            if ok {
+                synced = written;
+            }
+        } else if ["fdatasync", "fsync"]
+            .iter()
+            .any(|n| call.starts_with(&format!("{n}({fd} <unfinished")))
+        {
+            syncing.insert(pid, written);
+        } else if call.starts_with("<... fdatasync resumed>") || call.starts_with("<... fsync resumed>") {
+            if let Some(at_start) = syncing.remove(pid) {
+                if ok {
+                    synced = synced.max(at_start);
+                }
+            }
+        } else if let Some(rest) = call.strip_prefix("write(1, \"") {
+            serial.push_str(rest.split('"').next().unwrap_or(""));
+            if serial.contains(marker) {
+                return (written > 0).then_some(written - synced);
+            }
+        }
+    }
+    None
+}
+
+/// The log reader above catches a write that no sync covers, or that a
+/// sync already under way when it was made does not cover.
+#[test]
+fn the_sync_check_sees_an_unsynced_write() {
+    let open = "10 openat(AT_FDCWD, \"a.img\", O_RDWR|O_CLOEXEC) = 4\n";
+    let said = "11 write(1, \"OK\", 2) = 2\n";
+    let synced = format!("{open}12 pwrite64(4, \"x\"..., 512, 0) = 512\n12 fdatasync(4)    = 0\n{said}");
+    assert_eq!(writes_unsynced_before(&synced, "a.img", "OK"), Some(0));
+    let unsynced = format!("{open}12 pwrite64(4, \"x\"..., 512, 0) = 512\n{said}12 fdatasync(4)    = 0\n");
+    assert_eq!(writes_unsynced_before(&unsynced, "a.img", "OK"), Some(1));
+    let raced = format!(
+        "{open}12 fdatasync(4 <unfinished ...>\n13 pwrite64(4, \"x\"..., 512, 0) = 512\n12 <... fdatasync resumed>) = 0\n{said}"
+    );
+    assert_eq!(writes_unsynced_before(&raced, "a.img", "OK"), Some(1));
+    assert_eq!(writes_unsynced_before(&format!("{open}{said}"), "a.img", "OK"), None);
+}
