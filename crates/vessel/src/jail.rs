@@ -8,7 +8,8 @@
 //!    an orchestrator may put kernels and disks there first), copies the
 //!    exec file in with its ELF interpreter and shared libraries (from
 //!    `ldd`), so that it runs in an otherwise empty root;
-//! 3. joins `--netns`, and a cgroup v2 `<parent-cgroup>/<id>` with the
+//! 3. joins `--netns`, and a cgroup `<parent-cgroup>/<id>` (v2, or v1 per
+//!    controller: [`cgroup`]) with the
 //!    `--cgroup` values; sets the `--resource-limit`s;
 //! 4. with `--new-pid-ns`, forks into a new PID namespace (the parent
 //!    writes the child's pid to `<exec name>.pid` in the jail and exits);
@@ -21,6 +22,8 @@
 //! 8. execs `/<exec name>` with the arguments after `--`.
 //!
 //! The VMM then installs its own seccomp filters (unless `--no-seccomp`).
+
+mod cgroup;
 
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
@@ -54,10 +57,13 @@ pub struct JailArgs {
     /// A network namespace to join (a path, e.g. /var/run/netns/NAME).
     #[arg(long)]
     pub netns: Option<PathBuf>,
-    /// The cgroup version: only 2 is supported.
+    /// The cgroup version: 2 (one unified hierarchy) or 1 (one hierarchy
+    /// per controller, as on hosts where v2 lacks the cpu or memory
+    /// controller).
     #[arg(long, default_value_t = 2)]
     pub cgroup_version: u32,
-    /// A cgroup v2 file and the value to write, e.g. memory.max=268435456.
+    /// A cgroup file and the value to write, e.g. memory.max=268435456 (v2)
+    /// or cpu.cfs_quota_us=50000 (v1; the prefix names the controller).
     /// Repeatable.
     #[arg(long = "cgroup", value_name = "FILE=VALUE")]
     pub cgroups: Vec<String>,
@@ -146,12 +152,7 @@ fn parse_limit(s: &str) -> Result<(libc::__rlimit_resource_t, u64), String> {
 
 fn jail(a: JailArgs) -> Result<Never, String> {
     check_id(&a.id)?;
-    if a.cgroup_version != 2 {
-        return Err(format!(
-            "--cgroup-version {}: only cgroup v2 is supported",
-            a.cgroup_version
-        ));
-    }
+    let cgroup_version = cgroup::Version::from_flag(a.cgroup_version)?;
     let mut limits = vec![(libc::RLIMIT_NOFILE, 2048)];
     for l in &a.resource_limits {
         let (r, v) = parse_limit(l)?;
@@ -203,7 +204,7 @@ fn jail(a: JailArgs) -> Result<Never, String> {
         .parent_cgroup
         .clone()
         .unwrap_or_else(|| exec_name.to_string_lossy().into_owned());
-    join_cgroup(&parent, &a.id, &cgroup_values)?;
+    cgroup::join(cgroup_version, &parent, &a.id, &cgroup_values)?;
 
     for (r, v) in &limits {
         let lim = libc::rlimit {
@@ -317,65 +318,6 @@ fn copy_exec_with_libraries(exec: &Path, root: &Path, name: &OsStr) -> Result<()
         }
         std::fs::copy(path, &target).map_err(|e| format!("copying {path} into the jail: {e}"))?;
     }
-    Ok(())
-}
-
-/// The cgroup v2 mount point, from /proc/self/mountinfo.
-fn cgroup2_mount() -> Result<PathBuf, String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
-    for line in info.lines() {
-        // ... mount-point ... - fstype source options
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        if right.split_whitespace().next() == Some("cgroup2") {
-            if let Some(mp) = left.split_whitespace().nth(4) {
-                return Ok(PathBuf::from(mp));
-            }
-        }
-    }
-    Err("no cgroup v2 hierarchy is mounted (--cgroup-version 2)".into())
-}
-
-/// Create `<parent>/<id>` in the cgroup v2 hierarchy, enable the
-/// controllers the values need on the way, write the values and move this
-/// process in.
-fn join_cgroup(parent: &str, id: &str, values: &[(String, String)]) -> Result<(), String> {
-    if parent.split('/').any(|c| c == "..") {
-        return Err(format!("--parent-cgroup {parent:?}: no .. components"));
-    }
-    let base = cgroup2_mount()?;
-    let dir = base.join(parent.trim_matches('/')).join(id);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cgroup {}: {e}", dir.display()))?;
-    // Controllers named by the values ("memory" of memory.max), enabled in
-    // each ancestor's subtree_control.
-    let mut controllers: Vec<&str> = values
-        .iter()
-        .filter_map(|(f, _)| f.split_once('.').map(|(c, _)| c))
-        .filter(|c| *c != "cgroup")
-        .collect();
-    controllers.sort();
-    controllers.dedup();
-    if !controllers.is_empty() {
-        let mut at = base.clone();
-        let parts: Vec<_> = dir.strip_prefix(&base).unwrap_or(&dir).components().collect();
-        for c in parts {
-            let enable: String = controllers.iter().map(|c| format!("+{c} ")).collect();
-            std::fs::write(at.join("cgroup.subtree_control"), enable.trim()).map_err(|e| {
-                format!(
-                    "enabling {} in {}: {e} (is the controller in the cgroup v2 hierarchy?)",
-                    controllers.join(", "),
-                    at.display()
-                )
-            })?;
-            at = at.join(c);
-        }
-    }
-    for (f, v) in values {
-        std::fs::write(dir.join(f), v).map_err(|e| format!("--cgroup {f}={v}: {e}"))?;
-    }
-    std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
-        .map_err(|e| format!("joining cgroup {}: {e}", dir.display()))?;
     Ok(())
 }
 

@@ -332,3 +332,98 @@ fn jailer_argv0_new_pid_ns_and_daemonize() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"pid\":1"), "{body}");
 }
+
+/// The cgroup v1 hierarchy that holds `controller` (this host runs
+/// systemd's hybrid mode: cpu exists only in v1).
+fn cgroup1_mount(controller: &str) -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for line in info.lines() {
+        let (left, right) = line.split_once(" - ").unwrap();
+        let mut right = right.split_whitespace();
+        if right.next() == Some("cgroup") && right.nth(1).is_some_and(|o| o.split(',').any(|o| o == controller)) {
+            return PathBuf::from(left.split_whitespace().nth(4).unwrap());
+        }
+    }
+    panic!("this test needs the {controller} controller in a cgroup v1 hierarchy");
+}
+
+/// CPU seconds `pid` has used (user + system), from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (1-based), 11 and 12 after the comm.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no memory effects.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// QoS: a guest spinning both its vCPUs inside a jail whose cgroup then
+/// allows a tenth of a core (`--cgroup-version 1`, `cpu.cfs_quota_us`) is held to
+/// it: the cgroup reports throttling, and the VMM's CPU use stays near the
+/// quota (a generous bound: the host's load can only lower it; the quota is
+/// small so that even a loaded host leaves the VM more than it). The
+/// slowdown of a neighbour is measured by `bench/src/bin/qos.rs`.
+#[test]
+fn a_cpu_quota_holds_a_spinning_guest_down() {
+    let s = Scratch::new("qos");
+    let id = format!("qos{}", std::process::id());
+    let root = s.0.join("vessel").join(&id).join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    for (from, to) in [("kernel/vmlinux", "vmlinux"), ("initramfs.cpio.gz", "initrd")] {
+        std::fs::copy(artifact(from), root.join(to)).unwrap();
+    }
+    let parent_cgroup = format!("vessel-qos-test-{}", std::process::id());
+    let cmdline = format!(
+        "console=ttyS0 reboot=k panic=-1 vessel.end=reboot vessel.cmd={}",
+        b64("(while :; do :; done) & echo SPINNING; while :; do :; done")
+    );
+    let mut child = KillOnDrop(
+        vessel()
+            .args(["jail", "--id", &id, "--exec-file", env!("CARGO_BIN_EXE_vessel")])
+            .args(["--uid", &NOBODY.to_string(), "--gid", &NOBODY.to_string()])
+            .arg("--chroot-base-dir")
+            .arg(&s.0)
+            .args(["--cgroup-version", "1", "--parent-cgroup", &parent_cgroup])
+            .args([
+                "--cgroup",
+                "cpu.cfs_period_us=100000",
+                "--cgroup",
+                "cpu.cfs_quota_us=10000",
+            ])
+            .args(["--", "run", "--accel", "emu", "--cpus", "2", "--mem", "128M"])
+            .args(["--kernel", "/vmlinux", "--initrd", "/initrd", "--cmdline", &cmdline])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id();
+    let lines = spawn_lines(&mut child.0);
+    wait_stdout(&lines, "SPINNING", Duration::from_secs(240));
+    let dir = cgroup1_mount("cpu").join(&parent_cgroup).join(&id);
+    let tasks = std::fs::read_to_string(dir.join("tasks")).unwrap();
+    assert!(
+        tasks.lines().any(|t| t == pid.to_string()),
+        "the VMM is not in {}",
+        dir.display()
+    );
+    let before = cpu_seconds(pid);
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    let cores = (cpu_seconds(pid) - before) / start.elapsed().as_secs_f64();
+    let stat = std::fs::read_to_string(dir.join("cpu.stat")).unwrap();
+    let throttled: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("nr_throttled "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap();
+    drop(child);
+    let _ = std::fs::remove_dir(&dir);
+    let _ = std::fs::remove_dir(cgroup1_mount("cpu").join(&parent_cgroup));
+    assert!(
+        throttled > 0,
+        "the cgroup never throttled the spinning VM ({cores:.2} cores):\n{stat}"
+    );
+    assert!(cores < 0.2, "a VM held to a tenth of a core used {cores:.2} cores");
+}
