@@ -155,7 +155,11 @@ impl Engine for EmuEngine {
             .cpus
             .into_iter()
             .enumerate()
-            .map(|(id, cpu)| EmuVcpu { id, cpu })
+            .map(|(id, cpu)| EmuVcpu {
+                id,
+                cpu,
+                idle: IdleTrim::new(),
+            })
             .collect();
         run_vcpus(vcpus, shared, kicker)
     }
@@ -165,6 +169,45 @@ impl Engine for EmuEngine {
 struct EmuVcpu {
     id: usize,
     cpu: Cpu,
+    idle: IdleTrim,
+}
+
+/// An idle VM should cost (almost) no host memory beyond its RAM. The
+/// decoded-code cache is most of the VMM's own heap (several MiB), and an
+/// idle guest runs only its idle loop and timer handlers. So a vCPU that
+/// spent nearly all of a window halted drops its decoded code and
+/// translations, and the heap's free pages go back to the host
+/// (`malloc_trim`). The few blocks an idle guest runs are decoded again
+/// at once.
+struct IdleTrim {
+    window_start: std::time::Instant,
+    halted: Duration,
+}
+
+impl IdleTrim {
+    /// How long a window is, and the share of it spent halted that counts
+    /// as idle.
+    const WINDOW: Duration = Duration::from_secs(5);
+    const IDLE_SHARE: f64 = 0.95;
+
+    fn new() -> Self {
+        IdleTrim {
+            window_start: std::time::Instant::now(),
+            halted: Duration::ZERO,
+        }
+    }
+
+    /// Count a halt; true when a window ends that was idle enough.
+    fn note_halt(&mut self, halted: Duration) -> bool {
+        self.halted += halted;
+        let window = self.window_start.elapsed();
+        if window < Self::WINDOW {
+            return false;
+        }
+        let idle = self.halted.as_secs_f64() >= window.as_secs_f64() * Self::IDLE_SHARE;
+        *self = IdleTrim::new();
+        idle
+    }
 }
 
 impl Vcpu for EmuVcpu {
@@ -228,7 +271,14 @@ impl Vcpu for EmuVcpu {
         } else {
             Duration::from_millis(100)
         };
+        let start = std::time::Instant::now();
         shared.irqs.halt(self.id, &|| shared.now_ns(), wait, interrupts);
+        if self.idle.note_halt(start.elapsed()) {
+            self.cpu.flush_translations();
+            // SAFETY: malloc_trim only returns free heap pages to the
+            // kernel (madvise); it touches no memory still allocated.
+            unsafe { libc::malloc_trim(0) };
+        }
     }
 
     fn save_state(&mut self) -> Option<CpuState> {
