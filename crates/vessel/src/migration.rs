@@ -353,11 +353,6 @@ pub fn start_send(ctl: &mut Controller, req: SendRequest) -> Result<(), ActionEr
     let endpoint = req.validate().map_err(ActionError::InvalidConfig)?;
     let (handle, paused) = ctl.migration_source()?;
     let cfg = handle.config();
-    if handle.engine_kind() != vmm::EngineKind::Emu {
-        return Err(ActionError::Unsupported(
-            "migration runs under the emu engine only for now (kvm dirty logging is not done)".into(),
-        ));
-    }
     if let Some(d) = cfg.disks.iter().find(|d| !d.read_only) {
         return Err(ActionError::Unsupported(format!(
             "cannot migrate a VM with a writable disk ({}) yet: the hand-over of shared disks is not done",
