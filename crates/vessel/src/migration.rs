@@ -449,8 +449,11 @@ fn send_thread(vm: vmm::VmHandle, endpoint: Endpoint, url: String, opts: SendOpt
 pub fn start_receive(ctl: &mut Controller, req: ReceiveRequest) -> Result<(), ActionError> {
     let endpoint = Endpoint::parse(&req.receiver_url).map_err(ActionError::InvalidConfig)?;
     if let Some(a) = &req.accel {
-        a.parse::<vmm::Accel>()
+        // Refused now rather than after the whole stream came.
+        let accel = a
+            .parse::<vmm::Accel>()
             .map_err(|e| ActionError::InvalidConfig(e.to_string()))?;
+        vmm::engine::choose(accel).map_err(|e| ActionError::InvalidConfig(e.to_string()))?;
     }
     ctl.check_fresh("receiving a migration")?;
     if ctl.migration.active() {
