@@ -275,7 +275,10 @@ fn run(args: RunArgs, process_start: Instant) -> ExitCode {
         process_start,
         metrics_path: None,
         restore: None,
-        incoming: args.incoming.clone(),
+        incoming: args.incoming.clone().map(|url| crate::migration::ReceiveRequest {
+            receiver_url: url,
+            accel: args.accel.clone(),
+        }),
         seccomp: !args.no_seccomp,
     };
     if args.incoming.is_some() {

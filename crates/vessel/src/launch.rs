@@ -41,8 +41,9 @@ pub struct Launch {
     pub metrics_path: Option<PathBuf>,
     /// Start from this snapshot.
     pub restore: Option<fc::SnapshotLoad>,
-    /// Wait for an incoming migration on this URL (`vessel run --incoming`).
-    pub incoming: Option<String>,
+    /// Wait for an incoming migration (`vessel run --incoming`, with its
+    /// `--accel`).
+    pub incoming: Option<crate::migration::ReceiveRequest>,
     /// Filter every thread's syscalls (off with --no-seccomp).
     pub seccomp: bool,
 }
@@ -131,8 +132,7 @@ pub fn run_with(l: Launch, direct: Option<(vmm::MachineConfig, String)>) -> Exit
             return fail(&e.to_string());
         }
     }
-    if let Some(url) = l.incoming {
-        let r = crate::migration::ReceiveRequest { receiver_url: url };
+    if let Some(r) = l.incoming {
         if let Err(e) = ctl.handle(VmmAction::MigrationReceive(r)) {
             return fail(&e.to_string());
         }

@@ -34,6 +34,11 @@ const MAX_INCOMING_MEM: u64 = 1 << 40;
 #[serde(deny_unknown_fields)]
 pub struct ReceiveRequest {
     pub receiver_url: String,
+    /// Vessel extension: the engine to run the VM under here (emu, kvm,
+    /// auto); the source's by default. Either engine takes a VM from
+    /// either, under the CPUID rule of snapshots.
+    #[serde(default)]
+    pub accel: Option<String>,
 }
 
 /// `PUT /migration/send`; only `destination_url` is required.
@@ -353,11 +358,6 @@ pub fn start_send(ctl: &mut Controller, req: SendRequest) -> Result<(), ActionEr
     let endpoint = req.validate().map_err(ActionError::InvalidConfig)?;
     let (handle, paused) = ctl.migration_source()?;
     let cfg = handle.config();
-    if handle.engine_kind() != vmm::EngineKind::Emu {
-        return Err(ActionError::Unsupported(
-            "migration runs under the emu engine only for now (kvm dirty logging is not done)".into(),
-        ));
-    }
     if let Some(d) = cfg.disks.iter().find(|d| !d.read_only) {
         return Err(ActionError::Unsupported(format!(
             "cannot migrate a VM with a writable disk ({}) yet: the hand-over of shared disks is not done",
@@ -448,6 +448,13 @@ fn send_thread(vm: vmm::VmHandle, endpoint: Endpoint, url: String, opts: SendOpt
 /// incoming migration on a thread of its own.
 pub fn start_receive(ctl: &mut Controller, req: ReceiveRequest) -> Result<(), ActionError> {
     let endpoint = Endpoint::parse(&req.receiver_url).map_err(ActionError::InvalidConfig)?;
+    if let Some(a) = &req.accel {
+        // Refused now rather than after the whole stream came.
+        let accel = a
+            .parse::<vmm::Accel>()
+            .map_err(|e| ActionError::InvalidConfig(e.to_string()))?;
+        vmm::engine::choose(accel).map_err(|e| ActionError::InvalidConfig(e.to_string()))?;
+    }
     ctl.check_fresh("receiving a migration")?;
     if ctl.migration.active() {
         return Err(ActionError::Runtime("a migration is already in progress".into()));
@@ -459,9 +466,10 @@ pub fn start_receive(ctl: &mut Controller, req: ReceiveRequest) -> Result<(), Ac
     let h = ctl.migration.handles();
     let exits = ctl.exits();
     let url = req.receiver_url.clone();
+    let accel = req.accel.clone();
     std::thread::Builder::new()
         .name("migration-receive".into())
-        .spawn(move || receive_thread(listener, url, h, exits))
+        .spawn(move || receive_thread(listener, url, accel, h, exits))
         .map_err(|e| ActionError::Runtime(format!("cannot start the migration thread: {e}")))?;
     Ok(())
 }
@@ -480,7 +488,7 @@ fn on_main<T: Send + 'static>(
     rx.recv().map_err(|_| "the VMM is shutting down".to_string())
 }
 
-fn receive_thread(listener: Listener, url: String, h: Handles, exits: Sender<Msg>) {
+fn receive_thread(listener: Listener, url: String, accel: Option<String>, h: Handles, exits: Sender<Msg>) {
     let started = Instant::now();
     let fail = |why: String, conn: Option<&mut Conn>| {
         eprintln!("vessel: incoming migration on {url} failed: {why}; nothing runs here");
@@ -528,7 +536,7 @@ fn receive_thread(listener: Listener, url: String, h: Handles, exits: Sender<Msg
     let state = incoming.state;
     let mem = incoming.mem;
     let st = state.clone();
-    let machine = match on_main(&exits, move |ctl| ctl.prepare_incoming(&st, mem)) {
+    let machine = match on_main(&exits, move |ctl| ctl.prepare_incoming(&st, mem, accel)) {
         Ok(Ok(m)) => m,
         Ok(Err(e)) => return fail(e.to_string(), Some(&mut conn)),
         Err(e) => return fail(e, Some(&mut conn)),
@@ -602,6 +610,15 @@ mod tests {
         ] {
             assert!(Endpoint::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn receive_request_takes_an_engine() {
+        let r: ReceiveRequest = serde_json::from_str(r#"{"receiver_url": "unix:/s"}"#).unwrap();
+        assert_eq!(r.accel, None);
+        let r: ReceiveRequest = serde_json::from_str(r#"{"receiver_url": "unix:/s", "accel": "kvm"}"#).unwrap();
+        assert_eq!(r.accel.as_deref(), Some("kvm"));
+        assert!(serde_json::from_str::<ReceiveRequest>(r#"{"receiver_url": "unix:/s", "engine": "kvm"}"#).is_err());
     }
 
     #[test]

@@ -122,6 +122,7 @@ impl EngineSetup for EmuSetup {
             engine: Box::new(EmuEngine::new(self.cpus, self.code_map, boot_state)),
             cpu_features: CpuFeatures::emu(self.cpus),
             save: None,
+            dirty_log: None,
         })
     }
 
@@ -130,6 +131,7 @@ impl EngineSetup for EmuSetup {
             engine: Box::new(EmuEngine::from_states(self.code_map, &state.cpus)),
             cpu_features: CpuFeatures::emu(self.cpus),
             save: None,
+            dirty_log: None,
         })
     }
 }

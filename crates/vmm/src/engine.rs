@@ -103,6 +103,23 @@ pub trait EngineSave: Send + Sync {
     >;
 }
 
+/// Dirty-page logging an engine does itself (kvm: `KVM_MEM_LOG_DIRTY_PAGES`
+/// with `KVM_GET_DIRTY_LOG`): the vCPUs' own writes to guest memory, for
+/// live migration. [`crate::migration::dirty::DirtyLog`] merges what
+/// `collect` reports into the one bitmap that emu's TLB fills and the
+/// devices' DMA observer mark. An engine with this keeps no write
+/// translations of its own in the vCPUs, so no TLB flush is needed after
+/// a harvest (the kernel write-protects the pages it reported again).
+pub trait EngineDirtyLog: Send + Sync {
+    /// Log writes from now on (nothing logged yet).
+    fn start(&self) -> std::result::Result<(), String>;
+    /// Hand every page (guest-physical address) written since `start` or
+    /// the last `collect` to `mark`, and clear the engine's log.
+    fn collect(&self, mark: &mut dyn FnMut(u64)) -> std::result::Result<(), String>;
+    /// Stop logging.
+    fn stop(&self) -> std::result::Result<(), String>;
+}
+
 /// An engine while the machine is built around it: it gives the devices
 /// their interrupt lines and DMA observer, then takes the vCPUs' start
 /// (a boot, or a snapshot) and becomes the [`Engine`] that runs them. The
@@ -127,6 +144,9 @@ pub struct Ready {
     pub cpu_features: CpuFeatures,
     /// The engine's side of a snapshot, when it holds state of its own.
     pub save: Option<Arc<dyn EngineSave>>,
+    /// The engine's own dirty-page log, when the vCPUs' writes bypass the
+    /// VMM (kvm); `None` when the VMM sees them (emu marks on TLB fills).
+    pub dirty_log: Option<Arc<dyn EngineDirtyLog>>,
 }
 
 /// The engine `kind` for a machine of `cpus` vCPUs over `mem`, whose own

@@ -529,6 +529,9 @@ impl Machine {
         let serial_line = lines(COM1_IRQ)?;
         let kbd_line = lines(i8042::KBD_IRQ)?;
         let ready = setup.boot(&boot_state, &devices)?;
+        if let Some(log) = ready.dirty_log {
+            dirty.set_engine(log);
+        }
         let engine = ready.engine;
         let shared = Arc::new(Shared {
             mem,
@@ -625,6 +628,9 @@ impl Machine {
         let kbd_line = lines(i8042::KBD_IRQ)?;
         let vmgenid_line = lines(acpi::VMGENID_GSI)?;
         let ready = setup.restore(state, &devices)?;
+        if let Some(log) = ready.dirty_log {
+            dirty.set_engine(log);
+        }
         let engine = ready.engine;
         let shared = Arc::new(Shared {
             mem,

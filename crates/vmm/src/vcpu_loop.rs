@@ -115,7 +115,13 @@ pub fn run_vcpus<V: Vcpu>(vcpus: Vec<V>, shared: Arc<Shared>, kicker: Kicker) ->
         while !handles.iter().all(|h| h.is_finished()) {
             std::thread::sleep(POLL);
             ticks = ticks.wrapping_add(1);
-            if shared.stop.load(Ordering::Acquire) != RUNNING || ticks.is_multiple_of(every) {
+            // While auto-converge throttles, a vCPU sits out its share
+            // after each exit: kick often, or a guest that seldom exits
+            // (under kvm) would run on unthrottled.
+            if shared.stop.load(Ordering::Acquire) != RUNNING
+                || ticks.is_multiple_of(every)
+                || shared.dirty.throttle() > 0
+            {
                 shared.control.kick();
             }
         }

@@ -474,17 +474,20 @@ impl Controller {
         &mut self,
         state: &vmm::persist::MachineState,
         mem: vmm::migration::stream::GuestMemoryMmap,
+        accel: Option<String>,
     ) -> Result<vmm::Machine, ActionError> {
         self.check_fresh("receiving a migration")?;
-        let accel: vmm::Accel = state
-            .engine
-            .to_string()
+        // The engine asked for here, else the source's.
+        let accel: vmm::Accel = accel
+            .unwrap_or_else(|| state.engine.to_string())
             .parse()
             .map_err(|e: vmm::Error| ActionError::InvalidConfig(e.to_string()))?;
-        let (engine, _) = vmm::engine::choose(accel).map_err(|e| ActionError::StartMicrovm(e.to_string()))?;
+        let (engine, why) = vmm::engine::choose(accel).map_err(|e| ActionError::StartMicrovm(e.to_string()))?;
         let output = self.serial_output()?;
-        vmm::Machine::restore_with_memory(state, mem, output, engine)
-            .map_err(|e| ActionError::StartMicrovm(e.to_string()))
+        let machine = vmm::Machine::restore_with_memory(state, mem, output, engine)
+            .map_err(|e| ActionError::StartMicrovm(e.to_string()))?;
+        eprintln!("{why} (the source ran {})", state.engine);
+        Ok(machine)
     }
 
     /// The source committed: run the prepared machine. Returns when its

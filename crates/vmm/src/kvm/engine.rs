@@ -17,11 +17,11 @@ use super::irqchip_state::{
 };
 use super::state::msr;
 use super::vcpu::{restores_msr, KvmVcpu, Step, SNAPSHOT_MSRS};
-use super::vm::{get_vm_state, set_vm_state, KvmVm, VmIrqchipState, VmOptions};
+use super::vm::{get_vm_state, set_vm_state, DirtyLogSlots, KvmVm, VmIrqchipState, VmOptions};
 use crate::cpu_features::CpuFeatures;
 use crate::devices::irq::RouterState;
 use crate::devices::irq_line::InterruptLine;
-use crate::engine::{Engine, EngineKind, EngineSave, EngineSetup, Ready};
+use crate::engine::{Engine, EngineDirtyLog, EngineKind, EngineSave, EngineSetup, Ready};
 use crate::machine::{guest_tsc, RunOutcome, Shared, VcpuBus, TSC_KHZ};
 use crate::persist::{KvmState, MachineState, PersistError};
 use crate::vcpu_loop::{run_vcpus, Kicker, Vcpu, VcpuExit};
@@ -49,6 +49,25 @@ struct ParkedVcpu {
 pub struct KvmPlatform {
     vm_fd: Arc<VmFd>,
     parked: Mutex<Vec<Option<ParkedVcpu>>>,
+    /// KVM's dirty-page log, for live migration.
+    dirty: DirtyLogSlots,
+}
+
+/// The vCPUs' writes to guest memory never reach the VMM under kvm: KVM
+/// logs them (`KVM_MEM_LOG_DIRTY_PAGES`, `KVM_GET_DIRTY_LOG`).
+impl EngineDirtyLog for KvmPlatform {
+    fn start(&self) -> std::result::Result<(), String> {
+        // A log read clears it: what was logged before this start goes.
+        self.dirty.set_logging(true).map_err(|e| e.to_string())
+    }
+
+    fn collect(&self, mark: &mut dyn FnMut(u64)) -> std::result::Result<(), String> {
+        self.dirty.collect(mark).map_err(|e| e.to_string())
+    }
+
+    fn stop(&self) -> std::result::Result<(), String> {
+        self.dirty.set_logging(false).map_err(|e| e.to_string())
+    }
 }
 
 /// The host's CLOCK_MONOTONIC in ns: KVM's time base for the PIT.
@@ -132,6 +151,7 @@ impl KvmEngine {
 
     fn assemble(vm: KvmVm, vcpus: Vec<KvmVcpu>) -> Self {
         let platform = Arc::new(KvmPlatform {
+            dirty: vm.dirty_log_slots(),
             vm_fd: vm.vm_fd(),
             parked: Mutex::new(vec![None; vcpus.len()]),
         });
@@ -268,10 +288,12 @@ impl EngineSetup for KvmEngine {
         self.register_doorbells(devices)?;
         let cpu_features = self.vm.features(self.vcpus.len() as u32)?;
         let save: Arc<dyn EngineSave> = self.platform();
+        let dirty_log: Arc<dyn EngineDirtyLog> = self.platform();
         Ok(Ready {
             engine: self,
             cpu_features,
             save: Some(save),
+            dirty_log: Some(dirty_log),
         })
     }
 
@@ -279,11 +301,13 @@ impl EngineSetup for KvmEngine {
         self.load_state(state)?;
         self.register_doorbells(devices)?;
         let save: Arc<dyn EngineSave> = self.platform();
+        let dirty_log: Arc<dyn EngineDirtyLog> = self.platform();
         // The vCPUs' CPUID is cut down to what the guest saw.
         Ok(Ready {
             engine: self,
             cpu_features: state.cpu_features,
             save: Some(save),
+            dirty_log: Some(dirty_log),
         })
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, CpuId,
     KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
@@ -33,6 +33,8 @@ pub struct VmOptions {
 
 pub struct KvmVm {
     pub(crate) fd: Arc<VmFd>,
+    /// Guest memory's slots, as registered (no flags).
+    slots: Vec<kvm_userspace_memory_region>,
     supported_cpuid: CpuId,
     irqchip: bool,
     tsc_scaling: bool,
@@ -44,6 +46,7 @@ impl KvmVm {
     pub fn new(mem: &GuestMemoryMmap, opts: VmOptions) -> Result<Self, KvmError> {
         let kvm = Kvm::new().map_err(KvmError::ioctl("opening /dev/kvm"))?;
         let fd = kvm.create_vm().map_err(KvmError::ioctl("KVM_CREATE_VM"))?;
+        let mut slots = Vec::new();
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))
@@ -58,6 +61,7 @@ impl KvmVm {
             // SAFETY: `host` is the start of a mapping of `region.len()` bytes
             // owned by `mem`, which the caller keeps mapped while the VM lives.
             unsafe { fd.set_user_memory_region(r) }.map_err(KvmError::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+            slots.push(r);
         }
         if opts.irqchip {
             fd.set_tss_address(TSS_ADDR)
@@ -76,6 +80,7 @@ impl KvmVm {
             .map_err(KvmError::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
         let tsc_scaling = fd.check_extension(Cap::TscControl) && fd.check_extension(Cap::GetTscKhz);
         Ok(KvmVm {
+            slots,
             tsc_scaling,
             fd: Arc::new(fd),
             supported_cpuid,
@@ -136,6 +141,15 @@ impl KvmVm {
         self.fd.clone()
     }
 
+    /// The guest memory slots, for turning dirty logging on and off
+    /// ([`DirtyLogSlots`]).
+    pub fn dirty_log_slots(&self) -> DirtyLogSlots {
+        DirtyLogSlots {
+            fd: self.fd.clone(),
+            slots: self.slots.clone(),
+        }
+    }
+
     /// An interrupt line into the in-kernel irqchip at `gsi` (irqfd).
     pub fn irq_line(&self, gsi: u32) -> Result<Arc<KvmIrqLine>, KvmError> {
         let event = EventFd::new(EFD_NONBLOCK).map_err(|e| KvmError::Setup(format!("eventfd: {e}")))?;
@@ -158,6 +172,61 @@ impl KvmVm {
         self.fd
             .register_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
             .map_err(KvmError::ioctl("KVM_IOEVENTFD"))
+    }
+}
+
+/// KVM's dirty-page log over a VM's memory slots: `KVM_MEM_LOG_DIRTY_PAGES`
+/// on each slot while logging (the slot is registered again with the
+/// flag, and without it to stop: KVM allows changing only the flags of a
+/// live slot), `KVM_GET_DIRTY_LOG` to read and clear it. KVM write-protects
+/// the slot's pages when logging starts and again each time the log is
+/// read (flushing the vCPUs' TLBs before the ioctl returns), so a page
+/// written after a read shows in the next one.
+pub struct DirtyLogSlots {
+    fd: Arc<VmFd>,
+    slots: Vec<kvm_userspace_memory_region>,
+}
+
+impl DirtyLogSlots {
+    /// Turn logging on or off on every slot.
+    pub fn set_logging(&self, on: bool) -> Result<(), KvmError> {
+        for r in &self.slots {
+            let r = kvm_userspace_memory_region {
+                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                ..*r
+            };
+            // SAFETY: the same slot over the same mapping as when the VM
+            // was built (`KvmVm::new`), which the machine keeps mapped
+            // while the VM lives; only the flags differ.
+            unsafe { self.fd.set_user_memory_region(r) }
+                .map_err(KvmError::ioctl("KVM_SET_USER_MEMORY_REGION (dirty logging)"))?;
+        }
+        Ok(())
+    }
+
+    /// Every page written since logging started or the last call, by its
+    /// guest-physical address; KVM's log is cleared.
+    pub fn collect(&self, mark: &mut dyn FnMut(u64)) -> Result<(), KvmError> {
+        const PAGE: u64 = 4096;
+        for r in &self.slots {
+            let bitmap = self
+                .fd
+                .get_dirty_log(r.slot, r.memory_size as usize)
+                .map_err(KvmError::ioctl("KVM_GET_DIRTY_LOG"))?;
+            let pages = r.memory_size / PAGE;
+            for (i, &word) in bitmap.iter().enumerate() {
+                let mut w = word;
+                while w != 0 {
+                    let page = i as u64 * 64 + u64::from(w.trailing_zeros());
+                    w &= w - 1;
+                    // KVM sets no bit past the slot; should it, ignore it.
+                    if page < pages {
+                        mark(r.guest_phys_addr + page * PAGE);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 

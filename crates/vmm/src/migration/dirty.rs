@@ -12,11 +12,19 @@
 //! runs [`DirtyLog::request_flush`] and waits in [`DirtyLog::wait_flushed`].
 //! When tracking is off nothing is marked and the write path is unchanged
 //! (the check is on TLB fills only).
+//!
+//! Under kvm the vCPUs write guest memory without the VMM seeing it: the
+//! engine logs those writes itself ([`EngineDirtyLog`], KVM's dirty log),
+//! `enable`/`disable` start and stop that log, and `harvest` first merges
+//! it into this bitmap. The rounds of pre-copy read only this bitmap, so
+//! they are the same under both engines; devices' writes reach it through
+//! the DMA observer under both.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::engine::EngineDirtyLog;
 use crate::machine::MAX_CPUS;
 
 const PAGE_SHIFT: u64 = 12;
@@ -32,6 +40,11 @@ pub struct DirtyLog {
     flush_wanted: AtomicBool,
     /// vCPU throttle for auto-converge, in percent of time (0 = none).
     throttle_percent: AtomicU8,
+    /// The engine's own log of the vCPUs' writes (kvm), set once when the
+    /// machine is built.
+    engine: OnceLock<Arc<dyn EngineDirtyLog>>,
+    /// Whether the engine's log is on.
+    engine_logging: AtomicBool,
 }
 
 impl Default for DirtyLog {
@@ -43,13 +56,21 @@ impl Default for DirtyLog {
             flushed: std::array::from_fn(|_| AtomicU64::new(0)),
             flush_wanted: AtomicBool::new(false),
             throttle_percent: AtomicU8::new(0),
+            engine: OnceLock::new(),
+            engine_logging: AtomicBool::new(false),
         }
     }
 }
 
 impl DirtyLog {
-    /// Start tracking writes below `phys_limit`.
-    pub fn enable(&self, phys_limit: u64) {
+    /// The engine logs the vCPUs' writes itself (kvm): `enable`, `harvest`
+    /// and `disable` drive its log too. Set once, when the machine is built.
+    pub fn set_engine(&self, engine: Arc<dyn EngineDirtyLog>) {
+        let _ = self.engine.set(engine);
+    }
+
+    /// Start tracking writes below `phys_limit` (and the engine's log).
+    pub fn enable(&self, phys_limit: u64) -> Result<(), String> {
         let words = phys_limit.div_ceil(1 << PAGE_SHIFT).div_ceil(64) as usize;
         let bits = self
             .bits
@@ -58,12 +79,27 @@ impl DirtyLog {
             w.store(0, Ordering::Relaxed);
         }
         self.enabled.store(true, Ordering::Release);
+        if let Some(engine) = self.engine.get() {
+            self.engine_logging.store(true, Ordering::Release);
+            if let Err(e) = engine.start() {
+                self.disable();
+                return Err(format!("starting the engine's dirty-page log: {e}"));
+            }
+        }
+        Ok(())
     }
 
-    /// Stop tracking (and throttling).
+    /// Stop tracking (and throttling, and the engine's log).
     pub fn disable(&self) {
         self.enabled.store(false, Ordering::Release);
         self.throttle_percent.store(0, Ordering::Relaxed);
+        if let Some(engine) = self.engine.get() {
+            if self.engine_logging.swap(false, Ordering::AcqRel) {
+                if let Err(e) = engine.stop() {
+                    tracing::warn!("stopping the engine's dirty-page log: {e}");
+                }
+            }
+        }
     }
 
     #[inline]
@@ -77,6 +113,11 @@ impl DirtyLog {
         if !self.enabled() {
             return;
         }
+        self.set_bit(gpa);
+    }
+
+    #[inline]
+    fn set_bit(&self, gpa: u64) {
         if let Some(w) = self.bits.get().and_then(|b| b.get((gpa >> PAGE_SHIFT >> 6) as usize)) {
             w.fetch_or(1 << ((gpa >> PAGE_SHIFT) & 63), Ordering::AcqRel);
         }
@@ -95,11 +136,20 @@ impl DirtyLog {
     }
 
     /// The pages (guest-physical addresses) marked since the last harvest,
-    /// in order; their bits are cleared.
-    pub fn harvest(&self) -> Vec<u64> {
+    /// in order, the engine's log merged in; their bits are cleared. An
+    /// error when the engine's log could not be read (its pages are then
+    /// unknown: the migration must not go on).
+    pub fn harvest(&self) -> Result<Vec<u64>, String> {
+        if let Some(engine) = self.engine.get() {
+            if self.engine_logging.load(Ordering::Acquire) {
+                engine
+                    .collect(&mut |gpa| self.set_bit(gpa))
+                    .map_err(|e| format!("reading the engine's dirty-page log: {e}"))?;
+            }
+        }
         let mut out = Vec::new();
         let Some(bits) = self.bits.get() else {
-            return out;
+            return Ok(out);
         };
         for (i, w) in bits.iter().enumerate() {
             let mut v = w.swap(0, Ordering::AcqRel);
@@ -109,14 +159,18 @@ impl DirtyLog {
                 v &= v - 1;
             }
         }
-        out
+        Ok(out)
     }
 
     /// Ask every vCPU to drop its cached translations; the generation to
-    /// wait for.
+    /// wait for. With an engine that logs the vCPUs' writes itself there
+    /// is nothing to drop (its vCPUs cache no write translations of the
+    /// VMM's), and the wait is over at once.
     pub fn request_flush(&self) -> u64 {
         let g = self.flush_generation.fetch_add(1, Ordering::AcqRel) + 1;
-        self.flush_wanted.store(true, Ordering::Release);
+        if self.engine.get().is_none() {
+            self.flush_wanted.store(true, Ordering::Release);
+        }
         g
     }
 
@@ -141,6 +195,9 @@ impl DirtyLog {
     /// Wait until vCPUs `0..cpus` have flushed for generation `g`; false
     /// when `timeout` passed first (or `gone` says the vCPUs ended).
     pub fn wait_flushed(&self, g: u64, cpus: usize, timeout: Duration, gone: &dyn Fn() -> bool) -> bool {
+        if self.engine.get().is_some() {
+            return true;
+        }
         let start = Instant::now();
         loop {
             if self.flushed[..cpus.min(MAX_CPUS as usize)]
@@ -176,16 +233,57 @@ mod tests {
     fn marks_only_while_enabled_and_harvest_clears() {
         let log = DirtyLog::default();
         log.mark(0x5000);
-        assert!(log.harvest().is_empty());
-        log.enable(1 << 24);
+        assert!(log.harvest().unwrap().is_empty());
+        log.enable(1 << 24).unwrap();
         log.mark(0x5123);
         log.mark_range(0x7fff, 2);
         log.mark(1 << 40); // outside: ignored
-        assert_eq!(log.harvest(), vec![0x5000, 0x7000, 0x8000]);
-        assert!(log.harvest().is_empty());
+        assert_eq!(log.harvest().unwrap(), vec![0x5000, 0x7000, 0x8000]);
+        assert!(log.harvest().unwrap().is_empty());
         log.disable();
         log.mark(0x1000);
-        assert!(log.harvest().is_empty());
+        assert!(log.harvest().unwrap().is_empty());
+    }
+
+    /// An engine log that reports what the test put in it.
+    #[derive(Default)]
+    struct EngineLog {
+        on: AtomicBool,
+        pages: std::sync::Mutex<Vec<u64>>,
+    }
+
+    impl EngineDirtyLog for EngineLog {
+        fn start(&self) -> Result<(), String> {
+            self.on.store(true, Ordering::Release);
+            Ok(())
+        }
+        fn collect(&self, mark: &mut dyn FnMut(u64)) -> Result<(), String> {
+            self.pages.lock().unwrap().drain(..).for_each(mark);
+            Ok(())
+        }
+        fn stop(&self) -> Result<(), String> {
+            self.on.store(false, Ordering::Release);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn engine_log_is_merged_and_needs_no_flush() {
+        let log = DirtyLog::default();
+        let engine = Arc::new(EngineLog::default());
+        log.set_engine(engine.clone());
+        log.enable(1 << 24).unwrap();
+        assert!(engine.on.load(Ordering::Acquire));
+        engine.pages.lock().unwrap().extend([0x9000, 0x3000]);
+        log.mark_range(0x3000, 1); // a device wrote the same page
+        log.mark(0x4000);
+        assert_eq!(log.harvest().unwrap(), vec![0x3000, 0x4000, 0x9000]);
+        assert!(log.harvest().unwrap().is_empty());
+        let g = log.request_flush();
+        assert!(!log.flush_wanted());
+        assert!(log.wait_flushed(g, 2, Duration::ZERO, &|| false));
+        log.disable();
+        assert!(!engine.on.load(Ordering::Acquire));
     }
 
     #[test]

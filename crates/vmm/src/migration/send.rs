@@ -19,7 +19,6 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 
 use super::stream::{self, Hello, Message, PageBatchBuilder, StreamError, PAGE_SIZE};
 use super::{MigrationInfo, Status};
-use crate::engine::EngineKind;
 use crate::machine::VmHandle;
 
 /// How long the source waits for its vCPUs to stop at the switch.
@@ -174,11 +173,6 @@ fn run(
     paused: &mut bool,
     committed: &mut bool,
 ) -> Result<SendOutcome, SendError> {
-    if vm.engine_kind() != EngineKind::Emu {
-        return Err(SendError::Refused(
-            "migration runs under the emu engine only for now (kvm state and dirty logging are not done)".into(),
-        ));
-    }
     let mem = vm.guest_memory();
     let cfg = vm.config().clone();
     let mut link = Link {
@@ -209,7 +203,7 @@ fn run(
     let paused_at;
     if opts.mode == Mode::Live {
         let log = vm.dirty_log();
-        log.enable(mem.last_addr().0 + 1);
+        log.enable(mem.last_addr().0 + 1).map_err(SendError::Refused)?;
         flush_all(vm)?;
         let mut throttle = 0u8;
         let mut not_shrinking = 0;
@@ -226,7 +220,7 @@ fn run(
             let round_time = round_start.elapsed().max(Duration::from_millis(1));
             let bandwidth = ((link.sent - sent_before) as f64 / round_time.as_secs_f64()).max(1.0);
             // What the guest dirtied meanwhile.
-            pending = log.harvest();
+            pending = log.harvest().map_err(SendError::Refused)?;
             flush_all(vm)?;
             let remaining = pending.len() as u64 * PAGE_SIZE;
             let expected = Duration::from_secs_f64(remaining as f64 / bandwidth);
@@ -282,7 +276,7 @@ fn run(
         *paused = true;
         paused_at = SystemTime::now();
         // Paused: nothing writes guest memory any more.
-        pending.extend(log.harvest());
+        pending.extend(log.harvest().map_err(SendError::Refused)?);
         pending.sort_unstable();
         pending.dedup();
         log.disable();
