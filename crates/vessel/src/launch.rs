@@ -132,7 +132,10 @@ pub fn run_with(l: Launch, direct: Option<(vmm::MachineConfig, String)>) -> Exit
         }
     }
     if let Some(url) = l.incoming {
-        let r = crate::migration::ReceiveRequest { receiver_url: url };
+        let r = crate::migration::ReceiveRequest {
+            receiver_url: url,
+            network_overrides: Vec::new(),
+        };
         if let Err(e) = ctl.handle(VmmAction::MigrationReceive(r)) {
             return fail(&e.to_string());
         }
