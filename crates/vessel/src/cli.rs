@@ -278,6 +278,7 @@ fn run(args: RunArgs, process_start: Instant) -> ExitCode {
         incoming: args.incoming.clone().map(|url| crate::migration::ReceiveRequest {
             receiver_url: url,
             accel: args.accel.clone(),
+            network_overrides: Vec::new(),
         }),
         seccomp: !args.no_seccomp,
     };

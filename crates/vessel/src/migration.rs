@@ -39,6 +39,11 @@ pub struct ReceiveRequest {
     /// either, under the CPUID rule of snapshots.
     #[serde(default)]
     pub accel: Option<String>,
+    /// TAPs (and MACs) of this host for the VM's network interfaces,
+    /// as in `PUT /snapshot/load`; by default the destination opens the
+    /// TAP the source used, once the source has let go of it.
+    #[serde(default)]
+    pub network_overrides: Vec<crate::fc::NetworkOverride>,
 }
 
 /// `PUT /migration/send`; only `destination_url` is required.
@@ -357,18 +362,6 @@ impl Handles {
 pub fn start_send(ctl: &mut Controller, req: SendRequest) -> Result<(), ActionError> {
     let endpoint = req.validate().map_err(ActionError::InvalidConfig)?;
     let (handle, paused) = ctl.migration_source()?;
-    let cfg = handle.config();
-    if let Some(d) = cfg.disks.iter().find(|d| !d.read_only) {
-        return Err(ActionError::Unsupported(format!(
-            "cannot migrate a VM with a writable disk ({}) yet: the hand-over of shared disks is not done",
-            d.path.display()
-        )));
-    }
-    if !cfg.nets.is_empty() {
-        return Err(ActionError::Unsupported(
-            "cannot migrate a VM with a network interface yet: the TAP hand-over is not done".into(),
-        ));
-    }
     // A paused VM's vCPUs cannot answer dirty-page flushes: it goes cold,
     // and stays paused if the migration fails.
     let mode = if paused { Mode::Cold } else { req.mode };
@@ -455,6 +448,9 @@ pub fn start_receive(ctl: &mut Controller, req: ReceiveRequest) -> Result<(), Ac
             .map_err(|e| ActionError::InvalidConfig(e.to_string()))?;
         vmm::engine::choose(accel).map_err(|e| ActionError::InvalidConfig(e.to_string()))?;
     }
+    for o in &req.network_overrides {
+        crate::fc::check_id("iface_id", &o.iface_id).map_err(ActionError::InvalidConfig)?;
+    }
     ctl.check_fresh("receiving a migration")?;
     if ctl.migration.active() {
         return Err(ActionError::Runtime("a migration is already in progress".into()));
@@ -467,9 +463,10 @@ pub fn start_receive(ctl: &mut Controller, req: ReceiveRequest) -> Result<(), Ac
     let exits = ctl.exits();
     let url = req.receiver_url.clone();
     let accel = req.accel.clone();
+    let overrides = req.network_overrides;
     std::thread::Builder::new()
         .name("migration-receive".into())
-        .spawn(move || receive_thread(listener, url, accel, h, exits))
+        .spawn(move || receive_thread(listener, url, accel, overrides, h, exits))
         .map_err(|e| ActionError::Runtime(format!("cannot start the migration thread: {e}")))?;
     Ok(())
 }
@@ -488,7 +485,14 @@ fn on_main<T: Send + 'static>(
     rx.recv().map_err(|_| "the VMM is shutting down".to_string())
 }
 
-fn receive_thread(listener: Listener, url: String, accel: Option<String>, h: Handles, exits: Sender<Msg>) {
+fn receive_thread(
+    listener: Listener,
+    url: String,
+    accel: Option<String>,
+    overrides: Vec<crate::fc::NetworkOverride>,
+    h: Handles,
+    exits: Sender<Msg>,
+) {
     let started = Instant::now();
     let fail = |why: String, conn: Option<&mut Conn>| {
         eprintln!("vessel: incoming migration on {url} failed: {why}; nothing runs here");
@@ -533,7 +537,10 @@ fn receive_thread(listener: Listener, url: String, accel: Option<String>, h: Han
         i.transferred_bytes = incoming.bytes;
         i.total_bytes = incoming.hello.mem_size;
     });
-    let state = incoming.state;
+    let mut state = incoming.state;
+    if let Err(e) = crate::control::apply_network_overrides(&mut state, &overrides, "the migrated VM") {
+        return fail(format!("network_overrides: {e}"), Some(&mut conn));
+    }
     let mem = incoming.mem;
     let st = state.clone();
     let machine = match on_main(&exits, move |ctl| ctl.prepare_incoming(&st, mem, accel)) {
@@ -547,7 +554,13 @@ fn receive_thread(listener: Listener, url: String, accel: Option<String>, h: Han
         return fail(format!("the source is gone: {e}; discarded what it sent"), None);
     }
     let paused_at = match stream::read_message(&mut reader) {
-        Ok(Message::Commit { paused_at_unix_ns }) => paused_at_unix_ns,
+        Ok(Message::Commit {
+            paused_at_unix_ns,
+            iterations,
+        }) => {
+            h.update(|i| i.iterations = iterations);
+            paused_at_unix_ns
+        }
         Ok(Message::Error(e)) => {
             machine.discard();
             return fail(format!("{e}; discarded what it sent"), None);
@@ -565,8 +578,8 @@ fn receive_thread(listener: Listener, url: String, accel: Option<String>, h: Han
         }
     };
     let resumed = on_main(&exits, move |ctl| ctl.start_incoming(machine, &state));
-    let resumed_at = match resumed {
-        Ok(Ok(t)) => t,
+    let (resumed_at, vm) = match resumed {
+        Ok(Ok(r)) => r,
         Ok(Err(e)) => return fail(format!("cannot run the received VM: {e}"), Some(&mut conn)),
         Err(e) => return fail(e, Some(&mut conn)),
     };
@@ -582,6 +595,23 @@ fn receive_thread(listener: Listener, url: String, accel: Option<String>, h: Han
     });
     h.active.store(false, Ordering::Release);
     tracing::info!("incoming migration on {url} completed: downtime {downtime_ms} ms");
+    announce(&vm);
+}
+
+/// Announce the guest on its network after the switch, as QEMU's
+/// announce-self does with its defaults: a RARP frame from each NIC's MAC,
+/// five times, after gaps of 50, 150, 250 and 350 ms, so that switches and
+/// bridges learn where the guest is now even if a frame is lost.
+fn announce(vm: &vmm::VmHandle) {
+    const ROUNDS: u64 = 5;
+    for round in 0..ROUNDS {
+        if vm.stopped() || vm.announce_network() == 0 {
+            return;
+        }
+        if round + 1 < ROUNDS {
+            std::thread::sleep(Duration::from_millis(50 + 100 * round));
+        }
+    }
 }
 
 #[cfg(test)]

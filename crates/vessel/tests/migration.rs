@@ -416,3 +416,417 @@ fn cold_migration_over_a_unix_socket() {
     }
     still_ticking(&run_dir, "dst");
 }
+
+/// `ip ARGS`, which must succeed (the network tests need root and iproute2).
+fn ip(args: &[&str]) {
+    let o = std::process::Command::new("ip")
+        .args(args)
+        .timed_output()
+        .expect("ip (iproute2) is needed for this test");
+    assert!(
+        o.status.success(),
+        "ip {args:?}: {} (this test needs root: CAP_NET_ADMIN for the namespace and the tap)",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A network namespace holding one persistent TAP with the host's end of
+/// a /24, removed when dropped.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(tag: &str, tap: &str, host_ip: &str) -> NetNs {
+        let name = format!("vessel-{tag}-{}", std::process::id());
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .timed_output();
+        ip(&["netns", "add", &name]);
+        let ns = NetNs(name.clone());
+        ip(&["-n", &name, "tuntap", "add", tap, "mode", "tap"]);
+        ip(&["-n", &name, "addr", "add", host_ip, "dev", tap]);
+        ip(&["-n", &name, "link", "set", tap, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Run `f` on a thread inside the namespace (its sockets live there).
+    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("netns file");
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: setns on a namespace fd we opened; it changes only
+            // this thread's network namespace.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// `c` (a `vessel` command) run inside the namespace.
+    fn wrap(&self, c: &std::process::Command) -> std::process::Command {
+        let mut n = std::process::Command::new("ip");
+        n.args(["netns", "exec", &self.0])
+            .arg(c.get_program())
+            .args(c.get_args());
+        for (k, v) in c.get_envs() {
+            if let Some(v) = v {
+                n.env(k, v);
+            }
+        }
+        n.stdin(Stdio::null());
+        n
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .timed_output();
+    }
+}
+
+/// RARP frames from `mac` that reach the namespace's `tap` until `stop`
+/// is set: an AF_PACKET socket bound to the TAP (it sees what the VMM
+/// writes into the TAP as frames received there).
+fn count_rarp(tap: &str, mac: [u8; 6], stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> usize {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const ETH_P_RARP: u16 = 0x8035;
+    // SAFETY: socket(2) with constant arguments; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(ETH_P_RARP.to_be())) };
+    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor only this owner closes.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd;
+    let name = std::ffi::CString::new(tap).unwrap();
+    // SAFETY: a NUL-terminated interface name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(index > 0, "no interface {tap}");
+    // SAFETY: sockaddr_ll is plain data; zeroes are a valid start.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = ETH_P_RARP.to_be();
+    addr.sll_ifindex = index as i32;
+    // SAFETY: bind with a sockaddr_ll of the size given.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: SO_RCVTIMEO takes a timeval of the size given.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let mut seen = 0;
+    let mut buf = [0u8; 2048];
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        // SAFETY: recv into `buf`, which is buf.len() long.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 42 {
+            let f = &buf[..n as usize];
+            // Ethernet source = the guest's MAC, EtherType RARP, opcode 3
+            // (reverse request), sender hardware address = the MAC.
+            if f[6..12] == mac && f[12..14] == ETH_P_RARP.to_be_bytes() && f[20..22] == [0, 3] && f[22..28] == mac {
+                seen += 1;
+            }
+        }
+    }
+    seen
+}
+
+/// The network follows the guest: a TCP stream from a server in the guest
+/// (a counter, one number a line) to a client on the host, through a TAP
+/// in a network namespace, survives a live migration with no number lost
+/// or repeated; the destination takes the same TAP once the source let go
+/// of it, and announces the guest with RARP frames from its MAC. Both VMMs
+/// run with their seccomp filters (the default).
+#[test]
+fn a_tcp_stream_through_a_tap_survives_live_migration() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let s = Scratch::new("mig-net");
+    let run_dir = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
+    let ns = NetNs::new("mig", "vtap0", "10.78.0.1/24");
+    let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x57];
+    let work = "ip addr add 10.78.0.2/24 dev eth0 && ip link set eth0 up && echo NET-UP && \
+                seq 1 100000000 | nc -l -p 5000; echo NC-ENDED";
+    let src = detached(&run_dir, "src", "256M", work);
+    launch(ns.wrap(&src).args(["--net", "tap=vtap0,mac=52:54:00:12:34:57"]));
+    wait_log(&run_dir, "src", "NET-UP", Duration::from_secs(180));
+    // The client: reads the counter (at most ~3 MB/s, to leave the CPU to
+    // the guests) and checks that each number follows the last.
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (received, stop) = (received.clone(), stop.clone());
+        ns.spawn(move || -> Result<u64, String> {
+            let start = Instant::now();
+            let mut conn = loop {
+                match std::net::TcpStream::connect("10.78.0.2:5000") {
+                    Ok(c) => break c,
+                    Err(e) if start.elapsed() > Duration::from_secs(60) => {
+                        return Err(format!("cannot connect to the guest: {e}"))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            };
+            conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut buf = vec![0u8; 16 << 10];
+            let mut line = Vec::new();
+            let mut last = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let n = conn.read(&mut buf).map_err(|e| format!("after {last}: {e}"))?;
+                if n == 0 {
+                    return Err(format!("the stream ended after {last}"));
+                }
+                for &b in &buf[..n] {
+                    if b != b'\n' {
+                        line.push(b);
+                        continue;
+                    }
+                    let v: u64 = std::str::from_utf8(&line)
+                        .ok()
+                        .and_then(|t| t.parse().ok())
+                        .ok_or_else(|| format!("after {last}: a bad line {:?}", String::from_utf8_lossy(&line)))?;
+                    if v != last + 1 {
+                        return Err(format!("{v} came after {last}: bytes lost or repeated"));
+                    }
+                    last = v;
+                    line.clear();
+                }
+                received.store(last, Ordering::Release);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(last)
+        })
+    };
+    let rarp = {
+        let stop = stop.clone();
+        ns.spawn(move || count_rarp("vtap0", mac, stop))
+    };
+    // Until the client has `n` numbers; false if it stopped (its error
+    // says why).
+    let wait_for = |what: &str, n: u64, client: &std::thread::JoinHandle<Result<u64, String>>| {
+        let start = Instant::now();
+        while received.load(Ordering::Acquire) < n {
+            if client.is_finished() {
+                return false;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "the stream stalled before {what}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    };
+    let logs = |run_dir: &Path| {
+        format!(
+            "src console:\n{}\ndst console:\n{}",
+            console_log(run_dir, "src"),
+            console_log(run_dir, "dst")
+        )
+    };
+    if !wait_for("the migration", 20_000, &client) {
+        panic!("the client stopped: {:?}\n{}", client.join(), logs(&run_dir));
+    }
+    let url = format!("unix:{}", s.0.join("mig.sock").display());
+    let mut dst = runtime_cmd(&run_dir);
+    dst.args(["run", "--detach", "--name", "dst", "--incoming", &url]);
+    launch(&mut ns.wrap(&dst));
+    let start = Instant::now();
+    while migration(&run_dir, "dst")["status"] != "setup" {
+        assert!(start.elapsed() < Duration::from_secs(10), "dst never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = received.load(Ordering::Acquire);
+    let body = format!(r#"{{"destination_url": "{url}"}}"#);
+    let r = api(&run_dir, "src", "PUT", "/migration/send", Some(&body));
+    assert_eq!(r.status, 204, "{}", r.body);
+    let m = wait_status(&run_dir, "dst", "completed");
+    eprintln!("network migration: {m}");
+    assert!(
+        m["iterations"].as_u64().unwrap_or(0) >= 2,
+        "a live migration of one round? {m}"
+    );
+    let at_switch = received.load(Ordering::Acquire);
+    // The stream goes on from the destination: plenty more numbers.
+    let went_on = wait_for("the end", at_switch + 50_000, &client);
+    stop.store(true, Ordering::Release);
+    let last = client
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&run_dir)));
+    assert!(went_on, "the client stopped at {last}");
+    eprintln!("counter: {before} before the migration, {at_switch} at its end, {last} in all");
+    assert!(last > at_switch + 50_000);
+    let rarps = rarp.join().unwrap();
+    assert!(
+        rarps >= 1,
+        "the destination announced nothing (no RARP from the guest's MAC)"
+    );
+    eprintln!("{rarps} RARP announcements seen");
+    let start = Instant::now();
+    while run_dir.join("src").exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "the source did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !console_log(&run_dir, "dst").contains("NC-ENDED"),
+        "{}",
+        console_log(&run_dir, "dst")
+    );
+    assert_eq!(api(&run_dir, "dst", "GET", "/", None).json()["state"], "Running");
+}
+
+/// `qemu-img ARGS`, which must succeed.
+fn qemu_img(args: &[&str]) -> String {
+    let o = std::process::Command::new("qemu-img")
+        .args(args)
+        .timed_output()
+        .expect("qemu-img (qemu-utils) is needed for this test");
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The highest WROTEn in a console log.
+fn last_wrote(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| l.trim().strip_prefix("WROTE")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A disk on storage both sides share follows the guest: the guest writes
+/// numbered records to a qcow2 virtio-blk disk (each made durable) all
+/// along. A migration that fails after the source let go of the disk (the
+/// destination refuses the state) leaves the source with its disk, and it
+/// writes on; a live migration then hands the image over, the destination
+/// writes on, and afterwards every record is in the image and
+/// `qemu-img check` finds it clean.
+#[test]
+fn a_shared_qcow2_disk_follows_the_guest() {
+    let s = Scratch::new("mig-disk");
+    let run_dir = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
+    let image = s.0.join("disk.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "64M"]);
+    let work = "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); \
+                printf 'REC%08d' $i | dd of=/dev/vda bs=512 seek=$i conv=notrunc,fsync 2>/dev/null && echo WROTE$i; done";
+    launch(
+        detached(&run_dir, "src", "256M", work)
+            .arg("--disk")
+            .arg(disk_arg(&image, "")),
+    );
+    wait_log(&run_dir, "src", "WROTE20", Duration::from_secs(180));
+    // A destination that refuses the state (an override for an interface
+    // the VM does not have): by then the source has released the disk.
+    launch(
+        runtime_cmd(&run_dir)
+            .args(["run", "--detach", "--name", "dst1"])
+            .stdin(Stdio::null()),
+    );
+    let url1 = format!("unix:{}", s.0.join("mig1.sock").display());
+    let body = format!(
+        r#"{{"receiver_url": "{url1}", "network_overrides": [{{"iface_id": "eth9", "host_dev_name": "nope0"}}]}}"#
+    );
+    let r = api(&run_dir, "dst1", "PUT", "/migration/receive", Some(&body));
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = api(
+        &run_dir,
+        "src",
+        "PUT",
+        "/migration/send",
+        Some(&format!(r#"{{"destination_url": "{url1}"}}"#)),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let d = wait_status(&run_dir, "dst1", "failed");
+    assert!(d["error"].as_str().unwrap_or_default().contains("eth9"), "{d}");
+    let m = wait_status(&run_dir, "src", "failed");
+    assert!(!m["error"].as_str().unwrap_or_default().contains("stays paused"), "{m}");
+    // The source has its disk back and writes on.
+    let after_failure = last_wrote(&console_log(&run_dir, "src"));
+    wait_log(
+        &run_dir,
+        "src",
+        &format!("WROTE{}", after_failure + 10),
+        Duration::from_secs(120),
+    );
+    assert_eq!(api(&run_dir, "src", "GET", "/", None).json()["state"], "Running");
+    // Now a migration that goes through.
+    let url2 = format!("unix:{}", s.0.join("mig2.sock").display());
+    start_destination(&run_dir, "dst2", &url2);
+    let r = api(
+        &run_dir,
+        "src",
+        "PUT",
+        "/migration/send",
+        Some(&format!(r#"{{"destination_url": "{url2}"}}"#)),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let m = wait_status(&run_dir, "dst2", "completed");
+    eprintln!("disk migration: {m}");
+    wait_log(&run_dir, "dst2", "WROTE", Duration::from_secs(60));
+    let first_on_dst = last_wrote(&console_log(&run_dir, "dst2"));
+    assert!(
+        first_on_dst > after_failure + 10,
+        "the destination started over: WROTE{first_on_dst}"
+    );
+    wait_log(
+        &run_dir,
+        "dst2",
+        &format!("WROTE{}", first_on_dst + 20),
+        Duration::from_secs(120),
+    );
+    // A clean stop (the disk flushed and closed), then the image is read.
+    let last = last_wrote(&console_log(&run_dir, "dst2"));
+    launch(runtime_cmd(&run_dir).args(["stop", "dst2"]).stdin(Stdio::null()));
+    let start = Instant::now();
+    while run_dir.join("dst2").join("pid").exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "dst2 did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = qemu_img(&["check", image.to_str().unwrap()]);
+    assert!(out.contains("No errors"), "{out}");
+    let raw = s.0.join("disk.raw");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        image.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    let data = std::fs::read(&raw).unwrap();
+    for i in 1..=last {
+        let at = 512 * i as usize;
+        let want = format!("REC{i:08}");
+        assert_eq!(
+            &data[at..at + want.len()],
+            want.as_bytes(),
+            "record {i} of {last} is missing (the migration was at {first_on_dst})"
+        );
+    }
+    eprintln!("{last} records intact; {after_failure} before the failed migration, {first_on_dst} at the switch");
+}

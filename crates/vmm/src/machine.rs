@@ -158,6 +158,9 @@ pub struct Shared {
     pub(crate) virtio: Vec<Mutex<MmioTransport>>,
     /// Held while pausing or resuming, so the two never interleave.
     pausing: Mutex<()>,
+    /// Which virtio devices gave their host resource up for a migration
+    /// hand-over ([`VmHandle::release_backends`]).
+    released: Mutex<Vec<bool>>,
     /// Pages written since the last harvest, while live migration tracks them.
     pub(crate) dirty: Arc<DirtyLog>,
 }
@@ -208,6 +211,7 @@ impl Shared {
             dead: std::sync::atomic::AtomicU32::new(0),
             virtio: Vec::new(),
             pausing: Mutex::new(()),
+            released: Mutex::new(Vec::new()),
             dirty: Arc::default(),
         })
     }
@@ -555,6 +559,7 @@ impl Machine {
             dead: std::sync::atomic::AtomicU32::new(0),
             virtio: devices.into_iter().map(Mutex::new).collect(),
             pausing: Mutex::new(()),
+            released: Mutex::new(Vec::new()),
             dirty,
         });
         Ok(Machine { shared, engine })
@@ -654,6 +659,7 @@ impl Machine {
             dead: std::sync::atomic::AtomicU32::new(0),
             virtio: devices.into_iter().map(Mutex::new).collect(),
             pausing: Mutex::new(()),
+            released: Mutex::new(Vec::new()),
             dirty,
         });
         // Held until resume: the vCPUs park before running any guest code.
@@ -751,6 +757,12 @@ impl VmHandle {
     /// Undo [`VmHandle::pause`]: the device workers start again where
     /// their queues stopped, then the vCPUs continue.
     pub fn resume(&self) {
+        // A migration handed the disks or TAPs over: running without them
+        // would fail the guest's I/O (or run it twice).
+        if self.backends_released() {
+            tracing::error!("not resuming: the VM's disks or TAPs are handed over to a migration's destination");
+            return;
+        }
         let _serial = self.shared.pausing.lock().unwrap_or_else(|e| e.into_inner());
         for mut dev in self.shared.virtio_devices() {
             dev.resume();
@@ -899,6 +911,140 @@ impl VmHandle {
     /// only while the VM is paused.
     pub fn device_states(&self) -> Vec<MmioState> {
         self.shared.virtio_devices().map(|d| d.state()).collect()
+    }
+
+    /// While paused, for a migration hand-over: make the writable disks
+    /// durable (fdatasync) and let go of every host resource (disk images
+    /// with their locks, TAPs), so that the destination can open them. The
+    /// VM must not resume before [`VmHandle::reattach_backends`]. On
+    /// failure, what was released is taken back.
+    pub fn release_backends(&self) -> std::result::Result<(), String> {
+        let failed = {
+            let mut released = self.shared.released.lock().unwrap_or_else(|e| e.into_inner());
+            released.resize(self.shared.virtio.len(), false);
+            let mut failed = None;
+            for (i, mut dev) in self.shared.virtio_devices().enumerate() {
+                if released[i] {
+                    continue;
+                }
+                if !dev.is_paused() {
+                    failed = Some("the VM is not paused".to_string());
+                    break;
+                }
+                if let Err(e) = dev.release_backend() {
+                    failed = Some(format!("virtio device {i}: {e}"));
+                    break;
+                }
+                released[i] = true;
+            }
+            failed
+        };
+        match failed {
+            None => Ok(()),
+            Some(why) => Err(match self.reattach_backends(Duration::from_secs(10)) {
+                Ok(()) => why,
+                Err(e) => format!("{why}; and then {e}"),
+            }),
+        }
+    }
+
+    /// Reopen what [`VmHandle::release_backends`] let go, as the machine's
+    /// configuration names it (a TAP by its name), trying until `timeout`:
+    /// the other side may hold a disk's lock or the TAP a moment longer.
+    pub fn reattach_backends(&self, timeout: Duration) -> std::result::Result<(), String> {
+        let start = Instant::now();
+        let cfg = &self.shared.config;
+        let mut released = self.shared.released.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, mut dev) in self.shared.virtio_devices().enumerate() {
+            if !released.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            let open = |dev: &MmioTransport| -> std::result::Result<Option<virtio::HostBackend>, String> {
+                if let Some(d) = cfg.disks.get(i) {
+                    let b = disk::open_with(
+                        &d.path,
+                        &disk::OpenOptions {
+                            read_only: d.read_only,
+                            format: d.format,
+                        },
+                        &disk::BackingRules {
+                            allow_absolute_backing: d.allow_absolute_backing,
+                        },
+                    )
+                    .map_err(|e| format!("disk {e}"))?;
+                    return Ok(Some(virtio::HostBackend::Disk(Arc::from(b))));
+                }
+                if let Some(net) = dev.net_identity() {
+                    let tap = Tap::open(Some(&net.tap)).map_err(|e| e.to_string())?;
+                    return Ok(Some(virtio::HostBackend::Tap(tap)));
+                }
+                Ok(None)
+            };
+            loop {
+                let r = open(&dev).and_then(|b| match b {
+                    Some(b) => dev.attach_backend(b).map_err(|e| e.to_string()),
+                    None => Ok(()),
+                });
+                match r {
+                    Ok(()) => break,
+                    Err(e) if start.elapsed() >= timeout => {
+                        return Err(format!("cannot take virtio device {i}'s host resource back: {e}"))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+            released[i] = false;
+        }
+        Ok(())
+    }
+
+    /// Whether some device's host resource is handed over (the VM must
+    /// not run).
+    pub fn backends_released(&self) -> bool {
+        self.shared
+            .released
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|&r| r)
+    }
+
+    /// While paused: the guest-memory range of every ready queue's used
+    /// ring. Devices write their used rings through the queue code, not
+    /// through the DMA observer the dirty log hears, so a live migration
+    /// sends these pages once more at the switch (only ranges inside
+    /// guest RAM: a driver may place a ring anywhere).
+    pub fn used_rings(&self) -> Vec<(u64, u64)> {
+        self.device_states()
+            .iter()
+            .flat_map(|d| d.queues.iter())
+            .filter(|q| q.ready)
+            // flags, idx, the ring of 8-byte entries, avail_event
+            .map(|q| (q.used_ring, 6 + 8 * u64::from(q.size)))
+            .filter(|&(gpa, len)| {
+                vm_memory::GuestMemoryBackend::check_range(&self.shared.mem, vm_memory::GuestAddress(gpa), len as usize)
+            })
+            .collect()
+    }
+
+    /// Each virtio-net device's TAP and the MAC the guest uses, in order.
+    pub fn net_identities(&self) -> Vec<virtio::net::NetState> {
+        self.shared.virtio_devices().filter_map(|d| d.net_identity()).collect()
+    }
+
+    /// Announce the guest's MAC addresses on their TAPs (one RARP frame
+    /// each); how many went out.
+    pub fn announce_network(&self) -> usize {
+        let mut sent = 0;
+        for (i, d) in self.shared.virtio_devices().enumerate() {
+            if d.net_identity().is_some() {
+                match d.announce() {
+                    Ok(()) => sent += 1,
+                    Err(e) => tracing::warn!("virtio device {i}: announce: {e}"),
+                }
+            }
+        }
+        sent
     }
 
     /// Guest memory (shared with the running machine), for migration.

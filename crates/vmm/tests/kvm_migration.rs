@@ -295,7 +295,7 @@ fn receive(conn: UnixStream, engine: EngineKind) -> Received {
     stream::write_message(&mut conn, &Message::Prepared).unwrap();
     conn.flush().unwrap();
     let paused_at = match stream::read_message(&mut reader).unwrap() {
-        Message::Commit { paused_at_unix_ns } => paused_at_unix_ns,
+        Message::Commit { paused_at_unix_ns, .. } => paused_at_unix_ns,
         m => panic!("{} instead of commit", m.name()),
     };
     let running = start(machine, out);

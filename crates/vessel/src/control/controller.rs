@@ -491,21 +491,21 @@ impl Controller {
     }
 
     /// The source committed: run the prepared machine. Returns when its
-    /// vCPUs were let go.
+    /// vCPUs were let go, and the VM's handle.
     pub(crate) fn start_incoming(
         &mut self,
         machine: vmm::Machine,
         state: &vmm::persist::MachineState,
-    ) -> Result<std::time::SystemTime, ActionError> {
+    ) -> Result<(std::time::SystemTime, vmm::VmHandle), ActionError> {
         let engine = machine.engine();
         self.configure_direct(state.config.clone(), engine.to_string());
         self.launch(machine, engine)?;
         self.state = VmState::Paused;
-        let vm = self.running()?;
-        vm.handle.resume();
+        let handle = self.running()?.handle.clone();
+        handle.resume();
         let resumed_at = std::time::SystemTime::now();
         self.state = VmState::Running;
-        Ok(resumed_at)
+        Ok((resumed_at, handle))
     }
 
     /// The VM's run ended (the main loop learned it from `exits`).
@@ -732,28 +732,7 @@ impl Controller {
         let mem_file = l.mem_file().map_err(ActionError::InvalidConfig)?;
         let mut state = vmm::persist::MachineState::read_file(&l.snapshot_path)
             .map_err(|e| ActionError::InvalidConfig(format!("{}: {e}", l.snapshot_path.display())))?;
-        for o in &l.network_overrides {
-            fc::check_id("iface_id", &o.iface_id).map_err(ActionError::InvalidConfig)?;
-            let by_id = state
-                .config
-                .nets
-                .iter()
-                .position(|n| n.id.as_deref() == Some(o.iface_id.as_str()));
-            let by_position = o
-                .iface_id
-                .strip_prefix("net")
-                .and_then(|n| n.parse::<usize>().ok())
-                .filter(|&i| i < state.config.nets.len());
-            let i = by_id.or(by_position).ok_or_else(|| {
-                ActionError::InvalidConfig(format!("no network interface {:?} in the snapshot", o.iface_id))
-            })?;
-            state.config.nets[i].tap = Some(o.host_dev_name.clone());
-            if let Some(mac) = &o.guest_mac {
-                let mac = crate::device_args::parse_mac(mac)
-                    .map_err(|e| ActionError::InvalidConfig(format!("guest_mac: {e}")))?;
-                state.config.nets[i].mac = Some(mac);
-            }
-        }
+        apply_network_overrides(&mut state, &l.network_overrides, "the snapshot")?;
         let accel = l.accel.clone().unwrap_or_else(|| state.engine.to_string());
         let accel_kind: vmm::Accel = accel
             .parse()
@@ -825,6 +804,38 @@ pub fn open_output(path: &Path) -> std::io::Result<std::fs::File> {
         }
     }
     Ok(f)
+}
+
+/// Give a restored or migrated VM's network interfaces the TAPs (and
+/// MACs) the user names; `source` says where the state came from.
+pub(crate) fn apply_network_overrides(
+    state: &mut vmm::persist::MachineState,
+    overrides: &[fc::NetworkOverride],
+    source: &str,
+) -> Result<(), ActionError> {
+    for o in overrides {
+        fc::check_id("iface_id", &o.iface_id).map_err(ActionError::InvalidConfig)?;
+        let by_id = state
+            .config
+            .nets
+            .iter()
+            .position(|n| n.id.as_deref() == Some(o.iface_id.as_str()));
+        let by_position = o
+            .iface_id
+            .strip_prefix("net")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&i| i < state.config.nets.len());
+        let i = by_id
+            .or(by_position)
+            .ok_or_else(|| ActionError::InvalidConfig(format!("no network interface {:?} in {source}", o.iface_id)))?;
+        state.config.nets[i].tap = Some(o.host_dev_name.clone());
+        if let Some(mac) = &o.guest_mac {
+            let mac = crate::device_args::parse_mac(mac)
+                .map_err(|e| ActionError::InvalidConfig(format!("guest_mac: {e}")))?;
+            state.config.nets[i].mac = Some(mac);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 mod controller;
 mod state;
 
+pub(crate) use controller::apply_network_overrides;
 pub use controller::{open_output, ConsoleWiring, Controller, Exit};
 pub use state::{StateError, VmState};
 

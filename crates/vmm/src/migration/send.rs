@@ -25,6 +25,9 @@ use crate::machine::VmHandle;
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a harvest waits for every vCPU to drop its write translations.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a failed migration's source tries to take its disks and TAPs
+/// back (the destination lets go once it has discarded what it prepared).
+const REATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// QEMU's auto-converge steps: start at 20%, add 10% each time.
 const THROTTLE_FIRST: u8 = 20;
 const THROTTLE_STEP: u8 = 10;
@@ -126,7 +129,7 @@ pub fn send(
     let start = Instant::now();
     let mut paused = false;
     let mut committed = false;
-    let result = run(
+    let mut result = run(
         vm,
         reader,
         writer,
@@ -138,7 +141,15 @@ pub fn send(
         &mut committed,
     );
     vm.dirty_log().disable();
-    if result.is_err() && paused && !committed && opts.resume_on_failure {
+    if result.is_err() && !committed && vm.backends_released() {
+        // The destination may still hold a disk or the TAP until it has
+        // discarded what it prepared: try a while.
+        if let Err(e) = vm.reattach_backends(REATTACH_TIMEOUT) {
+            let why = result.err().map(|e| e.to_string()).unwrap_or_default();
+            result = Err(SendError::Refused(format!("{why}; and {e}: the VM stays paused")));
+        }
+    }
+    if result.is_err() && paused && !committed && opts.resume_on_failure && !vm.backends_released() {
         vm.resume();
     }
     let status = match &result {
@@ -275,7 +286,11 @@ fn run(
         }
         *paused = true;
         paused_at = SystemTime::now();
-        // Paused: nothing writes guest memory any more.
+        // Paused: nothing writes guest memory any more. The used rings
+        // go again whole: device writes to them bypass the dirty log.
+        for (gpa, len) in vm.used_rings() {
+            log.mark_range(gpa, len);
+        }
         pending.extend(log.harvest().map_err(SendError::Refused)?);
         pending.sort_unstable();
         pending.dedup();
@@ -290,9 +305,21 @@ fn run(
     update(info, |i| i.remaining_bytes = pending.len() as u64 * PAGE_SIZE);
     send_pages(&mut link, &mem, &pending, cancel, None)?;
     iterations += 1;
-    let state = vm
+    let mut state = vm
         .save_state()
         .map_err(|e| SendError::Refused(format!("saving the machine state: {e}")))?;
+    // The destination opens the same TAP and keeps the MAC the guest knows
+    // (the configuration may have left either to chance).
+    for (net, id) in state.config.nets.iter_mut().zip(vm.net_identities()) {
+        net.tap = Some(id.tap);
+        net.mac = Some(id.mac);
+    }
+    // Hand over the host resources: disks made durable and closed (their
+    // locks with them), TAPs closed, so that the destination, which
+    // builds the machine once the state below arrives, can open them.
+    // Until `commit` went out whole, a failure takes them back.
+    vm.release_backends()
+        .map_err(|e| SendError::Refused(format!("handing the disks and TAPs over: {e}")))?;
     let n = stream::write_message(&mut link.w, &Message::State(Box::new(state)))?;
     link.account(n);
     link.w.flush().map_err(StreamError::from)?;
@@ -319,7 +346,13 @@ fn run(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let n = stream::write_message(&mut link.w, &Message::Commit { paused_at_unix_ns })?;
+    let n = stream::write_message(
+        &mut link.w,
+        &Message::Commit {
+            paused_at_unix_ns,
+            iterations,
+        },
+    )?;
     link.w.flush().map_err(StreamError::from)?;
     // The whole commit went out: the destination runs the guest now, so
     // this side never resumes, whatever comes next.

@@ -16,7 +16,7 @@ use crate::persist::{MachineState, PersistError};
 /// The stream's first bytes.
 pub const STREAM_MAGIC: [u8; 8] = *b"VESSELMG";
 /// The stream version this Vessel writes and reads.
-pub const STREAM_VERSION: u32 = 1;
+pub const STREAM_VERSION: u32 = 2;
 /// Guest pages go by this size.
 pub const PAGE_SIZE: u64 = 4096;
 /// Most pages in one `Pages` message.
@@ -202,8 +202,8 @@ pub enum Message {
     Prepared,
     /// Source → destination: the source is stopped for good; run. Carries
     /// when the source's vCPUs stopped (ns since the Unix epoch), for the
-    /// downtime figure.
-    Commit { paused_at_unix_ns: u64 },
+    /// downtime figure, and how many rounds of pages it sent.
+    Commit { paused_at_unix_ns: u64, iterations: u64 },
     /// Destination → source: the guest runs there; the measured downtime.
     Running { downtime_ms: u64 },
     /// Either way: the sender gives up, and why.
@@ -256,7 +256,7 @@ impl Kind {
             // The snapshot file's bound, plus its own header and checksum.
             Kind::State => crate::persist::MAX_PAYLOAD as u32 + 32,
             Kind::Prepared => 0,
-            Kind::Commit => 8,
+            Kind::Commit => 16,
             Kind::Running => 8,
             Kind::Error => 4096,
         }
@@ -335,7 +335,10 @@ pub fn write_message(w: &mut impl Write, m: &Message) -> Result<u64, StreamError
         Message::Pages(b) => b.payload.clone(),
         Message::State(s) => s.encode()?,
         Message::Prepared => Vec::new(),
-        Message::Commit { paused_at_unix_ns } => paused_at_unix_ns.to_le_bytes().to_vec(),
+        Message::Commit {
+            paused_at_unix_ns,
+            iterations,
+        } => [paused_at_unix_ns.to_le_bytes(), iterations.to_le_bytes()].concat(),
         Message::Running { downtime_ms } => downtime_ms.to_le_bytes().to_vec(),
         Message::Error(e) => {
             // Cut at a character boundary within the bound.
@@ -405,9 +408,15 @@ pub fn read_message(r: &mut impl Read) -> Result<Message, StreamError> {
         Kind::Pages => Message::Pages(PageBatch::parse(payload)?),
         Kind::State => Message::State(Box::new(MachineState::decode(&payload)?)),
         Kind::Prepared => Message::Prepared,
-        Kind::Commit => Message::Commit {
-            paused_at_unix_ns: fixed(&payload)?,
-        },
+        Kind::Commit => {
+            if payload.len() != 16 {
+                return Err(StreamError::Malformed(name, format!("{} bytes, not 16", payload.len())));
+            }
+            Message::Commit {
+                paused_at_unix_ns: fixed(&payload[..8])?,
+                iterations: fixed(&payload[8..])?,
+            }
+        }
         Kind::Running => Message::Running {
             downtime_ms: fixed(&payload)?,
         },
@@ -611,6 +620,7 @@ mod tests {
             Message::Prepared,
             Message::Commit {
                 paused_at_unix_ns: 1_700_000_000_123_456_789,
+                iterations: 7,
             },
             Message::Running { downtime_ms: 42 },
             Message::Error("x".repeat(10_000)),
@@ -622,7 +632,8 @@ mod tests {
         assert!(matches!(
             read_message(&mut r).unwrap(),
             Message::Commit {
-                paused_at_unix_ns: 1_700_000_000_123_456_789
+                paused_at_unix_ns: 1_700_000_000_123_456_789,
+                iterations: 7
             }
         ));
         assert!(matches!(

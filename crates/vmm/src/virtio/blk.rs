@@ -19,7 +19,7 @@ use vm_memory::GuestMemoryMmap;
 use super::queue::Chain;
 use super::worker::{spawn_queue_worker, Worker};
 use super::{
-    note_dma_writes, read_config_bytes, Activation, DmaObserver, VirtioDevice, VIRTIO_F_VERSION_1,
+    note_dma_writes, read_config_bytes, Activation, DmaObserver, HostBackend, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -52,7 +52,10 @@ pub struct BlockState {
 }
 
 pub struct Block {
-    disk: Arc<dyn BlockBackend>,
+    /// `None` once handed over to a migration's destination.
+    disk: Option<Arc<dyn BlockBackend>>,
+    /// What the device is (it stays so while the disk is handed over).
+    identity: BlockState,
     config: Vec<u8>,
     features: u64,
     worker: Option<Worker>,
@@ -85,7 +88,12 @@ impl Block {
         config[52..56].copy_from_slice(&MAX_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
         config[56] = 1; // write_zeroes_may_unmap
         Block {
-            disk,
+            identity: BlockState {
+                capacity_sectors: capacity,
+                read_only: disk.read_only(),
+                id: disk.id(),
+            },
+            disk: Some(disk),
             config,
             features,
             worker: None,
@@ -94,11 +102,13 @@ impl Block {
     }
 
     pub fn state(&self) -> BlockState {
-        BlockState {
-            capacity_sectors: self.disk.size() / SECTOR_SIZE,
-            read_only: self.disk.read_only(),
-            id: self.disk.id(),
-        }
+        self.identity.clone()
+    }
+
+    fn disk(&self) -> std::io::Result<&Arc<dyn BlockBackend>> {
+        self.disk.as_ref().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotConnected, "the disk was handed over (migration)")
+        })
     }
 }
 
@@ -120,7 +130,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, _acked: u64, a: Activation) -> std::io::Result<()> {
-        let disk = self.disk.clone();
+        let disk = self.disk()?.clone();
         let metrics = self.metrics.clone();
         self.worker = Some(spawn_queue_worker("virtio-blk", a, 0, move |mem, chain, dma| {
             RequestContext {
@@ -138,17 +148,44 @@ impl VirtioDevice for Block {
     }
 
     fn flush(&self) -> std::io::Result<()> {
-        if self.disk.read_only() {
-            return Ok(());
+        match &self.disk {
+            Some(d) if !d.read_only() => d.flush().map_err(std::io::Error::other),
+            _ => Ok(()),
         }
-        self.disk.flush().map_err(std::io::Error::other)
     }
 
     fn freeze_disk(&self, name: &str) -> std::io::Result<Option<std::path::PathBuf>> {
-        if self.disk.read_only() {
+        let disk = self.disk()?;
+        if disk.read_only() {
             return Ok(None);
         }
-        self.disk.freeze_top(name).map_err(std::io::Error::other)
+        disk.freeze_top(name).map_err(std::io::Error::other)
+    }
+
+    fn release_backend(&mut self) -> std::io::Result<()> {
+        // Durable first (fdatasync), then closed: the worker, which held
+        // the other reference, has ended (paused), so this drops the
+        // image's files and with them its locks.
+        self.flush()?;
+        if self.disk.as_ref().is_some_and(|d| Arc::strong_count(d) > 1) {
+            return Err(std::io::Error::other("the disk is still in use"));
+        }
+        self.disk = None;
+        Ok(())
+    }
+
+    fn attach_backend(&mut self, backend: HostBackend) -> std::io::Result<()> {
+        match backend {
+            HostBackend::Disk(d) => {
+                if d.size() / SECTOR_SIZE != self.identity.capacity_sectors || d.read_only() != self.identity.read_only
+                {
+                    return Err(std::io::Error::other("the disk reopened with another size or mode"));
+                }
+                self.disk = Some(d);
+                Ok(())
+            }
+            HostBackend::Tap(_) => Err(std::io::Error::other("virtio-blk takes a disk, not a TAP")),
+        }
     }
 }
 

@@ -546,6 +546,28 @@ impl MmioTransport {
         self.device.freeze_disk(name)
     }
 
+    /// While paused: let go of the host resource for a migration
+    /// hand-over ([`VirtioDevice::release_backend`]).
+    pub fn release_backend(&mut self) -> std::io::Result<()> {
+        debug_assert!(self.paused);
+        self.device.release_backend()
+    }
+
+    /// Take a host resource back ([`VirtioDevice::attach_backend`]).
+    pub fn attach_backend(&mut self, backend: super::HostBackend) -> std::io::Result<()> {
+        self.device.attach_backend(backend)
+    }
+
+    /// virtio-net's TAP and MAC ([`VirtioDevice::net_identity`]).
+    pub fn net_identity(&self) -> Option<super::net::NetState> {
+        self.device.net_identity()
+    }
+
+    /// Announce the guest's MAC ([`VirtioDevice::announce`]).
+    pub fn announce(&self) -> std::io::Result<()> {
+        self.device.announce()
+    }
+
     /// Stop the device for good (the machine stopped): the worker ends
     /// after its request in flight, and what the device wrote to the host
     /// is made durable (virtio-blk: fdatasync).

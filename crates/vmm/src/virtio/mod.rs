@@ -173,6 +173,33 @@ pub trait VirtioDevice: Send {
     fn freeze_disk(&self, _name: &str) -> std::io::Result<Option<std::path::PathBuf>> {
         Ok(None)
     }
+    /// While paused, for a migration hand-over: let go of the host
+    /// resource another process must take next (a disk image, flushed
+    /// first, and its locks; a TAP). The device must not run again until
+    /// [`VirtioDevice::attach_backend`] gives it one back.
+    fn release_backend(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Take a host resource back after [`VirtioDevice::release_backend`]
+    /// (a failed migration).
+    fn attach_backend(&mut self, _backend: HostBackend) -> std::io::Result<()> {
+        Err(std::io::Error::other("this device has no host backend"))
+    }
+    /// virtio-net: the TAP and the MAC address the guest uses.
+    fn net_identity(&self) -> Option<net::NetState> {
+        None
+    }
+    /// virtio-net: announce the guest's MAC address on the host network
+    /// (after a migration), as QEMU's announce-self does: one RARP frame.
+    fn announce(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A host resource a device serves the guest from.
+pub enum HostBackend {
+    Disk(Arc<dyn disk::BlockBackend>),
+    Tap(tap::Tap),
 }
 
 /// Copy `src` (a device's config space) into `data` at `offset`; bytes

@@ -19,7 +19,7 @@ use super::queue::{report_broken, serve, QueueError};
 use super::tap::Tap;
 use super::worker::{Poller, Worker, STOP_TOKEN};
 use super::{
-    read_config_bytes, write_chain, Activation, DmaObserver, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    read_config_bytes, write_chain, Activation, DmaObserver, HostBackend, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -47,7 +47,9 @@ pub struct NetState {
 }
 
 pub struct Net {
-    tap: Arc<Tap>,
+    /// `None` once handed over to a migration's destination.
+    tap: Option<Arc<Tap>>,
+    tap_name: String,
     mac: [u8; 6],
     worker: Option<Worker>,
     /// A frame the last worker had read from the tap but not delivered
@@ -59,7 +61,8 @@ pub struct Net {
 impl Net {
     pub fn new(tap: Tap, mac: [u8; 6]) -> Self {
         Net {
-            tap: Arc::new(tap),
+            tap_name: tap.name().to_string(),
+            tap: Some(Arc::new(tap)),
             mac,
             worker: None,
             carry: Arc::default(),
@@ -70,7 +73,7 @@ impl Net {
     pub fn state(&self) -> NetState {
         NetState {
             mac: self.mac,
-            tap: self.tap.name().to_string(),
+            tap: self.tap_name.clone(),
         }
     }
 }
@@ -93,7 +96,9 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, _acked: u64, a: Activation) -> std::io::Result<()> {
-        let tap = self.tap.clone();
+        let tap = self.tap.clone().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotConnected, "the TAP was handed over (migration)")
+        })?;
         let metrics = self.metrics.clone();
         let carry = self.carry.clone();
         let Activation {
@@ -142,7 +147,65 @@ impl VirtioDevice for Net {
         // the old slot: the next activation starts with an empty one.
         self.carry = Arc::default();
     }
+
+    fn release_backend(&mut self) -> std::io::Result<()> {
+        // Paused: the worker, which held the other reference, has ended,
+        // so dropping ours closes the TAP's file (a non-multiqueue TAP
+        // takes one process at a time).
+        match self.tap.take().map(Arc::try_unwrap) {
+            None | Some(Ok(_)) => Ok(()),
+            Some(Err(still_shared)) => {
+                self.tap = Some(still_shared);
+                Err(std::io::Error::other(format!("tap {} is still in use", self.tap_name)))
+            }
+        }
+    }
+
+    fn attach_backend(&mut self, backend: HostBackend) -> std::io::Result<()> {
+        match backend {
+            HostBackend::Tap(tap) => {
+                self.tap_name = tap.name().to_string();
+                self.tap = Some(Arc::new(tap));
+                Ok(())
+            }
+            HostBackend::Disk(_) => Err(std::io::Error::other("virtio-net takes a TAP, not a disk")),
+        }
+    }
+
+    fn net_identity(&self) -> Option<NetState> {
+        Some(self.state())
+    }
+
+    fn announce(&self) -> std::io::Result<()> {
+        let tap = self
+            .tap
+            .as_ref()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotConnected, "no TAP"))?;
+        tap.write_frame(&rarp_frame(self.mac)).map(|_| ())
+    }
 }
+
+/// What QEMU's announce-self sends for a NIC: a RARP request ("reverse
+/// request", opcode 3) from the guest's MAC to the broadcast address, so
+/// that switches (and bridges) learn the port the MAC is behind now.
+/// Padded to Ethernet's 60-byte minimum.
+pub fn rarp_frame(mac: [u8; 6]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].fill(0xff); // destination: broadcast
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&ETH_P_RARP.to_be_bytes());
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // hardware: Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // protocol: IPv4
+    f[18] = 6; // hardware address length
+    f[19] = 4; // protocol address length
+    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
+    f[22..28].copy_from_slice(&mac); // sender MAC; sender IP 0
+    f[32..38].copy_from_slice(&mac); // target MAC; target IP 0
+    f
+}
+
+/// The RARP EtherType.
+pub const ETH_P_RARP: u16 = 0x8035;
 
 /// The worker's side of the device.
 struct Port {
