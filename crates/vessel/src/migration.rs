@@ -652,6 +652,21 @@ mod tests {
     }
 
     #[test]
+    fn receive_request_takes_network_overrides() {
+        let r: ReceiveRequest = serde_json::from_str(r#"{"receiver_url": "tcp:h:1"}"#).unwrap();
+        assert!(r.network_overrides.is_empty());
+        let r: ReceiveRequest = serde_json::from_str(
+            r#"{"receiver_url": "tcp:h:1", "network_overrides": [{"iface_id": "net0", "host_dev_name": "tap9"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.network_overrides[0].host_dev_name, "tap9");
+        assert!(serde_json::from_str::<ReceiveRequest>(
+            r#"{"receiver_url": "tcp:h:1", "network_overrides": [{"iface_id": "net0"}]}"#
+        )
+        .is_err());
+    }
+
+    #[test]
     fn send_request_defaults_and_checks() {
         let r: SendRequest = serde_json::from_str(r#"{"destination_url": "tcp:h:1"}"#).unwrap();
         assert_eq!(

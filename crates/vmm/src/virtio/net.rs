@@ -357,3 +357,25 @@ pub fn random_mac() -> [u8; 6] {
     let _ = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     [0x52, 0x54, 0x00, b[0], b[1], b[2]]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The announce frame is QEMU's: broadcast, RARP, reverse request,
+    /// the MAC as sender and target, IPs zero, 60 bytes.
+    #[test]
+    fn rarp_frame_layout() {
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        let f = rarp_frame(mac);
+        assert_eq!(f.len(), 60);
+        assert_eq!(f[0..6], [0xff; 6]);
+        assert_eq!(f[6..12], mac);
+        assert_eq!(f[12..14], [0x80, 0x35]);
+        assert_eq!(f[14..22], [0, 1, 8, 0, 6, 4, 0, 3]);
+        assert_eq!(f[22..28], mac);
+        assert_eq!(f[28..32], [0; 4]);
+        assert_eq!(f[32..38], mac);
+        assert!(f[38..].iter().all(|&b| b == 0));
+    }
+}
