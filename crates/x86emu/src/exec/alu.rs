@@ -148,7 +148,20 @@ macro_rules! by_size {
 /// same `arith` as `binop`/`compare`/`imul` (the differential tests run
 /// every register and immediate form through them).
 pub(super) fn specialize(ins: &Instruction) -> Option<super::Handler> {
-    if ins.has_lock_prefix() || ins.op_count() != 2 || ins.op0_kind() != OpKind::Register {
+    if ins.has_lock_prefix() || ins.op0_kind() != OpKind::Register {
+        return None;
+    }
+    if ins.op_count() == 1 {
+        let r = ins.op0_register();
+        return match (ins.mnemonic(), r.is_gpr64(), r.is_gpr32()) {
+            (M::Inc, true, _) => Some(inc_dec_reg::<true, 64>),
+            (M::Inc, _, true) => Some(inc_dec_reg::<true, 32>),
+            (M::Dec, true, _) => Some(inc_dec_reg::<false, 64>),
+            (M::Dec, _, true) => Some(inc_dec_reg::<false, 32>),
+            _ => None,
+        };
+    }
+    if ins.op_count() != 2 {
         return None;
     }
     let r0 = ins.op0_register();
@@ -242,6 +255,20 @@ fn alu_ri<const OP: u8, const BITS: u32, const WRITE: bool, const IMM8: bool>(
     if WRITE {
         cpu.state.gpr[d] = r;
     }
+    set_status(&mut cpu.state.rflags, f);
+    Ok(())
+}
+
+/// INC/DEC of a 32/64-bit register: the flags of `inc_dec_sized` (CF kept).
+fn inc_dec_reg<const INC: bool, const BITS: u32>(cpu: &mut Cpu, _bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
+    let mask = mask_of::<BITS>();
+    let d = gpr_index::<BITS>(ins.op0_register());
+    let a = cpu.state.gpr[d] & mask;
+    let r = if INC { a.wrapping_add(1) } else { a.wrapping_sub(1) } & mask;
+    cpu.state.gpr[d] = r;
+    let sign = 1u64 << (BITS - 1);
+    let of = if INC { r == sign } else { a == sign };
+    let f = (cpu.state.rflags & CF) | ((a ^ 1 ^ r) & AF) | szp::<BITS>(r) | ((of as u64) << 11);
     set_status(&mut cpu.state.rflags, f);
     Ok(())
 }
