@@ -34,6 +34,21 @@ const WORKLOADS: &[Workload] = &[
         ],
         per_iter: 6,
     },
+    Workload {
+        // Multiply-accumulate in the style of the kernel's generic
+        // multi-precision inner loop (mpihelp_submul_1, half of Debian's
+        // boot; docs/EMU-PERF.md):
+        // l: mov rax,[rsi]; mov rdx,rax; shr rdx,32; imul rax,rcx; imul rdx,r9;
+        //    add rax,r8; cmp rax,r8; setb r10b; movzx r10d,r10b; add rdx,r10;
+        //    sub r8,rax; adc r9,rdx; mov [rsi],rax; dec rcx; jnz l; ret
+        name: "mul-add (mpihelp-like)",
+        code: &[
+            0x48, 0x8b, 0x06, 0x48, 0x89, 0xc2, 0x48, 0xc1, 0xea, 0x20, 0x48, 0x0f, 0xaf, 0xc1, 0x49, 0x0f, 0xaf, 0xd1,
+            0x4c, 0x01, 0xc0, 0x4c, 0x39, 0xc0, 0x41, 0x0f, 0x92, 0xc2, 0x45, 0x0f, 0xb6, 0xd2, 0x4c, 0x01, 0xd2, 0x49,
+            0x29, 0xc0, 0x49, 0x11, 0xd1, 0x48, 0x89, 0x06, 0x48, 0xff, 0xc9, 0x75, 0xcf, 0xc3,
+        ],
+        per_iter: 15,
+    },
 ];
 
 fn run_emulated(w: &Workload, iters: u64) -> (f64, u64) {
@@ -56,8 +71,12 @@ fn run_emulated(w: &Workload, iters: u64) -> (f64, u64) {
     let ret_at = code_at + w.code.len() as u64 - 1;
     let start = Instant::now();
     let before = cpu.instret;
-    while cpu.state.rip != ret_at {
-        match cpu.run(&mut bus, 10_000_000) {
+    // Stop exactly at the `ret`: a budget that runs past it would return
+    // into nothing.
+    let total = iters * w.per_iter;
+    while cpu.state.rip != ret_at && cpu.instret - before < total {
+        let left = total - (cpu.instret - before);
+        match cpu.run(&mut bus, left.min(10_000_000)) {
             Exit::Budget => {}
             other => panic!("unexpected exit {other:?} at {:#x}", cpu.state.rip),
         }
@@ -71,7 +90,8 @@ fn run_emulated(w: &Workload, iters: u64) -> (f64, u64) {
 
 fn run_native(w: &Workload, iters: u64) -> f64 {
     // SAFETY: an anonymous RWX mapping that we fill with the workload code,
-    // which only uses RAX/RCX/RDX/RSI (caller-saved) and memory at RSI.
+    // which only uses caller-saved registers (RAX RCX RDX RSI R8-R10) and
+    // memory at RSI.
     unsafe {
         let p = libc::mmap(
             std::ptr::null_mut(),
@@ -91,7 +111,7 @@ fn run_native(w: &Workload, iters: u64) -> f64 {
             f = in(reg) f,
             inout("rcx") iters => _,
             inout("rsi") scratch.as_mut_ptr() => _,
-            out("rax") _, out("rdx") _,
+            out("rax") _, out("rdx") _, out("r8") _, out("r9") _, out("r10") _,
         );
         let secs = start.elapsed().as_secs_f64();
         libc::munmap(p, 4096);

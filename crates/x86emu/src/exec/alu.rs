@@ -140,6 +140,150 @@ macro_rules! by_size {
     };
 }
 
+/// Decode-time fast paths for the hottest integer forms: `OP r, r` and
+/// `OP r, imm` on 32- and 64-bit registers (no LOCK, which makes them #UD
+/// and is left to the generic handler), and two-operand `IMUL r, r`. They
+/// read the register file directly instead of going through `read_op`,
+/// `op_size` and `get_reg`, and compute the same values and flags with the
+/// same `arith` as `binop`/`compare`/`imul` (the differential tests run
+/// every register and immediate form through them).
+pub(super) fn specialize(ins: &Instruction) -> Option<super::Handler> {
+    if ins.has_lock_prefix() || ins.op0_kind() != OpKind::Register {
+        return None;
+    }
+    if ins.op_count() == 1 {
+        let r = ins.op0_register();
+        return match (ins.mnemonic(), r.is_gpr64(), r.is_gpr32()) {
+            (M::Inc, true, _) => Some(inc_dec_reg::<true, 64>),
+            (M::Inc, _, true) => Some(inc_dec_reg::<true, 32>),
+            (M::Dec, true, _) => Some(inc_dec_reg::<false, 64>),
+            (M::Dec, _, true) => Some(inc_dec_reg::<false, 32>),
+            _ => None,
+        };
+    }
+    if ins.op_count() != 2 {
+        return None;
+    }
+    let r0 = ins.op0_register();
+    let wide = if r0.is_gpr64() {
+        true
+    } else if r0.is_gpr32() {
+        false
+    } else {
+        return None;
+    };
+    let rr = ins.op1_kind() == OpKind::Register;
+    if rr && r0.size() != ins.op1_register().size() {
+        return None;
+    }
+    let imm = matches!(
+        ins.op1_kind(),
+        OpKind::Immediate8to32 | OpKind::Immediate8to64 | OpKind::Immediate32 | OpKind::Immediate32to64
+    );
+    if !rr && !imm {
+        return None;
+    }
+    let imm8 = matches!(ins.op1_kind(), OpKind::Immediate8to32 | OpKind::Immediate8to64);
+    macro_rules! pick {
+        ($op:ident, $write:expr) => {
+            match (wide, rr, imm8) {
+                (true, true, _) => alu_rr::<$op, 64, $write>,
+                (false, true, _) => alu_rr::<$op, 32, $write>,
+                (true, false, true) => alu_ri::<$op, 64, $write, true>,
+                (true, false, false) => alu_ri::<$op, 64, $write, false>,
+                (false, false, true) => alu_ri::<$op, 32, $write, true>,
+                (false, false, false) => alu_ri::<$op, 32, $write, false>,
+            }
+        };
+    }
+    Some(match ins.mnemonic() {
+        M::Add => pick!(ADD, true),
+        M::Adc => pick!(ADC, true),
+        M::Sub => pick!(SUB, true),
+        M::Sbb => pick!(SBB, true),
+        M::And => pick!(AND, true),
+        M::Or => pick!(OR, true),
+        M::Xor => pick!(XOR, true),
+        M::Cmp => pick!(SUB, false),
+        M::Test => pick!(AND, false),
+        M::Imul if rr && wide => imul_rr::<64>,
+        M::Imul if rr => imul_rr::<32>,
+        _ => return None,
+    })
+}
+
+/// Index into the register file of a 64-bit (`BITS` = 64) or 32-bit GPR.
+#[inline(always)]
+fn gpr_index<const BITS: u32>(r: Register) -> usize {
+    let first = if BITS == 64 { Register::RAX } else { Register::EAX };
+    (r as usize).wrapping_sub(first as usize) & 15
+}
+
+fn alu_rr<const OP: u8, const BITS: u32, const WRITE: bool>(
+    cpu: &mut Cpu,
+    _bus: &mut dyn Bus,
+    ins: &Instruction,
+) -> ExecResult {
+    let mask = mask_of::<BITS>();
+    let d = gpr_index::<BITS>(ins.op0_register());
+    let b = cpu.state.gpr[gpr_index::<BITS>(ins.op1_register())] & mask;
+    let (r, f) = arith::<OP, BITS>(cpu.state.gpr[d] & mask, b, cpu.state.rflags);
+    if WRITE {
+        // A 32-bit result zero-extends into the 64-bit register, as `set_reg` does.
+        cpu.state.gpr[d] = r;
+    }
+    set_status(&mut cpu.state.rflags, f);
+    Ok(())
+}
+
+/// `IMM8`: the immediate is an imm8 sign-extended to the operand size;
+/// otherwise an imm32 (sign-extended to 64 bits for 64-bit operands).
+fn alu_ri<const OP: u8, const BITS: u32, const WRITE: bool, const IMM8: bool>(
+    cpu: &mut Cpu,
+    _bus: &mut dyn Bus,
+    ins: &Instruction,
+) -> ExecResult {
+    let mask = mask_of::<BITS>();
+    let d = gpr_index::<BITS>(ins.op0_register());
+    // Sign-extended as encoded, then cut to the operand size (as `read_op` & mask).
+    let b = if IMM8 {
+        ins.immediate8to64() as u64
+    } else {
+        ins.immediate32to64() as u64
+    } & mask;
+    let (r, f) = arith::<OP, BITS>(cpu.state.gpr[d] & mask, b, cpu.state.rflags);
+    if WRITE {
+        cpu.state.gpr[d] = r;
+    }
+    set_status(&mut cpu.state.rflags, f);
+    Ok(())
+}
+
+/// INC/DEC of a 32/64-bit register: the flags of `inc_dec_sized` (CF kept).
+fn inc_dec_reg<const INC: bool, const BITS: u32>(cpu: &mut Cpu, _bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
+    let mask = mask_of::<BITS>();
+    let d = gpr_index::<BITS>(ins.op0_register());
+    let a = cpu.state.gpr[d] & mask;
+    let r = if INC { a.wrapping_add(1) } else { a.wrapping_sub(1) } & mask;
+    cpu.state.gpr[d] = r;
+    let sign = 1u64 << (BITS - 1);
+    let of = if INC { r == sign } else { a == sign };
+    let f = (cpu.state.rflags & CF) | ((a ^ 1 ^ r) & AF) | szp::<BITS>(r) | ((of as u64) << 11);
+    set_status(&mut cpu.state.rflags, f);
+    Ok(())
+}
+
+fn imul_rr<const BITS: u32>(cpu: &mut Cpu, _bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
+    let size = BITS / 8;
+    let d = gpr_index::<BITS>(ins.op0_register());
+    let a = cpu.state.gpr[d] & mask_of::<BITS>();
+    let b = cpu.state.gpr[gpr_index::<BITS>(ins.op1_register())] & mask_of::<BITS>();
+    let (low, overflow, _) = signed_product(a, b, size);
+    cpu.state.gpr[d] = low;
+    set_status(&mut cpu.state.rflags, mul_flags(low, size, overflow));
+    Ok(())
+}
+
 /// LOCK is allowed only on read-modify-write instructions with a memory
 /// destination.
 #[inline(always)]

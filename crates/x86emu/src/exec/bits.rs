@@ -184,6 +184,43 @@ fn with_cf_of(rflags: u64, cf: bool, of: bool) -> u64 {
     out
 }
 
+/// Decode-time fast path for SHL/SHR/SAR/ROL/ROR of a 32- or 64-bit
+/// register by an immediate count: the register file is read and written
+/// directly, with the same `shift_rotate_value` as `shift_rotate`.
+pub(super) fn specialize(ins: &Instruction) -> Option<super::Handler> {
+    if ins.has_lock_prefix()
+        || !matches!(ins.mnemonic(), M::Shl | M::Shr | M::Sar | M::Rol | M::Ror)
+        || ins.op_count() != 2
+        || ins.op0_kind() != OpKind::Register
+        || ins.op1_kind() != OpKind::Immediate8
+    {
+        return None;
+    }
+    let r = ins.op0_register();
+    if r.is_gpr64() {
+        Some(shift_reg_imm::<8>)
+    } else if r.is_gpr32() {
+        Some(shift_reg_imm::<4>)
+    } else {
+        None
+    }
+}
+
+fn shift_reg_imm<const SIZE: u32>(cpu: &mut Cpu, _bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
+    let first = if SIZE == 8 {
+        iced_x86::Register::RAX
+    } else {
+        iced_x86::Register::EAX
+    };
+    let d = (ins.op0_register() as usize).wrapping_sub(first as usize) & 15;
+    let count = (ins.immediate8() as u64 & count_mask(SIZE)) as u32;
+    // As in `shift_rotate`, a zero count still writes the (zero-extended) register.
+    let (v, f) = shift_rotate_value(ins.mnemonic(), cpu.state.gpr[d], count, SIZE, cpu.state.rflags);
+    cpu.state.gpr[d] = v & size_mask(SIZE);
+    cpu.state.rflags = f;
+    Ok(())
+}
+
 fn shift_rotate(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
     let size = cpu.op_size(ins, 0);
     let count = (cpu.read_op(bus, ins, 1)? & count_mask(size)) as u32;

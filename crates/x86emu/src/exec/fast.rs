@@ -22,7 +22,8 @@ pub fn specialize(ins: &Instruction) -> Option<Handler> {
         Code::Mov_rm64_r64 if is_simple_mem(ins, 0) => mov_m64_r64,
         Code::Mov_r32_imm32 => mov_r32_imm,
         Code::Jmp_rel8_64 | Code::Jmp_rel32_64 => jmp_rel64,
-        _ => return None,
+        _ if ins.is_jcc_short_or_near() && ins.op0_kind() == OpKind::NearBranch64 => jcc_rel64,
+        _ => return super::alu::specialize(ins).or_else(|| super::bits::specialize(ins)),
     })
 }
 
@@ -87,5 +88,18 @@ fn jmp_rel64(cpu: &mut Cpu, _bus: &mut dyn Bus, ins: &Instruction) -> ExecResult
         return Err(Fault::gp0());
     }
     cpu.state.rip = t;
+    Ok(())
+}
+
+/// Jcc in 64-bit code (operand size 64): as `flow::jcc`, whose target check
+/// for a 64-bit branch is the canonical check.
+fn jcc_rel64(cpu: &mut Cpu, _bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
+    if super::flags::condition(ins.condition_code(), cpu.state.rflags) {
+        let t = ins.near_branch64();
+        if !is_canonical(t) {
+            return Err(Fault::gp0());
+        }
+        cpu.state.rip = t;
+    }
     Ok(())
 }
