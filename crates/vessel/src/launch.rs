@@ -43,6 +43,8 @@ pub struct Launch {
     pub restore: Option<fc::SnapshotLoad>,
     /// Wait for an incoming migration on this URL (`vessel run --incoming`).
     pub incoming: Option<String>,
+    /// Stand by for a failover primary (`vessel run --standby`).
+    pub standby: Option<crate::failover::StandbyRequest>,
     /// Filter every thread's syscalls (off with --no-seccomp).
     pub seccomp: bool,
 }
@@ -134,6 +136,11 @@ pub fn run_with(l: Launch, direct: Option<(vmm::MachineConfig, String)>) -> Exit
     if let Some(url) = l.incoming {
         let r = crate::migration::ReceiveRequest { receiver_url: url };
         if let Err(e) = ctl.handle(VmmAction::MigrationReceive(r)) {
+            return fail(&e.to_string());
+        }
+    }
+    if let Some(r) = l.standby {
+        if let Err(e) = ctl.handle(VmmAction::FailoverStandby(r)) {
             return fail(&e.to_string());
         }
     }
