@@ -497,6 +497,9 @@ fn primary_run(
             })
             .map_err(|e| LinkEnd::Closed(format!("cannot start the ack thread: {e}")))?;
     }
+    // A failed write: the reader may know better (the standby said it
+    // takes over, then closed): ask it first.
+    let verdict = |e: LinkEnd| end_rx.recv_timeout(Duration::from_secs(1)).unwrap_or(e);
     let epoch_every = Duration::from_millis(timing.epoch_ms);
     let heartbeat_every = Duration::from_millis(timing.heartbeat_ms);
     let tick = epoch_every.min(heartbeat_every);
@@ -526,8 +529,8 @@ fn primary_run(
                 }
             };
             shared.pauses.lock().unwrap_or_else(|e| e.into_inner()).add(c.pause);
-            sent += fo::write_frame(&mut w, FrameKind::Epoch, epoch, &c.payload).map_err(io)?;
-            w.flush().map_err(io)?;
+            sent += fo::write_frame(&mut w, FrameKind::Epoch, epoch, &c.payload).map_err(|e| verdict(io(e)))?;
+            w.flush().map_err(|e| verdict(io(e)))?;
             shared.update(|i| i.checkpoint_bytes = sent);
             last_sent = Instant::now();
             next_epoch += epoch_every;
@@ -536,8 +539,8 @@ fn primary_run(
                 next_epoch = last_sent;
             }
         } else if now.duration_since(last_sent) >= heartbeat_every {
-            sent += fo::write_frame(&mut w, FrameKind::Heartbeat, epoch, &[]).map_err(io)?;
-            w.flush().map_err(io)?;
+            sent += fo::write_frame(&mut w, FrameKind::Heartbeat, epoch, &[]).map_err(|e| verdict(io(e)))?;
+            w.flush().map_err(|e| verdict(io(e)))?;
             last_sent = now;
         }
     }
@@ -655,7 +658,6 @@ fn standby_thread(
     let max_epoch = fo::max_epoch_len(mem_size);
     let why = loop {
         if shared.takeover_now.load(Ordering::Acquire) {
-            let _ = fo::write_frame(&mut writer, FrameKind::Takeover, applied, &[]);
             break "forced (PUT /failover/takeover)".to_string();
         }
         match fo::read_frame(&mut r, max_epoch) {
@@ -730,8 +732,28 @@ fn standby_thread(
             }
         }
     };
-    drop(writer);
-    drop(r);
+    // Tell the primary, in case it is alive behind a slow link: it fences
+    // itself on this frame. Then drain the connection for a while rather
+    // than close it with bytes unread (TCP would reset it, and the frame
+    // could be lost with the reset).
+    let _ = writer.set_write_timeout(Duration::from_millis(200));
+    let _ = fo::write_frame(&mut writer, FrameKind::Takeover, applied, &[]);
+    let _ = std::thread::Builder::new()
+        .name("failover-drain".into())
+        .spawn(move || {
+            let _ = r.get_ref().set_read_timeout(Duration::from_secs(1));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut buf = vec![0u8; 64 << 10];
+            while Instant::now() < deadline {
+                match std::io::Read::read(&mut r, &mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if classify_io(&e) => {}
+                    Err(_) => break,
+                }
+            }
+            drop(writer);
+        });
     if mode == TakeoverMode::Manual && !shared.takeover_now.load(Ordering::Acquire) {
         eprintln!("vessel: failover standby on {url}: {why}; waiting for PUT /failover/takeover (manual mode)");
         shared.update(|i| {
