@@ -83,6 +83,10 @@ enum Command {
     /// --incoming URL`), showing its progress; the VM here ends once the
     /// destination runs it.
     Migrate(crate::migration::MigrateArgs),
+    /// Protect a running VM with a standby (started with `vessel run
+    /// --standby URL`): continuous checkpoints, held console output, and
+    /// a takeover by the standby when this host dies (docs/FAILOVER.md).
+    Protect(crate::failover::ProtectArgs),
     /// Run a VMM in a chroot jail as an unprivileged uid, with its own
     /// mount (and PID) namespace, netns, cgroup and rlimits: Firecracker's
     /// jailer and its flags (also when started as `jailer`).
@@ -175,6 +179,14 @@ pub struct RunArgs {
     /// instead of booting (the API's PUT /migration/receive).
     #[arg(long, value_name = "URL", conflicts_with_all = ["kernel", "config", "restore"])]
     pub incoming: Option<String>,
+    /// Stand by for a primary (`vessel protect NAME --standby URL`) on
+    /// unix:PATH or tcp:HOST:PORT: hold its checkpoints and take over when
+    /// it goes silent (the API's PUT /failover/standby).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["kernel", "config", "restore", "incoming"])]
+    pub standby: Option<String>,
+    /// With --standby: take over only on PUT /failover/takeover.
+    #[arg(long, requires = "standby")]
+    pub manual_takeover: bool,
     /// Turn the seccomp filters off (for debugging). Without it every
     /// thread runs under its own allow-list; a call outside it ends the
     /// process with exit code 148 and names the call (docs/SECURITY.md).
@@ -213,6 +225,7 @@ pub fn main() -> ExitCode {
         Command::Console { name } => console(&name),
         Command::Snapshot(a) => snapshot(a),
         Command::Migrate(a) => api_of(&a.name).and_then(|sock| crate::migration::cli_migrate(&sock, &a)),
+        Command::Protect(a) => api_of(&a.name).and_then(|sock| crate::failover::cli_protect(&sock, &a)),
         Command::Restore {
             dir,
             name,
@@ -280,9 +293,17 @@ fn run(args: RunArgs, process_start: Instant) -> ExitCode {
             accel: args.accel.clone(),
             network_overrides: Vec::new(),
         }),
+        standby: args.standby.clone().map(|url| crate::failover::StandbyRequest {
+            listen_url: url,
+            takeover: if args.manual_takeover {
+                crate::failover::TakeoverMode::Manual
+            } else {
+                crate::failover::TakeoverMode::Auto
+            },
+        }),
         seccomp: !args.no_seccomp,
     };
-    if args.incoming.is_some() {
+    if args.incoming.is_some() || args.standby.is_some() {
         launch.start_now = false;
         return crate::launch::run_with(launch, None);
     }
@@ -394,7 +415,7 @@ fn ps() -> Result<(), String> {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "{:<20} {:<12} {:<6} {:>5} {:>8} {:>9} {:>8}",
+        "{:<20} {:<12} {:<6} {:>5} {:>8} {:>9} {:>8}  PROTECTION",
         "NAME", "STATE", "ENGINE", "VCPUS", "MEMORY", "UPTIME", "PID"
     );
     for (name, dir) in runtime::list() {
@@ -414,9 +435,16 @@ fn ps() -> Result<(), String> {
             .unwrap_or("-".into());
         let uptime = info["uptime_s"].as_u64().map(format_uptime).unwrap_or("-".into());
         let pid = runtime::read_pid(&dir).map(|p| p.to_string()).unwrap_or("-".into());
+        let fo = client::request(&sock, "GET", "/failover", None, Duration::from_secs(2))
+            .map(|r| r.json())
+            .unwrap_or(serde_json::Value::Null);
+        let protection = match (fo["role"].as_str(), fo["status"].as_str()) {
+            (Some(role), Some(status)) => format!("{role} {status}"),
+            _ => "-".into(),
+        };
         let _ = writeln!(
             out,
-            "{name:<20} {state:<12} {engine:<6} {vcpus:>5} {mem:>8} {uptime:>9} {pid:>8}"
+            "{name:<20} {state:<12} {engine:<6} {vcpus:>5} {mem:>8} {uptime:>9} {pid:>8}  {protection}"
         );
     }
     Ok(())

@@ -152,6 +152,8 @@ mod tests {
             restore: None,
             paused: false,
             incoming: None,
+            standby: None,
+            manual_takeover: false,
             no_seccomp: false,
         }
     }

@@ -181,6 +181,7 @@ pub fn main() -> ExitCode {
             metrics_path: args.metrics_path,
             restore: None,
             incoming: None,
+            standby: None,
             seccomp: !args.no_seccomp,
         },
         None,

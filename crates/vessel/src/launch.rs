@@ -44,6 +44,8 @@ pub struct Launch {
     /// Wait for an incoming migration (`vessel run --incoming`, with its
     /// `--accel`).
     pub incoming: Option<crate::migration::ReceiveRequest>,
+    /// Stand by for a failover primary (`vessel run --standby`).
+    pub standby: Option<crate::failover::StandbyRequest>,
     /// Filter every thread's syscalls (off with --no-seccomp).
     pub seccomp: bool,
 }
@@ -134,6 +136,11 @@ pub fn run_with(l: Launch, direct: Option<(vmm::MachineConfig, String)>) -> Exit
     }
     if let Some(r) = l.incoming {
         if let Err(e) = ctl.handle(VmmAction::MigrationReceive(r)) {
+            return fail(&e.to_string());
+        }
+    }
+    if let Some(r) = l.standby {
+        if let Err(e) = ctl.handle(VmmAction::FailoverStandby(r)) {
             return fail(&e.to_string());
         }
     }

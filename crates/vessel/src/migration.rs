@@ -134,7 +134,7 @@ impl Endpoint {
             .ok_or_else(|| format!("{a}: no address"))
     }
 
-    fn connect(&self) -> Result<Conn, String> {
+    pub(crate) fn connect(&self) -> Result<Conn, String> {
         match self {
             Endpoint::Unix(p) => UnixStream::connect(p)
                 .map(Conn::Unix)
@@ -148,7 +148,7 @@ impl Endpoint {
         }
     }
 
-    fn listen(&self) -> Result<Listener, String> {
+    pub(crate) fn listen(&self) -> Result<Listener, String> {
         match self {
             Endpoint::Unix(p) => UnixListener::bind(p)
                 .map(|l| Listener::Unix(l, p.clone()))
@@ -163,14 +163,14 @@ impl Endpoint {
     }
 }
 
-enum Listener {
+pub(crate) enum Listener {
     Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
 }
 
 impl Listener {
     /// Wait for one connection, giving up when `cancel` is set.
-    fn accept(&self, cancel: &AtomicBool) -> Result<Conn, String> {
+    pub(crate) fn accept(&self, cancel: &AtomicBool) -> Result<Conn, String> {
         match self {
             Listener::Unix(l, _) => l.set_nonblocking(true),
             Listener::Tcp(l) => l.set_nonblocking(true),
@@ -211,21 +211,21 @@ impl Drop for Listener {
     }
 }
 
-/// One end of a migration connection.
-enum Conn {
+/// One end of a migration (or failover) connection.
+pub(crate) enum Conn {
     Unix(UnixStream),
     Tcp(TcpStream),
 }
 
 impl Conn {
-    fn try_clone(&self) -> std::io::Result<Conn> {
+    pub(crate) fn try_clone(&self) -> std::io::Result<Conn> {
         Ok(match self {
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
         })
     }
 
-    fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
+    pub(crate) fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
         match self {
             Conn::Unix(s) => s.set_read_timeout(Some(t)),
             Conn::Tcp(s) => s.set_read_timeout(Some(t)),
@@ -234,7 +234,7 @@ impl Conn {
 
     /// A peer that stops reading (a host that died) fails the writer
     /// after `t` instead of blocking it for good.
-    fn set_write_timeout(&self, t: Duration) -> std::io::Result<()> {
+    pub(crate) fn set_write_timeout(&self, t: Duration) -> std::io::Result<()> {
         match self {
             Conn::Unix(s) => s.set_write_timeout(Some(t)),
             Conn::Tcp(s) => s.set_write_timeout(Some(t)),
@@ -472,7 +472,7 @@ pub fn start_receive(ctl: &mut Controller, req: ReceiveRequest) -> Result<(), Ac
 }
 
 /// Run `f` on the main thread, with the controller, and wait for its answer.
-fn on_main<T: Send + 'static>(
+pub(crate) fn on_main<T: Send + 'static>(
     exits: &Sender<Msg>,
     f: impl FnOnce(&mut Controller) -> T + Send + 'static,
 ) -> Result<T, String> {

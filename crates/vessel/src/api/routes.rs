@@ -91,6 +91,10 @@ pub fn parse(method: &str, path: &str, body_bytes: &[u8]) -> Result<VmmAction, R
         ("PUT", ["migration", "send"]) => VmmAction::MigrationSend(body(b)?),
         ("GET", ["migration"]) => VmmAction::GetMigration,
         ("PUT", ["migration", "cancel"]) => VmmAction::CancelMigration,
+        ("PUT", ["failover", "standby"]) => VmmAction::FailoverStandby(body(b)?),
+        ("PUT", ["failover", "protect"]) => VmmAction::FailoverProtect(body(b)?),
+        ("GET", ["failover"]) => VmmAction::GetFailover,
+        ("PUT", ["failover", "takeover"]) => VmmAction::FailoverTakeover,
         ("PATCH", ["vm"]) => {
             let s: fc::VmStateRequest = body(b)?;
             match s.state.as_str() {
@@ -149,6 +153,24 @@ mod tests {
             parse("PUT", "/migration/receive", br#"{"receiver_url": "tcp:0.0.0.0:4444"}"#).unwrap(),
             VmmAction::MigrationReceive(_)
         ));
+        assert_eq!(parse("GET", "/failover", b"").unwrap(), VmmAction::GetFailover);
+        assert_eq!(
+            parse("PUT", "/failover/takeover", b"").unwrap(),
+            VmmAction::FailoverTakeover
+        );
+        assert!(matches!(
+            parse("PUT", "/failover/protect", br#"{"standby_url": "tcp:h:1", "epoch_ms": 25}"#).unwrap(),
+            VmmAction::FailoverProtect(ref r) if r.epoch_ms == 25 && r.timeout_ms == 500
+        ));
+        assert!(matches!(
+            parse(
+                "PUT",
+                "/failover/standby",
+                br#"{"listen_url": "tcp:0.0.0.0:4445", "takeover": "manual"}"#
+            )
+            .unwrap(),
+            VmmAction::FailoverStandby(_)
+        ));
     }
 
     #[test]
@@ -185,6 +207,13 @@ mod tests {
             ),
             ("PUT", "/migration/receive", br#"{"receiver_url": 5}"#),
             ("POST", "/migration", b""),
+            ("PUT", "/failover/protect", b"{}"),
+            (
+                "PUT",
+                "/failover/standby",
+                br#"{"listen_url": "unix:/s", "takeover": "later"}"#,
+            ),
+            ("POST", "/failover", b""),
         ] {
             assert!(parse(m, p, b).is_err(), "{m} {p} accepted");
         }

@@ -64,6 +64,8 @@ pub struct Controller {
     direct: Option<vmm::MachineConfig>,
     /// The current or last migration, either way.
     pub(crate) migration: crate::migration::Slot,
+    /// Failover, either side, and the serial output's gate.
+    pub(crate) failover: crate::failover::Slot,
 }
 
 impl Controller {
@@ -86,6 +88,7 @@ impl Controller {
             stopped: false,
             direct: None,
             migration: crate::migration::Slot::default(),
+            failover: crate::failover::Slot::default(),
         }
     }
 
@@ -169,6 +172,30 @@ impl Controller {
             return Err(ActionError::Runtime(
                 "a migration is in progress: cancel it first (PUT /migration/cancel)".into(),
             ));
+        }
+        if self.failover.protecting()
+            && matches!(
+                action,
+                VmmAction::Pause | VmmAction::Resume | VmmAction::CreateSnapshot(_) | VmmAction::MigrationSend(_)
+            )
+        {
+            return Err(ActionError::Runtime(
+                "the VM is protected by a standby (GET /failover): it cannot be paused, snapshotted or migrated under it".into(),
+            ));
+        }
+        if self.failover.standing_by()
+            && matches!(
+                action,
+                VmmAction::InstanceStart | VmmAction::LoadSnapshot(_) | VmmAction::MigrationReceive(_)
+            )
+        {
+            return Err(ActionError::Runtime(
+                "this Vessel is a failover standby: it runs the guest only when it takes over".into(),
+            ));
+        }
+        if action == VmmAction::Resume && self.failover.fenced() {
+            // The operator knows the standby is dead: run alone.
+            self.failover.unfence();
         }
         let empty = Ok(VmmData::Empty);
         match action {
@@ -427,6 +454,19 @@ impl Controller {
                 self.migration.cancel()?;
                 empty
             }
+            VmmAction::FailoverStandby(r) => {
+                crate::failover::start_standby(self, r)?;
+                empty
+            }
+            VmmAction::FailoverProtect(r) => {
+                crate::failover::start_protect(self, r)?;
+                empty
+            }
+            VmmAction::GetFailover => Ok(VmmData::Failover(Box::new(self.failover.info()))),
+            VmmAction::FailoverTakeover => {
+                self.failover.request_takeover()?;
+                empty
+            }
             VmmAction::Stop => {
                 match &self.vm {
                     // The run thread reports the end through `exits`.
@@ -506,6 +546,18 @@ impl Controller {
         let resumed_at = std::time::SystemTime::now();
         self.state = VmState::Running;
         Ok((resumed_at, handle))
+    }
+
+    /// The split-brain rule: the failover link went silent, so the
+    /// standby may run the guest now; pause here. True when paused.
+    pub(crate) fn fence_pause(&mut self, vm: &vmm::VmHandle) -> bool {
+        if !vm.pause(PAUSE_TIMEOUT) {
+            return false;
+        }
+        if self.state == VmState::Running {
+            self.state = VmState::Paused;
+        }
+        true
     }
 
     /// The VM's run ended (the main loop learned it from `exits`).
@@ -683,13 +735,16 @@ impl Controller {
         })
     }
 
+    /// The serial output, through the failover gate (which holds it back
+    /// while the VM is protected, until its epoch is acknowledged).
     fn serial_output(&mut self) -> Result<Box<dyn Write + Send>, ActionError> {
-        match &self.serial {
-            Some(s) => Ok(Box::new(open_output(&s.serial_out_path).map_err(|e| {
+        let out: Box<dyn Write + Send> = match &self.serial {
+            Some(s) => Box::new(open_output(&s.serial_out_path).map_err(|e| {
                 ActionError::StartMicrovm(format!("serial_out_path {}: {e}", s.serial_out_path.display()))
-            })?)),
-            None => Ok((self.console.default_output)()),
-        }
+            })?),
+            None => (self.console.default_output)(),
+        };
+        Ok(self.failover.gate.writer(out))
     }
 
     fn start(&mut self) -> Result<(), ActionError> {

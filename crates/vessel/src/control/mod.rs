@@ -65,6 +65,14 @@ pub enum VmmAction {
     GetMigration,
     /// `PUT /migration/cancel`.
     CancelMigration,
+    /// `PUT /failover/standby`: hold a primary's checkpoints.
+    FailoverStandby(crate::failover::StandbyRequest),
+    /// `PUT /failover/protect`: checkpoint this VM to a standby.
+    FailoverProtect(crate::failover::ProtectRequest),
+    /// `GET /failover`.
+    GetFailover,
+    /// `PUT /failover/takeover`: the standby takes over now.
+    FailoverTakeover,
     /// Stop the VM cleanly (SIGTERM, SIGINT, `vessel stop`): vCPUs out,
     /// devices stopped, disks flushed, then the process exits 0.
     Stop,
@@ -115,6 +123,10 @@ impl VmmAction {
                 ("put_api_requests", "migration")
             }
             VmmAction::GetMigration => ("get_api_requests", "migration_count"),
+            VmmAction::FailoverStandby(_) | VmmAction::FailoverProtect(_) | VmmAction::FailoverTakeover => {
+                ("put_api_requests", "failover")
+            }
+            VmmAction::GetFailover => ("get_api_requests", "failover_count"),
             VmmAction::Stop => ("signals", "stop"),
         }
     }
@@ -152,6 +164,7 @@ pub enum VmmData {
     FullConfig(Box<fc::FullVmConfig>),
     MachineConfig(fc::MachineConfig),
     Migration(vmm::migration::MigrationInfo),
+    Failover(Box<crate::failover::FailoverInfo>),
 }
 
 /// Why an action was refused. Every variant is the client's to fix, or a

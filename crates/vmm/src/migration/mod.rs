@@ -4,6 +4,7 @@
 //! cold or live pre-copy.
 
 pub mod dirty;
+pub mod failover;
 pub mod send;
 pub mod stream;
 

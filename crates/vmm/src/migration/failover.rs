@@ -1,0 +1,728 @@
+//! Failover (docs/FAILOVER.md): continuous checkpoints from a primary to a
+//! standby, Remus-style. The initial sync is a migration stream (header,
+//! hello, pages, state) that never switches over; after it come failover
+//! frames, each one whole epoch of migration messages (the pages dirtied
+//! since the last epoch, then the state) under one checksum, so the
+//! standby applies an epoch only when all of it came and matched.
+//!
+//! Frame (all integers little-endian): type `u8`, 3 reserved zero bytes,
+//! epoch `u64`, payload length `u64` (bounded per type, and for an epoch
+//! by the guest's size), the payload, then a CRC-64/ECMA-182 of all
+//! before it.
+//!
+//! [`OutputGate`] holds what the guest writes to its serial port until the
+//! epoch that wrote it is acknowledged (the output-commit rule).
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::stream::{self, Message, PageBatch, PageBatchBuilder, StreamError, PAGE_SIZE};
+use crate::machine::VmHandle;
+use crate::persist::MachineState;
+
+const FRAME_HEADER_LEN: usize = 24;
+const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_ECMA_182);
+/// Bound of the small frames' payloads (config JSON, error text).
+const SMALL_MAX: u64 = 4096;
+
+/// Failover frame types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Primary → standby, first: the protection's timing (JSON [`Timing`]).
+    Config = 1,
+    /// Primary → standby: one epoch (migration messages: pages, then state).
+    Epoch = 2,
+    /// Standby → primary: the epoch is applied.
+    Ack = 3,
+    /// Either way: alive (the standby answers each with one).
+    Heartbeat = 4,
+    /// Either way: the sender gives up, and why (UTF-8).
+    Error = 5,
+    /// Primary → standby: protection ends on purpose (the VM stopped);
+    /// do not take over.
+    End = 6,
+    /// Standby → primary: the standby takes over now (forced); the
+    /// primary must stop (it fences itself).
+    Takeover = 7,
+}
+
+impl FrameKind {
+    fn from_u8(b: u8) -> Option<FrameKind> {
+        Some(match b {
+            1 => FrameKind::Config,
+            2 => FrameKind::Epoch,
+            3 => FrameKind::Ack,
+            4 => FrameKind::Heartbeat,
+            5 => FrameKind::Error,
+            6 => FrameKind::End,
+            7 => FrameKind::Takeover,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FrameKind::Config => "config",
+            FrameKind::Epoch => "epoch",
+            FrameKind::Ack => "ack",
+            FrameKind::Heartbeat => "heartbeat",
+            FrameKind::Error => "error",
+            FrameKind::End => "end",
+            FrameKind::Takeover => "takeover",
+        }
+    }
+}
+
+/// The protection's timing, sent to the standby first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timing {
+    pub epoch_ms: u64,
+    pub heartbeat_ms: u64,
+    pub timeout_ms: u64,
+}
+
+/// One checked frame.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: FrameKind,
+    pub epoch: u64,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("failover stream: unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("failover stream: a {kind} frame of {len} bytes, more than its limit of {max}")]
+    TooLong { kind: &'static str, len: u64, max: u64 },
+    #[error("failover stream: checksum mismatch in the {0} frame of epoch {1}: the stream is corrupt")]
+    Checksum(&'static str, u64),
+    #[error("failover stream: malformed {0}: {1}")]
+    Malformed(&'static str, String),
+    #[error("the peer gave up: {0}")]
+    Peer(String),
+    #[error("failover: {0}")]
+    Vm(String),
+}
+
+/// Write one frame; the bytes written.
+pub fn write_frame(w: &mut impl Write, kind: FrameKind, epoch: u64, payload: &[u8]) -> std::io::Result<u64> {
+    let mut head = [0u8; FRAME_HEADER_LEN];
+    head[0] = kind as u8;
+    head[4..12].copy_from_slice(&epoch.to_le_bytes());
+    head[12..20].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    // Bytes 20..24 reserved (zero).
+    let mut digest = CRC.digest();
+    digest.update(&head);
+    digest.update(payload);
+    w.write_all(&head)?;
+    w.write_all(payload)?;
+    w.write_all(&digest.finalize().to_le_bytes())?;
+    Ok((FRAME_HEADER_LEN + payload.len() + 8) as u64)
+}
+
+/// The largest epoch a guest of `mem_size` bytes can need: every page
+/// with its data, the batches' framing, and the largest state.
+pub fn max_epoch_len(mem_size: u64) -> u64 {
+    let pages = mem_size / PAGE_SIZE;
+    let batches = pages.div_ceil(stream::MAX_PAGES_PER_MESSAGE as u64) + 1;
+    pages * (8 + PAGE_SIZE) + batches * (4 + 16) + crate::persist::MAX_PAYLOAD + 32 + 16
+}
+
+/// Read one frame, checked; `max_epoch` bounds an epoch's payload. The
+/// payload grows only as its bytes arrive, so a lying length allocates
+/// no more than the peer really sent.
+pub fn read_frame(r: &mut impl Read, max_epoch: u64) -> Result<Frame, FailoverError> {
+    let mut head = [0u8; FRAME_HEADER_LEN];
+    read_exact_or(r, &mut head, "frame", true)?;
+    let kind = FrameKind::from_u8(head[0]).ok_or(FailoverError::UnknownType(head[0]))?;
+    if head[1..4] != [0; 3] || head[20..24] != [0; 4] {
+        return Err(FailoverError::Malformed(
+            kind.name(),
+            "reserved bytes are not zero".into(),
+        ));
+    }
+    let epoch = u64::from_le_bytes(head[4..12].try_into().expect("8 bytes"));
+    let len = u64::from_le_bytes(head[12..20].try_into().expect("8 bytes"));
+    let max = match kind {
+        FrameKind::Epoch => max_epoch,
+        FrameKind::Config | FrameKind::Error => SMALL_MAX,
+        FrameKind::Ack | FrameKind::Heartbeat | FrameKind::End | FrameKind::Takeover => 0,
+    };
+    if len > max {
+        return Err(FailoverError::TooLong {
+            kind: kind.name(),
+            len,
+            max,
+        });
+    }
+    let mut payload = Vec::new();
+    let got = r
+        .take(len)
+        .read_to_end(&mut payload)
+        .map_err(|e| FailoverError::Stream(e.into()))?;
+    if got as u64 != len {
+        return Err(StreamError::Truncated(kind.name()).into());
+    }
+    let mut crc = [0u8; 8];
+    read_exact_or(r, &mut crc, kind.name(), false)?;
+    let mut digest = CRC.digest();
+    digest.update(&head);
+    digest.update(&payload);
+    if digest.finalize() != u64::from_le_bytes(crc) {
+        return Err(FailoverError::Checksum(kind.name(), epoch));
+    }
+    Ok(Frame { kind, epoch, payload })
+}
+
+fn read_exact_or(r: &mut impl Read, buf: &mut [u8], what: &'static str, at_boundary: bool) -> Result<(), StreamError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match r.read(&mut buf[done..]) {
+            Ok(0) if done == 0 && at_boundary => return Err(StreamError::Closed),
+            Ok(0) => return Err(StreamError::Truncated(what)),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// An epoch's payload, checked whole and not yet applied.
+pub struct CheckedEpoch {
+    batches: Vec<PageBatch>,
+    pub state: MachineState,
+}
+
+impl CheckedEpoch {
+    pub fn pages(&self) -> usize {
+        self.batches.iter().map(|b| b.len()).sum()
+    }
+}
+
+/// Check an epoch's payload against the standby's memory and machine:
+/// page batches, then exactly one state, last; every page inside guest
+/// RAM; the state of the same machine. Nothing is written.
+pub fn check_epoch(
+    payload: &[u8],
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    cpus: u32,
+) -> Result<CheckedEpoch, FailoverError> {
+    let mut r = payload;
+    let mut batches = Vec::new();
+    loop {
+        match stream::read_message(&mut r)? {
+            Message::Pages(b) => {
+                for (gpa, _) in b.pages() {
+                    if !GuestMemoryBackend::check_range(mem, GuestAddress(gpa), PAGE_SIZE as usize) {
+                        return Err(FailoverError::Malformed(
+                            "epoch",
+                            format!("page {gpa:#x} is outside guest memory"),
+                        ));
+                    }
+                }
+                batches.push(b);
+            }
+            Message::State(state) => {
+                if !r.is_empty() {
+                    return Err(FailoverError::Malformed(
+                        "epoch",
+                        format!("{} bytes after the state", r.len()),
+                    ));
+                }
+                if state.config.mem_size != mem_size || state.config.cpus != cpus {
+                    return Err(FailoverError::Malformed(
+                        "epoch",
+                        "the state is of another machine than the initial sync's".into(),
+                    ));
+                }
+                return Ok(CheckedEpoch { batches, state: *state });
+            }
+            m => {
+                return Err(FailoverError::Malformed(
+                    "epoch",
+                    format!("a {} message inside an epoch", m.name()),
+                ))
+            }
+        }
+    }
+}
+
+/// Write a checked epoch's pages into guest memory; the state is the
+/// caller's to keep.
+pub fn apply_epoch(mem: &GuestMemoryMmap, epoch: CheckedEpoch) -> Result<MachineState, FailoverError> {
+    for b in &epoch.batches {
+        stream::apply_pages(mem, b)?;
+    }
+    Ok(epoch.state)
+}
+
+/// The fuzz target's entry: a standby's reader over arbitrary bytes, with
+/// 32 MiB of guest memory: frames, and each epoch checked and applied.
+pub fn fuzz_standby(data: &[u8]) {
+    let size = crate::memory::MIN_MEM;
+    let Ok(mem) = crate::memory::create(size) else { return };
+    let mut r = data;
+    while let Ok(f) = read_frame(&mut r, max_epoch_len(size)) {
+        if f.kind == FrameKind::Epoch {
+            if let Ok(e) = check_epoch(&f.payload, &mem, size, 1) {
+                let _ = apply_epoch(&mem, e);
+            }
+        }
+    }
+}
+
+/// What one epoch's capture took.
+pub struct Capture {
+    /// The epoch's payload: pages messages, then the state message.
+    pub payload: Vec<u8>,
+    pub pages: usize,
+    /// How long the guest was paused.
+    pub pause: Duration,
+}
+
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Start tracking dirty pages for protection (every vCPU drops its cached
+/// write translations first).
+pub fn start_tracking(vm: &VmHandle) -> Result<(), FailoverError> {
+    let mem = vm.guest_memory();
+    vm.dirty_log()
+        .enable(mem.last_addr().0 + 1)
+        .map_err(FailoverError::Vm)?;
+    flush(vm, vm.dirty_log().request_flush())
+}
+
+fn flush(vm: &VmHandle, g: u64) -> Result<(), FailoverError> {
+    vm.kick_vcpus();
+    let log = vm.dirty_log();
+    if !log.wait_flushed(g, vm.config().cpus as usize, FLUSH_TIMEOUT, &|| vm.stopped()) {
+        return Err(FailoverError::Vm(if vm.stopped() {
+            "the VM stopped".into()
+        } else {
+            "the vCPUs did not answer the dirty-page flush".into()
+        }));
+    }
+    Ok(())
+}
+
+/// One epoch: pause the VM (vCPUs and device workers), copy the pages
+/// dirtied since the last harvest and the machine state into a buffer,
+/// run `while_paused` (the output gate's epoch mark), resume. Sending is
+/// the caller's, after the resume: the pause stays as short as a copy.
+pub fn capture(vm: &VmHandle, while_paused: impl FnOnce()) -> Result<Capture, FailoverError> {
+    let mem = vm.guest_memory();
+    let start = Instant::now();
+    if !vm.pause(PAUSE_TIMEOUT) {
+        vm.resume();
+        return Err(FailoverError::Vm("the vCPUs did not stop for the checkpoint".into()));
+    }
+    let log = vm.dirty_log();
+    // Devices write their used rings through the queue code, which the
+    // dirty log does not hear: every epoch carries them whole (they are
+    // small), as migration's switch does.
+    for (gpa, len) in vm.used_rings() {
+        log.mark_range(gpa, len);
+    }
+    let pages = match log.harvest() {
+        Ok(pages) => pages,
+        Err(e) => {
+            vm.resume();
+            return Err(FailoverError::Vm(e));
+        }
+    };
+    // Every vCPU drops its write translations before it runs guest code
+    // again (it checks between slices, and it is parked now), so every
+    // later write is marked.
+    let g = log.request_flush();
+    let result = (|| {
+        let mut payload = Vec::with_capacity(pages.len() * (PAGE_SIZE as usize + 8) + (64 << 10));
+        let mut batch = PageBatchBuilder::default();
+        let mut buf = [0u8; PAGE_SIZE as usize];
+        for &gpa in &pages {
+            mem.read_slice(&mut buf, GuestAddress(gpa))
+                .map_err(|e| StreamError::Memory(format!("reading page {gpa:#x}: {e}")))?;
+            batch.push(gpa, &buf);
+            if batch.is_full() {
+                batch.flush(&mut payload)?;
+            }
+        }
+        batch.flush(&mut payload)?;
+        let state = vm
+            .save_state()
+            .map_err(|e| FailoverError::Vm(format!("saving the machine state: {e}")))?;
+        stream::write_message(&mut payload, &Message::State(Box::new(state)))?;
+        Ok::<_, FailoverError>(payload)
+    })();
+    if result.is_ok() {
+        while_paused();
+    }
+    vm.resume();
+    let pause = start.elapsed();
+    let payload = result?;
+    flush(vm, g)?;
+    Ok(Capture {
+        payload,
+        pages: pages.len(),
+        pause,
+    })
+}
+
+/// The initial sync's first pass: every page of guest RAM as it is now
+/// (the guest runs on; what it dirties meanwhile goes in epoch 0). The
+/// bytes written; `progress` is told the total after each batch.
+pub fn send_all_pages(vm: &VmHandle, w: &mut impl Write, progress: &mut dyn FnMut(u64)) -> Result<u64, StreamError> {
+    let mem = vm.guest_memory();
+    let mut batch = PageBatchBuilder::default();
+    let mut buf = [0u8; PAGE_SIZE as usize];
+    let mut sent = 0;
+    for r in mem.iter() {
+        let start = r.start_addr().0;
+        for i in 0..r.len() / PAGE_SIZE {
+            let gpa = start + i * PAGE_SIZE;
+            mem.read_slice(&mut buf, GuestAddress(gpa))
+                .map_err(|e| StreamError::Memory(format!("reading page {gpa:#x}: {e}")))?;
+            batch.push(gpa, &buf);
+            if batch.is_full() {
+                sent += batch.flush(w)?;
+                progress(sent);
+            }
+        }
+    }
+    sent += batch.flush(w)?;
+    Ok(sent)
+}
+
+/// Median and 99th percentile of the last pauses, in ms.
+#[derive(Default)]
+pub struct PauseStats {
+    last: VecDeque<f64>,
+}
+
+impl PauseStats {
+    const KEEP: usize = 1024;
+
+    pub fn add(&mut self, d: Duration) {
+        if self.last.len() == Self::KEEP {
+            self.last.pop_front();
+        }
+        self.last.push_back(d.as_secs_f64() * 1e3);
+    }
+
+    /// (median, p99), 0 when empty.
+    pub fn summary(&self) -> (f64, f64) {
+        if self.last.is_empty() {
+            return (0.0, 0.0);
+        }
+        let mut v: Vec<f64> = self.last.iter().copied().collect();
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        (at(0.5), at(0.99))
+    }
+}
+
+/// Output commit: what the guest writes to its console is held here while
+/// the VM is protected and released when the epoch that wrote it is
+/// acknowledged. Unprotected, it passes straight through.
+pub struct OutputGate {
+    inner: Mutex<Gate>,
+}
+
+struct Gate {
+    out: Option<Box<dyn Write + Send>>,
+    holding: bool,
+    /// Never release again (the primary fenced itself).
+    fenced: bool,
+    held: VecDeque<u8>,
+    /// Bytes released or dropped before `held`'s first.
+    base: u64,
+    /// (epoch, end offset of its output), oldest first.
+    marks: VecDeque<(u64, u64)>,
+}
+
+impl Default for OutputGate {
+    fn default() -> Self {
+        OutputGate {
+            inner: Mutex::new(Gate {
+                out: None,
+                holding: false,
+                fenced: false,
+                held: VecDeque::new(),
+                base: 0,
+                marks: VecDeque::new(),
+            }),
+        }
+    }
+}
+
+impl OutputGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Gate> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A writer for the machine's console, going to `out` through the gate.
+    pub fn writer(self: &Arc<Self>, out: Box<dyn Write + Send>) -> Box<dyn Write + Send> {
+        let mut g = self.lock();
+        g.out = Some(out);
+        Box::new(GateWriter(self.clone()))
+    }
+
+    /// Start holding output (protection begins).
+    pub fn hold(&self) {
+        let mut g = self.lock();
+        g.holding = true;
+        g.fenced = false;
+    }
+
+    /// The guest's output so far belongs to `epoch` (called while paused).
+    pub fn mark(&self, epoch: u64) {
+        let mut g = self.lock();
+        let end = g.base + g.held.len() as u64;
+        g.marks.push_back((epoch, end));
+    }
+
+    /// `epoch` is acknowledged: release its output (and older epochs').
+    pub fn release(&self, epoch: u64) {
+        let mut g = self.lock();
+        if g.fenced {
+            return;
+        }
+        let mut end = None;
+        while g.marks.front().is_some_and(|&(e, _)| e <= epoch) {
+            end = g.marks.pop_front().map(|(_, o)| o);
+        }
+        if let Some(end) = end {
+            let n = (end - g.base) as usize;
+            g.emit(n);
+        }
+    }
+
+    /// Protection ends with nobody to take over (the standby died):
+    /// release everything and pass through from now on.
+    pub fn release_all(&self) {
+        let mut g = self.lock();
+        g.holding = false;
+        g.fenced = false;
+        g.marks.clear();
+        let n = g.held.len();
+        g.emit(n);
+    }
+
+    /// The link is gone and the standby may run the guest now: never
+    /// release what is held (until [`OutputGate::release_all`] by the
+    /// operator).
+    pub fn fence(&self) {
+        let mut g = self.lock();
+        g.fenced = true;
+        g.holding = true;
+    }
+
+    pub fn held_bytes(&self) -> u64 {
+        self.lock().held.len() as u64
+    }
+}
+
+impl Gate {
+    fn emit(&mut self, n: usize) {
+        let bytes: Vec<u8> = self.held.drain(..n).collect();
+        self.base += n as u64;
+        if let Some(out) = &mut self.out {
+            let _ = out.write_all(&bytes);
+            let _ = out.flush();
+        }
+    }
+}
+
+struct GateWriter(Arc<OutputGate>);
+
+impl Write for GateWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut g = self.0.lock();
+        if g.holding {
+            g.held.extend(buf);
+            return Ok(buf.len());
+        }
+        match &mut g.out {
+            Some(out) => out.write(buf),
+            None => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut g = self.0.lock();
+        let holding = g.holding;
+        match &mut g.out {
+            Some(out) if !holding => out.flush(),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_epoch(mem_size: u64) -> Vec<u8> {
+        let mut p = Vec::new();
+        let mut b = PageBatchBuilder::default();
+        b.push(0x1000, &[7; 4096]);
+        b.push(0x2000, &[0; 4096]);
+        b.flush(&mut p).unwrap();
+        let mut state = crate::persist::tests::sample_state();
+        state.config.mem_size = mem_size;
+        stream::write_message(&mut p, &Message::State(Box::new(state))).unwrap();
+        p
+    }
+
+    #[test]
+    fn frames_round_trip_and_corruption_is_caught() {
+        let mut out = Vec::new();
+        write_frame(&mut out, FrameKind::Heartbeat, 0, &[]).unwrap();
+        write_frame(&mut out, FrameKind::Epoch, 7, &[1, 2, 3]).unwrap();
+        write_frame(&mut out, FrameKind::Ack, 7, &[]).unwrap();
+        let mut r = &out[..];
+        assert_eq!(read_frame(&mut r, 100).unwrap().kind, FrameKind::Heartbeat);
+        let e = read_frame(&mut r, 100).unwrap();
+        assert_eq!((e.kind, e.epoch, e.payload), (FrameKind::Epoch, 7, vec![1, 2, 3]));
+        assert_eq!(read_frame(&mut r, 100).unwrap().epoch, 7);
+        assert!(matches!(
+            read_frame(&mut r, 100),
+            Err(FailoverError::Stream(StreamError::Closed))
+        ));
+        // A flipped bit anywhere in the epoch frame: never accepted.
+        let start = FRAME_HEADER_LEN + 8;
+        for i in start..start + FRAME_HEADER_LEN + 3 + 8 {
+            let mut v = out.clone();
+            v[i] ^= 0x04;
+            let mut r = &v[start..];
+            assert!(read_frame(&mut r, 100).is_err(), "flip at {i} accepted");
+        }
+        // Too long for its kind, before any allocation.
+        let mut v = Vec::new();
+        write_frame(&mut v, FrameKind::Epoch, 1, &[0; 200]).unwrap();
+        assert!(matches!(
+            read_frame(&mut &v[..], 100),
+            Err(FailoverError::TooLong { .. })
+        ));
+        // Cut short: truncated, not taken whole.
+        let mut v = Vec::new();
+        write_frame(&mut v, FrameKind::Epoch, 1, &[5; 50]).unwrap();
+        for cut in [1, 30, v.len() - 1] {
+            let e = read_frame(&mut &v[..cut], 100).unwrap_err().to_string();
+            assert!(e.contains("truncated"), "{cut}: {e}");
+        }
+    }
+
+    #[test]
+    fn epochs_are_checked_before_anything_is_written() {
+        let size = 32 << 20;
+        let mem = crate::memory::create(size).unwrap();
+        let p = sample_epoch(size);
+        let e = check_epoch(&p, &mem, size, 1).unwrap();
+        assert_eq!(e.pages(), 2);
+        apply_epoch(&mem, e).unwrap();
+        let mut page = [0u8; 4096];
+        mem.read_slice(&mut page, GuestAddress(0x1000)).unwrap();
+        assert!(page.iter().all(|&b| b == 7));
+        // A page outside memory in a later batch: refused, and the first
+        // batch's pages are not written either.
+        let mut p = Vec::new();
+        let mut b = PageBatchBuilder::default();
+        b.push(0x3000, &[9; 4096]);
+        b.flush(&mut p).unwrap();
+        b.push(1 << 40, &[9; 4096]);
+        b.flush(&mut p).unwrap();
+        let mut state = crate::persist::tests::sample_state();
+        state.config.mem_size = size;
+        stream::write_message(&mut p, &Message::State(Box::new(state))).unwrap();
+        assert!(check_epoch(&p, &mem, size, 1).is_err());
+        mem.read_slice(&mut page, GuestAddress(0x3000)).unwrap();
+        assert!(page.iter().all(|&b| b == 0));
+        // No state, or another machine's: refused.
+        let no_state = &sample_epoch(size)[..8 + 4 + 8 + 4096 + 8 + 8 + 8];
+        assert!(check_epoch(no_state, &mem, size, 1).is_err());
+        assert!(check_epoch(&sample_epoch(64 << 20), &mem, size, 1).is_err());
+    }
+
+    #[test]
+    fn gate_releases_by_epoch_and_fences() {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let gate = Arc::new(OutputGate::default());
+        let mut w = gate.writer(Box::new(sink.clone()));
+        w.write_all(b"a").unwrap();
+        assert_eq!(&*sink.0.lock().unwrap(), b"a");
+        gate.hold();
+        w.write_all(b"b").unwrap();
+        gate.mark(1);
+        w.write_all(b"c").unwrap();
+        gate.mark(2);
+        w.write_all(b"d").unwrap();
+        assert_eq!(&*sink.0.lock().unwrap(), b"a");
+        gate.release(1);
+        assert_eq!(&*sink.0.lock().unwrap(), b"ab");
+        gate.release(2);
+        assert_eq!(&*sink.0.lock().unwrap(), b"abc");
+        gate.mark(3);
+        gate.fence();
+        gate.release(3);
+        assert_eq!(&*sink.0.lock().unwrap(), b"abc");
+        assert_eq!(gate.held_bytes(), 1);
+        gate.release_all();
+        w.write_all(b"e").unwrap();
+        assert_eq!(&*sink.0.lock().unwrap(), b"abcde");
+    }
+
+    #[test]
+    fn mutated_standby_streams_never_panic() {
+        let size = 32 << 20;
+        let mut good = Vec::new();
+        write_frame(&mut good, FrameKind::Heartbeat, 0, &[]).unwrap();
+        write_frame(&mut good, FrameKind::Epoch, 1, &sample_epoch(size)).unwrap();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..200 {
+            let mut b = good.clone();
+            for _ in 0..3 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let i = (x as usize) % b.len();
+                b[i] = (x >> 40) as u8;
+            }
+            fuzz_standby(&b);
+            fuzz_standby(&b[..(x >> 20) as usize % b.len()]);
+        }
+    }
+
+    #[test]
+    fn pause_stats() {
+        let mut s = PauseStats::default();
+        assert_eq!(s.summary(), (0.0, 0.0));
+        for ms in 1..=100 {
+            s.add(Duration::from_millis(ms));
+        }
+        let (m, p99) = s.summary();
+        assert!((50.0..=51.0).contains(&m) && (98.0..=100.0).contains(&p99), "{m} {p99}");
+    }
+}
