@@ -152,6 +152,11 @@ pub struct RunArgs {
     /// to this file.
     #[arg(long, value_name = "FILE")]
     pub console_output: Option<PathBuf>,
+    /// A virtio-vsock device: cid=N,uds=PATH (Firecracker's hybrid vsock:
+    /// host programs connect to PATH and write `CONNECT <port>\n`; guest
+    /// connections to CID 2 port P reach a listener at PATH_P).
+    #[arg(long, value_name = "cid=N,uds=PATH", value_parser = device_args::parse_vsock)]
+    pub vsock: Option<vmm::machine::VsockConfig>,
     /// Serve Firecracker's API on this Unix socket. Without --kernel, the
     /// VM waits for its configuration and InstanceStart over the API.
     #[arg(long, value_name = "PATH")]
