@@ -59,7 +59,8 @@ fn connect_guest(uds: &Path, port: u32, deadline: Instant) -> UnixStream {
 ///   listener gives the guest "connection reset";
 /// - host to guest: 24 parallel connections to the guest's echo server,
 ///   each moving 96 KiB both ways (more than one credit window);
-/// then the guest waits for the host's all-clear on port 5001.
+///
+/// Then the guest waits for the host's all-clear on port 5001.
 #[test]
 fn vsock_both_ways_with_a_real_guest() {
     require_agent();
