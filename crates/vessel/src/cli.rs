@@ -83,6 +83,10 @@ enum Command {
     /// --incoming URL`), showing its progress; the VM here ends once the
     /// destination runs it.
     Migrate(crate::migration::MigrateArgs),
+    /// Run one command in a throwaway VM (the default guest and its
+    /// agent), or in the running VM NAME, passing stdin, stdout, stderr,
+    /// signals and the exit status through: `vessel exec [NAME] -- CMD ARGS...`.
+    Exec(Box<crate::exec::ExecArgs>),
     /// Run a VMM in a chroot jail as an unprivileged uid, with its own
     /// mount (and PID) namespace, netns, cgroup and rlimits: Firecracker's
     /// jailer and its flags (also when started as `jailer`).
@@ -208,6 +212,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => return run(*args, process_start),
         Command::Disk(args) => return disk_cmd::run(args),
         Command::Jail(args) => return crate::jail::main_with(args),
+        Command::Exec(args) => return crate::exec::main(*args),
         Command::Ps => ps(),
         Command::Pause { name } => set_state(&name, "Paused"),
         Command::Resume { name } => set_state(&name, "Resumed"),

@@ -169,3 +169,136 @@ fn vsock_both_ways_with_a_real_guest() {
     // The VMM removed its socket when it ended.
     assert!(!uds.exists(), "{} left behind", uds.display());
 }
+
+/// `vessel exec` with its scratch TMPDIR, under emu, on the test guest.
+fn exec(tmp: &Path) -> std::process::Command {
+    let mut c = common::vessel();
+    c.env("TMPDIR", tmp)
+        .args(["exec", "--accel", "emu", "--kernel"])
+        .arg(artifact("kernel/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"));
+    c
+}
+
+/// Nothing of a finished exec is left: no files in its TMPDIR, no process
+/// that names it.
+fn assert_nothing_left(tmp: &Path) {
+    let left: Vec<_> = std::fs::read_dir(tmp).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let needle = tmp.to_string_lossy().into_owned();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(p.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            assert!(!cmd.contains(&needle), "process left behind: {cmd}");
+        }
+    }
+}
+
+fn run_with_stdin(mut c: std::process::Command, input: &[u8]) -> std::process::Output {
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _dog = Watchdog::new(&child);
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let w = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let o = child.wait_with_output().unwrap();
+    w.join().unwrap();
+    o
+}
+
+/// `vessel exec -- CMD` in a throwaway VM: stdout and stderr apart, stdin,
+/// environment and working directory in, the exit status out, a signal
+/// passed on, the timeout enforced, and nothing left behind.
+#[test]
+fn exec_passes_streams_status_signals_and_timeout() {
+    require_agent();
+    let dir = Scratch::new("vsock-exec");
+    let tmp = dir.0.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+
+    let mut c = exec(&tmp);
+    c.args(["-e", "GREETING=hello", "--cwd", "/etc", "--"]).args([
+        "sh",
+        "-c",
+        "echo $GREETING from $(pwd); tr a-z A-Z; echo to-stderr >&2; exit 3",
+    ]);
+    let o = run_with_stdin(c, b"some input\n");
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(3), "stdout: {out}\nstderr: {err}");
+    assert_eq!(out, "hello from /etc\nSOME INPUT\n");
+    assert!(err.contains("to-stderr") && !out.contains("to-stderr"), "{err}");
+    assert_nothing_left(&tmp);
+
+    // A command that cannot start.
+    let mut c = exec(&tmp);
+    c.args(["--", "/no/such/program"]);
+    let o = run_with_stdin(c, b"");
+    assert_eq!(o.status.code(), Some(127), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_nothing_left(&tmp);
+
+    // SIGTERM to `vessel exec` reaches the command.
+    let mut c = exec(&tmp);
+    c.args([
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let _dog = Watchdog::new(&child);
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(rest, "got-term\n");
+    assert_eq!(status.code(), Some(7));
+    assert_nothing_left(&tmp);
+
+    // --timeout kills the command: exit code 124.
+    let start = Instant::now();
+    let mut c = exec(&tmp);
+    c.args(["--timeout", "3", "--", "sleep", "1000"]);
+    let o = run_with_stdin(c, b"");
+    assert_eq!(o.status.code(), Some(124), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("timed out"));
+    assert!(start.elapsed() < Duration::from_secs(300));
+    assert_nothing_left(&tmp);
+}
+
+/// Twenty `vessel exec` at once all succeed and leave nothing behind.
+#[test]
+#[ignore = "long: twenty emu guests boot at once (minutes on 2 cores)"]
+fn twenty_parallel_execs() {
+    require_agent();
+    let dir = Scratch::new("vsock-exec20");
+    let tmp = dir.0.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let runs: Vec<_> = (0..20)
+        .map(|i| {
+            let mut c = exec(&tmp);
+            c.args(["--", "sh", "-c", &format!("echo run-{i}; exit {}", i % 5)]);
+            std::thread::spawn(move || (i, run_with_stdin(c, b"")))
+        })
+        .collect();
+    for r in runs {
+        let (i, o) = r.join().unwrap();
+        assert_eq!(o.status.code(), Some(i % 5), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(String::from_utf8_lossy(&o.stdout), format!("run-{i}\n"));
+    }
+    assert_nothing_left(&tmp);
+}
