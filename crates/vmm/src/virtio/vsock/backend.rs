@@ -226,7 +226,7 @@ impl Backend {
             ready: VecDeque::new(),
             orphan_rsts: VecDeque::new(),
             next_token: LISTENER_TOKEN + 1,
-            next_local_port: FIRST_LOCAL_PORT,
+            next_local_port: first_local_port(),
             stats: BackendStats::default(),
         })
     }
@@ -721,6 +721,17 @@ impl Backend {
         }
         None
     }
+}
+
+/// Where host-side ports start: at a random place above 2^30, so that a
+/// VM restored from a snapshot (whose guest may still hold the old
+/// connections until it handles the transport reset) or a second clone
+/// does not reuse the ports of connections the guest knew.
+fn first_local_port() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most 4 bytes into `b`, which is 4 long.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    FIRST_LOCAL_PORT + (u32::from_le_bytes(b) >> 2)
 }
 
 /// Connect to the Unix socket at `path` without blocking: a listener whose
