@@ -87,6 +87,10 @@ enum Command {
     /// --standby URL`): continuous checkpoints, held console output, and
     /// a takeover by the standby when this host dies (docs/FAILOVER.md).
     Protect(crate::failover::ProtectArgs),
+    /// Run one command in a throwaway VM (the default guest and its
+    /// agent), or in the running VM NAME, passing stdin, stdout, stderr,
+    /// signals and the exit status through: `vessel exec [NAME] -- CMD ARGS...`.
+    Exec(Box<crate::exec::ExecArgs>),
     /// Run a VMM in a chroot jail as an unprivileged uid, with its own
     /// mount (and PID) namespace, netns, cgroup and rlimits: Firecracker's
     /// jailer and its flags (also when started as `jailer`).
@@ -156,6 +160,11 @@ pub struct RunArgs {
     /// to this file.
     #[arg(long, value_name = "FILE")]
     pub console_output: Option<PathBuf>,
+    /// A virtio-vsock device: cid=N,uds=PATH (Firecracker's hybrid vsock:
+    /// host programs connect to PATH and write `CONNECT <port>\n`; guest
+    /// connections to CID 2 port P reach a listener at PATH_P).
+    #[arg(long, value_name = "cid=N,uds=PATH", value_parser = device_args::parse_vsock)]
+    pub vsock: Option<vmm::machine::VsockConfig>,
     /// Serve Firecracker's API on this Unix socket. Without --kernel, the
     /// VM waits for its configuration and InstanceStart over the API.
     #[arg(long, value_name = "PATH")]
@@ -215,6 +224,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => return run(*args, process_start),
         Command::Disk(args) => return disk_cmd::run(args),
         Command::Jail(args) => return crate::jail::main_with(args),
+        Command::Exec(args) => return crate::exec::main(*args),
         Command::Ps => ps(),
         Command::Pause { name } => set_state(&name, "Paused"),
         Command::Resume { name } => set_state(&name, "Resumed"),

@@ -124,6 +124,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings, String> {
             rng: args.rng || file.rng.unwrap_or(false),
             console_output: args.console_output,
             console_output_limit: vmm::virtio::console::DEFAULT_OUTPUT_LIMIT,
+            vsock: args.vsock,
         },
         accel: args.accel.or(file.accel).unwrap_or_else(|| "auto".to_string()),
     })
@@ -146,6 +147,7 @@ mod tests {
             nets: Vec::new(),
             rng: false,
             console_output: None,
+            vsock: None,
             api_sock: None,
             name: None,
             detach: false,

@@ -100,6 +100,35 @@ pub fn parse_net(s: &str) -> Result<NetConfig, String> {
     Ok(net)
 }
 
+/// `--vsock cid=N,uds=PATH`, checked as `PUT /vsock` is.
+pub fn parse_vsock(s: &str) -> Result<vmm::machine::VsockConfig, String> {
+    let mut cid = None;
+    let mut uds = None;
+    for (k, v) in pairs(s, "cid")? {
+        match k {
+            "cid" => {
+                cid = Some(
+                    v.parse::<u32>()
+                        .map_err(|_| format!("cid={v}: not a number below 2^32"))?,
+                )
+            }
+            "uds" => uds = Some(PathBuf::from(v)),
+            _ => return Err(format!("--vsock: unknown option '{k}' (known: cid, uds)")),
+        }
+    }
+    let v = crate::fc::Vsock {
+        vsock_id: None,
+        guest_cid: cid.ok_or("--vsock: cid=N is missing")?,
+        uds_path: uds.ok_or("--vsock: uds=PATH is missing")?,
+    };
+    v.validate().map_err(|e| format!("--vsock: {e}"))?;
+    Ok(vmm::machine::VsockConfig {
+        id: None,
+        guest_cid: u64::from(v.guest_cid),
+        uds_path: v.uds_path,
+    })
+}
+
 /// A disk in the machine file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -138,6 +167,16 @@ impl NetEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vsock() {
+        let v = parse_vsock("cid=3,uds=/tmp/v.sock").unwrap();
+        assert_eq!((v.guest_cid, v.uds_path.to_str()), (3, Some("/tmp/v.sock")));
+        assert_eq!(parse_vsock("7,uds=/x").unwrap().guest_cid, 7);
+        for bad in ["cid=2,uds=/x", "cid=3", "uds=/x", "cid=x,uds=/x", "cid=3,uds=/x,port=1"] {
+            assert!(parse_vsock(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn disks() {

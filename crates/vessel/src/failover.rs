@@ -276,7 +276,7 @@ pub fn start_protect(ctl: &mut Controller, req: ProtectRequest) -> Result<(), Ac
     let cfg = handle.config();
     if handle.engine_kind() != vmm::EngineKind::Emu {
         return Err(ActionError::Unsupported(
-            "failover runs under the emu engine only for now (kvm dirty logging is not done)".into(),
+            "failover runs under the emu engine only for now (under kvm it has not been tested)".into(),
         ));
     }
     if let Some(d) = cfg.disks.iter().find(|d| !d.read_only) {
@@ -288,6 +288,12 @@ pub fn start_protect(ctl: &mut Controller, req: ProtectRequest) -> Result<(), Ac
     if !cfg.nets.is_empty() {
         return Err(ActionError::Unsupported(
             "cannot protect a VM with a network interface yet: holding its frames until the epoch is acknowledged is not done".into(),
+        ));
+    }
+    if cfg.vsock.is_some() {
+        return Err(ActionError::Unsupported(
+            "cannot protect a VM with a vsock device yet: its streams are not held until their epoch is acknowledged"
+                .into(),
         ));
     }
     if cfg.console_output.is_some() {

@@ -296,6 +296,43 @@ pub struct Entropy {
     pub rate_limiter: Option<RateLimiter>,
 }
 
+/// `PUT /vsock`: a virtio-vsock device with Firecracker's hybrid
+/// Unix-socket back end (docs/VSOCK.md).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// Deprecated in Firecracker, accepted and ignored there as here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+    /// The guest's context ID: 3 or more (0-2 are reserved).
+    pub guest_cid: u32,
+    /// The host socket that stands for the guest; host listeners for
+    /// guest-initiated connections are `<uds_path>_<port>`.
+    pub uds_path: PathBuf,
+}
+
+impl Vsock {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.guest_cid < 3 || self.guest_cid == u32::MAX {
+            return Err(format!(
+                "guest_cid {}: must be at least 3 (0, 1 and 2 are reserved) and below 2^32 - 1",
+                self.guest_cid
+            ));
+        }
+        if self.uds_path.as_os_str().is_empty() {
+            return Err("uds_path is empty".into());
+        }
+        // sun_path holds 108 bytes; `_<port>` adds up to 11.
+        if self.uds_path.as_os_str().len() > 96 {
+            return Err(format!(
+                "uds_path {}: longer than 96 bytes (a Unix socket path, with `_<port>` added, must fit 107)",
+                self.uds_path.display()
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `PUT /logger`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -418,7 +455,7 @@ impl SnapshotLoad {
 
 /// The whole configuration: `GET /vm/config`, and the file that
 /// `firecracker --config-file` reads. Sections Vessel does not have
-/// (balloon, vsock, MMDS) must be absent or null.
+/// (balloon, MMDS) must be absent or null.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FullVmConfig {
@@ -440,8 +477,8 @@ pub struct FullVmConfig {
     pub serial: Option<Serial>,
     #[serde(default, skip_serializing)]
     pub balloon: Option<serde_json::Value>,
-    #[serde(default, skip_serializing)]
-    pub vsock: Option<serde_json::Value>,
+    #[serde(default)]
+    pub vsock: Option<Vsock>,
     #[serde(rename = "mmds-config", default, skip_serializing)]
     pub mmds_config: Option<serde_json::Value>,
     #[serde(rename = "cpu-config", default, skip_serializing)]
@@ -507,6 +544,27 @@ mod tests {
         let mut ok = d;
         ok.rate_limiter = Some(RateLimiter::default());
         ok.validate().unwrap();
+    }
+
+    #[test]
+    fn vsock_checks() {
+        let v: Vsock = serde_json::from_str(r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#).unwrap();
+        v.validate().unwrap();
+        let v: Vsock =
+            serde_json::from_str(r#"{"vsock_id": "vsock0", "guest_cid": 42, "uds_path": "/tmp/v.sock"}"#).unwrap();
+        v.validate().unwrap();
+        for bad in [
+            r#"{"guest_cid": 2, "uds_path": "/tmp/v.sock"}"#,
+            r#"{"guest_cid": 4294967295, "uds_path": "/tmp/v.sock"}"#,
+            r#"{"guest_cid": 3, "uds_path": ""}"#,
+        ] {
+            let v: Vsock = serde_json::from_str(bad).unwrap();
+            assert!(v.validate().is_err(), "{bad}");
+        }
+        let long = format!(r#"{{"guest_cid": 3, "uds_path": "/{}"}}"#, "x".repeat(100));
+        assert!(serde_json::from_str::<Vsock>(&long).unwrap().validate().is_err());
+        assert!(serde_json::from_str::<Vsock>(r#"{"guest_cid": -1, "uds_path": "/v"}"#).is_err());
+        assert!(serde_json::from_str::<Vsock>(r#"{"guest_cid": 3, "uds_path": "/v", "x": 1}"#).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod console_hub;
 pub mod control;
 pub mod device_args;
 pub mod disk_cmd;
+pub mod exec;
 pub mod failover;
 pub mod fc;
 pub mod firecracker;

@@ -10,6 +10,7 @@ fn device_name(ty: u32) -> &'static str {
         2 => "block",
         3 => "console",
         4 => "entropy",
+        19 => "vsock",
         _ => "unknown",
     }
 }
@@ -65,6 +66,7 @@ pub fn describe(s: &MachineState) -> String {
         .chain(c.nets.iter().map(|_| 1))
         .chain(c.rng.then_some(4))
         .chain(c.console_output.as_ref().map(|_| 3))
+        .chain(c.vsock.as_ref().map(|_| 19))
         .collect();
     for (i, (d, ty)) in s.devices.iter().zip(types).enumerate() {
         let ready = d.queues.iter().filter(|q| q.ready).count();

@@ -29,6 +29,7 @@ use crate::virtio::console::Console;
 use crate::virtio::mmio::{MmioState, MmioTransport};
 use crate::virtio::net::{random_mac, Net};
 use crate::virtio::tap::Tap;
+use crate::virtio::vsock::Vsock;
 use crate::virtio::{self, blk::Block, rng::Rng, Interrupt, VirtioDevice};
 use crate::{Error, Result};
 
@@ -64,6 +65,21 @@ pub struct MachineConfig {
     /// output beyond it is dropped and counted.
     /// [`crate::virtio::console::DEFAULT_OUTPUT_LIMIT`] is 64 MiB.
     pub console_output_limit: u64,
+    /// A virtio-vsock device (Firecracker's hybrid Unix-socket back end).
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-vsock device: the guest's CID and the host socket that stands
+/// for it (docs/VSOCK.md).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The API's `vsock_id`, if one was given.
+    #[serde(default)]
+    pub id: Option<String>,
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
 }
 
 /// A virtio-blk disk.
@@ -182,6 +198,7 @@ impl Shared {
             rng: false,
             console_output: None,
             console_output_limit: 0,
+            vsock: None,
         };
         Arc::new(Shared {
             mem: memory::create(cfg.mem_size).expect("memory"),
@@ -1104,7 +1121,7 @@ pub fn unix_millis() -> u128 {
 }
 
 /// The virtio devices the configuration asks for, in window order: disks,
-/// then network devices, then the entropy device.
+/// network devices, the entropy device, the console, the socket device.
 fn create_virtio_devices(
     cfg: &MachineConfig,
     mem: &GuestMemoryMmap,
@@ -1141,6 +1158,10 @@ fn create_virtio_devices(
             .open(path)
             .map_err(|e| Error::Config(format!("--console-output {}: {e}", path.display())))?;
         models.push(Box::new(Console::with_limit(file, cfg.console_output_limit)));
+    }
+    if let Some(v) = &cfg.vsock {
+        let dev = Vsock::new(v.guest_cid, &v.uds_path).map_err(|e| Error::Config(e.to_string()))?;
+        models.push(Box::new(dev));
     }
     if models.len() > virtio::MAX_DEVICES {
         return Err(Error::Config(format!(

@@ -155,7 +155,11 @@ impl MachineState {
         if c.mem_size < crate::memory::MIN_MEM || !c.mem_size.is_multiple_of(4096) {
             return bad(format!("memory size {}", c.mem_size));
         }
-        let expected = c.disks.len() + c.nets.len() + usize::from(c.rng) + usize::from(c.console_output.is_some());
+        let expected = c.disks.len()
+            + c.nets.len()
+            + usize::from(c.rng)
+            + usize::from(c.console_output.is_some())
+            + usize::from(c.vsock.is_some());
         if self.devices.len() != expected || expected > crate::virtio::MAX_DEVICES {
             return bad(format!(
                 "{} device states for {expected} configured devices",
@@ -361,6 +365,7 @@ pub(crate) mod tests {
                 rng: false,
                 console_output: None,
                 console_output_limit: 0,
+                vsock: None,
             },
             engine: EngineKind::Emu,
             clock_ns: 123,

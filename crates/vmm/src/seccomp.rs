@@ -44,7 +44,7 @@ pub enum ThreadKind {
     Api,
     /// A vCPU (emu or kvm engine).
     Vcpu,
-    /// A virtio device worker (block, net, rng, console queues).
+    /// A virtio device worker (block, net, rng, console, vsock queues).
     Worker,
     /// Serial console plumbing: the console socket server, its readers,
     /// standard input.
@@ -162,6 +162,14 @@ fn own_syscalls(kind: ThreadKind) -> &'static [List] {
             // virtio-console output file (its cap checks the size)
             SYS_fcntl,
             SYS_ioctl,
+            // virtio-vsock: host Unix sockets (accept on uds_path, connect
+            // to uds_path_PORT, half-close)
+            SYS_socket,
+            SYS_connect,
+            SYS_accept4,
+            SYS_shutdown,
+            SYS_recvfrom,
+            SYS_sendto,
         )],
         ThreadKind::Vcpu => &[
             syscalls!(
@@ -314,10 +322,28 @@ pub fn allowed(kind: ThreadKind) -> Vec<(libc::c_long, &'static str)> {
     all
 }
 
+/// Calls a kind may make only with some arguments (none: any). Device
+/// workers (and the vCPUs that start them) may create Unix sockets only,
+/// for vsock's host connections: never an IP socket.
+fn argument_rules(
+    kind: ThreadKind,
+    nr: libc::c_long,
+) -> Result<Vec<seccompiler::SeccompRule>, seccompiler::BackendError> {
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+    if nr == libc::SYS_socket && kind != ThreadKind::Vmm {
+        let unix_only = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?;
+        return Ok(vec![SeccompRule::new(vec![unix_only])?]);
+    }
+    Ok(Vec::new())
+}
+
 /// Compile the filter of `kind`.
 pub fn build(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        allowed(kind).into_iter().map(|(nr, _)| (nr, Vec::new())).collect();
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = allowed(kind)
+        .into_iter()
+        .map(|(nr, _)| Ok((nr, argument_rules(kind, nr)?)))
+        .collect::<Result<_, seccompiler::BackendError>>()
+        .map_err(|e| SeccompError::Build(kind.name(), e.to_string()))?;
     let arch =
         TargetArch::try_from(std::env::consts::ARCH).map_err(|e| SeccompError::Build(kind.name(), e.to_string()))?;
     // VESSEL_SECCOMP=log: calls outside the list are allowed and logged
@@ -585,20 +611,22 @@ mod tests {
 
     #[test]
     fn each_filter_kills_on_its_own_neighbours_calls() {
-        // A worker may not open files or create sockets; the API thread
-        // may not open or write files; a vCPU may not open files or sockets.
-        for (kind, nr) in [
-            (ThreadKind::Worker, libc::SYS_openat),
-            (ThreadKind::Worker, libc::SYS_socket),
-            (ThreadKind::Api, libc::SYS_openat),
-            (ThreadKind::Api, libc::SYS_pwrite64),
-            (ThreadKind::Console, libc::SYS_openat),
-            (ThreadKind::Vcpu, libc::SYS_openat),
-            (ThreadKind::Vcpu, libc::SYS_socket),
+        // A worker may not open files or create IP sockets (Unix ones
+        // only, for vsock); the API thread may not open or write files; a
+        // vCPU may not open files or IP sockets.
+        let inet = libc::AF_INET as libc::c_long;
+        for (kind, nr, arg0) in [
+            (ThreadKind::Worker, libc::SYS_openat, 0),
+            (ThreadKind::Worker, libc::SYS_socket, inet),
+            (ThreadKind::Api, libc::SYS_openat, 0),
+            (ThreadKind::Api, libc::SYS_pwrite64, 0),
+            (ThreadKind::Console, libc::SYS_openat, 0),
+            (ThreadKind::Vcpu, libc::SYS_openat, 0),
+            (ThreadKind::Vcpu, libc::SYS_socket, inet),
         ] {
             let (status, err) = in_child(kind, || {
                 // SAFETY: as above; the call is trapped.
-                unsafe { libc::syscall(nr, 0, 0, 0, 0, 0) };
+                unsafe { libc::syscall(nr, arg0, 0, 0, 0, 0) };
             });
             assert!(
                 died_of_bad_syscall(status),
@@ -616,6 +644,19 @@ mod tests {
                 drop(v);
                 // SAFETY: getpid has no arguments.
                 unsafe { libc::getpid() };
+            });
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "{kind:?}: {status:#x}; {err}"
+            );
+        }
+    }
+    #[test]
+    fn workers_make_unix_sockets() {
+        // vsock's worker connects to host listeners at uds_path_PORT.
+        for kind in [ThreadKind::Worker, ThreadKind::Vcpu] {
+            let (status, err) = in_child(kind, || {
+                let _ = std::os::unix::net::UnixStream::connect("/nonexistent/vessel-vsock");
             });
             assert!(
                 libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,

@@ -152,6 +152,7 @@ fn config(dir: &Path) -> MachineConfig {
         rng: false,
         console_output: None,
         console_output_limit: 0,
+        vsock: None,
     }
 }
 

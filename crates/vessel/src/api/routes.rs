@@ -69,6 +69,7 @@ pub fn parse(method: &str, path: &str, body_bytes: &[u8]) -> Result<VmmAction, R
             VmmAction::PatchNetworkInterface(n)
         }
         ("PUT", ["entropy"]) => VmmAction::PutEntropy(body(b)?),
+        ("PUT", ["vsock"]) => VmmAction::PutVsock(body(b)?),
         ("PUT", ["logger"]) => VmmAction::PutLogger(body(b)?),
         ("PUT", ["metrics"]) => VmmAction::PutMetrics(body(b)?),
         ("PUT", ["serial"]) => VmmAction::PutSerial(body(b)?),

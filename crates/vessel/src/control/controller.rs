@@ -48,6 +48,7 @@ pub struct Controller {
     drives: Vec<fc::Drive>,
     nets: Vec<fc::NetworkInterface>,
     entropy: Option<fc::Entropy>,
+    vsock: Option<fc::Vsock>,
     logger: Option<fc::Logger>,
     metrics_config: Option<fc::Metrics>,
     serial: Option<fc::Serial>,
@@ -78,6 +79,7 @@ impl Controller {
             drives: Vec::new(),
             nets: Vec::new(),
             entropy: None,
+            vsock: None,
             logger: None,
             metrics_config: None,
             serial: None,
@@ -136,6 +138,11 @@ impl Controller {
             })
             .collect();
         self.entropy = m.rng.then(fc::Entropy::default);
+        self.vsock = m.vsock.as_ref().map(|v| fc::Vsock {
+            vsock_id: v.id.clone(),
+            guest_cid: u32::try_from(v.guest_cid).unwrap_or(u32::MAX),
+            uds_path: v.uds_path.clone(),
+        });
         self.direct = Some(m);
     }
 
@@ -314,6 +321,14 @@ impl Controller {
                     self.room_for_one_more_device()?;
                 }
                 self.entropy = Some(e);
+                empty
+            }
+            VmmAction::PutVsock(v) => {
+                v.validate().map_err(ActionError::InvalidConfig)?;
+                if self.vsock.is_none() {
+                    self.room_for_one_more_device()?;
+                }
+                self.vsock = Some(v);
                 empty
             }
             VmmAction::PutLogger(l) => {
@@ -594,7 +609,10 @@ impl Controller {
 
     /// Refuse a new virtio device when the machine's windows are full.
     fn room_for_one_more_device(&self) -> Result<(), ActionError> {
-        let count = self.drives.len() + self.nets.len() + usize::from(self.entropy.is_some());
+        let count = self.drives.len()
+            + self.nets.len()
+            + usize::from(self.entropy.is_some())
+            + usize::from(self.vsock.is_some());
         if count >= vmm::virtio::MAX_DEVICES {
             return Err(ActionError::InvalidConfig(format!(
                 "at most {} virtio devices",
@@ -623,6 +641,7 @@ impl Controller {
             machine_config: Some(self.machine.clone()),
             network_interfaces: self.nets.clone(),
             entropy: self.entropy.clone(),
+            vsock: self.vsock.clone(),
             logger: self.logger.clone(),
             metrics: self.metrics_config.clone(),
             serial: self.serial.clone(),
@@ -635,7 +654,6 @@ impl Controller {
     pub fn apply_full_config(&mut self, c: fc::FullVmConfig) -> Result<(), ActionError> {
         for (name, v) in [
             ("balloon", &c.balloon),
-            ("vsock", &c.vsock),
             ("mmds-config", &c.mmds_config),
             ("cpu-config", &c.cpu_config),
         ] {
@@ -662,6 +680,9 @@ impl Controller {
         actions.extend(c.network_interfaces.into_iter().map(VmmAction::PutNetworkInterface));
         if let Some(e) = c.entropy {
             actions.push(VmmAction::PutEntropy(e));
+        }
+        if let Some(v) = c.vsock {
+            actions.push(VmmAction::PutVsock(v));
         }
         if let Some(s) = c.serial {
             actions.push(VmmAction::PutSerial(s));
@@ -732,6 +753,11 @@ impl Controller {
             rng: self.entropy.is_some(),
             console_output: None,
             console_output_limit: vmm::virtio::console::DEFAULT_OUTPUT_LIMIT,
+            vsock: self.vsock.as_ref().map(|v| vmm::machine::VsockConfig {
+                id: v.vsock_id.clone(),
+                guest_cid: u64::from(v.guest_cid),
+                uds_path: v.uds_path.clone(),
+            }),
         })
     }
 

@@ -47,6 +47,7 @@ pub enum VmmAction {
     PutNetworkInterface(fc::NetworkInterface),
     PatchNetworkInterface(fc::NetworkInterfaceUpdate),
     PutEntropy(fc::Entropy),
+    PutVsock(fc::Vsock),
     PutLogger(fc::Logger),
     PutMetrics(fc::Metrics),
     PutSerial(fc::Serial),
@@ -89,6 +90,7 @@ impl VmmAction {
                 | VmmAction::PutDrive(_)
                 | VmmAction::PutNetworkInterface(_)
                 | VmmAction::PutEntropy(_)
+                | VmmAction::PutVsock(_)
                 | VmmAction::PutLogger(_)
                 | VmmAction::PutMetrics(_)
                 | VmmAction::PutSerial(_)
@@ -110,6 +112,7 @@ impl VmmAction {
             VmmAction::PutNetworkInterface(_) => ("put_api_requests", "network"),
             VmmAction::PatchNetworkInterface(_) => ("patch_api_requests", "network"),
             VmmAction::PutEntropy(_) => ("put_api_requests", "entropy"),
+            VmmAction::PutVsock(_) => ("put_api_requests", "vsock"),
             VmmAction::PutLogger(_) => ("put_api_requests", "logger"),
             VmmAction::PutMetrics(_) => ("put_api_requests", "metrics"),
             VmmAction::PutSerial(_) => ("put_api_requests", "serial"),

@@ -298,6 +298,47 @@ fn inject_frame(ifname: &str, frame: &[u8]) {
     }
 }
 
+/// The vsock back end fed arbitrary packets from the guest, with its
+/// replies drained into buffers of arbitrary sizes: a header, then as many
+/// payload bytes as the input holds (at most what the header claims).
+/// Guest connections to port 80 reach a real host listener.
+pub fn vsock_packets(data: &[u8]) {
+    use super::vsock::backend::Backend;
+    use super::vsock::packet::{Hdr, HDR_LEN};
+    static HOST: OnceLock<(std::path::PathBuf, std::os::unix::net::UnixListener)> = OnceLock::new();
+    let (dir, _listener) = HOST.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("vessel-fuzz-vsock-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let l = std::os::unix::net::UnixListener::bind(dir.join("v.sock_80")).expect("fuzz vsock listener");
+        (dir, l)
+    });
+    let Ok(mut b) = Backend::new(3, &dir.join("v.sock")) else {
+        return;
+    };
+    let mut rest = data;
+    let mut out = vec![0u8; 8192];
+    while rest.len() > HDR_LEN {
+        let hdr = Hdr::parse(rest[..HDR_LEN].try_into().expect("header"));
+        rest = &rest[HDR_LEN..];
+        let n = (hdr.len as usize).min(rest.len());
+        let (payload, tail) = rest.split_at(n);
+        rest = tail;
+        b.handle_guest_packet(None, &hdr, payload);
+        let room = (usize::from(hdr.flags as u8) * 40).min(out.len());
+        for _ in 0..4 {
+            if b.next_rx(None, &mut out[..room]).is_none() {
+                break;
+            }
+        }
+    }
+    b.expire(
+        None,
+        std::time::Instant::now() + super::vsock::backend::CONNECT_TIMEOUT * 2,
+    );
+    while b.next_rx(None, &mut out).is_some() {}
+    assert!(b.connections() <= super::vsock::backend::MAX_CONNECTIONS);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +359,7 @@ mod tests {
             let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
             blk_queue(&data);
             mmio_registers(&data);
+            vsock_packets(&data);
         }
         for _ in 0..40 {
             let len = (next() % 9000) as usize;

@@ -515,6 +515,7 @@ impl MmioTransport {
             .store(s.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0, Ordering::Release);
         self.paused = true;
         self.active = active;
+        self.device.restored();
         Ok(())
     }
 

@@ -21,6 +21,7 @@ pub mod net;
 pub mod queue;
 pub mod rng;
 pub mod tap;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -136,7 +137,7 @@ pub struct Activation {
 
 /// A virtio device model, behind a transport.
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (1 net, 2 block, 3 console, 4 entropy).
+    /// The virtio device ID (1 net, 2 block, 3 console, 4 entropy, 19 socket).
     fn device_type(&self) -> u32;
     /// The largest size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
@@ -161,6 +162,11 @@ pub trait VirtioDevice: Send {
     /// The driver reset the device (after [`VirtioDevice::deactivate`]):
     /// forget what earlier activations left behind.
     fn reset(&mut self) {}
+    /// The device's transport was just restored from a snapshot or a
+    /// migration stream (before the first activation): what the device
+    /// could not carry over (vsock: its connections) is gone, and it may
+    /// tell the driver so.
+    fn restored(&mut self) {}
     /// Make what the device wrote to the host durable (virtio-blk:
     /// fdatasync). Called when the machine stops, once the worker ended.
     fn flush(&self) -> std::io::Result<()> {

@@ -126,6 +126,34 @@ impl Poller {
             .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
     }
 
+    /// Stop watching `fd`.
+    pub fn remove(&self, fd: RawFd) -> io::Result<()> {
+        self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+
+    /// Wait up to `timeout` (forever with `None`) for events; returns the
+    /// tokens that fired with their event sets (a stop request too).
+    pub fn wait_events(&self, timeout: Option<std::time::Duration>) -> Vec<(u64, EventSet)> {
+        let mut events = [EpollEvent::default(); 32];
+        // Round up, so that a deadline 0.3 ms away does not spin.
+        let ms = timeout.map_or(-1, |t| i32::try_from(t.as_micros().div_ceil(1000)).unwrap_or(i32::MAX));
+        loop {
+            match self.epoll.wait(ms, &mut events) {
+                Ok(n) => {
+                    return events[..n]
+                        .iter()
+                        .map(|e| (e.data(), EventSet::from_bits_truncate(e.events())))
+                        .collect()
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio worker: epoll_wait failed: {e}");
+                    return vec![(STOP_TOKEN, EventSet::IN)];
+                }
+            }
+        }
+    }
+
     /// Wait for events; returns the tokens that fired.
     pub fn wait(&self) -> Vec<u64> {
         let mut events = [EpollEvent::default(); 16];

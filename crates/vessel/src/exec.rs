@@ -1,0 +1,404 @@
+//! `vessel exec`: run one command in a throwaway VM (the default guest with
+//! its agent), or in a running VM that has the agent, and pass its stdin,
+//! stdout, stderr, exit status and signals through. The command reaches
+//! the agent over vsock (`CONNECT 1024` on the VM's hybrid socket; the
+//! frames are in `vessel_agent`).
+//!
+//! A throwaway VM is a `vessel run` child in a private temporary
+//! directory: its own process group (a Ctrl-C reaches the command, not the
+//! VM), killed with the exec (PR_SET_PDEATHSIG), and removed with its
+//! directory when the command ends, so nothing is left behind.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vessel_agent::{read_frame, write_frame, Request, AGENT_PORT};
+
+/// How long a throwaway VM may take to boot to its agent.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// The exit code after `--timeout` (as timeout(1)).
+pub const TIMEOUT_EXIT: u8 = 124;
+/// Signals passed on to the command.
+const FORWARDED: [libc::c_int; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+#[derive(clap::Args)]
+pub struct ExecArgs {
+    /// Run in this running VM (it needs --vsock and the agent:
+    /// `vessel.agent=1` on the default guest's command line) instead of a
+    /// throwaway one.
+    pub name: Option<String>,
+    /// Guest memory of the throwaway VM, e.g. 256M.
+    #[arg(long, default_value = "256M")]
+    pub mem: String,
+    /// vCPUs of the throwaway VM.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// A disk for the throwaway VM, as `vessel run --disk` (read-only
+    /// unless readonly=off).
+    #[arg(long = "disk", value_name = "path=IMG[,readonly=on]")]
+    pub disks: Vec<String>,
+    /// Networking: `none` (the default) or a `vessel run --net` value.
+    #[arg(long = "net", default_value = "none")]
+    pub net: String,
+    /// Kill the command after this many seconds (exit code 124).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Kernel [default: the cached default guest's].
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk with the agent [default: the cached default guest's].
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// CPU engine: kvm, emu or auto.
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+    /// Environment for the command: KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory of the command.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// Run `vessel exec`; its exit code is the command's.
+pub fn main(a: ExecArgs) -> ExitCode {
+    match exec(a) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("vessel exec: {e}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+/// The signals passed on to the command, as a set.
+fn forwarded_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t we own.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in FORWARDED {
+            libc::sigaddset(&mut set, s);
+        }
+    }
+    set
+}
+
+fn exec(a: ExecArgs) -> Result<u8, String> {
+    // From here on the signals are pending until the command runs and
+    // then go to it; this thread and every thread it starts block them.
+    let set = forwarded_set();
+    // SAFETY: `set` is a valid sigset_t; no old mask is asked for.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if let Some(kv) = a.env.iter().find(|kv| !kv.contains('=')) {
+        return Err(format!("--env {kv}: expected KEY=VALUE"));
+    }
+    let req = Request {
+        argv: a.command.clone(),
+        env: a.env.clone(),
+        cwd: a.cwd.clone(),
+    };
+    let timeout = match a.timeout {
+        Some(t) if !(t > 0.0 && t < 1e9) => return Err(format!("--timeout {t}: expected seconds > 0")),
+        t => t.map(Duration::from_secs_f64),
+    };
+    if let Some(name) = &a.name {
+        let uds = vsock_of(name)?;
+        let conn = connect_agent(&uds, Instant::now() + Duration::from_secs(10), || Ok(()))?;
+        return session(conn, &req, timeout);
+    }
+    let vm = Throwaway::start(&a)?;
+    let conn = connect_agent(&vm.uds, Instant::now() + BOOT_TIMEOUT, || vm.check_alive())?;
+    session(conn, &req, timeout)
+}
+
+/// The hybrid vsock socket of the running VM `name`.
+fn vsock_of(name: &str) -> Result<PathBuf, String> {
+    let sock = crate::cli::api_of(name)?;
+    let r = crate::api::client::request(&sock, "GET", "/vm/config", None, Duration::from_secs(10))
+        .map_err(|e| format!("{name}: {e}"))?;
+    let cfg = r.json();
+    cfg["vsock"]["uds_path"]
+        .as_str()
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("{name} has no vsock device (start it with --vsock cid=3,uds=PATH)"))
+}
+
+/// Connect to the agent through the hybrid socket, retrying while the
+/// guest boots (`alive` says whether to keep waiting).
+fn connect_agent(uds: &Path, deadline: Instant, alive: impl Fn() -> Result<(), String>) -> Result<UnixStream, String> {
+    loop {
+        if let Ok(mut s) = UnixStream::connect(uds) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            if writeln!(s, "CONNECT {AGENT_PORT}").is_ok() {
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while let Ok(1) = s.read(&mut b) {
+                    if b[0] == b'\n' || line.len() > 32 {
+                        break;
+                    }
+                    line.push(b[0]);
+                }
+                if line.starts_with(b"OK ") {
+                    let _ = s.set_read_timeout(None);
+                    return Ok(s);
+                }
+            }
+        }
+        alive()?;
+        if Instant::now() > deadline {
+            return Err(format!(
+                "no agent answered on vsock port {AGENT_PORT} through {}",
+                uds.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Run `req` over `conn` and pass the streams through; the exit code.
+fn session(conn: UnixStream, req: &Request, timeout: Option<Duration>) -> Result<u8, String> {
+    let writer = Arc::new(Mutex::new(conn.try_clone().map_err(|e| e.to_string())?));
+    let send = {
+        let writer = writer.clone();
+        move |kind: u8, data: &[u8]| {
+            let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+            write_frame(&mut *w, kind, data)
+        }
+    };
+    send(vessel_agent::RUN, &req.encode()).map_err(|e| format!("sending the command: {e}"))?;
+    // Signals for the command (blocked since `exec` began), taken by one
+    // thread with sigwait.
+    let set = forwarded_set();
+    {
+        let send = send.clone();
+        std::thread::spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` and `sig` are valid for the call.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                return;
+            }
+            if send(vessel_agent::SIGNAL, &sig.to_le_bytes()).is_err() {
+                return;
+            }
+        });
+    }
+    {
+        let send = send.clone();
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if send(vessel_agent::STDIN, &buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = send(vessel_agent::STDIN_EOF, &[]);
+        });
+    }
+    let timed_out = Arc::new(AtomicBool::new(false));
+    if let Some(t) = timeout {
+        let send = send.clone();
+        let flag = timed_out.clone();
+        let conn = conn.try_clone().map_err(|e| e.to_string())?;
+        std::thread::spawn(move || {
+            std::thread::sleep(t);
+            flag.store(true, Ordering::Release);
+            let _ = send(vessel_agent::SIGNAL, &libc::SIGKILL.to_le_bytes());
+            // The agent answers with the status at once; if it cannot,
+            // give up on it.
+            std::thread::sleep(Duration::from_secs(5));
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        });
+    }
+    let mut reader = conn;
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let result = loop {
+        match read_frame(&mut reader) {
+            Ok(Some((vessel_agent::STDOUT, d))) => {
+                let _ = out.write_all(&d).and_then(|_| out.flush());
+            }
+            Ok(Some((vessel_agent::STDERR, d))) => {
+                let _ = err.write_all(&d);
+            }
+            Ok(Some((vessel_agent::EXIT, d))) if d.len() == 4 => {
+                break Ok(i32::from_le_bytes([d[0], d[1], d[2], d[3]]).clamp(0, 255) as u8);
+            }
+            Ok(Some((vessel_agent::FAILED, d))) => {
+                eprintln!("vessel exec: {}", String::from_utf8_lossy(&d));
+                break Ok(127);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) if timed_out.load(Ordering::Acquire) => break Ok(TIMEOUT_EXIT),
+            Ok(None) => break Err("the agent closed the connection without an exit status".to_string()),
+            Err(e) => break Err(format!("reading from the agent: {e}")),
+        }
+    };
+    if timed_out.load(Ordering::Acquire) {
+        eprintln!("vessel exec: timed out after {:?}", timeout.unwrap_or_default());
+        return Ok(TIMEOUT_EXIT);
+    }
+    result
+}
+
+/// A throwaway VM: a `vessel run` child and its private directory, both
+/// gone when this is dropped.
+struct Throwaway {
+    child: Mutex<Child>,
+    dir: PathBuf,
+    uds: PathBuf,
+}
+
+fn default_guest(rel: &str) -> Result<PathBuf, String> {
+    let cache = std::env::var_os("VESSEL_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vessel")))
+        .ok_or("neither VESSEL_CACHE nor HOME is set")?;
+    let p = cache.join(rel);
+    if !p.exists() {
+        return Err(format!(
+            "{} is missing: build the default guest with guest/build-all.sh (or give --kernel and --initrd)",
+            p.display()
+        ));
+    }
+    Ok(p)
+}
+
+impl Throwaway {
+    fn start(a: &ExecArgs) -> Result<Throwaway, String> {
+        let kernel = match &a.kernel {
+            Some(k) => k.clone(),
+            None => default_guest("kernel/vmlinux")?,
+        };
+        let initrd = match &a.initrd {
+            Some(i) => i.clone(),
+            None => default_guest("initramfs.cpio.gz")?,
+        };
+        let dir = private_dir()?;
+        let uds = dir.join("v.sock");
+        let log = std::fs::File::create(dir.join("vm.log")).map_err(|e| e.to_string())?;
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find the vessel binary: {e}"))?;
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "run",
+            "--accel",
+            &a.accel,
+            "--mem",
+            &a.mem,
+            "--cpus",
+            &a.cpus.to_string(),
+        ])
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--cmdline")
+        .arg("console=ttyS0 reboot=k panic=-1 quiet vessel.agent=1")
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", uds.display()));
+        for d in &a.disks {
+            // Read-only unless asked otherwise.
+            let d = if d.contains("readonly=") {
+                d.clone()
+            } else {
+                format!("{d},readonly=on")
+            };
+            cmd.arg("--disk").arg(d);
+        }
+        if a.net != "none" {
+            cmd.arg("--net").arg(&a.net);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .process_group(0);
+        let set = forwarded_set();
+        // SAFETY: prctl and sigprocmask are async-signal-safe; the closure
+        // allocates nothing. The VM gets the signals we block back.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(format!("starting the VM: {e}"));
+            }
+        };
+        Ok(Throwaway {
+            child: Mutex::new(child),
+            dir,
+            uds,
+        })
+    }
+
+    fn check_alive(&self) -> Result<(), String> {
+        let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        match c.try_wait() {
+            Ok(None) => Ok(()),
+            _ => {
+                let log = std::fs::read_to_string(self.dir.join("vm.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                Err(format!("the VM ended before its agent answered:\n{}", tail.join("\n")))
+            }
+        }
+    }
+}
+
+impl Drop for Throwaway {
+    fn drop(&mut self) {
+        let c = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = c.kill();
+        let _ = c.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A new directory only we can enter, for the VM's socket and log.
+fn private_dir() -> Result<PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir();
+    for i in 0..100u32 {
+        let mut rnd = [0u8; 8];
+        // SAFETY: getrandom writes at most 8 bytes into `rnd`, which is 8 long.
+        unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), rnd.len(), 0) };
+        let p = base.join(format!(
+            "vessel-exec-{}-{:016x}{i}",
+            std::process::id(),
+            u64::from_le_bytes(rnd)
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&p) {
+            Ok(()) => return Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("{}: {e}", p.display())),
+        }
+    }
+    Err("cannot create a private temporary directory".into())
+}

@@ -1,0 +1,304 @@
+//! virtio-vsock end to end: the real `vessel` binary, the real guest
+//! kernel's vsock driver, and a guest program that uses AF_VSOCK directly
+//! (`vessel-agent echo` and `vessel-agent connect` in the test initramfs).
+//! Engine: emu.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{artifact, guest, Scratch, Watchdog};
+
+/// The agent must be in the initramfs (guest/build-initramfs.sh puts it
+/// there); an old cached initramfs without it fails here, by name.
+fn require_agent() {
+    let cpio = std::fs::read(artifact("initramfs.cpio")).unwrap();
+    assert!(
+        cpio.windows(16).any(|w| w == b"bin/vessel-agent"),
+        "the cached initramfs has no /bin/vessel-agent: run guest/build-initramfs.sh (scripts/test-all does)"
+    );
+}
+
+/// Connect to the guest's port through the hybrid socket: `CONNECT`,
+/// then `OK <hostport>`. Retries while the guest's listener is not up yet
+/// (the host socket is closed then).
+fn connect_guest(uds: &Path, port: u32, deadline: Instant) -> UnixStream {
+    loop {
+        let mut s = UnixStream::connect(uds).expect("connect to uds_path");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        writeln!(s, "CONNECT {port}").unwrap();
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while let Ok(1) = s.read(&mut b) {
+            if b[0] == b'\n' {
+                break;
+            }
+            line.push(b[0]);
+        }
+        let line = String::from_utf8_lossy(&line).into_owned();
+        if let Some(p) = line.strip_prefix("OK ") {
+            assert!(p.parse::<u32>().is_ok(), "bad OK line {line:?}");
+            return s;
+        }
+        assert!(line.is_empty(), "unexpected answer {line:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the guest never listened on vsock port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One boot exercises both directions:
+/// - guest to host: `vessel-agent connect 2 5000`, once and eight at a
+///   time, reaches the host listener at `<uds>_5000`; a port with no
+///   listener gives the guest "connection reset";
+/// - host to guest: 24 parallel connections to the guest's echo server,
+///   each moving 96 KiB both ways (more than one credit window);
+///
+/// Then the guest waits for the host's all-clear on port 5001.
+#[test]
+fn vsock_both_ways_with_a_real_guest() {
+    require_agent();
+    let dir = Scratch::new("vsock-e2e");
+    let uds = dir.0.join("v.sock");
+    let l5000 = UnixListener::bind(dir.0.join("v.sock_5000")).unwrap();
+    let l5001 = UnixListener::bind(dir.0.join("v.sock_5001")).unwrap();
+    // The host's side of port 5000: read the guest's line, answer it.
+    std::thread::spawn(move || {
+        for s in l5000.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                let _ = writeln!(s, "host-got:{}", line.trim());
+            });
+        }
+    });
+    let cmd = "vessel-agent echo 7000 & \
+               echo guest-hello | vessel-agent connect 2 5000; \
+               for i in 1 2 3 4 5 6 7 8; do echo par-$i | vessel-agent connect 2 5000 > /tmp/o$i & done; \
+               for i in 1 2 3 4 5 6 7 8; do while [ ! -s /tmp/o$i ]; do sleep 0.1; done; done; cat /tmp/o*; \
+               vessel-agent connect 2 5999 </dev/null; echo no-listener-exit=$?; \
+               echo HOST-TURN; vessel-agent connect 2 5001 </dev/null";
+    let mut child = guest(cmd, "reboot")
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", uds.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _dog = Watchdog::new(&child);
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    // Wait for the guest's turn to end.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the guest never got to HOST-TURN");
+        if line.contains("HOST-TURN") {
+            break;
+        }
+    }
+    // Host to guest, 24 connections at once.
+    let threads: Vec<_> = (0..24u32)
+        .map(|i| {
+            let uds = uds.clone();
+            std::thread::spawn(move || {
+                let s = connect_guest(&uds, 7000, Instant::now() + Duration::from_secs(120));
+                let data: Vec<u8> = (0..96 * 1024u32).map(|j| (j.wrapping_mul(31) ^ i) as u8).collect();
+                let mut w = s.try_clone().unwrap();
+                let expected = data.clone();
+                let writer = std::thread::spawn(move || {
+                    w.write_all(&data).unwrap();
+                    w.shutdown(std::net::Shutdown::Write).unwrap();
+                });
+                let mut back = Vec::new();
+                (&s).read_to_end(&mut back).unwrap();
+                writer.join().unwrap();
+                assert!(
+                    back == expected,
+                    "connection {i}: echo differs ({} bytes back)",
+                    back.len()
+                );
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a host-to-guest connection failed");
+    }
+    // A port nobody listens on in the guest: the host socket is closed.
+    let mut s = UnixStream::connect(&uds).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    writeln!(s, "CONNECT 7999").unwrap();
+    let mut b = [0u8; 16];
+    assert_eq!(
+        s.read(&mut b).unwrap(),
+        0,
+        "no guest listener: the host socket must close"
+    );
+    // All clear: the guest ends.
+    let (mut bye, _) = l5001.accept().unwrap();
+    bye.write_all(b"bye\n").unwrap();
+    drop(bye);
+    let status = child.wait().unwrap();
+    let all = reader.join().unwrap();
+    assert!(status.success(), "vessel exited with {status:?}:\n{all}");
+    assert!(all.contains("host-got:guest-hello"), "{all}");
+    for i in 1..=8 {
+        assert!(all.contains(&format!("host-got:par-{i}")), "par-{i} missing:\n{all}");
+    }
+    assert!(all.contains("no-listener-exit=1"), "{all}");
+    assert!(all.contains("VESSEL-CMD-EXIT=0"), "{all}");
+    // The VMM removed its socket when it ended.
+    assert!(!uds.exists(), "{} left behind", uds.display());
+}
+
+/// `vessel exec` with its scratch TMPDIR, under emu, on the test guest.
+fn exec(tmp: &Path) -> std::process::Command {
+    let mut c = common::vessel();
+    c.env("TMPDIR", tmp)
+        .args(["exec", "--accel", "emu", "--kernel"])
+        .arg(artifact("kernel/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("initramfs.cpio.gz"));
+    c
+}
+
+/// Nothing of a finished exec is left: no files in its TMPDIR, no process
+/// that names it.
+fn assert_nothing_left(tmp: &Path) {
+    let left: Vec<_> = std::fs::read_dir(tmp).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let needle = tmp.to_string_lossy().into_owned();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(p.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            assert!(!cmd.contains(&needle), "process left behind: {cmd}");
+        }
+    }
+}
+
+fn run_with_stdin(mut c: std::process::Command, input: &[u8]) -> std::process::Output {
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _dog = Watchdog::new(&child);
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let w = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let o = child.wait_with_output().unwrap();
+    w.join().unwrap();
+    o
+}
+
+/// `vessel exec -- CMD` in a throwaway VM: stdout and stderr apart, stdin,
+/// environment and working directory in, the exit status out, a signal
+/// passed on, the timeout enforced, and nothing left behind.
+#[test]
+fn exec_passes_streams_status_signals_and_timeout() {
+    require_agent();
+    let dir = Scratch::new("vsock-exec");
+    let tmp = dir.0.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+
+    let mut c = exec(&tmp);
+    c.args(["-e", "GREETING=hello", "--cwd", "/etc", "--"]).args([
+        "sh",
+        "-c",
+        "echo $GREETING from $(pwd); tr a-z A-Z; echo to-stderr >&2; exit 3",
+    ]);
+    let o = run_with_stdin(c, b"some input\n");
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(3), "stdout: {out}\nstderr: {err}");
+    assert_eq!(out, "hello from /etc\nSOME INPUT\n");
+    assert!(err.contains("to-stderr") && !out.contains("to-stderr"), "{err}");
+    assert_nothing_left(&tmp);
+
+    // A command that cannot start.
+    let mut c = exec(&tmp);
+    c.args(["--", "/no/such/program"]);
+    let o = run_with_stdin(c, b"");
+    assert_eq!(o.status.code(), Some(127), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_nothing_left(&tmp);
+
+    // SIGTERM to `vessel exec` reaches the command.
+    let mut c = exec(&tmp);
+    c.args([
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let _dog = Watchdog::new(&child);
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(rest, "got-term\n");
+    assert_eq!(status.code(), Some(7));
+    assert_nothing_left(&tmp);
+
+    // --timeout kills the command: exit code 124.
+    let start = Instant::now();
+    let mut c = exec(&tmp);
+    c.args(["--timeout", "3", "--", "sleep", "1000"]);
+    let o = run_with_stdin(c, b"");
+    assert_eq!(o.status.code(), Some(124), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("timed out"));
+    assert!(start.elapsed() < Duration::from_secs(300));
+    assert_nothing_left(&tmp);
+}
+
+/// Twenty `vessel exec` at once all succeed and leave nothing behind.
+#[test]
+#[ignore = "long: twenty emu guests boot at once (minutes on 2 cores)"]
+fn twenty_parallel_execs() {
+    require_agent();
+    let dir = Scratch::new("vsock-exec20");
+    let tmp = dir.0.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let runs: Vec<_> = (0..20)
+        .map(|i| {
+            let mut c = exec(&tmp);
+            c.args(["--", "sh", "-c", &format!("echo run-{i}; exit {}", i % 5)]);
+            std::thread::spawn(move || (i, run_with_stdin(c, b"")))
+        })
+        .collect();
+    for r in runs {
+        let (i, o) = r.join().unwrap();
+        assert_eq!(o.status.code(), Some(i % 5), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(String::from_utf8_lossy(&o.stdout), format!("run-{i}\n"));
+    }
+    assert_nothing_left(&tmp);
+}
