@@ -305,7 +305,6 @@ fn run_nested_with_snapshot(snap: &std::path::Path, script: &str, timeout_s: &st
 /// (Live kvm migrations of small payloads run on the host's own KVM:
 /// crates/vmm/tests/kvm_migration.rs.)
 #[test]
-#[ignore = "long: a host emu boot and QEMU TCG with two live migrations, about 4-5 minutes on 2 cores"]
 fn nested_live_migration_between_emu_and_kvm() {
     let _turn = take_turn();
     use common::Scratch;
