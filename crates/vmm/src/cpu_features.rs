@@ -264,6 +264,20 @@ impl CpuFeatures {
         Self::from_cpuid(|leaf, sub| config.cpuid(leaf, sub))
     }
 
+    /// The features both offer: what a machine that must be able to move
+    /// between the two may show its guest.
+    pub fn intersection(&self, other: &CpuFeatures) -> CpuFeatures {
+        CpuFeatures {
+            leaf1_ecx: self.leaf1_ecx & other.leaf1_ecx,
+            leaf1_edx: self.leaf1_edx & other.leaf1_edx,
+            leaf7_ebx: self.leaf7_ebx & other.leaf7_ebx,
+            leaf7_ecx: self.leaf7_ecx & other.leaf7_ecx,
+            leaf7_edx: self.leaf7_edx & other.leaf7_edx,
+            ext1_ecx: self.ext1_ecx & other.ext1_ecx,
+            ext1_edx: self.ext1_edx & other.ext1_edx,
+        }
+    }
+
     pub fn words(&self) -> [u32; 7] {
         [
             self.leaf1_ecx,

@@ -17,44 +17,30 @@
 
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use iced_x86::code_asm::*;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::cpu_features::CpuFeatures;
 use vmm::engine::EngineKind;
-use vmm::machine::{ConsoleInput, Machine, MachineConfig, RunOutcome, VmHandle};
+use vmm::machine::{Machine, MachineConfig, RunOutcome, VmHandle};
 use vmm::migration::send::{self, Mode, SendOptions, TimeoutAction};
 use vmm::migration::stream::{self, Message};
 use vmm::migration::{MigrationInfo, Status};
 use x86emu::state::reg;
 
-const SEED: u64 = 0x0123_4567_89ab_cdef;
-const MUL: u64 = 6_364_136_223_846_793_005;
-const ADD: u64 = 1_442_695_040_888_963_407;
-const LOAD: u64 = 0x10_0000;
+mod common;
+use common::payload::*;
+use common::Scratch;
+
 /// The pattern: 2048 pages from 8 MiB.
 const BUF: u64 = 0x80_0000;
 const PAGES: u64 = 2048;
 /// Where the payload writes its pass count after each pass.
 const COUNTER: u64 = 0x7f_f000;
-
-fn require_kvm() {
-    if let Err(e) = kvm_ioctls::Kvm::new() {
-        panic!(
-            "this test needs the host's KVM, and /dev/kvm cannot be opened: {e}. \
-             Run it on a host (or in a VM) with KVM and read-write access to /dev/kvm."
-        );
-    }
-}
-
-/// The checksum after `n` steps.
-fn checksum(n: u64) -> u64 {
-    (0..n).fold(SEED, |r, _| r.wrapping_mul(MUL).wrapping_add(ADD))
-}
 
 /// The payload. rbx counts passes; in pass rbx+1 each page's first qword
 /// must be rbx (else r9 += 1 and r10 keeps the first bad page) and
@@ -118,76 +104,6 @@ fn payload() -> Vec<u8> {
     a.assemble(LOAD).unwrap()
 }
 
-/// A minimal ELF64 executable with `code` loaded and entered at [`LOAD`].
-fn elf(code: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    let phoff = 64u64;
-    let off = 0x1000u64;
-    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f.extend_from_slice(&62u16.to_le_bytes()); // x86-64
-    f.extend_from_slice(&1u32.to_le_bytes());
-    f.extend_from_slice(&LOAD.to_le_bytes()); // entry
-    f.extend_from_slice(&phoff.to_le_bytes());
-    f.extend_from_slice(&0u64.to_le_bytes()); // no sections
-    f.extend_from_slice(&0u32.to_le_bytes());
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        f.extend_from_slice(&v.to_le_bytes());
-    }
-    // PT_LOAD, R+X.
-    f.extend_from_slice(&1u32.to_le_bytes());
-    f.extend_from_slice(&5u32.to_le_bytes());
-    for v in [off, LOAD, LOAD, code.len() as u64, code.len() as u64, 0x1000] {
-        f.extend_from_slice(&v.to_le_bytes());
-    }
-    f.resize(off as usize, 0);
-    f.extend_from_slice(code);
-    f
-}
-
-#[derive(Clone, Default)]
-struct Output(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Output {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-struct Running {
-    vm: VmHandle,
-    input: ConsoleInput,
-    out: Output,
-    thread: std::thread::JoinHandle<RunOutcome>,
-}
-
-fn start(m: Machine, out: Output) -> Running {
-    let vm = m.vm_handle();
-    let input = m.input_handle();
-    let thread = std::thread::spawn(move || m.run());
-    Running { vm, input, out, thread }
-}
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("vessel-kvmmig-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn config(dir: &Path) -> MachineConfig {
     let kernel = dir.join("payload.elf");
     std::fs::write(&kernel, elf(&payload())).unwrap();
@@ -227,18 +143,6 @@ fn wait_for_passes(vm: &VmHandle, n: u64) {
             "the payload made fewer than {n} passes in 60 s"
         );
         std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn intersection(a: &CpuFeatures, b: &CpuFeatures) -> CpuFeatures {
-    CpuFeatures {
-        leaf1_ecx: a.leaf1_ecx & b.leaf1_ecx,
-        leaf1_edx: a.leaf1_edx & b.leaf1_edx,
-        leaf7_ebx: a.leaf7_ebx & b.leaf7_ebx,
-        leaf7_ecx: a.leaf7_ecx & b.leaf7_ecx,
-        leaf7_edx: a.leaf7_edx & b.leaf7_edx,
-        ext1_ecx: a.ext1_ecx & b.ext1_ecx,
-        ext1_edx: a.ext1_edx & b.ext1_edx,
     }
 }
 
@@ -287,7 +191,7 @@ fn receive(conn: UnixStream, engine: EngineKind) -> Received {
             };
             let missing = state.cpu_features.missing_from(&offered);
             assert!(!missing.is_empty() && e.contains(&missing[0]), "{e}");
-            state.cpu_features = intersection(&state.cpu_features, &offered);
+            state.cpu_features = state.cpu_features.intersection(&offered);
             Machine::restore_with_memory(&state, incoming.mem, Box::new(out.clone()), engine)
                 .unwrap_or_else(|e| panic!("restoring under {engine} with the common CPU features: {e}"))
         }
@@ -310,13 +214,6 @@ fn receive(conn: UnixStream, engine: EngineKind) -> Received {
         passes_at_switch,
         source_engine,
     }
-}
-
-/// What the host's KVM offers a one-vCPU machine.
-fn kvm_features() -> CpuFeatures {
-    let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
-    let vm = vmm::kvm::vm::KvmVm::new(&mem, vmm::kvm::vm::VmOptions { irqchip: true }).unwrap();
-    vm.features(1).unwrap()
 }
 
 fn options(mode: Mode) -> SendOptions {

@@ -9,36 +9,18 @@
 //! exercises every KVM state read and load of a snapshot (LAPIC, in-kernel
 //! PIC/IOAPIC/PIT, clock, XSAVE, MSRs) on the host.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
 use vmm::cpu_features::CpuFeatures;
 use vmm::engine::EngineKind;
-use vmm::machine::{ConsoleInput, Machine, MachineConfig, RunOutcome, VmHandle};
+use vmm::machine::{Machine, MachineConfig, RunOutcome};
 use vmm::persist::MachineState;
 use x86emu::state::reg;
 
-const SEED: u64 = 0x0123_4567_89ab_cdef;
-const MUL: u64 = 6_364_136_223_846_793_005;
-const ADD: u64 = 1_442_695_040_888_963_407;
-const LOAD: u64 = 0x10_0000;
-
-fn require_kvm() {
-    if let Err(e) = kvm_ioctls::Kvm::new() {
-        panic!(
-            "this test needs the host's KVM, and /dev/kvm cannot be opened: {e}. \
-             Run it on a host (or in a VM) with KVM and read-write access to /dev/kvm."
-        );
-    }
-}
-
-/// The checksum after `n` iterations.
-fn checksum(n: u64) -> u64 {
-    (0..n).fold(SEED, |r, _| r.wrapping_mul(MUL).wrapping_add(ADD))
-}
+mod common;
+use common::payload::*;
 
 /// The payload: r8 = r8 * MUL + ADD and rbx += 1 until a byte arrives on
 /// the serial port; then r8 and rbx go out on it (8 bytes each, little
@@ -82,60 +64,6 @@ fn payload() -> Vec<u8> {
     a.hlt().unwrap();
     a.jmp(hang).unwrap();
     a.assemble(LOAD).unwrap()
-}
-
-/// A minimal ELF64 executable with `code` loaded and entered at [`LOAD`].
-fn elf(code: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    let phoff = 64u64;
-    let off = 0x1000u64;
-    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f.extend_from_slice(&62u16.to_le_bytes()); // x86-64
-    f.extend_from_slice(&1u32.to_le_bytes());
-    f.extend_from_slice(&LOAD.to_le_bytes()); // entry
-    f.extend_from_slice(&phoff.to_le_bytes());
-    f.extend_from_slice(&0u64.to_le_bytes()); // no sections
-    f.extend_from_slice(&0u32.to_le_bytes());
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        f.extend_from_slice(&v.to_le_bytes());
-    }
-    // PT_LOAD, R+X.
-    f.extend_from_slice(&1u32.to_le_bytes());
-    f.extend_from_slice(&5u32.to_le_bytes());
-    for v in [off, LOAD, LOAD, code.len() as u64, code.len() as u64, 0x1000] {
-        f.extend_from_slice(&v.to_le_bytes());
-    }
-    f.resize(off as usize, 0);
-    f.extend_from_slice(code);
-    f
-}
-
-#[derive(Clone, Default)]
-struct Output(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Output {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-struct Running {
-    vm: VmHandle,
-    input: ConsoleInput,
-    out: Output,
-    thread: std::thread::JoinHandle<RunOutcome>,
-}
-
-fn start(m: Machine, out: Output) -> Running {
-    let vm = m.vm_handle();
-    let input = m.input_handle();
-    let thread = std::thread::spawn(move || m.run());
-    Running { vm, input, out, thread }
 }
 
 fn config(dir: &Path) -> MachineConfig {
@@ -206,25 +134,6 @@ fn finish(r: Running, at_least: u64) {
     assert_eq!(sum, checksum(n), "the checksum after {n} iterations is wrong");
 }
 
-/// What the host's KVM offers a one-vCPU machine.
-fn kvm_features() -> CpuFeatures {
-    let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
-    let vm = vmm::kvm::vm::KvmVm::new(&mem, vmm::kvm::vm::VmOptions { irqchip: true }).unwrap();
-    vm.features(1).unwrap()
-}
-
-fn intersection(a: &CpuFeatures, b: &CpuFeatures) -> CpuFeatures {
-    CpuFeatures {
-        leaf1_ecx: a.leaf1_ecx & b.leaf1_ecx,
-        leaf1_edx: a.leaf1_edx & b.leaf1_edx,
-        leaf7_ebx: a.leaf7_ebx & b.leaf7_ebx,
-        leaf7_ecx: a.leaf7_ecx & b.leaf7_ecx,
-        leaf7_edx: a.leaf7_edx & b.leaf7_edx,
-        ext1_ecx: a.ext1_ecx & b.ext1_ecx,
-        ext1_edx: a.ext1_edx & b.ext1_edx,
-    }
-}
-
 fn iterations(s: &MachineState) -> u64 {
     s.cpus[0].gpr[reg::RBX]
 }
@@ -259,7 +168,7 @@ fn payload_moves_between_engines_mid_loop() {
             e.contains("kvm here does not offer") && e.contains(&lacking.join(", ")),
             "{e}"
         );
-        s1.cpu_features = intersection(&s1.cpu_features, &kvm_offers);
+        s1.cpu_features = s1.cpu_features.intersection(&kvm_offers);
     }
 
     let r = restore(&s1, &mem1, EngineKind::Kvm);

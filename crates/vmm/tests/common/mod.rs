@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod payload;
+
 use vmm::machine::{ConsoleInput, MachineConfig, RunOutcome, VmHandle};
 use vmm::{EngineKind, Machine};
 
