@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vessel::api::client;
 
 /// The tests take turns: each runs two emu guests, and a starved VMM
 /// misses its heartbeats.
@@ -32,14 +31,8 @@ const TIMEOUT_MS: &str = "1000";
 
 const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo LINE$i; sleep 0.1; done";
 
-fn api(run_dir: &Path, name: &str, method: &str, path: &str, body: Option<&str>) -> client::Reply {
-    let sock = run_dir.join(name).join("api.sock");
-    client::request(&sock, method, path, body, Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{name}: {method} {path}: {e}"))
-}
-
 fn failover(run_dir: &Path, name: &str) -> serde_json::Value {
-    let r = api(run_dir, name, "GET", "/failover", None);
+    let r = vm_api(run_dir, name, "GET", "/failover", None);
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()
 }
@@ -56,17 +49,9 @@ fn wait_status(run_dir: &Path, name: &str, want: &str, timeout: Duration) -> ser
     }
 }
 
-fn pid(run_dir: &Path, name: &str) -> i32 {
-    std::fs::read_to_string(run_dir.join(name).join("pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 fn sigkill(run_dir: &Path, name: &str) {
     // SAFETY: kill(2) on a VMM this test started.
-    unsafe { libc::kill(pid(run_dir, name), libc::SIGKILL) };
+    unsafe { libc::kill(vm_pid(run_dir, name), libc::SIGKILL) };
 }
 
 /// A primary running the counter, and a standby listening on `listen`.
@@ -194,7 +179,7 @@ fn sigkill_of_the_primary_the_standby_takes_over_and_the_console_reads_as_one_ru
     let f = wait_status(&run_dir, "sby", "took-over", Duration::from_secs(30));
     eprintln!("took over {} ms after the SIGKILL: {f}", killed.elapsed().as_millis());
     assert_eq!(f["role"], "primary", "{f}");
-    assert_eq!(api(&run_dir, "sby", "GET", "/", None).json()["state"], "Running");
+    assert_eq!(vm_api(&run_dir, "sby", "GET", "/", None).json()["state"], "Running");
     let primary = console_log(&run_dir, "pri");
     let last = numbers(&primary).last().copied().unwrap_or(0);
     wait_line(&run_dir, "sby", &format!("LINE{}", last + 10), Duration::from_secs(60));
@@ -230,8 +215,8 @@ fn the_standby_killed_the_primary_runs_on_unprotected() {
     for w in n.windows(2) {
         assert_eq!(w[1], w[0] + 1, "{l}");
     }
-    assert_eq!(api(&run_dir, "pri", "GET", "/", None).json()["state"], "Running");
-    let r = api(&run_dir, "pri", "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(vm_api(&run_dir, "pri", "GET", "/", None).json()["state"], "Running");
+    let r = vm_api(&run_dir, "pri", "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     assert_eq!(r.status, 204, "{}", r.body);
 }
 
@@ -311,25 +296,31 @@ fn the_link_cut_the_primary_fences_itself_and_the_standby_takes_over() {
     );
     let p = wait_status(&run_dir, "pri", "fenced", Duration::from_secs(30));
     assert!(p["output_held_bytes"].as_u64().is_some(), "{p}");
+    let fenced_log = fenced_primary_stays_silent(&run_dir);
+    // Only one of them ran the guest visibly: still one run.
+    one_run(&fenced_log, &console_log(&run_dir, "sby"), 10);
+}
+
+/// A fenced primary pauses, and releases no more output while the standby
+/// runs on (ten more lines there); its console as it was when fenced.
+fn fenced_primary_stays_silent(run_dir: &Path) -> String {
     let start = Instant::now();
-    while api(&run_dir, "pri", "GET", "/", None).json()["state"] != "Paused" {
+    while vm_api(run_dir, "pri", "GET", "/", None).json()["state"] != "Paused" {
         assert!(
             start.elapsed() < Duration::from_secs(15),
             "the fenced primary did not pause"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The fenced primary releases nothing more.
-    let fenced_log = console_log(&run_dir, "pri");
+    let fenced_log = console_log(run_dir, "pri");
     let last = numbers(&fenced_log).last().copied().unwrap_or(0);
-    wait_line(&run_dir, "sby", &format!("LINE{}", last + 10), Duration::from_secs(60));
+    wait_line(run_dir, "sby", &format!("LINE{}", last + 10), Duration::from_secs(60));
     assert_eq!(
-        console_log(&run_dir, "pri"),
+        console_log(run_dir, "pri"),
         fenced_log,
         "the fenced primary released output"
     );
-    // Only one of them ran the guest visibly: still one run.
-    one_run(&fenced_log, &console_log(&run_dir, "sby"), 10);
+    fenced_log
 }
 
 #[test]
@@ -351,7 +342,7 @@ fn a_corrupt_epoch_is_discarded_never_applied_and_nobody_takes_over() {
     assert!(e.contains("corrupt") || e.contains("discarded"), "{f}");
     assert!(f["epochs"].as_u64().unwrap() >= applied, "{f}");
     // The standby runs nothing; the primary, told, runs on unprotected.
-    assert_eq!(api(&run_dir, "sby", "GET", "/", None).json()["state"], "Not started");
+    assert_eq!(vm_api(&run_dir, "sby", "GET", "/", None).json()["state"], "Not started");
     let p = wait_status(&run_dir, "pri", "unprotected", Duration::from_secs(10));
     assert!(p["error"].as_str().unwrap_or_default().contains("gave up"), "{p}");
     let last = numbers(&console_log(&run_dir, "pri")).last().copied().unwrap_or(0);
@@ -360,7 +351,7 @@ fn a_corrupt_epoch_is_discarded_never_applied_and_nobody_takes_over() {
     for w in numbers(&l).windows(2) {
         assert_eq!(w[1], w[0] + 1, "{l}");
     }
-    assert_eq!(api(&run_dir, "sby", "GET", "/", None).json()["state"], "Not started");
+    assert_eq!(vm_api(&run_dir, "sby", "GET", "/", None).json()["state"], "Not started");
 }
 
 /// Manual mode, a drill: the primary is alive; PUT /failover/takeover on
@@ -375,32 +366,17 @@ fn a_forced_takeover_fences_the_live_primary() {
     let url = format!("unix:{}", s.0.join("fo.sock").display());
     start_pair_with(&run_dir, &url, &["--manual-takeover"]);
     protect(&run_dir, &url);
-    let r = api(&run_dir, "sby", "PUT", "/failover/takeover", None);
+    let r = vm_api(&run_dir, "sby", "PUT", "/failover/takeover", None);
     assert_eq!(r.status, 204, "{}", r.body);
     let f = wait_status(&run_dir, "sby", "took-over", Duration::from_secs(30));
     assert!(f["error"].as_str().unwrap_or_default().contains("forced"), "{f}");
     let p = wait_status(&run_dir, "pri", "fenced", Duration::from_secs(30));
     assert!(p["error"].as_str().unwrap_or_default().contains("took over"), "{p}");
-    let start = Instant::now();
-    while api(&run_dir, "pri", "GET", "/", None).json()["state"] != "Paused" {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "the fenced primary did not pause"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let fenced_log = console_log(&run_dir, "pri");
-    let last = numbers(&fenced_log).last().copied().unwrap_or(0);
-    wait_line(&run_dir, "sby", &format!("LINE{}", last + 10), Duration::from_secs(60));
-    assert_eq!(
-        console_log(&run_dir, "pri"),
-        fenced_log,
-        "the fenced primary released output"
-    );
+    let fenced_log = fenced_primary_stays_silent(&run_dir);
     one_run(&fenced_log, &console_log(&run_dir, "sby"), 10);
     // The operator resumes the fenced primary only when sure the standby
     // is dead; here it is not, but the request works: unprotected.
-    let r = api(&run_dir, "pri", "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    let r = vm_api(&run_dir, "pri", "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
     assert_eq!(r.status, 204, "{}", r.body);
     assert_eq!(failover(&run_dir, "pri")["status"], "unprotected");
 }
@@ -414,7 +390,7 @@ fn protect_refuses_what_it_cannot_hold_back() {
     let disk = s.blank("data.raw", 1 << 20);
     launch(detached(&run_dir, "pri", "128M", COUNTER).args(["--disk", &disk_arg(&disk, "")]));
     wait_line(&run_dir, "pri", "LINE1", Duration::from_secs(180));
-    let r = api(
+    let r = vm_api(
         &run_dir,
         "pri",
         "PUT",
@@ -423,6 +399,6 @@ fn protect_refuses_what_it_cannot_hold_back() {
     );
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("writable disk"), "{}", r.body);
-    let r = api(&run_dir, "pri", "PUT", "/failover/takeover", None);
+    let r = vm_api(&run_dir, "pri", "PUT", "/failover/takeover", None);
     assert_eq!(r.status, 400, "{}", r.body);
 }

@@ -39,14 +39,8 @@ fn last_tick(log: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn api(run_dir: &Path, name: &str, method: &str, path: &str, body: Option<&str>) -> client::Reply {
-    let sock = run_dir.join(name).join("api.sock");
-    client::request(&sock, method, path, body, Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{name}: {method} {path}: {e}"))
-}
-
 fn migration(run_dir: &Path, name: &str) -> serde_json::Value {
-    let r = api(run_dir, name, "GET", "/migration", None);
+    let r = vm_api(run_dir, name, "GET", "/migration", None);
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()
 }
@@ -67,14 +61,6 @@ fn start_destination(run_dir: &Path, name: &str, url: &str) {
         assert!(start.elapsed() < Duration::from_secs(10), "{name} never listened");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn pid(run_dir: &Path, name: &str) -> i32 {
-    std::fs::read_to_string(run_dir.join(name).join("pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 fn free_tcp_port() -> u16 {
@@ -157,7 +143,7 @@ fn live_migration(s: &Scratch, url: &str) {
     let before = last_tick(&l);
     let l = wait_log(&run_dir, "dst", &format!("TICK{}", before + 1), Duration::from_secs(60));
     assert!(!l.contains("PAT-BAD"), "{l}");
-    let info = api(&run_dir, "dst", "GET", "/", None).json();
+    let info = vm_api(&run_dir, "dst", "GET", "/", None).json();
     assert_eq!(info["state"], "Running", "{info}");
 }
 
@@ -181,7 +167,7 @@ fn slow_migration_in_flight(s: &Scratch, dest_url: &str, send_url: &str) -> Path
     start_destination(&run_dir, "dst", dest_url);
     wait_log(&run_dir, "src", "TICK1", Duration::from_secs(180));
     let body = format!(r#"{{"destination_url": "{send_url}", "max_bandwidth_mbps": 8}}"#);
-    let r = api(&run_dir, "src", "PUT", "/migration/send", Some(&body));
+    let r = vm_api(&run_dir, "src", "PUT", "/migration/send", Some(&body));
     assert_eq!(r.status, 204, "{}", r.body);
     let start = Instant::now();
     loop {
@@ -227,7 +213,7 @@ fn still_ticking(run_dir: &Path, name: &str) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(api(run_dir, name, "GET", "/", None).json()["state"], "Running");
+    assert_eq!(vm_api(run_dir, name, "GET", "/", None).json()["state"], "Running");
 }
 
 #[test]
@@ -238,7 +224,7 @@ fn killing_the_destination_leaves_the_source_running() {
     let _reaper = Reaper(run_dir.clone());
     let run_dir = slow_migration_in_flight(&s, &url, &url);
     // SAFETY: kill(2) on the destination VMM this test started.
-    unsafe { libc::kill(pid(&run_dir, "dst"), libc::SIGKILL) };
+    unsafe { libc::kill(vm_pid(&run_dir, "dst"), libc::SIGKILL) };
     let m = wait_status(&run_dir, "src", "failed");
     assert!(m["error"].as_str().is_some_and(|e| !e.is_empty()), "{m}");
     still_ticking(&run_dir, "src");
@@ -252,7 +238,7 @@ fn killing_the_source_leaves_the_destination_serving() {
     let _reaper = Reaper(run_dir.clone());
     let run_dir = slow_migration_in_flight(&s, &url, &url);
     // SAFETY: kill(2) on the source VMM this test started.
-    unsafe { libc::kill(pid(&run_dir, "src"), libc::SIGKILL) };
+    unsafe { libc::kill(vm_pid(&run_dir, "src"), libc::SIGKILL) };
     let m = wait_status(&run_dir, "dst", "failed");
     assert!(
         m["error"]
@@ -261,10 +247,10 @@ fn killing_the_source_leaves_the_destination_serving() {
         "{m}"
     );
     // Nothing runs there, and it still answers (and could receive again).
-    let info = api(&run_dir, "dst", "GET", "/", None).json();
+    let info = vm_api(&run_dir, "dst", "GET", "/", None).json();
     assert_eq!(info["state"], "Not started", "{info}");
     let again = format!(r#"{{"receiver_url": "unix:{}"}}"#, s.0.join("again.sock").display());
-    let r = api(&run_dir, "dst", "PUT", "/migration/receive", Some(&again));
+    let r = vm_api(&run_dir, "dst", "PUT", "/migration/receive", Some(&again));
     assert_eq!(r.status, 204, "{}", r.body);
 }
 
@@ -310,7 +296,7 @@ fn a_corrupted_stream_fails_on_the_destination_and_the_source_runs_on() {
     corrupting_proxy(&proxy_sock, dst_sock);
     wait_log(&run_dir, "src", "TICK1", Duration::from_secs(180));
     let body = format!(r#"{{"destination_url": "unix:{}"}}"#, proxy_sock.display());
-    let r = api(&run_dir, "src", "PUT", "/migration/send", Some(&body));
+    let r = vm_api(&run_dir, "src", "PUT", "/migration/send", Some(&body));
     assert_eq!(r.status, 204, "{}", r.body);
     let m = wait_status(&run_dir, "dst", "failed");
     let e = m["error"].as_str().unwrap_or_default();
@@ -318,7 +304,7 @@ fn a_corrupted_stream_fails_on_the_destination_and_the_source_runs_on() {
     let m = wait_status(&run_dir, "src", "failed");
     assert!(m["error"].as_str().is_some_and(|e| !e.is_empty()), "{m}");
     still_ticking(&run_dir, "src");
-    assert_eq!(api(&run_dir, "dst", "GET", "/", None).json()["state"], "Not started");
+    assert_eq!(vm_api(&run_dir, "dst", "GET", "/", None).json()["state"], "Not started");
 }
 
 /// A source whose guest rewrites 4 MiB of non-zero data in a loop,
@@ -345,7 +331,7 @@ fn auto_converge_makes_a_fast_dirtier_converge() {
             r#"{{"destination_url": "{url}", "downtime_ms": 50, "max_bandwidth_mbps": 16,
                 "auto_converge": {auto}, "timeout_s": {timeout_s}}}"#
         );
-        let r = api(&run_dir, "src", "PUT", "/migration/send", Some(&body));
+        let r = vm_api(&run_dir, "src", "PUT", "/migration/send", Some(&body));
         assert_eq!(r.status, 204, "{}", r.body);
     };
     // Without: it does not converge within 30 s.
@@ -397,7 +383,7 @@ fn cold_migration_over_a_unix_socket() {
     start_destination(&run_dir, "dst", &url);
     wait_log(&run_dir, "src", "TICK1", Duration::from_secs(180));
     let body = format!(r#"{{"destination_url": "{url}", "mode": "cold"}}"#);
-    let r = api(&run_dir, "src", "PUT", "/migration/send", Some(&body));
+    let r = vm_api(&run_dir, "src", "PUT", "/migration/send", Some(&body));
     assert_eq!(r.status, 204, "{}", r.body);
     let m = wait_status(&run_dir, "dst", "completed");
     assert!(m["downtime_ms"].as_u64().is_some(), "{m}");
@@ -656,7 +642,7 @@ fn a_tcp_stream_through_a_tap_survives_live_migration() {
     }
     let before = received.load(Ordering::Acquire);
     let body = format!(r#"{{"destination_url": "{url}"}}"#);
-    let r = api(&run_dir, "src", "PUT", "/migration/send", Some(&body));
+    let r = vm_api(&run_dir, "src", "PUT", "/migration/send", Some(&body));
     assert_eq!(r.status, 204, "{}", r.body);
     let m = wait_status(&run_dir, "dst", "completed");
     eprintln!("network migration: {m}");
@@ -691,7 +677,7 @@ fn a_tcp_stream_through_a_tap_survives_live_migration() {
         "{}",
         console_log(&run_dir, "dst")
     );
-    assert_eq!(api(&run_dir, "dst", "GET", "/", None).json()["state"], "Running");
+    assert_eq!(vm_api(&run_dir, "dst", "GET", "/", None).json()["state"], "Running");
 }
 
 /// `qemu-img ARGS`, which must succeed.
@@ -750,9 +736,9 @@ fn a_shared_qcow2_disk_follows_the_guest() {
     let body = format!(
         r#"{{"receiver_url": "{url1}", "network_overrides": [{{"iface_id": "eth9", "host_dev_name": "nope0"}}]}}"#
     );
-    let r = api(&run_dir, "dst1", "PUT", "/migration/receive", Some(&body));
+    let r = vm_api(&run_dir, "dst1", "PUT", "/migration/receive", Some(&body));
     assert_eq!(r.status, 204, "{}", r.body);
-    let r = api(
+    let r = vm_api(
         &run_dir,
         "src",
         "PUT",
@@ -772,11 +758,11 @@ fn a_shared_qcow2_disk_follows_the_guest() {
         &format!("WROTE{}", after_failure + 10),
         Duration::from_secs(120),
     );
-    assert_eq!(api(&run_dir, "src", "GET", "/", None).json()["state"], "Running");
+    assert_eq!(vm_api(&run_dir, "src", "GET", "/", None).json()["state"], "Running");
     // Now a migration that goes through.
     let url2 = format!("unix:{}", s.0.join("mig2.sock").display());
     start_destination(&run_dir, "dst2", &url2);
-    let r = api(
+    let r = vm_api(
         &run_dir,
         "src",
         "PUT",

@@ -380,3 +380,25 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// An API request to the detached VM `name` under `run_dir` (10 s at most).
+pub fn vm_api(
+    run_dir: &std::path::Path,
+    name: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> vessel::api::client::Reply {
+    let sock = run_dir.join(name).join("api.sock");
+    vessel::api::client::request(&sock, method, path, body, std::time::Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{name}: {method} {path}: {e}"))
+}
+
+/// The process id of the detached VM `name` under `run_dir`.
+pub fn vm_pid(run_dir: &std::path::Path, name: &str) -> i32 {
+    let file = run_dir.join(name).join("pid");
+    std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {}", file.display()))
+}
