@@ -550,7 +550,7 @@ fn a_tcp_stream_through_a_tap_survives_live_migration() {
     let ns = NetNs::new("mig", "vtap0", "10.78.0.1/24");
     let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x57];
     let work = "ip addr add 10.78.0.2/24 dev eth0 && ip link set eth0 up && echo NET-UP && \
-                seq 1 100000000 | nc -l -p 5000; echo NC-ENDED";
+                seq 1 100000000 | nc -l -p 5000; echo NC-ENDED; sleep 1000000";
     let src = detached(&run_dir, "src", "256M", work);
     launch(ns.wrap(&src).args(["--net", "tap=vtap0,mac=52:54:00:12:34:57"]));
     wait_log(&run_dir, "src", "NET-UP", Duration::from_secs(180));
@@ -653,6 +653,14 @@ fn a_tcp_stream_through_a_tap_survives_live_migration() {
     let at_switch = received.load(Ordering::Acquire);
     // The stream goes on from the destination: plenty more numbers.
     let went_on = wait_for("the end", at_switch + 50_000, &client);
+    // While the client still reads, the guest's server runs on, on the
+    // destination (once the client stops, nc ends there, as it should).
+    assert!(
+        !console_log(&run_dir, "dst").contains("NC-ENDED"),
+        "{}",
+        console_log(&run_dir, "dst")
+    );
+    assert_eq!(vm_api(&run_dir, "dst", "GET", "/", None).json()["state"], "Running");
     stop.store(true, Ordering::Release);
     let last = client
         .join()
@@ -672,12 +680,6 @@ fn a_tcp_stream_through_a_tap_survives_live_migration() {
         assert!(start.elapsed() < Duration::from_secs(20), "the source did not exit");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(
-        !console_log(&run_dir, "dst").contains("NC-ENDED"),
-        "{}",
-        console_log(&run_dir, "dst")
-    );
-    assert_eq!(vm_api(&run_dir, "dst", "GET", "/", None).json()["state"], "Running");
 }
 
 /// `qemu-img ARGS`, which must succeed.
