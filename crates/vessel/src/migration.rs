@@ -26,6 +26,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a migrated source waits for a client to read "completed"
 /// before it exits.
 const REPORT_GRACE: Duration = Duration::from_secs(10);
+/// How long it stays once a client has read it, for other clients.
+const REPORT_LINGER: Duration = Duration::from_secs(2);
 /// The most guest memory a destination accepts from a stream.
 const MAX_INCOMING_MEM: u64 = 1 << 40;
 
@@ -420,6 +422,12 @@ fn send_thread(vm: vmm::VmHandle, endpoint: Endpoint, url: String, opts: SendOpt
             let wait = Instant::now();
             while !h.reported.load(Ordering::Acquire) && wait.elapsed() < REPORT_GRACE {
                 std::thread::sleep(Duration::from_millis(10));
+            }
+            // More than one client may poll (`vessel migrate` and a
+            // dashboard): the first to read "completed" must not end the
+            // process under the others' feet. They get a moment too.
+            if h.reported.load(Ordering::Acquire) {
+                std::thread::sleep(REPORT_LINGER.min(REPORT_GRACE.saturating_sub(wait.elapsed())));
             }
             let _ = exits.send(Msg::Call(Box::new(|ctl: &mut Controller| {
                 let _ = ctl.handle(VmmAction::Stop);
