@@ -1026,22 +1026,25 @@ impl VmHandle {
             .any(|&r| r)
     }
 
-    /// While paused: the guest-memory range of every ready queue's used
-    /// ring. Devices write their used rings through the queue code, not
-    /// through the DMA observer the dirty log hears, so a live migration
-    /// sends these pages once more at the switch (only ranges inside
+    /// While paused: mark every ready queue's used ring in the dirty log.
+    /// Devices write their used rings through the queue code, not through
+    /// the DMA observer the dirty log hears, so a migration's switch and
+    /// every failover epoch send these pages once more (only ranges inside
     /// guest RAM: a driver may place a ring anywhere).
-    pub fn used_rings(&self) -> Vec<(u64, u64)> {
-        self.device_states()
-            .iter()
-            .flat_map(|d| d.queues.iter())
+    pub fn mark_used_rings_dirty(&self) {
+        let rings = self
+            .device_states()
+            .into_iter()
+            .flat_map(|d| d.queues.into_iter())
             .filter(|q| q.ready)
             // flags, idx, the ring of 8-byte entries, avail_event
             .map(|q| (q.used_ring, 6 + 8 * u64::from(q.size)))
             .filter(|&(gpa, len)| {
                 vm_memory::GuestMemoryBackend::check_range(&self.shared.mem, vm_memory::GuestAddress(gpa), len as usize)
-            })
-            .collect()
+            });
+        for (gpa, len) in rings {
+            self.shared.dirty.mark_range(gpa, len);
+        }
     }
 
     /// Each virtio-net device's TAP and the MAC the guest uses, in order.

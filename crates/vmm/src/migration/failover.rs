@@ -332,9 +332,7 @@ pub fn capture(vm: &VmHandle, while_paused: impl FnOnce()) -> Result<Capture, Fa
     // Devices write their used rings through the queue code, which the
     // dirty log does not hear: every epoch carries them whole (they are
     // small), as migration's switch does.
-    for (gpa, len) in vm.used_rings() {
-        log.mark_range(gpa, len);
-    }
+    vm.mark_used_rings_dirty();
     let pages = match log.harvest() {
         Ok(pages) => pages,
         Err(e) => {

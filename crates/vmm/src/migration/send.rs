@@ -288,9 +288,7 @@ fn run(
         paused_at = SystemTime::now();
         // Paused: nothing writes guest memory any more. The used rings
         // go again whole: device writes to them bypass the dirty log.
-        for (gpa, len) in vm.used_rings() {
-            log.mark_range(gpa, len);
-        }
+        vm.mark_used_rings_dirty();
         pending.extend(log.harvest().map_err(SendError::Refused)?);
         pending.sort_unstable();
         pending.dedup();
