@@ -20,7 +20,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vessel::api::client;
-use vessel_bench::{b64, cache, default_kernel, median, qemu_guest, qmp, qmp_cmd, vessel_binary};
+use vessel_bench::{b64, default_kernel, median, qemu_guest, qmp, qmp_cmd, vessel_binary, vessel_guest};
 
 const IDLE: &str = "i=0; while true; do echo tick$i; i=$((i+1)); sleep 0.1; done";
 const DIRTY: &str =
@@ -87,14 +87,7 @@ fn vessel_run(dir: &Path, work: &str) -> Figures {
         "console=ttyS0 reboot=k panic=-1 no_timer_check vessel.cmd={}",
         b64(work)
     );
-    let mut src = Command::new(vessel_binary())
-        .args(["run", "--accel", "emu", "--mem", "256M"])
-        .arg("--kernel")
-        .arg(default_kernel())
-        .arg("--initrd")
-        .arg(cache().join("initramfs.cpio.gz"))
-        .arg("--cmdline")
-        .arg(&cmdline)
+    let mut src = vessel_guest(&default_kernel(), &cmdline)
         .arg("--api-sock")
         .arg(&a)
         .stdin(Stdio::null())
