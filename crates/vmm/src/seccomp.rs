@@ -322,9 +322,85 @@ pub fn allowed(kind: ThreadKind) -> Vec<(libc::c_long, &'static str)> {
     all
 }
 
-/// Calls a kind may make only with some arguments (none: any). Device
-/// workers (and the vCPUs that start them) may create Unix sockets only,
-/// for vsock's host connections: never an IP socket.
+/// An ioctl request a thread may make: one number, or every request of
+/// one ioctl type (the `_IOC` type byte, bits 8..16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ioctl {
+    Request(u32, &'static str),
+    Type(u8, &'static str),
+}
+
+/// `ioctl` on the file descriptors std sets up itself: non-blocking mode
+/// (std's `set_nonblocking` is FIONBIO on Linux), close-on-exec, bytes
+/// readable; and the read-only terminal queries of `isatty` (a logger
+/// deciding on colours) and of a terminal's size.
+const FD_IOCTLS: &[Ioctl] = &[
+    Ioctl::Request(libc::TCGETS as u32, "TCGETS"),
+    Ioctl::Request(libc::TIOCGWINSZ as u32, "TIOCGWINSZ"),
+    Ioctl::Request(libc::FIONBIO as u32, "FIONBIO"),
+    Ioctl::Request(libc::FIOCLEX as u32, "FIOCLEX"),
+    Ioctl::Request(libc::FIONCLEX as u32, "FIONCLEX"),
+    Ioctl::Request(libc::FIONREAD as u32, "FIONREAD"),
+];
+
+/// `_IOR(0x12, 114, u64)`, which the libc crate does not name.
+const BLKGETSIZE64: u32 = 0x8008_1272;
+
+/// imago asks a block device for its size and sector size.
+const BLOCK_DEVICE_IOCTLS: &[Ioctl] = &[
+    Ioctl::Request(libc::BLKSSZGET as u32, "BLKSSZGET"),
+    Ioctl::Request(BLKGETSIZE64, "BLKGETSIZE64"),
+];
+
+/// /dev/kvm, the VM and vCPU fds: every request of KVM's type (0xAE).
+const KVM_IOCTLS: &[Ioctl] = &[Ioctl::Type(0xae, "KVM")];
+
+/// `vessel run`'s terminal: raw mode for the serial console.
+const TERMINAL_IOCTLS: &[Ioctl] = &[
+    Ioctl::Request(libc::TCSETS as u32, "TCSETS"),
+    Ioctl::Request(libc::TCSETSW as u32, "TCSETSW"),
+    Ioctl::Request(libc::TCSETSF as u32, "TCSETSF"),
+];
+
+/// Attaching a TAP (crates/vmm/src/virtio/tap.rs).
+const TAP_IOCTLS: &[Ioctl] = &[Ioctl::Request(0x4004_54ca, "TUNSETIFF")];
+
+/// The ioctl requests of each kind of its own (before the stacking rule).
+/// Firecracker filters ioctl by request too: a guest that took over a
+/// thread must not reach TIOCSTI, network or file-system ioctls.
+fn own_ioctls(kind: ThreadKind) -> &'static [&'static [Ioctl]] {
+    match kind {
+        ThreadKind::Worker => &[FD_IOCTLS, BLOCK_DEVICE_IOCTLS],
+        ThreadKind::Vcpu => &[FD_IOCTLS, KVM_IOCTLS],
+        ThreadKind::Api => &[FD_IOCTLS],
+        ThreadKind::Console => &[FD_IOCTLS, TERMINAL_IOCTLS],
+        ThreadKind::Vmm => &[FD_IOCTLS, BLOCK_DEVICE_IOCTLS, KVM_IOCTLS, TERMINAL_IOCTLS, TAP_IOCTLS],
+    }
+}
+
+/// The ioctl requests `kind` may make, after the stacking rule (as
+/// [`allowed`] does for the calls).
+fn allowed_ioctls(kind: ThreadKind) -> Vec<Ioctl> {
+    let kinds: Vec<ThreadKind> = match kind {
+        ThreadKind::Vmm => ThreadKind::ALL.to_vec(),
+        ThreadKind::Vcpu => vec![ThreadKind::Vcpu, ThreadKind::Worker],
+        k => vec![k],
+    };
+    let mut all: Vec<Ioctl> = Vec::new();
+    for k in kinds {
+        for i in own_ioctls(k).iter().flat_map(|l| l.iter()) {
+            if !all.contains(i) {
+                all.push(*i);
+            }
+        }
+    }
+    all
+}
+
+/// Calls a kind may make only with some arguments (none: any).
+/// - Device workers (and the vCPUs that start them) may create Unix
+///   sockets only, for vsock's host connections: never an IP socket.
+/// - `ioctl` is allowed only with the requests in [`own_ioctls`].
 fn argument_rules(
     kind: ThreadKind,
     nr: libc::c_long,
@@ -333,6 +409,27 @@ fn argument_rules(
     if nr == libc::SYS_socket && kind != ThreadKind::Vmm {
         let unix_only = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?;
         return Ok(vec![SeccompRule::new(vec![unix_only])?]);
+    }
+    if nr == libc::SYS_ioctl {
+        // The request is an unsigned int in the kernel (the upper half of
+        // the register is ignored), so compare 32 bits.
+        return allowed_ioctls(kind)
+            .into_iter()
+            .map(|i| {
+                let cond = match i {
+                    Ioctl::Request(n, _) => {
+                        SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, n.into())?
+                    }
+                    Ioctl::Type(t, _) => SeccompCondition::new(
+                        1,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::MaskedEq(0xff00),
+                        u64::from(t) << 8,
+                    )?,
+                };
+                SeccompRule::new(vec![cond])
+            })
+            .collect();
     }
     Ok(Vec::new())
 }
@@ -651,6 +748,61 @@ mod tests {
             );
         }
     }
+    #[test]
+    fn ioctl_is_limited_to_each_kinds_requests() {
+        // TIOCSTI (push bytes into a terminal's input) is on no list; a TAP
+        // ioctl only on the VMM's; KVM's only where the kvm engine runs.
+        let tiocsti = libc::TIOCSTI as libc::c_long;
+        let tunsetiff: libc::c_long = 0x4004_54ca;
+        let kvm_run: libc::c_long = 0xae80;
+        let mut refused: Vec<(ThreadKind, libc::c_long)> = ThreadKind::ALL.iter().map(|k| (*k, tiocsti)).collect();
+        for k in [
+            ThreadKind::Api,
+            ThreadKind::Vcpu,
+            ThreadKind::Worker,
+            ThreadKind::Console,
+        ] {
+            refused.push((k, tunsetiff));
+        }
+        for k in [ThreadKind::Api, ThreadKind::Worker, ThreadKind::Console] {
+            refused.push((k, kvm_run));
+        }
+        for k in [ThreadKind::Api, ThreadKind::Worker, ThreadKind::Vcpu] {
+            refused.push((k, libc::TCSETS as libc::c_long));
+        }
+        for (kind, request) in refused {
+            let (status, err) = in_child(kind, || {
+                // SAFETY: ioctl on an invalid fd; the filter traps it first.
+                unsafe { libc::syscall(libc::SYS_ioctl, -1, request, 0) };
+            });
+            assert!(
+                died_of_bad_syscall(status),
+                "{kind:?} with ioctl {request:#x}: child status {status:#x}; {err}"
+            );
+        }
+        // Allowed ones reach the kernel (and fail there: EBADF).
+        for (kind, request) in [
+            (ThreadKind::Api, libc::FIONBIO as libc::c_long),
+            (ThreadKind::Worker, BLKGETSIZE64 as libc::c_long),
+            (ThreadKind::Vcpu, kvm_run),
+            (ThreadKind::Vcpu, libc::FIONBIO as libc::c_long),
+            (ThreadKind::Console, libc::TCSETS as libc::c_long),
+            (ThreadKind::Worker, libc::TCGETS as libc::c_long),
+            (ThreadKind::Vmm, tunsetiff),
+            (ThreadKind::Vmm, kvm_run),
+            (ThreadKind::Vmm, libc::TCSETS as libc::c_long),
+        ] {
+            let (status, err) = in_child(kind, || {
+                // SAFETY: ioctl on an invalid fd fails with EBADF.
+                unsafe { libc::syscall(libc::SYS_ioctl, -1, request, 0) };
+            });
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "{kind:?} with ioctl {request:#x}: {status:#x}; {err}"
+            );
+        }
+    }
+
     #[test]
     fn workers_make_unix_sockets() {
         // vsock's worker connects to host listeners at uds_path_PORT.
