@@ -43,21 +43,34 @@ pub fn default_kernel() -> PathBuf {
 
 /// `vessel run` of `kernel` with the test initramfs (engine emu, 256 MiB).
 pub fn vessel_guest(kernel: &Path, cmdline: &str) -> Command {
-    let cache = cache();
+    vessel_guest_with(kernel, &cache().join("initramfs.cpio.gz"), cmdline)
+}
+
+/// `vessel run` of `kernel` with `initrd` (engine emu, 256 MiB), plus the
+/// words of `VESSEL_BENCH_ARGS` (e.g. `--jit off`, passed by scripts/bench-emu
+/// when this `vessel` has the flag).
+pub fn vessel_guest_with(kernel: &Path, initrd: &Path, cmdline: &str) -> Command {
     let mut c = Command::new(vessel_binary());
     c.args(["run", "--accel", "emu", "--mem", "256M"])
         .arg("--kernel")
         .arg(kernel)
         .arg("--initrd")
-        .arg(cache.join("initramfs.cpio.gz"))
+        .arg(initrd)
         .arg("--cmdline")
         .arg(cmdline);
+    if let Ok(extra) = std::env::var("VESSEL_BENCH_ARGS") {
+        c.args(extra.split_whitespace());
+    }
     c
 }
 
 /// The reference QEMU (DESIGN.md: TCG, microvm, no ACPI) on the same guest.
 pub fn qemu_guest(kernel: &Path, cmdline: &str) -> Command {
-    let cache = cache();
+    qemu_guest_with(kernel, &cache().join("initramfs.cpio.gz"), cmdline)
+}
+
+/// QEMU (TCG, microvm, no ACPI) on `kernel` with `initrd`.
+pub fn qemu_guest_with(kernel: &Path, initrd: &Path, cmdline: &str) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
         "-accel",
@@ -78,7 +91,7 @@ pub fn qemu_guest(kernel: &Path, cmdline: &str) -> Command {
     .arg("-kernel")
     .arg(kernel)
     .arg("-initrd")
-    .arg(cache.join("initramfs.cpio.gz"))
+    .arg(initrd)
     .args(["-append", cmdline]);
     c
 }

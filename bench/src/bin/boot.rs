@@ -75,4 +75,5 @@ fn main() {
         mq.as_secs_f64(),
         mv.as_secs_f64() / mq.as_secs_f64()
     );
+    println!("RATIO boot {:.2}", mv.as_secs_f64() / mq.as_secs_f64());
 }

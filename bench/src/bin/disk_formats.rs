@@ -123,4 +123,9 @@ fn main() {
             vq / qq
         );
     }
+    // Time per byte, Vessel over QEMU (below 1.0 means Vessel is faster),
+    // for scripts/bench-emu.
+    for p in PHASES {
+        println!("RATIO disk/{p}-raw {:.2}", m("raw", "qemu", p) / m("raw", "vessel", p));
+    }
 }

@@ -92,6 +92,33 @@ impl Default for CpuConfig {
     }
 }
 
+/// IA32_ARCH_CAPABILITIES (MSR 0x10a, offered through CPUID.7.0:EDX[29]):
+/// the "not affected" bits that hold for x86emu. It executes one
+/// instruction at a time and never speculates: no load runs ahead of its
+/// permission check, no buffer or predictor carries data across a privilege
+/// or address-space change. Without this MSR Linux assumes the worst of an
+/// Intel CPU under a hypervisor and turns on page-table isolation, VERW on
+/// every return to user space, and the ITS return thunks (docs/EMU-PERF.md).
+/// Not claimed: IBRS_ALL (it would need SPEC_CTRL, which is not offered),
+/// and every bit that announces a control MSR or a mitigation (TSX_CTRL,
+/// FB_CLEAR, GDS_CTRL, RFDS_CLEAR) or a weakness (RSBA, RRSBA).
+pub const ARCH_CAPABILITIES: u64 = (1 << 0) // RDCL_NO: no Meltdown (no PTI, no L1TF)
+    | (1 << 3) // SKIP_L1DFL_VMENTRY: no L1D to flush for a nested hypervisor
+    | (1 << 4) // SSB_NO: no speculative store bypass
+    | (1 << 5) // MDS_NO: no microarchitectural data sampling (no VERW)
+    | (1 << 6) // PSCHANGE_MC_NO: no iTLB multihit machine check
+    | (1 << 8) // TAA_NO: no TSX asynchronous abort
+    | (1 << 13) // SBDR_SSDP_NO: MMIO stale data, three bits together
+    | (1 << 14) // FBSDP_NO
+    | (1 << 15) // PSDP_NO
+    | (1 << 24) // PBRSB_NO: no post-barrier return stack buffer prediction
+    | (1 << 26) // GDS_NO: no gather data sampling
+    | (1 << 27) // RFDS_NO: no register file data sampling
+    | (1 << 62); // ITS_NO: no indirect target selection (no return thunks)
+
+/// CPUID.7.0:EDX bit that announces [`ARCH_CAPABILITIES`].
+pub const CPUID7_EDX_ARCH_CAPABILITIES: u32 = 1 << 29;
+
 /// Vendor string "GenuineIntel" split into EBX, EDX, ECX.
 const VENDOR: [u32; 3] = [0x756e_6547, 0x4965_6e69, 0x6c65_746e];
 
@@ -144,7 +171,7 @@ impl CpuConfig {
             // No cache descriptors through leaf 2; leaf 4 describes none.
             2 => [1, 0, 0, 0],
             4 => [0, 0, 0, 0],
-            7 if subleaf == 0 => [0, bit(f.smep, 7) | bit(f.smap, 20), 0, 0],
+            7 if subleaf == 0 => [0, bit(f.smep, 7) | bit(f.smap, 20), 0, CPUID7_EDX_ARCH_CAPABILITIES],
             0xb => {
                 // x2APIC topology: one thread per core, cpu_count cores.
                 let shift = 32 - self.cpu_count.max(1).saturating_sub(1).leading_zeros();
@@ -211,6 +238,22 @@ mod tests {
         }
         let [_, _, ecx, _] = CpuConfig::default().cpuid(0x15, 0);
         assert_eq!(ecx, CRYSTAL_HZ, "the crystal is the LAPIC timer's clock");
+    }
+
+    /// The MSR is announced, and says only "not affected": no bit that
+    /// promises a control MSR or a mitigation x86emu does not have.
+    #[test]
+    fn arch_capabilities_are_announced_and_only_immunities() {
+        let c = CpuConfig::default();
+        assert_ne!(c.cpuid(7, 0)[3] & CPUID7_EDX_ARCH_CAPABILITIES, 0);
+        // RDCL_NO, MDS_NO, TAA_NO, ITS_NO: no PTI, VERW or ITS thunks.
+        for b in [0, 5, 8, 62] {
+            assert_ne!(ARCH_CAPABILITIES & (1 << b), 0, "bit {b}");
+        }
+        // IBRS_ALL RSBA TSX_CTRL FB_CLEAR FB_CLEAR_CTRL RRSBA GDS_CTRL RFDS_CLEAR.
+        for b in [1, 2, 7, 17, 18, 19, 25, 28] {
+            assert_eq!(ARCH_CAPABILITIES & (1 << b), 0, "bit {b}");
+        }
     }
 
     #[test]

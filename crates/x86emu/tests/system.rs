@@ -396,6 +396,12 @@ fn msr_checks() {
     assert!(msr::write_msr(cpu, bus, 0x200, 0x8000_0006).is_ok());
     assert_eq!(msr::read_msr(cpu, bus, 0x200), Some(0x8000_0006));
     assert_eq!(msr::read_msr(cpu, bus, msr::MTRRCAP), Some(0x508));
+    // ARCH_CAPABILITIES: the fixed immunities, read-only.
+    assert_eq!(
+        msr::read_msr(cpu, bus, msr::ARCH_CAPABILITIES),
+        Some(x86emu::config::ARCH_CAPABILITIES)
+    );
+    assert!(msr::write_msr(cpu, bus, msr::ARCH_CAPABILITIES, 0).is_err());
     assert_eq!(msr::read_msr(cpu, bus, msr::APIC_BASE), Some(0xfee0_0800));
     assert!(msr::write_msr(cpu, bus, msr::UCODE_REV, 0).is_ok());
     assert_eq!(msr::read_msr(cpu, bus, 0xc001_0015), None);

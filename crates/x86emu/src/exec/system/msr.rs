@@ -23,6 +23,7 @@ pub const APIC_BASE: u32 = 0x1b;
 pub const FEATURE_CONTROL: u32 = 0x3a;
 pub const UCODE_REV: u32 = 0x8b;
 pub const MTRRCAP: u32 = 0xfe;
+pub const ARCH_CAPABILITIES: u32 = 0x10a;
 pub const SYSENTER_CS: u32 = 0x174;
 pub const SYSENTER_ESP: u32 = 0x175;
 pub const SYSENTER_EIP: u32 = 0x176;
@@ -85,6 +86,7 @@ pub fn read_msr(cpu: &mut Cpu, bus: &mut dyn Bus, index: u32) -> Option<u64> {
         PLATFORM_ID => 0,
         APIC_BASE => cpu.state.apic_base,
         MTRRCAP => MTRRCAP_VALUE,
+        ARCH_CAPABILITIES => crate::config::ARCH_CAPABILITIES,
         SYSENTER_CS => m.sysenter_cs,
         SYSENTER_ESP => m.sysenter_esp,
         SYSENTER_EIP => m.sysenter_eip,
@@ -154,6 +156,8 @@ pub fn write_msr(cpu: &mut Cpu, bus: &mut dyn Bus, index: u32, v: u64) -> ExecRe
             }
             cpu.state.msr.tsc_aux = v;
         }
+        // Read-only, as on hardware.
+        ARCH_CAPABILITIES => return Err(Fault::gp0()),
         i if is_storage(i) => set_other(cpu, i, v),
         i => {
             if !bus.wrmsr(i, v) {
