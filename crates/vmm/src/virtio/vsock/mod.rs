@@ -52,6 +52,11 @@ pub struct VsockState {
 }
 
 pub struct Vsock {
+    /// The configuration, outside the back end's lock: the worker holds
+    /// that lock while it runs, and a vCPU reading `guest_cid` from the
+    /// config space (the driver does on a transport reset) must not wait
+    /// for it.
+    config: VsockState,
     backend: Arc<Mutex<Backend>>,
     worker: Option<Worker>,
     /// Tell the guest at the next activation that all connections are
@@ -66,6 +71,10 @@ impl Vsock {
     /// A device for guest CID `cid`, listening on `uds_path`.
     pub fn new(cid: u64, uds_path: &Path) -> Result<Vsock, BackendError> {
         Ok(Vsock {
+            config: VsockState {
+                guest_cid: cid,
+                uds_path: uds_path.to_path_buf(),
+            },
             backend: Arc::new(Mutex::new(Backend::new(cid, uds_path)?)),
             worker: None,
             reset_event: Arc::new(AtomicBool::new(false)),
@@ -82,11 +91,7 @@ impl crate::persist::Persist for Vsock {
     type State = VsockState;
     type Args = ();
     fn save(&self) -> VsockState {
-        let b = self.backend();
-        VsockState {
-            guest_cid: b.cid(),
-            uds_path: b.uds_path().to_path_buf(),
-        }
+        self.config.clone()
     }
     fn restore(_: (), state: &VsockState) -> Result<Self, crate::persist::PersistError> {
         let mut v = Vsock::new(state.guest_cid, &state.uds_path)
@@ -111,7 +116,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
-        super::read_config_bytes(&self.backend().cid().to_le_bytes(), offset, data);
+        super::read_config_bytes(&self.config.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn activate(&mut self, _acked: u64, a: Activation) -> std::io::Result<()> {
