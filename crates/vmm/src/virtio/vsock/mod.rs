@@ -141,6 +141,7 @@ impl VirtioDevice for Vsock {
                 dma,
                 backend,
                 reset_event,
+                reset_unacked: None,
                 buf: vec![0u8; HDR_LEN + MAX_PKT_DATA],
             };
             if let Err(e) = port.run(&poller, &notifiers) {
@@ -175,6 +176,12 @@ struct Port {
     dma: DmaObserver,
     backend: Arc<Mutex<Backend>>,
     reset_event: Arc<AtomicBool>,
+    /// The event queue's avail index when the reset event went out, until
+    /// the driver moves it (it gives the buffer back after handling the
+    /// event). Until then nothing goes to the guest: Linux resets every
+    /// connected socket when it handles the event, so a host connection
+    /// set up before that would be reset with the old ones.
+    reset_unacked: Option<std::num::Wrapping<u16>>,
     buf: Vec<u8>,
 }
 
@@ -189,7 +196,11 @@ impl Port {
         loop {
             self.send_reset_event()?;
             let more_tx = self.process_tx(&mut b, poller)?;
-            let more_rx = self.process_rx(&mut b, poller)?;
+            let more_rx = if self.reset_handled()? {
+                self.process_rx(&mut b, poller)?
+            } else {
+                false
+            };
             let now = Instant::now();
             let timeout = if more_tx || more_rx {
                 Some(std::time::Duration::ZERO)
@@ -232,11 +243,25 @@ impl Port {
         })
         .unwrap_or(0);
         q.add_used(mem, head, n)?;
+        self.reset_unacked = Some(q.avail_idx(mem, Ordering::Acquire)?);
         self.reset_event.store(false, Ordering::Release);
         if q.needs_notification(mem)? {
             self.interrupt.signal_used_queue();
         }
         Ok(())
+    }
+
+    /// Whether the driver has handled the reset event (if one was sent):
+    /// it has put a buffer back on the event queue since.
+    fn reset_handled(&mut self) -> Result<bool, QueueError> {
+        let Some(idx) = self.reset_unacked else {
+            return Ok(true);
+        };
+        if self.queues[EVT].avail_idx(&self.mem, Ordering::Acquire)? == idx {
+            return Ok(false);
+        }
+        self.reset_unacked = None;
+        Ok(true)
     }
 
     /// Take the guest's packets. True when the budget ran out with more

@@ -630,6 +630,21 @@ fn restore_resets_the_transport_and_keeps_listening() {
         .expect("reading guest_cid while the worker runs blocked");
     assert_eq!(cid, CID);
     d.t = t;
+    // Until the driver gives the event buffer back (Linux does once it
+    // has reset its sockets), nothing reaches it: a host connection made
+    // now would be reset with the old ones.
+    let mut early = UnixStream::connect(&d.uds).unwrap();
+    early.write_all(b"CONNECT 78\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        d.received().is_empty(),
+        "a packet reached the guest before it handled the reset"
+    );
+    d.post(2);
+    d.notify(2);
+    d.expect("REQUEST after the reset was handled", |h| {
+        h.op == OP_REQUEST && h.dst_port == 78
+    });
     // The old connection is unknown now: the guest gets a reset.
     d.send(OP_RW, 4000, 52, b"x");
     d.expect("RST for a connection from before", |h| h.op == OP_RST);
