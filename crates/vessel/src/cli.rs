@@ -181,6 +181,10 @@ pub struct RunArgs {
     /// kernel.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "config"])]
     pub restore: Option<PathBuf>,
+    /// With --restore: the vsock device listens on this socket instead of
+    /// the snapshot's (the API's `vsock_override`).
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    pub vsock_uds: Option<PathBuf>,
     /// With --restore: leave the VM paused.
     #[arg(long, requires = "restore")]
     pub paused: bool,
@@ -330,6 +334,7 @@ fn run(args: RunArgs, process_start: Instant) -> ExitCode {
             track_dirty_pages: false,
             resume_vm: !args.paused,
             network_overrides: Vec::new(),
+            vsock_override: args.vsock_uds.clone().map(|uds_path| fc::VsockOverride { uds_path }),
             accel: args.accel.clone(),
         });
         return crate::launch::run_with(launch, None);

@@ -152,6 +152,7 @@ mod tests {
             name: None,
             detach: false,
             restore: None,
+            vsock_uds: None,
             paused: false,
             incoming: None,
             standby: None,

@@ -8,6 +8,13 @@
 //! directory: its own process group (a Ctrl-C reaches the command, not the
 //! VM), killed with the exec (PR_SET_PDEATHSIG), and removed with its
 //! directory when the command ends, so nothing is left behind.
+//!
+//! Warm start: with the default guest and no disks or network, the VM is
+//! a clone restored from a snapshot of that guest booted to an idle agent
+//! (taken once, cached next to the guest, [`warm_snapshot`]). Its memory
+//! is the snapshot's file mapped copy-on-write (`MAP_PRIVATE`), so clones
+//! share no writable state; its vsock socket is its own (`vessel run
+//! --vsock-uds`, the API's `vsock_override`).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -71,6 +78,11 @@ pub struct ExecArgs {
     /// Working directory of the command.
     #[arg(long)]
     pub cwd: Option<String>,
+    /// Boot the guest instead of starting from the cached snapshot of the
+    /// booted default guest (only that guest, with no --disk or --net,
+    /// starts warm).
+    #[arg(long)]
+    pub cold: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -124,6 +136,17 @@ fn exec(a: ExecArgs) -> Result<u8, String> {
         let conn = connect_agent(&uds, Instant::now() + Duration::from_secs(10), || Ok(()))?;
         return session(conn, &req, timeout);
     }
+    if warm_eligible(&a) {
+        let kernel = default_guest("kernel/vmlinux")?;
+        let initrd = default_guest("initramfs.cpio.gz")?;
+        let snap = warm_snapshot(&a, &kernel, &initrd)?;
+        let vm = Throwaway::restore(&snap.dir)?;
+        // The snapshot may be replaced only after the clone has its memory
+        // mapped: hold the shared lock until the agent answers.
+        let conn = connect_agent(&vm.uds, Instant::now() + BOOT_TIMEOUT, || vm.check_alive());
+        drop(snap);
+        return session(conn?, &req, timeout);
+    }
     let vm = Throwaway::start(&a)?;
     let conn = connect_agent(&vm.uds, Instant::now() + BOOT_TIMEOUT, || vm.check_alive())?;
     session(conn, &req, timeout)
@@ -144,6 +167,7 @@ fn vsock_of(name: &str) -> Result<PathBuf, String> {
 /// Connect to the agent through the hybrid socket, retrying while the
 /// guest boots (`alive` says whether to keep waiting).
 fn connect_agent(uds: &Path, deadline: Instant, alive: impl Fn() -> Result<(), String>) -> Result<UnixStream, String> {
+    let started = Instant::now();
     loop {
         if let Ok(mut s) = UnixStream::connect(uds) {
             let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
@@ -169,7 +193,14 @@ fn connect_agent(uds: &Path, deadline: Instant, alive: impl Fn() -> Result<(), S
                 uds.display()
             ));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // A restored clone answers within milliseconds; a booting guest
+        // takes seconds, and needs no tight polling.
+        let pause = if started.elapsed() < Duration::from_secs(1) {
+            2
+        } else {
+            20
+        };
+        std::thread::sleep(Duration::from_millis(pause));
     }
 }
 
@@ -271,12 +302,18 @@ struct Throwaway {
     uds: PathBuf,
 }
 
-fn default_guest(rel: &str) -> Result<PathBuf, String> {
-    let cache = std::env::var_os("VESSEL_CACHE")
+/// The default guest's kernel command line (the agent instead of a shell).
+const AGENT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet vessel.agent=1";
+
+fn cache_dir() -> Result<PathBuf, String> {
+    std::env::var_os("VESSEL_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vessel")))
-        .ok_or("neither VESSEL_CACHE nor HOME is set")?;
-    let p = cache.join(rel);
+        .ok_or_else(|| "neither VESSEL_CACHE nor HOME is set".to_string())
+}
+
+fn default_guest(rel: &str) -> Result<PathBuf, String> {
+    let p = cache_dir()?.join(rel);
     if !p.exists() {
         return Err(format!(
             "{} is missing: build the default guest with guest/build-all.sh (or give --kernel and --initrd)",
@@ -298,7 +335,6 @@ impl Throwaway {
         };
         let dir = private_dir()?;
         let uds = dir.join("v.sock");
-        let log = std::fs::File::create(dir.join("vm.log")).map_err(|e| e.to_string())?;
         let exe = std::env::current_exe().map_err(|e| format!("cannot find the vessel binary: {e}"))?;
         let mut cmd = Command::new(exe);
         cmd.args([
@@ -315,7 +351,7 @@ impl Throwaway {
         .arg("--initrd")
         .arg(&initrd)
         .arg("--cmdline")
-        .arg("console=ttyS0 reboot=k panic=-1 quiet vessel.agent=1")
+        .arg(AGENT_CMDLINE)
         .arg("--vsock")
         .arg(format!("cid=3,uds={}", uds.display()));
         for d in &a.disks {
@@ -330,10 +366,30 @@ impl Throwaway {
         if a.net != "none" {
             cmd.arg("--net").arg(&a.net);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .process_group(0);
+        Throwaway::spawn(cmd, dir, uds)
+    }
+
+    /// A clone of the snapshot in `snap`, with its own vsock socket.
+    fn restore(snap: &Path) -> Result<Throwaway, String> {
+        let dir = private_dir()?;
+        let uds = dir.join("v.sock");
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find the vessel binary: {e}"))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("run").arg("--restore").arg(snap).arg("--vsock-uds").arg(&uds);
+        Throwaway::spawn(cmd, dir, uds)
+    }
+
+    /// Start `cmd` (a `vessel run`) as the VM of private directory `dir`.
+    fn spawn(mut cmd: Command, dir: PathBuf, uds: PathBuf) -> Result<Throwaway, String> {
+        let logs = std::fs::File::create(dir.join("vm.log")).and_then(|f| Ok((f.try_clone()?, f)));
+        let (log, log2) = match logs {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.to_string());
+            }
+        };
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2).process_group(0);
         let set = forwarded_set();
         // SAFETY: prctl and sigprocmask are async-signal-safe; the closure
         // allocates nothing. The VM gets the signals we block back.
@@ -401,4 +457,173 @@ fn private_dir() -> Result<PathBuf, String> {
         }
     }
     Err("cannot create a private temporary directory".into())
+}
+
+/// Whether this exec can start from the cached snapshot: the default
+/// guest, no disks, no network, and no `--cold`.
+fn warm_eligible(a: &ExecArgs) -> bool {
+    !a.cold && a.kernel.is_none() && a.initrd.is_none() && a.disks.is_empty() && a.net == "none"
+}
+
+/// The cached snapshot of the booted default guest, held with a shared
+/// lock so that no builder removes it while a clone starts from it.
+struct WarmSnapshot {
+    dir: PathBuf,
+    _lock: std::fs::File,
+}
+
+/// What the snapshot depends on: the kernel and initramfs (path, size,
+/// modification time, inode), the machine (memory, vCPUs, engine), the
+/// command line, and this vessel binary (its version and its file, so a
+/// rebuilt vessel takes a new snapshot). Each change gives a new key, so
+/// a stale snapshot is never used.
+fn snapshot_key(a: &ExecArgs, kernel: &Path, initrd: &Path) -> Result<String, String> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the vessel binary: {e}"))?;
+    for p in [kernel, initrd, exe.as_path()] {
+        let m = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        (p, m.len(), m.mtime(), m.mtime_nsec(), m.ino(), m.dev()).hash(&mut h);
+    }
+    (env!("CARGO_PKG_VERSION"), &a.mem, a.cpus, &a.accel, AGENT_CMDLINE).hash(&mut h);
+    Ok(format!("{:016x}", h.finish()))
+}
+
+/// Take (or, with LOCK_NB, try to take) an flock on `f`.
+fn flock(f: &std::fs::File, op: libc::c_int) -> bool {
+    use std::os::unix::io::AsRawFd;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+            return true;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
+
+/// The warm-start snapshot for `a`, built first when there is none.
+/// Built once: the first exec takes the key's lock exclusively and builds
+/// into a temporary directory that it renames into place; execs that
+/// come meanwhile wait on the lock, then find it.
+fn warm_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path) -> Result<WarmSnapshot, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = cache_dir()?.join("exec-snapshots");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&base)
+        .map_err(|e| format!("{}: {e}", base.display()))?;
+    let key = snapshot_key(a, kernel, initrd)?;
+    let dir = base.join(&key);
+    let lock_path = base.join(format!("{key}.lock"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    let complete =
+        |d: &Path| d.join(crate::cli::SNAPSHOT_STATE).exists() && d.join(crate::cli::SNAPSHOT_MEMORY).exists();
+    if !(flock(&lock, libc::LOCK_SH) && complete(&dir)) {
+        // Build it, one exec at a time.
+        if !flock(&lock, libc::LOCK_EX) {
+            return Err(format!("{}: cannot lock it", lock_path.display()));
+        }
+        if !complete(&dir) {
+            eprintln!("vessel exec: taking a snapshot of the booted default guest for warm starts (once)");
+            let tmp = base.join(format!(".building-{key}"));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&tmp)
+                .map_err(|e| format!("{}: {e}", tmp.display()))?;
+            let built = build_snapshot(a, kernel, initrd, &tmp)
+                .and_then(|()| std::fs::rename(&tmp, &dir).map_err(|e| format!("{}: {e}", dir.display())));
+            if let Err(e) = built {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(format!("taking the warm-start snapshot: {e}"));
+            }
+            remove_stale_snapshots(&base, &key);
+        }
+        // Down to shared: other execs may start from it now.
+        flock(&lock, libc::LOCK_SH);
+    }
+    Ok(WarmSnapshot { dir, _lock: lock })
+}
+
+/// Remove the snapshots of other keys (an older vessel or guest) that no
+/// exec is starting from (their lock can be taken).
+fn remove_stale_snapshots(base: &Path, key: &str) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(other) = name.strip_suffix(".lock") else {
+            continue;
+        };
+        if other == key {
+            continue;
+        }
+        let Ok(f) = std::fs::OpenOptions::new().write(true).open(e.path()) else {
+            continue;
+        };
+        if flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+            let _ = std::fs::remove_dir_all(base.join(other));
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Boot the default guest, wait until its agent answers, and snapshot it
+/// (paused) into `out`.
+fn build_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path, out: &Path) -> Result<(), String> {
+    let dir = private_dir()?;
+    let uds = dir.join("v.sock");
+    let api = dir.join("api.sock");
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the vessel binary: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "run",
+        "--accel",
+        &a.accel,
+        "--mem",
+        &a.mem,
+        "--cpus",
+        &a.cpus.to_string(),
+    ])
+    .arg("--kernel")
+    .arg(kernel)
+    .arg("--initrd")
+    .arg(initrd)
+    .arg("--cmdline")
+    .arg(AGENT_CMDLINE)
+    .arg("--vsock")
+    .arg(format!("cid=3,uds={}", uds.display()))
+    .arg("--api-sock")
+    .arg(&api);
+    let vm = Throwaway::spawn(cmd, dir, uds)?;
+    let probe = connect_agent(&vm.uds, Instant::now() + BOOT_TIMEOUT, || vm.check_alive())?;
+    drop(probe);
+    // Let the guest see the probe's close and settle into idle.
+    std::thread::sleep(Duration::from_millis(300));
+    let call = |method: &str, path: &str, body: &str| -> Result<(), String> {
+        let r = crate::api::client::request(&api, method, path, Some(body), Duration::from_secs(60))
+            .map_err(|e| format!("the VM's API: {e}"))?;
+        if r.status >= 400 {
+            return Err(format!("{method} {path}: {}", r.fault()));
+        }
+        Ok(())
+    };
+    call("PATCH", "/vm", r#"{"state": "Paused"}"#)?;
+    let body = serde_json::json!({
+        "snapshot_type": "Full",
+        "snapshot_path": out.join(crate::cli::SNAPSHOT_STATE),
+        "mem_file_path": out.join(crate::cli::SNAPSHOT_MEMORY),
+    })
+    .to_string();
+    call("PUT", "/snapshot/create", &body)
 }

@@ -414,6 +414,15 @@ pub struct NetworkOverride {
     pub guest_mac: Option<String>,
 }
 
+/// `vsock_override` of `PUT /snapshot/load` (Firecracker's): the restored
+/// vsock device listens on this socket instead of the snapshot's, so that
+/// clones of one snapshot can run side by side.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: PathBuf,
+}
+
 /// `PUT /snapshot/load`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -432,6 +441,8 @@ pub struct SnapshotLoad {
     pub resume_vm: bool,
     #[serde(default)]
     pub network_overrides: Vec<NetworkOverride>,
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
     /// Vessel: the engine to restore under (default: the snapshot's).
     #[serde(default)]
     pub accel: Option<String>,

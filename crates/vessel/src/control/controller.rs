@@ -814,6 +814,13 @@ impl Controller {
         let mut state = vmm::persist::MachineState::read_file(&l.snapshot_path)
             .map_err(|e| ActionError::InvalidConfig(format!("{}: {e}", l.snapshot_path.display())))?;
         apply_network_overrides(&mut state, &l.network_overrides, "the snapshot")?;
+        if let Some(o) = &l.vsock_override {
+            let vsock =
+                state.config.vsock.as_mut().ok_or_else(|| {
+                    ActionError::InvalidConfig("vsock_override: the snapshot has no vsock device".into())
+                })?;
+            vsock.uds_path = o.uds_path.clone();
+        }
         let accel = l.accel.clone().unwrap_or_else(|| state.engine.to_string());
         let accel_kind: vmm::Accel = accel
             .parse()

@@ -52,6 +52,11 @@ pub struct VsockState {
 }
 
 pub struct Vsock {
+    /// The configuration, outside the back end's lock: the worker holds
+    /// that lock while it runs, and a vCPU reading `guest_cid` from the
+    /// config space (the driver does on a transport reset) must not wait
+    /// for it.
+    config: VsockState,
     backend: Arc<Mutex<Backend>>,
     worker: Option<Worker>,
     /// Tell the guest at the next activation that all connections are
@@ -66,6 +71,10 @@ impl Vsock {
     /// A device for guest CID `cid`, listening on `uds_path`.
     pub fn new(cid: u64, uds_path: &Path) -> Result<Vsock, BackendError> {
         Ok(Vsock {
+            config: VsockState {
+                guest_cid: cid,
+                uds_path: uds_path.to_path_buf(),
+            },
             backend: Arc::new(Mutex::new(Backend::new(cid, uds_path)?)),
             worker: None,
             reset_event: Arc::new(AtomicBool::new(false)),
@@ -82,11 +91,7 @@ impl crate::persist::Persist for Vsock {
     type State = VsockState;
     type Args = ();
     fn save(&self) -> VsockState {
-        let b = self.backend();
-        VsockState {
-            guest_cid: b.cid(),
-            uds_path: b.uds_path().to_path_buf(),
-        }
+        self.config.clone()
     }
     fn restore(_: (), state: &VsockState) -> Result<Self, crate::persist::PersistError> {
         let mut v = Vsock::new(state.guest_cid, &state.uds_path)
@@ -111,7 +116,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
-        super::read_config_bytes(&self.backend().cid().to_le_bytes(), offset, data);
+        super::read_config_bytes(&self.config.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn activate(&mut self, _acked: u64, a: Activation) -> std::io::Result<()> {
@@ -136,6 +141,7 @@ impl VirtioDevice for Vsock {
                 dma,
                 backend,
                 reset_event,
+                reset_unacked: None,
                 buf: vec![0u8; HDR_LEN + MAX_PKT_DATA],
             };
             if let Err(e) = port.run(&poller, &notifiers) {
@@ -170,6 +176,12 @@ struct Port {
     dma: DmaObserver,
     backend: Arc<Mutex<Backend>>,
     reset_event: Arc<AtomicBool>,
+    /// The event queue's avail index when the reset event went out, until
+    /// the driver moves it (it gives the buffer back after handling the
+    /// event). Until then nothing goes to the guest: Linux resets every
+    /// connected socket when it handles the event, so a host connection
+    /// set up before that would be reset with the old ones.
+    reset_unacked: Option<std::num::Wrapping<u16>>,
     buf: Vec<u8>,
 }
 
@@ -184,7 +196,11 @@ impl Port {
         loop {
             self.send_reset_event()?;
             let more_tx = self.process_tx(&mut b, poller)?;
-            let more_rx = self.process_rx(&mut b, poller)?;
+            let more_rx = if self.reset_handled()? {
+                self.process_rx(&mut b, poller)?
+            } else {
+                false
+            };
             let now = Instant::now();
             let timeout = if more_tx || more_rx {
                 Some(std::time::Duration::ZERO)
@@ -227,11 +243,25 @@ impl Port {
         })
         .unwrap_or(0);
         q.add_used(mem, head, n)?;
+        self.reset_unacked = Some(q.avail_idx(mem, Ordering::Acquire)?);
         self.reset_event.store(false, Ordering::Release);
         if q.needs_notification(mem)? {
             self.interrupt.signal_used_queue();
         }
         Ok(())
+    }
+
+    /// Whether the driver has handled the reset event (if one was sent):
+    /// it has put a buffer back on the event queue since.
+    fn reset_handled(&mut self) -> Result<bool, QueueError> {
+        let Some(idx) = self.reset_unacked else {
+            return Ok(true);
+        };
+        if self.queues[EVT].avail_idx(&self.mem, Ordering::Acquire)? == idx {
+            return Ok(false);
+        }
+        self.reset_unacked = None;
+        Ok(true)
     }
 
     /// Take the guest's packets. True when the budget ran out with more

@@ -615,6 +615,36 @@ fn restore_resets_the_transport_and_keeps_listening() {
     wait_for(|| d.event_used() == 1);
     let id: u32 = d.mem.read_obj(GuestAddress(buffer(2, 0))).unwrap();
     assert_eq!(id, EVENT_TRANSPORT_RESET);
+    // Linux's driver reads guest_cid from the config space on that event,
+    // while the worker runs: the read must not wait for the worker (it
+    // did, and a restored Linux guest hung in that read).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut t = d.t;
+    std::thread::spawn(move || {
+        let mut cid = [0u8; 8];
+        t.read(VIRTIO_MMIO_CONFIG as u64, &mut cid);
+        let _ = tx.send((u64::from_le_bytes(cid), t));
+    });
+    let (cid, t) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("reading guest_cid while the worker runs blocked");
+    assert_eq!(cid, CID);
+    d.t = t;
+    // Until the driver gives the event buffer back (Linux does once it
+    // has reset its sockets), nothing reaches it: a host connection made
+    // now would be reset with the old ones.
+    let mut early = UnixStream::connect(&d.uds).unwrap();
+    early.write_all(b"CONNECT 78\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        d.received().is_empty(),
+        "a packet reached the guest before it handled the reset"
+    );
+    d.post(2);
+    d.notify(2);
+    d.expect("REQUEST after the reset was handled", |h| {
+        h.op == OP_REQUEST && h.dst_port == 78
+    });
     // The old connection is unknown now: the guest gets a reset.
     d.send(OP_RW, 4000, 52, b"x");
     d.expect("RST for a connection from before", |h| h.op == OP_RST);
