@@ -20,6 +20,8 @@ use crate::migration::{on_main, Endpoint};
 
 /// How long the standby waits for the initial sync's next bytes.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a takeover tries to open the primary's TAPs and disks.
+const TAKEOVER_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most guest memory a standby accepts.
 const MAX_STANDBY_MEM: u64 = 1 << 40;
 
@@ -40,6 +42,10 @@ pub struct StandbyRequest {
     pub listen_url: String,
     #[serde(default)]
     pub takeover: TakeoverMode,
+    /// At takeover, open these TAPs instead of the primary's (as
+    /// `PUT /snapshot/load` and `PUT /migration/receive` take them).
+    #[serde(default)]
+    pub network_overrides: Vec<crate::fc::NetworkOverride>,
 }
 
 /// `PUT /failover/protect`; only `standby_url` is required.
@@ -285,11 +291,6 @@ pub fn start_protect(ctl: &mut Controller, req: ProtectRequest) -> Result<(), Ac
             d.path.display()
         )));
     }
-    if !cfg.nets.is_empty() {
-        return Err(ActionError::Unsupported(
-            "cannot protect a VM with a network interface yet: holding its frames until the epoch is acknowledged is not done".into(),
-        ));
-    }
     if cfg.vsock.is_some() {
         return Err(ActionError::Unsupported(
             "cannot protect a VM with a vsock device yet: its streams are not held until their epoch is acknowledged"
@@ -432,6 +433,7 @@ fn primary_run(
     sent += fo::write_frame(&mut w, FrameKind::Config, 0, &cfg_json).map_err(io)?;
     // The initial sync: a live migration that never switches over. Output
     // is held from here; the sync's last part is epoch 0.
+    vm.set_output_gate(gate);
     gate.hold();
     sent += stream::write_header(&mut w).map_err(stream_err)?;
     let cfg = vm.config().clone();
@@ -556,6 +558,9 @@ fn primary_run(
 /// primary's checkpoints on a thread of its own.
 pub fn start_standby(ctl: &mut Controller, req: StandbyRequest) -> Result<(), ActionError> {
     let endpoint = Endpoint::parse(&req.listen_url).map_err(ActionError::InvalidConfig)?;
+    for o in &req.network_overrides {
+        crate::fc::check_id("iface_id", &o.iface_id).map_err(ActionError::InvalidConfig)?;
+    }
     ctl.check_fresh("standing by")?;
     if ctl.migration.active() {
         return Err(ActionError::Runtime("a migration is in progress".into()));
@@ -577,9 +582,10 @@ pub fn start_standby(ctl: &mut Controller, req: StandbyRequest) -> Result<(), Ac
     let exits = ctl.exits();
     let url = req.listen_url.clone();
     let mode = req.takeover;
+    let overrides = req.network_overrides;
     std::thread::Builder::new()
         .name("failover-standby".into())
-        .spawn(move || standby_thread(listener, url, mode, shared, exits))
+        .spawn(move || standby_thread(listener, url, mode, overrides, shared, exits))
         .map_err(|e| ActionError::Runtime(format!("cannot start the failover thread: {e}")))?;
     Ok(())
 }
@@ -588,6 +594,7 @@ fn standby_thread(
     listener: crate::migration::Listener,
     url: String,
     mode: TakeoverMode,
+    overrides: Vec<crate::fc::NetworkOverride>,
     shared: Arc<Shared>,
     exits: Sender<Msg>,
 ) {
@@ -776,17 +783,32 @@ fn standby_thread(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .map_or(0, |t| t.elapsed().as_millis());
-    let st = state.clone();
-    let machine = match on_main(&exits, move |ctl| ctl.prepare_incoming(&st, mem, None)) {
-        Ok(Ok(m)) => m,
+    if let Err(e) = crate::control::apply_network_overrides(&mut state, &overrides, "the protected VM") {
+        return fail(format!("takeover failed: network_overrides: {e}"));
+    }
+    // The primary's TAPs and disk images: a dead process's files close as
+    // the kernel tears it down, a fenced primary lets go of them; until
+    // then opening them fails (a TAP takes one process, an image's lock
+    // one writer). Try again until they are free.
+    let machine = loop {
+        let st = state.clone();
+        let m = mem.clone();
+        match on_main(&exits, move |ctl| ctl.prepare_incoming(&st, m, None)) {
+            Ok(Ok(m)) => break m,
+            Ok(Err(e)) if decided.elapsed() < TAKEOVER_OPEN_TIMEOUT => {
+                tracing::info!("failover: takeover: {e}; trying again");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(Err(e)) => return fail(format!("takeover failed: {e}")),
+            Err(e) => return fail(format!("takeover failed: {e}")),
+        }
+    };
+    drop(mem);
+    let vm = match on_main(&exits, move |ctl| ctl.start_incoming(machine, &state)) {
+        Ok(Ok((_, vm))) => vm,
         Ok(Err(e)) => return fail(format!("takeover failed: {e}")),
         Err(e) => return fail(format!("takeover failed: {e}")),
     };
-    match on_main(&exits, move |ctl| ctl.start_incoming(machine, &state)) {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return fail(format!("takeover failed: {e}")),
-        Err(e) => return fail(format!("takeover failed: {e}")),
-    }
     let took = decided.elapsed().as_millis() as u64;
     shared.update(|i| {
         i.role = Some("primary".into());
@@ -797,6 +819,8 @@ fn standby_thread(
     eprintln!(
         "vessel: failover: {why}; TOOK OVER from epoch {applied} (checkpoint {age} ms old) in {took} ms; this VMM is the primary now, unprotected"
     );
+    // Tell the network where the guest is now (RARP, as after a migration).
+    crate::migration::announce(&vm);
 }
 
 /// `vessel protect NAME --standby URL`.

@@ -1052,6 +1052,14 @@ impl VmHandle {
         self.shared.virtio_devices().filter_map(|d| d.net_identity()).collect()
     }
 
+    /// Failover: the devices that talk to the outside world (virtio-net)
+    /// send through `gate` from now on.
+    pub fn set_output_gate(&self, gate: &Arc<crate::migration::failover::OutputGate>) {
+        for mut d in self.shared.virtio_devices() {
+            d.set_output_gate(gate.clone());
+        }
+    }
+
     /// Announce the guest's MAC addresses on their TAPs (one RARP frame
     /// each); how many went out.
     pub fn announce_network(&self) -> usize {

@@ -430,11 +430,25 @@ impl PauseStats {
     }
 }
 
-/// Output commit: what the guest writes to its console is held here while
-/// the VM is protected and released when the epoch that wrote it is
-/// acknowledged. Unprotected, it passes straight through.
+/// Output commit: what the guest sends to the outside world (its serial
+/// console's bytes, its network frames) is held here while the VM is
+/// protected and released, in the order the guest produced it, when the
+/// epoch that produced it is acknowledged. Unprotected, it passes straight
+/// through.
 pub struct OutputGate {
     inner: Mutex<Gate>,
+}
+
+/// Where one piece of held output goes.
+enum Sink {
+    Console,
+    /// A network frame, for this TAP.
+    Frame(Arc<crate::virtio::tap::Tap>),
+}
+
+struct Chunk {
+    sink: Sink,
+    data: Vec<u8>,
 }
 
 struct Gate {
@@ -442,10 +456,11 @@ struct Gate {
     holding: bool,
     /// Never release again (the primary fenced itself).
     fenced: bool,
-    held: VecDeque<u8>,
-    /// Bytes released or dropped before `held`'s first.
+    held: VecDeque<Chunk>,
+    held_bytes: u64,
+    /// Chunks released or dropped before `held`'s first.
     base: u64,
-    /// (epoch, end offset of its output), oldest first.
+    /// (epoch, end of its output as a chunk count), oldest first.
     marks: VecDeque<(u64, u64)>,
 }
 
@@ -457,6 +472,7 @@ impl Default for OutputGate {
                 holding: false,
                 fenced: false,
                 held: VecDeque::new(),
+                held_bytes: 0,
                 base: 0,
                 marks: VecDeque::new(),
             }),
@@ -474,6 +490,18 @@ impl OutputGate {
         let mut g = self.lock();
         g.out = Some(out);
         Box::new(GateWriter(self.clone()))
+    }
+
+    /// A network frame the guest transmits on `tap`: written at once, or
+    /// held until its epoch is acknowledged.
+    pub fn send_frame(&self, tap: &Arc<crate::virtio::tap::Tap>, frame: &[u8]) -> std::io::Result<()> {
+        let mut g = self.lock();
+        if g.holding {
+            g.push(Sink::Frame(tap.clone()), frame);
+            return Ok(());
+        }
+        drop(g);
+        tap.write_frame(frame).map(|_| ())
     }
 
     /// Start holding output (protection begins).
@@ -519,25 +547,75 @@ impl OutputGate {
 
     /// The link is gone and the standby may run the guest now: never
     /// release what is held (until [`OutputGate::release_all`] by the
-    /// operator).
+    /// operator). Held network frames are dropped (as a lossy link would;
+    /// TCP sends again), which also lets go of the TAP for the standby.
     pub fn fence(&self) {
         let mut g = self.lock();
         g.fenced = true;
         g.holding = true;
+        let chunks = std::mem::take(&mut g.held);
+        let mut kept = VecDeque::new();
+        let mut bytes = 0;
+        for c in chunks {
+            if matches!(c.sink, Sink::Console) {
+                bytes += c.data.len() as u64;
+                kept.push_back(c);
+            }
+        }
+        // Chunk counts change: the marks are void (nothing is released
+        // while fenced anyway).
+        g.marks.clear();
+        g.held = kept;
+        g.held_bytes = bytes;
     }
 
     pub fn held_bytes(&self) -> u64 {
-        self.lock().held.len() as u64
+        self.lock().held_bytes
     }
 }
 
 impl Gate {
+    fn push(&mut self, sink: Sink, data: &[u8]) {
+        self.held_bytes += data.len() as u64;
+        // Console bytes join the last console chunk unless an epoch mark
+        // ends there.
+        let end = self.base + self.held.len() as u64;
+        let sealed = self.marks.back().is_some_and(|&(_, o)| o == end);
+        if let (Sink::Console, Some(last), false) = (&sink, self.held.back_mut(), sealed) {
+            if matches!(last.sink, Sink::Console) {
+                last.data.extend_from_slice(data);
+                return;
+            }
+        }
+        self.held.push_back(Chunk {
+            sink,
+            data: data.to_vec(),
+        });
+    }
+
     fn emit(&mut self, n: usize) {
-        let bytes: Vec<u8> = self.held.drain(..n).collect();
+        let chunks: Vec<Chunk> = self.held.drain(..n).collect();
         self.base += n as u64;
-        if let Some(out) = &mut self.out {
-            let _ = out.write_all(&bytes);
-            let _ = out.flush();
+        let mut console = false;
+        for c in chunks {
+            self.held_bytes -= c.data.len() as u64;
+            match c.sink {
+                Sink::Console => {
+                    if let Some(out) = &mut self.out {
+                        let _ = out.write_all(&c.data);
+                        console = true;
+                    }
+                }
+                // A frame the TAP refuses now is lost, as on a wire.
+                Sink::Frame(tap) => {
+                    let _ = tap.write_frame(&c.data);
+                }
+            }
+        }
+        if console {
+            if let Some(out) = &mut self.out {
+                let _ = out.flush();
+            }
         }
     }
 }
@@ -548,7 +626,7 @@ impl Write for GateWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut g = self.0.lock();
         if g.holding {
-            g.held.extend(buf);
+            g.push(Sink::Console, buf);
             return Ok(buf.len());
         }
         match &mut g.out {

@@ -564,6 +564,11 @@ impl MmioTransport {
         self.device.net_identity()
     }
 
+    /// Failover's output gate ([`VirtioDevice::set_output_gate`]).
+    pub fn set_output_gate(&mut self, gate: std::sync::Arc<crate::migration::failover::OutputGate>) {
+        self.device.set_output_gate(gate);
+    }
+
     /// Announce the guest's MAC ([`VirtioDevice::announce`]).
     pub fn announce(&self) -> std::io::Result<()> {
         self.device.announce()

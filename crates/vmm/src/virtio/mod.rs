@@ -200,6 +200,10 @@ pub trait VirtioDevice: Send {
     fn announce(&self) -> std::io::Result<()> {
         Ok(())
     }
+    /// Failover: send what goes to the outside world through `gate`
+    /// (virtio-net's transmitted frames), so that it is held until the
+    /// epoch that produced it is acknowledged.
+    fn set_output_gate(&mut self, _gate: std::sync::Arc<crate::migration::failover::OutputGate>) {}
 }
 
 /// A host resource a device serves the guest from.
