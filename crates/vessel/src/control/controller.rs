@@ -207,6 +207,7 @@ impl Controller {
                 vm.handle
                     .reattach_backends(Duration::from_secs(10))
                     .map_err(|e| ActionError::Runtime(format!("resuming a fenced VM: {e}")))?;
+                crate::failover::release_disks(&vm.handle);
             }
             self.failover.unfence();
         }
