@@ -314,6 +314,7 @@ fn run(args: RunArgs, process_start: Instant) -> ExitCode {
             } else {
                 crate::failover::TakeoverMode::Auto
             },
+            network_overrides: Vec::new(),
         }),
         seccomp: !args.no_seccomp,
     };

@@ -20,6 +20,8 @@ use crate::migration::{on_main, Endpoint};
 
 /// How long the standby waits for the initial sync's next bytes.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a takeover tries to open the primary's TAPs and disks.
+const TAKEOVER_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most guest memory a standby accepts.
 const MAX_STANDBY_MEM: u64 = 1 << 40;
 
@@ -40,6 +42,10 @@ pub struct StandbyRequest {
     pub listen_url: String,
     #[serde(default)]
     pub takeover: TakeoverMode,
+    /// At takeover, open these TAPs instead of the primary's (as
+    /// `PUT /snapshot/load` and `PUT /migration/receive` take them).
+    #[serde(default)]
+    pub network_overrides: Vec<crate::fc::NetworkOverride>,
 }
 
 /// `PUT /failover/protect`; only `standby_url` is required.
@@ -279,17 +285,6 @@ pub fn start_protect(ctl: &mut Controller, req: ProtectRequest) -> Result<(), Ac
             "failover runs under the emu engine only for now (under kvm it has not been tested)".into(),
         ));
     }
-    if let Some(d) = cfg.disks.iter().find(|d| !d.read_only) {
-        return Err(ActionError::Unsupported(format!(
-            "cannot protect a VM with a writable disk ({}) yet: epoch-buffered disk writes are not done",
-            d.path.display()
-        )));
-    }
-    if !cfg.nets.is_empty() {
-        return Err(ActionError::Unsupported(
-            "cannot protect a VM with a network interface yet: holding its frames until the epoch is acknowledged is not done".into(),
-        ));
-    }
     if cfg.vsock.is_some() {
         return Err(ActionError::Unsupported(
             "cannot protect a VM with a vsock device yet: its streams are not held until their epoch is acknowledged"
@@ -357,6 +352,10 @@ fn primary_thread(
 ) {
     let end = primary_run(&vm, &endpoint, timing, &shared, &gate);
     vm.dirty_log().disable();
+    if matches!(end, Ok(()) | Err(LinkEnd::Closed(_))) {
+        // Nobody will take over: the held disk writes go to the images.
+        release_disks(&vm);
+    }
     match end {
         Ok(()) => {
             // The VM stopped: the standby was told not to take over.
@@ -377,6 +376,16 @@ fn primary_thread(
         }
         Err(LinkEnd::Silent(why)) => fence(&vm, &gate, &shared, &exits, &url, &why),
         Err(LinkEnd::TakenOver) => fence(&vm, &gate, &shared, &exits, &url, "the standby took over on request"),
+    }
+}
+
+/// Every held disk write to its image, and writes straight through from
+/// now on (protection ended with nobody to take over).
+pub(crate) fn release_disks(vm: &vmm::VmHandle) {
+    for (i, o) in vm.disk_overlays() {
+        if let Err(e) = o.release_all() {
+            eprintln!("vessel: failover: writing disk {i}'s held writes: {e}");
+        }
     }
 }
 
@@ -432,9 +441,11 @@ fn primary_run(
     sent += fo::write_frame(&mut w, FrameKind::Config, 0, &cfg_json).map_err(io)?;
     // The initial sync: a live migration that never switches over. Output
     // is held from here; the sync's last part is epoch 0.
+    vm.set_output_gate(gate);
     gate.hold();
     sent += stream::write_header(&mut w).map_err(stream_err)?;
     let cfg = vm.config().clone();
+    let max_epoch = fo::max_epoch_len(cfg.mem_size);
     sent += stream::write_message(
         &mut w,
         &Message::Hello(Hello {
@@ -448,7 +459,21 @@ fn primary_run(
     let before = sent;
     sent += fo::send_all_pages(vm, &mut w, &mut |n| shared.update(|i| i.checkpoint_bytes = before + n))
         .map_err(stream_err)?;
-    let first = fo::capture(vm, || gate.mark(0)).map_err(|e| LinkEnd::Closed(e.to_string()))?;
+    // Disk writes are held from epoch 0's pause on (what came before is
+    // in the images, under the state epoch 0 carries).
+    let overlays = vm.disk_overlays();
+    let mut started = Ok(());
+    let first = fo::capture(vm, || {
+        gate.mark(0);
+        for (_, o) in &overlays {
+            if let Err(e) = o.start() {
+                started = Err(e);
+            }
+        }
+    })
+    .map_err(|e| LinkEnd::Closed(e.to_string()))?;
+    started.map_err(|e| LinkEnd::Closed(format!("making the disks durable: {e}")))?;
+    let committed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     shared.pauses.lock().unwrap_or_else(|e| e.into_inner()).add(first.pause);
     w.write_all(&first.payload).map_err(io)?;
     w.flush().map_err(io)?;
@@ -460,6 +485,8 @@ fn primary_run(
     {
         let shared = shared.clone();
         let gate = gate.clone();
+        let overlays = overlays.clone();
+        let committed = committed.clone();
         let _ = reader.set_read_timeout(timeout);
         std::thread::Builder::new()
             .name("failover-acks".into())
@@ -470,6 +497,12 @@ fn primary_run(
                         Ok(f) => match f.kind {
                             FrameKind::Ack => {
                                 gate.release(f.epoch);
+                                for (i, o) in &overlays {
+                                    if let Err(e) = o.commit(f.epoch) {
+                                        tracing::error!("failover: writing disk {i}'s epoch {}: {e}", f.epoch);
+                                    }
+                                }
+                                committed.store(f.epoch, Ordering::Release);
                                 shared.checkpoint_now();
                                 shared.update(|i| {
                                     if i.status == Status::Syncing {
@@ -522,9 +555,24 @@ fn primary_run(
             return Ok(());
         }
         let now = Instant::now();
+        if overlays.iter().any(|(_, o)| o.wants_epoch()) {
+            // An epoch's disk writes reached their bound: end it now.
+            next_epoch = now;
+        }
         if now >= next_epoch {
             epoch += 1;
-            let c = match fo::capture(vm, || gate.mark(epoch)) {
+            let mut disk_ops = Vec::new();
+            for (_, o) in &overlays {
+                o.set_pausing(true);
+            }
+            let captured = fo::capture(vm, || {
+                gate.mark(epoch);
+                disk_ops = overlays.iter().map(|(i, o)| (*i, o.seal(epoch))).collect();
+            });
+            for (_, o) in &overlays {
+                o.set_pausing(false);
+            }
+            let c = match captured {
                 Ok(c) => c,
                 Err(_) if vm.stopped() => continue,
                 Err(e) => {
@@ -535,6 +583,19 @@ fn primary_run(
                 }
             };
             shared.pauses.lock().unwrap_or_else(|e| e.into_inner()).add(c.pause);
+            if !overlays.is_empty() {
+                let writes = fo::encode_disk_writes(committed.load(Ordering::Acquire), &disk_ops);
+                if writes.len() as u64 > fo::max_disk_writes_len(max_epoch) {
+                    let why = format!(
+                        "epoch {epoch} wrote {} MiB to disk, more than a checkpoint carries",
+                        writes.len() >> 20
+                    );
+                    let _ = fo::write_frame(&mut w, FrameKind::Error, epoch, why.as_bytes());
+                    let _ = w.flush();
+                    return Err(LinkEnd::Closed(why));
+                }
+                sent += fo::write_frame(&mut w, FrameKind::DiskWrites, epoch, &writes).map_err(|e| verdict(io(e)))?;
+            }
             sent += fo::write_frame(&mut w, FrameKind::Epoch, epoch, &c.payload).map_err(|e| verdict(io(e)))?;
             w.flush().map_err(|e| verdict(io(e)))?;
             shared.update(|i| i.checkpoint_bytes = sent);
@@ -556,6 +617,9 @@ fn primary_run(
 /// primary's checkpoints on a thread of its own.
 pub fn start_standby(ctl: &mut Controller, req: StandbyRequest) -> Result<(), ActionError> {
     let endpoint = Endpoint::parse(&req.listen_url).map_err(ActionError::InvalidConfig)?;
+    for o in &req.network_overrides {
+        crate::fc::check_id("iface_id", &o.iface_id).map_err(ActionError::InvalidConfig)?;
+    }
     ctl.check_fresh("standing by")?;
     if ctl.migration.active() {
         return Err(ActionError::Runtime("a migration is in progress".into()));
@@ -577,9 +641,10 @@ pub fn start_standby(ctl: &mut Controller, req: StandbyRequest) -> Result<(), Ac
     let exits = ctl.exits();
     let url = req.listen_url.clone();
     let mode = req.takeover;
+    let overrides = req.network_overrides;
     std::thread::Builder::new()
         .name("failover-standby".into())
-        .spawn(move || standby_thread(listener, url, mode, shared, exits))
+        .spawn(move || standby_thread(listener, url, mode, overrides, shared, exits))
         .map_err(|e| ActionError::Runtime(format!("cannot start the failover thread: {e}")))?;
     Ok(())
 }
@@ -588,6 +653,7 @@ fn standby_thread(
     listener: crate::migration::Listener,
     url: String,
     mode: TakeoverMode,
+    overrides: Vec<crate::fc::NetworkOverride>,
     shared: Arc<Shared>,
     exits: Sender<Msg>,
 ) {
@@ -662,6 +728,13 @@ fn standby_thread(
     let _ = r.get_ref().set_read_timeout(timeout);
     let _ = writer.set_write_timeout(timeout);
     let max_epoch = fo::max_epoch_len(mem_size);
+    // Disk writes: those of the next epoch (kept only if it is applied),
+    // and those of applied epochs the primary has not written to the
+    // images yet, oldest first, with their size.
+    let mut next_writes: Option<(u64, fo::DiskWrites)> = None;
+    let mut held_writes: std::collections::VecDeque<(u64, Vec<(u32, fo::DiskOp)>)> = Default::default();
+    let mut held_bytes = 0u64;
+    let max_held = 8 * fo::max_disk_writes_len(max_epoch);
     let why = loop {
         if shared.takeover_now.load(Ordering::Acquire) {
             break "forced (PUT /failover/takeover)".to_string();
@@ -682,6 +755,19 @@ fn standby_thread(
                         Ok(s) => state = s,
                         Err(e) => return fail(format!("applying epoch {}: {e}", f.epoch)),
                     }
+                    if let Some((e, w)) = next_writes.take() {
+                        // The epoch is applied: its disk writes are kept;
+                        // what the primary wrote to the images is dropped.
+                        if e == f.epoch {
+                            held_bytes += ops_bytes(&w.ops);
+                            held_writes.push_back((e, w.ops));
+                        }
+                        while held_writes.front().is_some_and(|&(e, _)| e <= w.committed_through) {
+                            if let Some((_, ops)) = held_writes.pop_front() {
+                                held_bytes = held_bytes.saturating_sub(ops_bytes(&ops));
+                            }
+                        }
+                    }
                     applied = f.epoch;
                     shared.checkpoint_now();
                     shared.update(|i| {
@@ -691,6 +777,30 @@ fn standby_thread(
                     });
                     if let Err(e) = fo::write_frame(&mut writer, FrameKind::Ack, f.epoch, &[]) {
                         break format!("acknowledging epoch {}: {e}", f.epoch);
+                    }
+                }
+                FrameKind::DiskWrites => {
+                    bytes += f.payload.len() as u64 + 32;
+                    let checked = fo::parse_disk_writes(&f.payload, state.config.disks.len()).and_then(|w| {
+                        let size = ops_bytes(&w.ops);
+                        if held_bytes + size > max_held {
+                            return Err(FailoverError::Malformed(
+                                "disk-writes",
+                                format!(
+                                    "{} MiB of disk writes held for the primary, which has not written them",
+                                    (held_bytes + size) >> 20
+                                ),
+                            ));
+                        }
+                        Ok(w)
+                    });
+                    match checked {
+                        Ok(w) => next_writes = Some((f.epoch, w)),
+                        Err(e) => {
+                            let why = format!("the disk writes of epoch {} refused, discarded: {e}", f.epoch);
+                            let _ = fo::write_frame(&mut writer, FrameKind::Error, f.epoch, why.as_bytes());
+                            return fail(why);
+                        }
                     }
                 }
                 FrameKind::Heartbeat => {
@@ -776,17 +886,43 @@ fn standby_thread(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .map_or(0, |t| t.elapsed().as_millis());
-    let st = state.clone();
-    let machine = match on_main(&exits, move |ctl| ctl.prepare_incoming(&st, mem, None)) {
-        Ok(Ok(m)) => m,
+    if let Err(e) = crate::control::apply_network_overrides(&mut state, &overrides, "the protected VM") {
+        return fail(format!("takeover failed: network_overrides: {e}"));
+    }
+    // The primary's TAPs and disk images: a dead process's files close as
+    // the kernel tears it down, a fenced primary lets go of them; until
+    // then opening them fails (a TAP takes one process, an image's lock
+    // one writer). Try again until they are free.
+    // The held disk writes of the applied epochs go to the images first
+    // (a half-received epoch's were never kept).
+    let ops: Vec<(u32, fo::DiskOp)> = held_writes.into_iter().flat_map(|(_, ops)| ops).collect();
+    let machine = loop {
+        if let Err(e) = fo::write_held_disk_ops(&state.config, &ops) {
+            if decided.elapsed() < TAKEOVER_OPEN_TIMEOUT {
+                tracing::info!("failover: takeover: {e}; trying again");
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            return fail(format!("takeover failed: the held disk writes: {e}"));
+        }
+        let st = state.clone();
+        let m = mem.clone();
+        match on_main(&exits, move |ctl| ctl.prepare_incoming(&st, m, None)) {
+            Ok(Ok(m)) => break m,
+            Ok(Err(e)) if decided.elapsed() < TAKEOVER_OPEN_TIMEOUT => {
+                tracing::info!("failover: takeover: {e}; trying again");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(Err(e)) => return fail(format!("takeover failed: {e}")),
+            Err(e) => return fail(format!("takeover failed: {e}")),
+        }
+    };
+    drop(mem);
+    let vm = match on_main(&exits, move |ctl| ctl.start_incoming(machine, &state)) {
+        Ok(Ok((_, vm))) => vm,
         Ok(Err(e)) => return fail(format!("takeover failed: {e}")),
         Err(e) => return fail(format!("takeover failed: {e}")),
     };
-    match on_main(&exits, move |ctl| ctl.start_incoming(machine, &state)) {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return fail(format!("takeover failed: {e}")),
-        Err(e) => return fail(format!("takeover failed: {e}")),
-    }
     let took = decided.elapsed().as_millis() as u64;
     shared.update(|i| {
         i.role = Some("primary".into());
@@ -797,6 +933,18 @@ fn standby_thread(
     eprintln!(
         "vessel: failover: {why}; TOOK OVER from epoch {applied} (checkpoint {age} ms old) in {took} ms; this VMM is the primary now, unprotected"
     );
+    // Tell the network where the guest is now (RARP, as after a migration).
+    crate::migration::announce(&vm);
+}
+
+/// Bytes of data in held disk writes.
+fn ops_bytes(ops: &[(u32, fo::DiskOp)]) -> u64 {
+    ops.iter()
+        .map(|(_, op)| match op {
+            fo::DiskOp::Write { data, .. } => data.len() as u64 + 24,
+            fo::DiskOp::Zero { .. } => 24,
+        })
+        .sum()
 }
 
 /// `vessel protect NAME --standby URL`.

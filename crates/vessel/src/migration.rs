@@ -610,7 +610,7 @@ fn receive_thread(
 /// announce-self does with its defaults: a RARP frame from each NIC's MAC,
 /// five times, after gaps of 50, 150, 250 and 350 ms, so that switches and
 /// bridges learn where the guest is now even if a frame is lost.
-fn announce(vm: &vmm::VmHandle) {
+pub(crate) fn announce(vm: &vmm::VmHandle) {
     const ROUNDS: u64 = 5;
     for round in 0..ROUNDS {
         if vm.stopped() || vm.announce_network() == 0 {

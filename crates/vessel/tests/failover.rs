@@ -4,7 +4,9 @@
 //! over and the two consoles read as one run. The standby killed: the
 //! primary runs on unprotected. The link cut with both alive: the primary
 //! fences itself and the standby takes over, still one run. A corrupt
-//! epoch: discarded, never applied, and nobody takes over.
+//! epoch: discarded, never applied, and nobody takes over. The network: a
+//! TCP client through a TAP loses no acknowledged increment across a
+//! SIGKILL. The disk: every record reported synced is in the image.
 
 mod common;
 
@@ -387,8 +389,8 @@ fn protect_refuses_what_it_cannot_hold_back() {
     let s = Scratch::new("fo-refuse");
     let run_dir = s.0.join("run");
     let _reaper = Reaper(run_dir.clone());
-    let disk = s.blank("data.raw", 1 << 20);
-    launch(detached(&run_dir, "pri", "128M", COUNTER).args(["--disk", &disk_arg(&disk, "")]));
+    let console = s.0.join("hvc0.log");
+    launch(detached(&run_dir, "pri", "128M", COUNTER).args(["--console-output", &console.display().to_string()]));
     wait_line(&run_dir, "pri", "LINE1", Duration::from_secs(180));
     let r = vm_api(
         &run_dir,
@@ -398,7 +400,374 @@ fn protect_refuses_what_it_cannot_hold_back() {
         Some(r#"{"standby_url": "unix:/nonexistent.sock"}"#),
     );
     assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.body.contains("writable disk"), "{}", r.body);
+    assert!(r.body.contains("virtio-console"), "{}", r.body);
     let r = vm_api(&run_dir, "pri", "PUT", "/failover/takeover", None);
     assert_eq!(r.status, 400, "{}", r.body);
+}
+
+/// `ip ARGS`, which must succeed (the network test needs root and iproute2).
+fn ip(args: &[&str]) {
+    let o = std::process::Command::new("ip")
+        .args(args)
+        .timed_output()
+        .expect("ip (iproute2) is needed for this test");
+    assert!(
+        o.status.success(),
+        "ip {args:?}: {} (this test needs root: CAP_NET_ADMIN for the namespace and the tap)",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A network namespace holding one persistent TAP with the host's end of
+/// a /24, removed when dropped.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(tag: &str, tap: &str, host_ip: &str) -> NetNs {
+        let name = format!("vessel-{tag}-{}", std::process::id());
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .timed_output();
+        ip(&["netns", "add", &name]);
+        let ns = NetNs(name.clone());
+        ip(&["-n", &name, "tuntap", "add", tap, "mode", "tap"]);
+        ip(&["-n", &name, "addr", "add", host_ip, "dev", tap]);
+        ip(&["-n", &name, "link", "set", tap, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Run `f` on a thread inside the namespace (its sockets live there).
+    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("netns file");
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: setns on a namespace fd we opened; it changes only
+            // this thread's network namespace.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// `c` (a `vessel` command) run inside the namespace.
+    fn wrap(&self, c: &std::process::Command) -> std::process::Command {
+        let mut n = std::process::Command::new("ip");
+        n.args(["netns", "exec", &self.0])
+            .arg(c.get_program())
+            .args(c.get_args());
+        for (k, v) in c.get_envs() {
+            if let Some(v) = v {
+                n.env(k, v);
+            }
+        }
+        n.stdin(Stdio::null());
+        n
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .timed_output();
+    }
+}
+
+/// RARP frames from `mac` seen on the namespace's `tap` until `stop`: an
+/// AF_PACKET socket bound to the TAP sees what a VMM writes into it.
+fn count_rarp(tap: &str, mac: [u8; 6], stop: Arc<AtomicBool>) -> usize {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const ETH_P_RARP: u16 = 0x8035;
+    // SAFETY: socket(2) with constant arguments; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(ETH_P_RARP.to_be())) };
+    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor only this owner closes.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let name = std::ffi::CString::new(tap).unwrap();
+    // SAFETY: a NUL-terminated interface name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(index > 0, "no interface {tap}");
+    // SAFETY: sockaddr_ll is plain data; zeroes are a valid start.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = ETH_P_RARP.to_be();
+    addr.sll_ifindex = index as i32;
+    // SAFETY: bind with a sockaddr_ll of the size given.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: SO_RCVTIMEO takes a timeval of the size given.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let mut seen = 0;
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Acquire) {
+        // SAFETY: recv into `buf`, which is buf.len() long.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 42 {
+            let f = &buf[..n as usize];
+            if f[6..12] == mac && f[12..14] == ETH_P_RARP.to_be_bytes() && f[20..22] == [0, 3] && f[22..28] == mac {
+                seen += 1;
+            }
+        }
+    }
+    seen
+}
+
+/// The network: a TCP client on the host (in a namespace, through a TAP)
+/// keeps incrementing a counter the guest serves (one request line, one
+/// answer line: the new value). SIGKILL of the primary at a random moment:
+/// the standby opens the same TAP, announces the guest (RARP), and the
+/// client's connection carries on with every answer exactly one more than
+/// the last it saw, so no increment it saw acknowledged was lost (the
+/// primary's answers were held until their epoch was acknowledged).
+#[test]
+fn sigkill_of_the_primary_a_tcp_counter_client_carries_on_with_nothing_lost() {
+    let _turn = turn();
+    let s = Scratch::new("fo-net");
+    let run_dir = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
+    let ns = NetNs::new("fo", "ftap0", "10.79.0.1/24");
+    let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x58];
+    let work = "ip addr add 10.79.0.2/24 dev eth0 && ip link set eth0 up && \
+                printf 'n=0; while read l; do n=$((n+1)); echo $n; done\\n' > /tmp/counter.sh && \
+                echo NET-UP && nc -l -p 5000 -e sh /tmp/counter.sh; echo NC-ENDED; sleep 1000000";
+    let pri = detached(&run_dir, "pri", "128M", work);
+    launch(ns.wrap(&pri).args(["--net", "tap=ftap0,mac=52:54:00:12:34:58"]));
+    let url = format!("unix:{}", s.0.join("fo.sock").display());
+    let mut sby = runtime_cmd(&run_dir);
+    sby.args(["run", "--detach", "--name", "sby", "--standby", &url]);
+    launch(&mut ns.wrap(&sby));
+    wait_status(&run_dir, "sby", "waiting", Duration::from_secs(10));
+    wait_log(&run_dir, "pri", "NET-UP", Duration::from_secs(180));
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        ns.spawn(move || -> Result<u64, String> {
+            let start = Instant::now();
+            let conn = loop {
+                match std::net::TcpStream::connect("10.79.0.2:5000") {
+                    Ok(c) => break c,
+                    Err(e) if start.elapsed() > Duration::from_secs(60) => {
+                        return Err(format!("cannot connect to the guest: {e}"))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            };
+            conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut w = conn.try_clone().unwrap();
+            let mut r = std::io::BufReader::new(conn);
+            let mut last = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                w.write_all(b"inc\n").map_err(|e| format!("after {last}: {e}"))?;
+                let mut line = String::new();
+                let n = std::io::BufRead::read_line(&mut r, &mut line).map_err(|e| format!("after {last}: {e}"))?;
+                if n == 0 {
+                    return Err(format!("the connection ended after {last}"));
+                }
+                let v: u64 = line
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("after {last}: a bad answer {line:?}"))?;
+                if v != last + 1 {
+                    return Err(format!(
+                        "the counter answered {v} after {last}: an increment lost or repeated"
+                    ));
+                }
+                last = v;
+                acked.store(last, Ordering::Release);
+            }
+            Ok(last)
+        })
+    };
+    let wait_for = |what: &str, n: u64, client: &std::thread::JoinHandle<Result<u64, String>>| {
+        let start = Instant::now();
+        while acked.load(Ordering::Acquire) < n {
+            if client.is_finished() {
+                return false;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "the counter stalled before {what}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    };
+    let logs = |run_dir: &Path| {
+        format!(
+            "pri console:\n{}\nsby console:\n{}\nsby log:\n{}",
+            console_log(run_dir, "pri"),
+            console_log(run_dir, "sby"),
+            std::fs::read_to_string(run_dir.join("sby").join("vmm.log")).unwrap_or_default()
+        )
+    };
+    if !wait_for("protection", 20, &client) {
+        panic!("the client stopped: {:?}\n{}", client.join(), logs(&run_dir));
+    }
+    protect(&run_dir, &url);
+    let protected_at = acked.load(Ordering::Acquire);
+    // Answers go on while protected (released as epochs are acknowledged).
+    if !wait_for("the kill", protected_at + 20, &client) {
+        panic!("the client stopped: {:?}\n{}", client.join(), logs(&run_dir));
+    }
+    let rarp = {
+        let stop = stop.clone();
+        ns.spawn(move || count_rarp("ftap0", mac, stop))
+    };
+    std::thread::sleep(Duration::from_millis(random_below(2000)));
+    sigkill(&run_dir, "pri");
+    let at_kill = acked.load(Ordering::Acquire);
+    let f = wait_status(&run_dir, "sby", "took-over", Duration::from_secs(30));
+    eprintln!("took over: {f}");
+    let went_on = wait_for("the end", at_kill + 30, &client);
+    stop.store(true, Ordering::Release);
+    let last = client
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&run_dir)));
+    assert!(went_on, "the client stopped at {last}");
+    eprintln!("counter: {protected_at} when protected, {at_kill} at the SIGKILL, {last} in all");
+    assert!(!console_log(&run_dir, "sby").contains("NC-ENDED"), "{}", logs(&run_dir));
+    let rarps = rarp.join().unwrap();
+    assert!(
+        rarps >= 1,
+        "the standby announced nothing (no RARP from the guest's MAC)"
+    );
+    eprintln!("{rarps} RARP announcements seen");
+}
+
+/// The highest SYNCEDn in a console log.
+fn last_synced(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| l.trim().strip_prefix("SYNCED")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// `PROGRAM ARGS` (e2fsprogs), which must be there; its output.
+fn tool(program: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(program)
+        .args(args)
+        .timed_output()
+        .unwrap_or_else(|e| panic!("{program} (e2fsprogs) is needed for this test: {e}"))
+}
+
+/// The disk: the guest appends numbered records to a file on an ext4
+/// virtio-blk disk, fsyncs each and then reports it (SYNCEDn) on its
+/// console. SIGKILL of the primary at a random moment; the standby writes
+/// the held writes of the epochs it applied to the image, takes over and
+/// appends on. Afterwards (the standby killed too) the file in the image
+/// holds REC1..RECn with no gap or repeat, and n covers every record
+/// either console reported as synced.
+#[test]
+fn sigkill_of_the_primary_the_disk_holds_every_record_reported_synced() {
+    let _turn = turn();
+    let s = Scratch::new("fo-disk");
+    let run_dir = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
+    let image = s.blank("data.ext4", 64 << 20);
+    let o = tool("mkfs.ext4", &["-q", "-F", &image.display().to_string()]);
+    assert!(o.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&o.stderr));
+    let work = "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo MOUNTED && \
+                i=0; while true; do i=$((i+1)); echo REC$i >> /mnt/recs && sync /mnt/recs && echo SYNCED$i; \
+                sleep 0.05; done";
+    launch(detached(&run_dir, "pri", "128M", work).args(["--disk", &disk_arg(&image, "")]));
+    let url = format!("unix:{}", s.0.join("fo.sock").display());
+    let o = runtime_cmd(&run_dir)
+        .args(["run", "--detach", "--name", "sby", "--standby", &url])
+        .stdin(Stdio::null())
+        .timed_output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_status(&run_dir, "sby", "waiting", Duration::from_secs(10));
+    wait_line(&run_dir, "pri", "SYNCED3", Duration::from_secs(180));
+    protect(&run_dir, &url);
+    let at_protect = last_synced(&console_log(&run_dir, "pri"));
+    // Records go on being synced and reported while protected.
+    wait_line(
+        &run_dir,
+        "pri",
+        &format!("SYNCED{}", at_protect + 5),
+        Duration::from_secs(60),
+    );
+    std::thread::sleep(Duration::from_millis(random_below(2000)));
+    sigkill(&run_dir, "pri");
+    let f = wait_status(&run_dir, "sby", "took-over", Duration::from_secs(30));
+    eprintln!("took over: {f}");
+    let primary = console_log(&run_dir, "pri");
+    let pri_last = last_synced(&primary);
+    wait_line(
+        &run_dir,
+        "sby",
+        &format!("SYNCED{}", pri_last + 10),
+        Duration::from_secs(60),
+    );
+    let sby_pid = vm_pid(&run_dir, "sby");
+    sigkill(&run_dir, "sby");
+    // Until its files are closed (a dead process's, before it is reaped).
+    let start = Instant::now();
+    while std::fs::read_dir(format!("/proc/{sby_pid}/fd")).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(start.elapsed() < Duration::from_secs(10), "the standby did not die");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let standby = console_log(&run_dir, "sby");
+    let reported = pri_last.max(last_synced(&standby));
+    // The image as the kernel left it (the guest's journal replayed on a
+    // copy), then the file.
+    let copy = s.0.join("check.ext4");
+    std::fs::copy(&image, &copy).unwrap();
+    let copy = copy.display().to_string();
+    let fsck = tool("e2fsck", &["-fy", &copy]);
+    assert!(
+        fsck.status.code().is_some_and(|c| c <= 1),
+        "e2fsck: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    let cat = tool("debugfs", &["-R", "cat /recs", &copy]);
+    assert!(
+        cat.status.success(),
+        "debugfs: {}",
+        String::from_utf8_lossy(&cat.stderr)
+    );
+    let recs: Vec<u64> = String::from_utf8_lossy(&cat.stdout)
+        .lines()
+        .map(|l| {
+            l.trim()
+                .strip_prefix("REC")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("a bad record {l:?}"))
+        })
+        .collect();
+    let want: Vec<u64> = (1..=recs.len() as u64).collect();
+    assert_eq!(recs, want, "records lost, repeated or out of order");
+    eprintln!(
+        "records: {at_protect} synced when protected, {pri_last} reported by the primary, {reported} in all reported, {} in the image",
+        recs.len()
+    );
+    assert!(
+        recs.len() as u64 >= reported,
+        "the image holds {} records, but SYNCED{reported} was reported\n{primary}\n---\n{standby}",
+        recs.len()
+    );
 }

@@ -1052,6 +1052,26 @@ impl VmHandle {
         self.shared.virtio_devices().filter_map(|d| d.net_identity()).collect()
     }
 
+    /// Failover: the devices that talk to the outside world (virtio-net)
+    /// send through `gate` from now on.
+    pub fn set_output_gate(&self, gate: &Arc<crate::migration::failover::OutputGate>) {
+        for mut d in self.shared.virtio_devices() {
+            d.set_output_gate(gate.clone());
+        }
+    }
+
+    /// Failover: each writable disk's overlay of held writes, with the
+    /// disk's index in the configuration (disks come first in window
+    /// order).
+    pub fn disk_overlays(&self) -> Vec<(u32, Arc<virtio::epoch_overlay::EpochOverlay>)> {
+        self.shared
+            .virtio_devices()
+            .enumerate()
+            .take(self.shared.config.disks.len())
+            .filter_map(|(i, d)| d.epoch_overlay().map(|o| (i as u32, o)))
+            .collect()
+    }
+
     /// Announce the guest's MAC addresses on their TAPs (one RARP frame
     /// each); how many went out.
     pub fn announce_network(&self) -> usize {

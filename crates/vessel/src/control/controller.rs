@@ -201,7 +201,14 @@ impl Controller {
             ));
         }
         if action == VmmAction::Resume && self.failover.fenced() {
-            // The operator knows the standby is dead: run alone.
+            // The operator knows the standby is dead: run alone, with the
+            // TAPs and disks the fence let go of.
+            if let Some(vm) = &self.vm {
+                vm.handle
+                    .reattach_backends(Duration::from_secs(10))
+                    .map_err(|e| ActionError::Runtime(format!("resuming a fenced VM: {e}")))?;
+                crate::failover::release_disks(&vm.handle);
+            }
             self.failover.unfence();
         }
         let empty = Ok(VmmData::Empty);
@@ -568,6 +575,11 @@ impl Controller {
     pub(crate) fn fence_pause(&mut self, vm: &vmm::VmHandle) -> bool {
         if !vm.pause(PAUSE_TIMEOUT) {
             return false;
+        }
+        // Let go of the TAPs and disk images, so that the standby can
+        // open them when it takes over.
+        if let Err(e) = vm.release_backends() {
+            eprintln!("vessel: failover: fenced, but cannot let go of the host resources: {e}");
         }
         if self.state == VmState::Running {
             self.state = VmState::Paused;

@@ -23,6 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use super::stream::{self, Message, PageBatch, PageBatchBuilder, StreamError, PAGE_SIZE};
 use crate::machine::VmHandle;
 use crate::persist::MachineState;
+pub use crate::virtio::epoch_overlay::{DiskOp, EPOCH_WRITE_LIMIT};
 
 const FRAME_HEADER_LEN: usize = 24;
 const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_ECMA_182);
@@ -49,6 +50,10 @@ pub enum FrameKind {
     /// Standby → primary: the standby takes over now (forced); the
     /// primary must stop (it fences itself).
     Takeover = 7,
+    /// Primary → standby, just before the epoch of the same number: the
+    /// disk writes the guest made in it ([`DiskWrites`]). Kept only if
+    /// that epoch is applied.
+    DiskWrites = 8,
 }
 
 impl FrameKind {
@@ -61,6 +66,7 @@ impl FrameKind {
             5 => FrameKind::Error,
             6 => FrameKind::End,
             7 => FrameKind::Takeover,
+            8 => FrameKind::DiskWrites,
             _ => return None,
         })
     }
@@ -74,6 +80,7 @@ impl FrameKind {
             FrameKind::Error => "error",
             FrameKind::End => "end",
             FrameKind::Takeover => "takeover",
+            FrameKind::DiskWrites => "disk-writes",
         }
     }
 }
@@ -137,6 +144,153 @@ pub fn max_epoch_len(mem_size: u64) -> u64 {
     pages * (8 + PAGE_SIZE) + batches * (4 + 16) + crate::persist::MAX_PAYLOAD + 32 + 16
 }
 
+/// The largest disk-writes frame next to epochs of at most `max_epoch`
+/// bytes: an epoch's writes stop at [`EPOCH_WRITE_LIMIT`] but for the
+/// requests in flight when the checkpoint pauses, which the guest's
+/// memory bounds.
+pub fn max_disk_writes_len(max_epoch: u64) -> u64 {
+    max_epoch.saturating_add(2 * EPOCH_WRITE_LIMIT)
+}
+
+/// One epoch's disk writes, as the standby receives them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DiskWrites {
+    /// The primary has written every epoch up to this one to the images
+    /// (the standby may forget their writes).
+    pub committed_through: u64,
+    /// (disk index in the machine's configuration, write), in order.
+    pub ops: Vec<(u32, DiskOp)>,
+}
+
+const OP_WRITE: u8 = 1;
+const OP_ZERO: u8 = 2;
+/// The largest zeroed range one op may name (a disk of 1 PiB).
+const MAX_ZERO_LEN: u64 = 1 << 50;
+
+/// A disk-writes payload: `committed_through` u64, then per write: disk
+/// u32, kind u8 (1 data, 2 zeroes), 3 zero bytes, offset u64, length u64,
+/// and for data the bytes.
+pub fn encode_disk_writes(committed_through: u64, disks: &[(u32, Vec<DiskOp>)]) -> Vec<u8> {
+    let mut out = committed_through.to_le_bytes().to_vec();
+    for (disk, ops) in disks {
+        for op in ops {
+            out.extend_from_slice(&disk.to_le_bytes());
+            match op {
+                DiskOp::Write { offset, data } => {
+                    out.extend_from_slice(&[OP_WRITE, 0, 0, 0]);
+                    out.extend_from_slice(&offset.to_le_bytes());
+                    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+                    out.extend_from_slice(data);
+                }
+                DiskOp::Zero { offset, len } => {
+                    out.extend_from_slice(&[OP_ZERO, 0, 0, 0]);
+                    out.extend_from_slice(&offset.to_le_bytes());
+                    out.extend_from_slice(&len.to_le_bytes());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Check a disk-writes payload: every write names one of the machine's
+/// `disks`, a range that does not overflow, and for data, bytes that are
+/// there. The disks' sizes are checked when the writes are carried out.
+pub fn parse_disk_writes(payload: &[u8], disks: usize) -> Result<DiskWrites, FailoverError> {
+    let bad = |why: String| FailoverError::Malformed("disk-writes", why);
+    let take = |r: &mut &[u8], n: usize| -> Result<Vec<u8>, FailoverError> {
+        if r.len() < n {
+            return Err(FailoverError::Malformed("disk-writes", "cut short".into()));
+        }
+        let (a, b) = r.split_at(n);
+        *r = b;
+        Ok(a.to_vec())
+    };
+    let u64_of = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    let mut r = payload;
+    let committed_through = u64_of(&take(&mut r, 8)?);
+    let mut ops = Vec::new();
+    while !r.is_empty() {
+        let head = take(&mut r, 24)?;
+        let disk = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
+        if disk as usize >= disks {
+            return Err(bad(format!("a write to disk {disk} of a machine with {disks}")));
+        }
+        if head[5..8] != [0; 3] {
+            return Err(bad("reserved bytes are not zero".into()));
+        }
+        let offset = u64_of(&head[8..16]);
+        let len = u64_of(&head[16..24]);
+        if offset.checked_add(len).is_none() {
+            return Err(bad(format!("a write of {len} bytes at {offset:#x} overflows")));
+        }
+        let op = match head[4] {
+            OP_WRITE => {
+                if len > r.len() as u64 {
+                    return Err(bad(format!("a write of {len} bytes with {} left", r.len())));
+                }
+                DiskOp::Write {
+                    offset,
+                    data: take(&mut r, len as usize)?,
+                }
+            }
+            OP_ZERO if len <= MAX_ZERO_LEN => DiskOp::Zero { offset, len },
+            OP_ZERO => return Err(bad(format!("zeroes over {len} bytes"))),
+            k => return Err(bad(format!("unknown write kind {k}"))),
+        };
+        ops.push((disk, op));
+    }
+    Ok(DiskWrites { committed_through, ops })
+}
+
+/// At takeover, before the guest resumes: carry out the held writes of
+/// the applied epochs on the machine's disk images (idempotent with
+/// whatever the primary wrote of them) and make them durable. Fails while
+/// another process holds an image's lock (the primary not yet gone).
+pub fn write_held_disk_ops(cfg: &crate::machine::MachineConfig, ops: &[(u32, DiskOp)]) -> Result<(), String> {
+    let mut open: Vec<Option<Box<dyn disk::BlockBackend>>> = (0..cfg.disks.len()).map(|_| None).collect();
+    for (i, op) in ops {
+        let d = cfg
+            .disks
+            .get(*i as usize)
+            .ok_or_else(|| format!("a held write to disk {i}, which the machine does not have"))?;
+        if open[*i as usize].is_none() {
+            let b = disk::open_with(
+                &d.path,
+                &disk::OpenOptions {
+                    read_only: d.read_only,
+                    format: d.format,
+                },
+                &disk::BackingRules {
+                    allow_absolute_backing: d.allow_absolute_backing,
+                },
+            )
+            .map_err(|e| format!("disk {e}"))?;
+            open[*i as usize] = Some(b);
+        }
+        let b = open[*i as usize].as_deref().expect("opened above");
+        let (offset, len) = match op {
+            DiskOp::Write { offset, data } => (*offset, data.len() as u64),
+            DiskOp::Zero { offset, len } => (*offset, *len),
+        };
+        if offset.checked_add(len).is_none_or(|end| end > b.size()) {
+            return Err(format!(
+                "a held write of {len} bytes at {offset:#x} lies outside disk {i} ({})",
+                d.path.display()
+            ));
+        }
+        op.apply(b)
+            .map_err(|e| format!("writing to {}: {e}", d.path.display()))?;
+    }
+    for (i, b) in open.iter().enumerate() {
+        if let Some(b) = b {
+            b.flush()
+                .map_err(|e| format!("flushing {}: {e}", cfg.disks[i].path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Read one frame, checked; `max_epoch` bounds an epoch's payload. The
 /// payload grows only as its bytes arrive, so a lying length allocates
 /// no more than the peer really sent.
@@ -154,6 +308,7 @@ pub fn read_frame(r: &mut impl Read, max_epoch: u64) -> Result<Frame, FailoverEr
     let len = u64::from_le_bytes(head[12..20].try_into().expect("8 bytes"));
     let max = match kind {
         FrameKind::Epoch => max_epoch,
+        FrameKind::DiskWrites => max_disk_writes_len(max_epoch),
         FrameKind::Config | FrameKind::Error => SMALL_MAX,
         FrameKind::Ack | FrameKind::Heartbeat | FrameKind::End | FrameKind::Takeover => 0,
     };
@@ -268,16 +423,30 @@ pub fn apply_epoch(mem: &GuestMemoryMmap, epoch: CheckedEpoch) -> Result<Machine
 }
 
 /// The fuzz target's entry: a standby's reader over arbitrary bytes, with
-/// 32 MiB of guest memory: frames, and each epoch checked and applied.
+/// 32 MiB of guest memory and two disks: frames, each epoch checked and
+/// applied, each disk-writes frame parsed.
 pub fn fuzz_standby(data: &[u8]) {
     let size = crate::memory::MIN_MEM;
     let Ok(mem) = crate::memory::create(size) else { return };
     let mut r = data;
     while let Ok(f) = read_frame(&mut r, max_epoch_len(size)) {
-        if f.kind == FrameKind::Epoch {
-            if let Ok(e) = check_epoch(&f.payload, &mem, size, 1) {
-                let _ = apply_epoch(&mem, e);
+        match f.kind {
+            FrameKind::Epoch => {
+                if let Ok(e) = check_epoch(&f.payload, &mem, size, 1) {
+                    let _ = apply_epoch(&mem, e);
+                }
             }
+            FrameKind::DiskWrites => {
+                if let Ok(w) = parse_disk_writes(&f.payload, 2) {
+                    // Round trip: what was accepted encodes back the same.
+                    let mut by_disk: Vec<(u32, Vec<DiskOp>)> = Vec::new();
+                    for (d, op) in w.ops.iter().cloned() {
+                        by_disk.push((d, vec![op]));
+                    }
+                    assert_eq!(encode_disk_writes(w.committed_through, &by_disk), f.payload);
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -430,11 +599,25 @@ impl PauseStats {
     }
 }
 
-/// Output commit: what the guest writes to its console is held here while
-/// the VM is protected and released when the epoch that wrote it is
-/// acknowledged. Unprotected, it passes straight through.
+/// Output commit: what the guest sends to the outside world (its serial
+/// console's bytes, its network frames) is held here while the VM is
+/// protected and released, in the order the guest produced it, when the
+/// epoch that produced it is acknowledged. Unprotected, it passes straight
+/// through.
 pub struct OutputGate {
     inner: Mutex<Gate>,
+}
+
+/// Where one piece of held output goes.
+enum Sink {
+    Console,
+    /// A network frame, for this TAP.
+    Frame(Arc<crate::virtio::tap::Tap>),
+}
+
+struct Chunk {
+    sink: Sink,
+    data: Vec<u8>,
 }
 
 struct Gate {
@@ -442,10 +625,11 @@ struct Gate {
     holding: bool,
     /// Never release again (the primary fenced itself).
     fenced: bool,
-    held: VecDeque<u8>,
-    /// Bytes released or dropped before `held`'s first.
+    held: VecDeque<Chunk>,
+    held_bytes: u64,
+    /// Chunks released or dropped before `held`'s first.
     base: u64,
-    /// (epoch, end offset of its output), oldest first.
+    /// (epoch, end of its output as a chunk count), oldest first.
     marks: VecDeque<(u64, u64)>,
 }
 
@@ -457,6 +641,7 @@ impl Default for OutputGate {
                 holding: false,
                 fenced: false,
                 held: VecDeque::new(),
+                held_bytes: 0,
                 base: 0,
                 marks: VecDeque::new(),
             }),
@@ -474,6 +659,18 @@ impl OutputGate {
         let mut g = self.lock();
         g.out = Some(out);
         Box::new(GateWriter(self.clone()))
+    }
+
+    /// A network frame the guest transmits on `tap`: written at once, or
+    /// held until its epoch is acknowledged.
+    pub fn send_frame(&self, tap: &Arc<crate::virtio::tap::Tap>, frame: &[u8]) -> std::io::Result<()> {
+        let mut g = self.lock();
+        if g.holding {
+            g.push(Sink::Frame(tap.clone()), frame);
+            return Ok(());
+        }
+        drop(g);
+        tap.write_frame(frame).map(|_| ())
     }
 
     /// Start holding output (protection begins).
@@ -519,25 +716,75 @@ impl OutputGate {
 
     /// The link is gone and the standby may run the guest now: never
     /// release what is held (until [`OutputGate::release_all`] by the
-    /// operator).
+    /// operator). Held network frames are dropped (as a lossy link would;
+    /// TCP sends again), which also lets go of the TAP for the standby.
     pub fn fence(&self) {
         let mut g = self.lock();
         g.fenced = true;
         g.holding = true;
+        let chunks = std::mem::take(&mut g.held);
+        let mut kept = VecDeque::new();
+        let mut bytes = 0;
+        for c in chunks {
+            if matches!(c.sink, Sink::Console) {
+                bytes += c.data.len() as u64;
+                kept.push_back(c);
+            }
+        }
+        // Chunk counts change: the marks are void (nothing is released
+        // while fenced anyway).
+        g.marks.clear();
+        g.held = kept;
+        g.held_bytes = bytes;
     }
 
     pub fn held_bytes(&self) -> u64 {
-        self.lock().held.len() as u64
+        self.lock().held_bytes
     }
 }
 
 impl Gate {
+    fn push(&mut self, sink: Sink, data: &[u8]) {
+        self.held_bytes += data.len() as u64;
+        // Console bytes join the last console chunk unless an epoch mark
+        // ends there.
+        let end = self.base + self.held.len() as u64;
+        let sealed = self.marks.back().is_some_and(|&(_, o)| o == end);
+        if let (Sink::Console, Some(last), false) = (&sink, self.held.back_mut(), sealed) {
+            if matches!(last.sink, Sink::Console) {
+                last.data.extend_from_slice(data);
+                return;
+            }
+        }
+        self.held.push_back(Chunk {
+            sink,
+            data: data.to_vec(),
+        });
+    }
+
     fn emit(&mut self, n: usize) {
-        let bytes: Vec<u8> = self.held.drain(..n).collect();
+        let chunks: Vec<Chunk> = self.held.drain(..n).collect();
         self.base += n as u64;
-        if let Some(out) = &mut self.out {
-            let _ = out.write_all(&bytes);
-            let _ = out.flush();
+        let mut console = false;
+        for c in chunks {
+            self.held_bytes -= c.data.len() as u64;
+            match c.sink {
+                Sink::Console => {
+                    if let Some(out) = &mut self.out {
+                        let _ = out.write_all(&c.data);
+                        console = true;
+                    }
+                }
+                // A frame the TAP refuses now is lost, as on a wire.
+                Sink::Frame(tap) => {
+                    let _ = tap.write_frame(&c.data);
+                }
+            }
+        }
+        if console {
+            if let Some(out) = &mut self.out {
+                let _ = out.flush();
+            }
         }
     }
 }
@@ -548,7 +795,7 @@ impl Write for GateWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut g = self.0.lock();
         if g.holding {
-            g.held.extend(buf);
+            g.push(Sink::Console, buf);
             return Ok(buf.len());
         }
         match &mut g.out {
@@ -697,7 +944,9 @@ mod tests {
         let size = 32 << 20;
         let mut good = Vec::new();
         write_frame(&mut good, FrameKind::Heartbeat, 0, &[]).unwrap();
+        write_frame(&mut good, FrameKind::DiskWrites, 1, &sample_disk_writes()).unwrap();
         write_frame(&mut good, FrameKind::Epoch, 1, &sample_epoch(size)).unwrap();
+        fuzz_standby(&good);
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
         for _ in 0..200 {
             let mut b = good.clone();
@@ -710,6 +959,70 @@ mod tests {
             }
             fuzz_standby(&b);
             fuzz_standby(&b[..(x >> 20) as usize % b.len()]);
+        }
+    }
+
+    fn sample_disk_writes() -> Vec<u8> {
+        encode_disk_writes(
+            3,
+            &[
+                (
+                    0,
+                    vec![DiskOp::Write {
+                        offset: 512,
+                        data: vec![7; 1024],
+                    }],
+                ),
+                (
+                    1,
+                    vec![DiskOp::Zero {
+                        offset: 4096,
+                        len: 8192,
+                    }],
+                ),
+            ],
+        )
+    }
+
+    #[test]
+    fn disk_writes_round_trip_and_bad_ones_are_refused() {
+        let p = sample_disk_writes();
+        let w = parse_disk_writes(&p, 2).unwrap();
+        assert_eq!(w.committed_through, 3);
+        assert_eq!(
+            w.ops,
+            vec![
+                (
+                    0,
+                    DiskOp::Write {
+                        offset: 512,
+                        data: vec![7; 1024]
+                    }
+                ),
+                (
+                    1,
+                    DiskOp::Zero {
+                        offset: 4096,
+                        len: 8192
+                    }
+                ),
+            ]
+        );
+        // A disk the machine does not have.
+        assert!(parse_disk_writes(&p, 1).is_err());
+        // Every truncation is refused (a whole op may end the payload).
+        for cut in 1..p.len() {
+            if cut == 8 || cut == 8 + 24 + 1024 {
+                continue;
+            }
+            assert!(parse_disk_writes(&p[..cut], 2).is_err(), "cut at {cut} accepted");
+        }
+        // An unknown kind, reserved bytes, an overflowing range, data
+        // that is not there.
+        for (at, v) in [(8 + 4, 9u8), (8 + 5, 1), (8 + 16 + 7, 0xff), (8 + 23, 0x10)] {
+            let mut b = p.clone();
+            b[at] = v;
+            assert!(parse_disk_writes(&b, 2).is_err(), "byte {at} = {v} accepted");
         }
     }
 

@@ -16,6 +16,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
+use super::epoch_overlay::{DiskOp, EpochOverlay};
 use super::queue::Chain;
 use super::worker::{spawn_queue_worker, Worker};
 use super::{
@@ -59,6 +60,9 @@ pub struct Block {
     config: Vec<u8>,
     features: u64,
     worker: Option<Worker>,
+    /// Failover: writes held until their epoch is acknowledged (passes
+    /// straight through while unprotected).
+    overlay: Arc<EpochOverlay>,
     pub metrics: Arc<BlockMetrics>,
 }
 
@@ -87,6 +91,8 @@ impl Block {
         config[48..52].copy_from_slice(&MAX_SEGMENT_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
         config[52..56].copy_from_slice(&MAX_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
         config[56] = 1; // write_zeroes_may_unmap
+        let overlay = Arc::new(EpochOverlay::default());
+        overlay.set_disk(&disk);
         Block {
             identity: BlockState {
                 capacity_sectors: capacity,
@@ -97,6 +103,7 @@ impl Block {
             config,
             features,
             worker: None,
+            overlay,
             metrics: Arc::default(),
         }
     }
@@ -132,9 +139,11 @@ impl VirtioDevice for Block {
     fn activate(&mut self, _acked: u64, a: Activation) -> std::io::Result<()> {
         let disk = self.disk()?.clone();
         let metrics = self.metrics.clone();
+        let overlay = self.overlay.clone();
         self.worker = Some(spawn_queue_worker("virtio-blk", a, 0, move |mem, chain, dma| {
             RequestContext {
                 disk: &*disk,
+                overlay: Some(&overlay),
                 metrics: &metrics,
                 dma,
             }
@@ -181,17 +190,24 @@ impl VirtioDevice for Block {
                 {
                     return Err(std::io::Error::other("the disk reopened with another size or mode"));
                 }
+                self.overlay.set_disk(&d);
                 self.disk = Some(d);
                 Ok(())
             }
             HostBackend::Tap(_) => Err(std::io::Error::other("virtio-blk takes a disk, not a TAP")),
         }
     }
+
+    fn epoch_overlay(&self) -> Option<Arc<EpochOverlay>> {
+        (!self.identity.read_only).then(|| self.overlay.clone())
+    }
 }
 
 /// Everything a request needs; also driven directly by the fuzz target.
 pub struct RequestContext<'a> {
     pub disk: &'a dyn BlockBackend,
+    /// Failover's overlay of held writes, if any.
+    pub overlay: Option<&'a EpochOverlay>,
     pub metrics: &'a BlockMetrics,
     pub dma: &'a DmaObserver,
 }
@@ -256,7 +272,7 @@ impl RequestContext<'_> {
                 let mut done = 0usize;
                 while done < len {
                     let n = (len - done).min(CHUNK);
-                    self.io(self.disk.read_at(&mut buf[..n], offset + done as u64))?;
+                    self.io(self.read_at(&mut buf[..n], offset + done as u64))?;
                     writer.write_all(&buf[..n]).map_err(|_| Failure::IoErr)?;
                     done += n;
                 }
@@ -274,14 +290,20 @@ impl RequestContext<'_> {
                 while done < len {
                     let n = (len - done).min(CHUNK);
                     reader.read_exact(&mut buf[..n]).map_err(|_| Failure::IoErr)?;
-                    self.io(self.disk.write_at(&buf[..n], offset + done as u64))?;
+                    self.io(self.write(DiskOp::Write {
+                        offset: offset + done as u64,
+                        data: buf[..n].to_vec(),
+                    }))?;
                     done += n;
                 }
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
                 self.metrics.flushes.fetch_add(1, Ordering::Relaxed);
-                self.io(self.disk.flush())?;
+                self.io(match self.overlay {
+                    Some(o) => o.flush(self.disk),
+                    None => self.disk.flush(),
+                })?;
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => {
@@ -315,7 +337,11 @@ impl RequestContext<'_> {
                     }
                     let len = sectors as u64 * SECTOR_SIZE;
                     let offset = self.checked_range(sector, len)?;
-                    if kind == VIRTIO_BLK_T_DISCARD {
+                    if self.overlay.is_some_and(|o| o.holding()) {
+                        // The overlay keeps both as zeroes (a discarded
+                        // range may read as zeroes).
+                        self.io(self.write(DiskOp::Zero { offset, len }))?;
+                    } else if kind == VIRTIO_BLK_T_DISCARD {
                         self.io(self.disk.discard(offset, len))?;
                     } else {
                         self.io(self.disk.write_zeroes(offset, len, unmap))?;
@@ -338,6 +364,20 @@ impl RequestContext<'_> {
             self.metrics.invalid_requests.fetch_add(1, Ordering::Relaxed);
             Failure::IoErr
         })
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> disk::Result<()> {
+        match self.overlay {
+            Some(o) => o.read(self.disk, buf, offset),
+            None => self.disk.read_at(buf, offset),
+        }
+    }
+
+    fn write(&self, op: DiskOp) -> disk::Result<()> {
+        match self.overlay {
+            Some(o) => o.write(self.disk, op),
+            None => op.apply(self.disk),
+        }
     }
 
     fn io<T>(&self, r: disk::Result<T>) -> Result<T, Failure> {

@@ -88,6 +88,7 @@ pub fn blk_queue(data: &[u8]) {
     let dma = super::no_dma_observer();
     let ctx = RequestContext {
         disk: &*disk(),
+        overlay: None,
         metrics: &metrics,
         dma: &dma,
     };

@@ -564,6 +564,16 @@ impl MmioTransport {
         self.device.net_identity()
     }
 
+    /// Failover's output gate ([`VirtioDevice::set_output_gate`]).
+    pub fn set_output_gate(&mut self, gate: std::sync::Arc<crate::migration::failover::OutputGate>) {
+        self.device.set_output_gate(gate);
+    }
+
+    /// A writable disk's failover overlay ([`VirtioDevice::epoch_overlay`]).
+    pub fn epoch_overlay(&self) -> Option<std::sync::Arc<super::epoch_overlay::EpochOverlay>> {
+        self.device.epoch_overlay()
+    }
+
     /// Announce the guest's MAC ([`VirtioDevice::announce`]).
     pub fn announce(&self) -> std::io::Result<()> {
         self.device.announce()

@@ -14,6 +14,7 @@ pub mod console;
 mod device_tests;
 #[cfg(test)]
 mod dma_order_tests;
+pub mod epoch_overlay;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod mmio;
@@ -199,6 +200,14 @@ pub trait VirtioDevice: Send {
     /// (after a migration), as QEMU's announce-self does: one RARP frame.
     fn announce(&self) -> std::io::Result<()> {
         Ok(())
+    }
+    /// Failover: send what goes to the outside world through `gate`
+    /// (virtio-net's transmitted frames), so that it is held until the
+    /// epoch that produced it is acknowledged.
+    fn set_output_gate(&mut self, _gate: std::sync::Arc<crate::migration::failover::OutputGate>) {}
+    /// Failover: a writable disk's overlay of held writes.
+    fn epoch_overlay(&self) -> Option<std::sync::Arc<epoch_overlay::EpochOverlay>> {
+        None
     }
 }
 

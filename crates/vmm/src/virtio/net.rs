@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -22,6 +22,7 @@ use super::{
     read_config_bytes, write_chain, Activation, DmaObserver, HostBackend, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::migration::failover::OutputGate;
 
 const QUEUE_SIZE: u16 = 256;
 /// struct virtio_net_hdr_v1: every frame is preceded by one.
@@ -55,6 +56,9 @@ pub struct Net {
     /// A frame the last worker had read from the tap but not delivered
     /// when it stopped (pause): the next worker delivers it first.
     carry: Arc<Mutex<Option<Vec<u8>>>>,
+    /// Failover's output gate, once the VM was protected: transmitted
+    /// frames go through it (held until their epoch is acknowledged).
+    gate: Arc<OnceLock<Arc<OutputGate>>>,
     pub metrics: Arc<NetMetrics>,
 }
 
@@ -66,6 +70,7 @@ impl Net {
             mac,
             worker: None,
             carry: Arc::default(),
+            gate: Arc::default(),
             metrics: Arc::default(),
         }
     }
@@ -101,6 +106,7 @@ impl VirtioDevice for Net {
         })?;
         let metrics = self.metrics.clone();
         let carry = self.carry.clone();
+        let gate = self.gate.clone();
         let Activation {
             mem,
             queues,
@@ -112,6 +118,7 @@ impl VirtioDevice for Net {
         self.worker = Some(Worker::spawn("virtio-net", move |poller| {
             let mut port = Port {
                 tap,
+                gate,
                 mem,
                 queues,
                 interrupt,
@@ -183,6 +190,11 @@ impl VirtioDevice for Net {
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotConnected, "no TAP"))?;
         tap.write_frame(&rarp_frame(self.mac)).map(|_| ())
     }
+
+    fn set_output_gate(&mut self, gate: Arc<OutputGate>) {
+        // Once per machine: a second protection uses the same gate.
+        let _ = self.gate.set(gate);
+    }
 }
 
 /// What QEMU's announce-self sends for a NIC: a RARP request ("reverse
@@ -210,6 +222,7 @@ pub const ETH_P_RARP: u16 = 0x8035;
 /// The worker's side of the device.
 struct Port {
     tap: Arc<Tap>,
+    gate: Arc<OnceLock<Arc<OutputGate>>>,
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
     interrupt: Arc<Interrupt>,
@@ -330,6 +343,7 @@ impl Port {
             return Ok(false);
         }
         let tap = &self.tap;
+        let gate = self.gate.get();
         let metrics = &self.metrics;
         let buf = &mut self.buf;
         serve(tx, &self.mem, &self.interrupt, |chain| {
@@ -339,7 +353,11 @@ impl Port {
                     return None;
                 }
                 r.read_exact(&mut buf[..total]).ok()?;
-                tap.write_frame(&buf[HDR_LEN..total]).ok()
+                let frame = &buf[HDR_LEN..total];
+                match gate {
+                    Some(g) => g.send_frame(tap, frame).ok(),
+                    None => tap.write_frame(frame).ok().map(|_| ()),
+                }
             });
             match sent {
                 Some(_) => metrics.tx_frames.fetch_add(1, Ordering::Relaxed),
