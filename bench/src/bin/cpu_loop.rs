@@ -2,7 +2,8 @@
 //! machine code run natively on the host CPU.
 //!
 //! Usage: cargo run --release -p vessel-bench --bin cpu_loop [-- ITERATIONS]
-//! Prints guest instructions per second for x86emu, for native, and the ratio.
+//! Prints guest instructions per second for x86emu's interpreter, for its
+//! JIT tier (threshold 16), for native, and native / JIT.
 
 use std::time::Instant;
 
@@ -51,7 +52,7 @@ const WORKLOADS: &[Workload] = &[
     },
 ];
 
-fn run_emulated(w: &Workload, iters: u64) -> (f64, u64) {
+fn run_emulated(w: &Workload, iters: u64, jit: Option<u32>) -> (f64, u64) {
     let mut bus = TestBus::new(4 << 20);
     // Identity map 0..1 GiB with 2 MiB pages.
     bus.write_u64(0x1000, 0x2000 | 3);
@@ -62,6 +63,12 @@ fn run_emulated(w: &Workload, iters: u64) -> (f64, u64) {
     let code_at = 0x10_0000u64;
     bus.load(code_at, w.code);
     let mut cpu = Cpu::standalone(4 << 20);
+    cpu.set_jit(jit);
+    assert_eq!(
+        cpu.jit_active(),
+        jit.is_some(),
+        "the host refused the JIT's code memory"
+    );
     let mut s = CpuState::long_mode_flat(0x1000);
     s.rip = code_at;
     s.gpr[1] = iters;
@@ -125,21 +132,25 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(50_000_000);
     println!(
-        "{:<30} {:>14} {:>14} {:>10}",
-        "workload", "x86emu MIPS", "native MIPS", "ratio"
+        "{:<30} {:>12} {:>12} {:>8} {:>12} {:>12}",
+        "workload", "interp MIPS", "JIT MIPS", "JIT/int", "native MIPS", "native/JIT"
     );
     for w in WORKLOADS {
-        let (emu_secs, executed) = run_emulated(w, iters);
+        let (int_secs, int_executed) = run_emulated(w, iters, None);
+        let (jit_secs, jit_executed) = run_emulated(w, iters, Some(16));
         let native_secs = run_native(w, iters);
         let instrs = (iters * w.per_iter) as f64;
-        let emu_mips = executed as f64 / emu_secs / 1e6;
+        let int_mips = int_executed as f64 / int_secs / 1e6;
+        let jit_mips = jit_executed as f64 / jit_secs / 1e6;
         let native_mips = instrs / native_secs / 1e6;
         println!(
-            "{:<30} {:>14.1} {:>14.1} {:>9.1}x",
+            "{:<30} {:>12.1} {:>12.1} {:>7.2}x {:>12.1} {:>11.1}x",
             w.name,
-            emu_mips,
+            int_mips,
+            jit_mips,
+            jit_mips / int_mips,
             native_mips,
-            native_mips / emu_mips
+            native_mips / jit_mips
         );
     }
 }

@@ -52,6 +52,11 @@ pub struct CpuConfig {
     /// TSC frequency reported through CPUID 0x15/0x16 and 0x4000_0010, in kHz.
     pub tsc_khz: u32,
     pub features: Features,
+    /// The JIT tier: translate a block to host code after it ran this
+    /// many times (0: at once); `None` interprets everything. Only on
+    /// x86-64 hosts. Not guest-visible.
+    #[serde(default)]
+    pub jit: Option<u32>,
 }
 
 /// The core crystal clock advertised in CPUID 0x15 and as the bus
@@ -88,6 +93,7 @@ impl Default for CpuConfig {
             cpu_count: 1,
             tsc_khz: 2_000_000,
             features: Features::default(),
+            jit: None,
         }
     }
 }

@@ -39,6 +39,11 @@ pub struct Stats {
     pub blocks_decoded: u64,
     pub exceptions: u64,
     pub interrupts: u64,
+    /// Blocks the JIT translated, the time it took, and the instructions
+    /// run in translated code.
+    pub jit_blocks: u64,
+    pub jit_translate_ns: u64,
+    pub jit_instructions: u64,
     /// Instructions that raised #UD because they are not implemented, by mnemonic.
     pub unimplemented: std::collections::BTreeMap<String, u64>,
 }
@@ -62,6 +67,9 @@ pub struct Cpu {
     pub(crate) triple_fault: bool,
     /// Instructions retired (drives the deterministic time base).
     pub instret: u64,
+    /// The JIT tier (x86-64 hosts, when `config.jit` asks for it).
+    #[cfg(all(target_arch = "x86_64", unix))]
+    pub(crate) jit: Option<Box<crate::jit::Jit>>,
 }
 
 impl Cpu {
@@ -69,7 +77,7 @@ impl Cpu {
     pub fn new(config: CpuConfig, code_map: Arc<CodeMap>) -> Self {
         let mut state = CpuState::reset();
         state.apic_base = 0xfee0_0000 | (1 << 11) | if config.apic_id == 0 { 1 << 8 } else { 0 };
-        Cpu {
+        let mut cpu = Cpu {
             state,
             config,
             stats: Stats::default(),
@@ -81,13 +89,39 @@ impl Cpu {
             code_written: false,
             triple_fault: false,
             instret: 0,
-        }
+            #[cfg(all(target_arch = "x86_64", unix))]
+            jit: None,
+        };
+        cpu.set_jit(cpu.config.jit);
+        cpu
     }
 
     /// A CPU with its own code map covering `phys_limit` bytes; convenient
     /// for single-CPU uses such as tests.
     pub fn standalone(phys_limit: u64) -> Self {
         Self::new(CpuConfig::default(), Arc::new(CodeMap::new(phys_limit)))
+    }
+
+    /// Turn the JIT tier on (translating blocks after `threshold` runs) or
+    /// off. Off where the host is not x86-64 or refuses executable memory.
+    pub fn set_jit(&mut self, threshold: Option<u32>) {
+        self.config.jit = threshold;
+        #[cfg(all(target_arch = "x86_64", unix))]
+        {
+            self.jit = threshold.and_then(crate::jit::Jit::new).map(Box::new);
+        }
+    }
+
+    /// Whether translated code can run (the JIT is on and available).
+    pub fn jit_active(&self) -> bool {
+        #[cfg(all(target_arch = "x86_64", unix))]
+        {
+            self.jit.is_some()
+        }
+        #[cfg(not(all(target_arch = "x86_64", unix)))]
+        {
+            false
+        }
     }
 
     /// Replace the whole architectural state (restore, or boot set-up).
@@ -193,7 +227,8 @@ impl Cpu {
         let mut executed = 0u64;
         self.end_block = false;
         for _ in 0..MAX_CHAIN {
-            let block = match self.fetch_block(bus) {
+            #[allow(unused_mut)]
+            let mut block = match self.fetch_block(bus) {
                 Ok(b) => b,
                 Err(fault) => {
                     self.raise(bus, fault);
@@ -201,6 +236,15 @@ impl Cpu {
                 }
             };
             self.code_written = false;
+            #[cfg(all(target_arch = "x86_64", unix))]
+            if let Some(n) = self.run_translated(bus, &mut block, limit - executed) {
+                executed += n;
+                self.cache.put_back(block);
+                if executed >= limit || self.end_block || self.code_written {
+                    break;
+                }
+                continue;
+            }
             let mask = block.ip_mask;
             for d in block.instrs.iter() {
                 if executed >= limit {

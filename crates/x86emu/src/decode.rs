@@ -34,6 +34,19 @@ pub struct Block {
     tag: Option<u32>,
     /// Mask that wraps RIP to the code size (16, 32 or 64 bits).
     pub ip_mask: u64,
+    /// Runs so far, counted toward the JIT's threshold.
+    pub(crate) hits: u32,
+    /// The JIT declined this block; do not try again.
+    pub(crate) jit_failed: bool,
+    /// Host code for this block, if translated (dropped with the block).
+    pub(crate) translation: crate::jit::Translation,
+}
+
+impl Block {
+    /// Whether the block lives in the cache (only those get translated).
+    pub(crate) fn cacheable(&self) -> bool {
+        self.tag.is_some()
+    }
 }
 
 /// Direct-mapped cache of decoded blocks. A block is taken out of its slot
@@ -175,6 +188,9 @@ impl Cpu {
                 phys: t.phys,
                 tag,
                 ip_mask: 0,
+                hits: 0,
+                jit_failed: false,
+                translation: Default::default(),
             });
         }
         self.decode_slow(bus, lin, bits)
@@ -224,6 +240,9 @@ impl Cpu {
                 phys: u64::MAX,
                 tag: None,
                 ip_mask: 0,
+                hits: 0,
+                jit_failed: false,
+                translation: Default::default(),
             });
         }
         Ok(Block {
@@ -235,6 +254,9 @@ impl Cpu {
             phys: u64::MAX,
             tag: None,
             ip_mask: 0,
+            hits: 0,
+            jit_failed: false,
+            translation: Default::default(),
         })
     }
 

@@ -16,6 +16,8 @@ pub mod exception;
 pub mod exec;
 pub mod fuzzing;
 pub mod interrupt;
+#[cfg(all(target_arch = "x86_64", unix))]
+mod jit;
 pub mod memory;
 pub mod mmu;
 pub mod operand;

@@ -22,6 +22,10 @@ use x86emu::{Cpu, FpuState};
 
 pub use x86emu::state::reg::*;
 
+/// Whether this build of the suite runs the emulator with the JIT at
+/// threshold 0 (the `diff_jit` test target) instead of the interpreter.
+pub const JIT: bool = matches!(env!("CARGO_CRATE_NAME").as_bytes(), b"diff_jit");
+
 /// Size of the scratch page the code may read and write.
 pub const SCRATCH: usize = 4096;
 
@@ -306,6 +310,16 @@ pub fn run_emulated_with(case: &Case, config: x86emu::CpuConfig) -> Result<Outco
 
     let mut cpu = Cpu::standalone(1 << 20);
     cpu.config = config;
+    if JIT {
+        // Every block translated on its first run, and blocks as long as
+        // the code (not one instruction per `step`): a HLT after the code
+        // ends the run.
+        cpu.set_jit(Some(0));
+        if !cpu.jit_active() {
+            return Err("the JIT is not available on this host (no executable memory)".into());
+        }
+        bus.load(code_off + case.code.len() as u64, &[0xf4]);
+    }
     let mut s = CpuState::long_mode_flat(pml4);
     s.cr4 |= x86emu::state::cr::CR4_OSFXSR | x86emu::state::cr::CR4_OSXMMEXCPT;
     s.cr0 &= !x86emu::state::cr::CR0_EM;
@@ -319,7 +333,14 @@ pub fn run_emulated_with(case: &Case, config: x86emu::CpuConfig) -> Result<Outco
     let mut steps = 0;
     while cpu.state.rip != end {
         let before = cpu.stats.exceptions;
-        cpu.step(&mut bus);
+        if JIT {
+            let exit = cpu.run(&mut bus, 1000);
+            if exit == x86emu::Exit::Halted && cpu.state.rip == end + 1 {
+                cpu.state.rip = end;
+            }
+        } else {
+            cpu.step(&mut bus);
+        }
         if cpu.stats.exceptions != before {
             return Err(format!(
                 "exception in emulator at rip {:#x} (offset {}), unimplemented: {:?}",
@@ -332,6 +353,9 @@ pub fn run_emulated_with(case: &Case, config: x86emu::CpuConfig) -> Result<Outco
         if steps > 1_000_000 {
             return Err("emulator did not reach the end of the code".into());
         }
+    }
+    if JIT && cpu.stats.jit_instructions == 0 {
+        return Err("the JIT ran none of the code (nothing was translated)".into());
     }
     Ok(Outcome {
         gpr: cpu.state.gpr,

@@ -1,0 +1,455 @@
+//! Host code for one decoded block, with iced-x86's assembler.
+//!
+//! Register use in generated code: RBX = the `Context` (for handler
+//! calls), R12 = the `Cpu` (guest registers at `Layout` offsets from it),
+//! R13 = instructions still allowed, R14 = instructions executed, R15 =
+//! self-loop iterations left. RAX, RCX, RDX are scratch. All five are
+//! callee-saved in the SysV ABI, so handler calls keep them.
+
+use iced_x86::code_asm::*;
+use iced_x86::{Code, FlowControl, Instruction, Mnemonic as M, OpKind, Register};
+
+use super::{Layout, MAX_LOOPS};
+use crate::decode::Block;
+use crate::state::flags::{AF, CF, OF, PF, SF, STATUS, ZF};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Alu {
+    Add,
+    Adc,
+    Sub,
+    Sbb,
+    And,
+    Or,
+    Xor,
+    Cmp,
+    Test,
+}
+
+#[derive(Clone, Copy)]
+enum Src {
+    Reg(usize),
+    /// Sign-extended to the operand size by the host instruction, as the
+    /// guest encoding does.
+    Imm(i32),
+}
+
+/// The forms emitted inline. Register numbers index the guest GPR file;
+/// `wide` is a 64-bit operand (else 32-bit, zero-extended on write).
+#[derive(Clone, Copy)]
+enum Inline {
+    MovRR {
+        dst: usize,
+        src: usize,
+        wide: bool,
+    },
+    /// The final 64-bit register value.
+    MovRI {
+        dst: usize,
+        value: u64,
+    },
+    Alu {
+        op: Alu,
+        dst: usize,
+        src: Src,
+        wide: bool,
+    },
+    IncDec {
+        inc: bool,
+        dst: usize,
+        wide: bool,
+    },
+    Imul {
+        dst: usize,
+        src: usize,
+        wide: bool,
+    },
+    Lea {
+        dst: usize,
+        base: Option<usize>,
+        index: Option<(usize, u32)>,
+        disp: u64,
+        wide: bool,
+    },
+}
+
+impl Inline {
+    /// Whether it reads the status flags (or keeps some of them, which for
+    /// liveness is the same).
+    fn reads_flags(&self) -> bool {
+        matches!(
+            self,
+            Inline::Alu {
+                op: Alu::Adc | Alu::Sbb,
+                ..
+            } | Inline::IncDec { .. }
+        )
+    }
+
+    /// Whether it writes all six status flags.
+    fn writes_all_flags(&self) -> bool {
+        matches!(self, Inline::Alu { .. } | Inline::Imul { .. })
+    }
+}
+
+/// Index of a 64-bit (`wide`) or 32-bit general register, if `r` is one.
+fn gpr(r: Register, wide: bool) -> Option<usize> {
+    if wide && r.is_gpr64() {
+        Some(r as usize - Register::RAX as usize)
+    } else if !wide && r.is_gpr32() {
+        Some(r as usize - Register::EAX as usize)
+    } else {
+        None
+    }
+}
+
+/// The inline form of `ins`, if it has one.
+fn classify(ins: &Instruction) -> Option<Inline> {
+    if ins.has_lock_prefix() || ins.op_count() == 0 || ins.op0_kind() != OpKind::Register {
+        return None;
+    }
+    let r0 = ins.op0_register();
+    let wide = r0.is_gpr64();
+    let dst = gpr(r0, wide)?;
+    let reg1 = || {
+        if ins.op_count() == 2 && ins.op1_kind() == OpKind::Register {
+            gpr(ins.op1_register(), wide)
+        } else {
+            None
+        }
+    };
+    match ins.code() {
+        Code::Mov_rm64_r64 | Code::Mov_r64_rm64 | Code::Mov_rm32_r32 | Code::Mov_r32_rm32 => {
+            return Some(Inline::MovRR {
+                dst,
+                src: reg1()?,
+                wide,
+            });
+        }
+        Code::Mov_r32_imm32 => {
+            return Some(Inline::MovRI {
+                dst,
+                value: ins.immediate32() as u64,
+            })
+        }
+        Code::Mov_r64_imm64 => {
+            return Some(Inline::MovRI {
+                dst,
+                value: ins.immediate64(),
+            })
+        }
+        Code::Mov_rm64_imm32 => {
+            return Some(Inline::MovRI {
+                dst,
+                value: ins.immediate32to64() as u64,
+            })
+        }
+        Code::Lea_r64_m | Code::Lea_r32_m => return lea(ins, dst, wide),
+        _ => {}
+    }
+    let op = match ins.mnemonic() {
+        M::Add => Alu::Add,
+        M::Adc => Alu::Adc,
+        M::Sub => Alu::Sub,
+        M::Sbb => Alu::Sbb,
+        M::And => Alu::And,
+        M::Or => Alu::Or,
+        M::Xor => Alu::Xor,
+        M::Cmp => Alu::Cmp,
+        M::Test => Alu::Test,
+        M::Inc | M::Dec if ins.op_count() == 1 => {
+            return Some(Inline::IncDec {
+                inc: ins.mnemonic() == M::Inc,
+                dst,
+                wide,
+            })
+        }
+        M::Imul if ins.op_count() == 2 => {
+            return Some(Inline::Imul {
+                dst,
+                src: reg1()?,
+                wide,
+            })
+        }
+        _ => return None,
+    };
+    if ins.op_count() != 2 {
+        return None;
+    }
+    let src = match ins.op1_kind() {
+        OpKind::Register => Src::Reg(reg1()?),
+        OpKind::Immediate8to32 => Src::Imm(ins.immediate8to32()),
+        OpKind::Immediate8to64 => Src::Imm(ins.immediate8to64() as i32),
+        OpKind::Immediate32 => Src::Imm(ins.immediate32() as i32),
+        OpKind::Immediate32to64 => Src::Imm(ins.immediate32to64() as i32),
+        _ => return None,
+    };
+    Some(Inline::Alu { op, dst, src, wide })
+}
+
+/// LEA with a 64-bit address (RIP-relative resolved by the decoder).
+fn lea(ins: &Instruction, dst: usize, wide: bool) -> Option<Inline> {
+    if ins.op1_kind() != OpKind::Memory {
+        return None;
+    }
+    let base = match ins.memory_base() {
+        Register::None | Register::RIP => None,
+        r => Some(gpr(r, true)?),
+    };
+    let index = match ins.memory_index() {
+        Register::None => None,
+        r => Some((gpr(r, true)?, ins.memory_index_scale().trailing_zeros())),
+    };
+    Some(Inline::Lea {
+        dst,
+        base,
+        index,
+        disp: ins.memory_displacement64(),
+        wide,
+    })
+}
+
+/// Host code for `block`, position-independent, or `None` if the
+/// assembler refuses something (the block then stays interpreted).
+pub fn block(block: &Block, l: Layout, step: usize) -> Option<Vec<u8>> {
+    let mut a = CodeAssembler::new(64).ok()?;
+    emit(&mut a, block, l, step).ok()?;
+    a.assemble(0).ok()
+}
+
+fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize) -> Result<(), IcedError> {
+    let n = block.instrs.len();
+    let forms: Vec<Option<Inline>> = block.instrs.iter().map(|d| classify(&d.ins)).collect();
+    // Whether the flags an inline instruction writes can be read: by a
+    // later call (which may read them or fault, and a fault pushes them),
+    // by a later reader, or after the block.
+    let live: Vec<bool> = (0..n)
+        .map(|i| {
+            for f in &forms[i + 1..] {
+                match f {
+                    None => return true,
+                    Some(f) if f.reads_flags() => return true,
+                    Some(f) if f.writes_all_flags() => return false,
+                    _ => {}
+                }
+            }
+            true
+        })
+        .collect();
+    let gp = |r: usize| l.gpr + 8 * r as i32;
+
+    a.push(rbx)?;
+    a.push(r12)?;
+    a.push(r13)?;
+    a.push(r14)?;
+    a.push(r15)?;
+    a.mov(rbx, rdi)?;
+    a.mov(r12, rsi)?;
+    a.mov(r13, rdx)?;
+    a.xor(r14d, r14d)?;
+    a.mov(r15d, MAX_LOOPS as u32)?;
+    let mut top = a.create_label();
+    let mut done = a.create_label();
+    let mut epilogue = a.create_label();
+    a.set_label(&mut top)?;
+    let mut exits = Vec::new();
+    for (i, (d, form)) in block.instrs.iter().zip(&forms).enumerate() {
+        match *form {
+            Some(f) => inline(a, f, live[i], l, &gp)?,
+            None => {
+                a.mov(rax, d.ins.ip())?;
+                a.mov(qword_ptr(r12 + l.rip), rax)?;
+                a.mov(rdi, rbx)?;
+                a.mov(rsi, d as *const _ as u64)?;
+                a.mov(rax, step as u64)?;
+                a.call(rax)?;
+                a.test(rax, rax)?;
+                let exit = a.create_label();
+                a.jnz(exit)?;
+                exits.push((exit, i + 1));
+            }
+        }
+    }
+    let last = &block.instrs[n - 1].ins;
+    if forms[n - 1].is_some() {
+        a.mov(rax, last.next_ip())?;
+        a.mov(qword_ptr(r12 + l.rip), rax)?;
+    }
+    a.add(r14, n as i32)?;
+    let start = block.instrs[0].ins.ip();
+    let branches_home = matches!(
+        last.flow_control(),
+        FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch
+    ) && matches!(last.op0_kind(), OpKind::NearBranch64)
+        && last.near_branch64() == start;
+    if branches_home {
+        // Loop in host code while the guest loops, within the budget.
+        a.mov(rax, start)?;
+        a.cmp(qword_ptr(r12 + l.rip), rax)?;
+        a.jne(done)?;
+        a.sub(r13, n as i32)?;
+        a.cmp(r13, n as i32)?;
+        a.jb(done)?;
+        a.dec(r15)?;
+        a.jnz(top)?;
+    }
+    a.set_label(&mut done)?;
+    a.mov(rax, r14)?;
+    a.set_label(&mut epilogue)?;
+    a.pop(r15)?;
+    a.pop(r14)?;
+    a.pop(r13)?;
+    a.pop(r12)?;
+    a.pop(rbx)?;
+    a.ret()?;
+    for (mut exit, count) in exits {
+        a.set_label(&mut exit)?;
+        a.lea(rax, qword_ptr(r14 + count as i32))?;
+        a.jmp(epilogue)?;
+    }
+    Ok(())
+}
+
+/// Merge the host's status flags (`take`; the other written bits are 0)
+/// into the guest RFLAGS, replacing `clear`.
+fn store_flags(a: &mut CodeAssembler, l: Layout, take: u64, clear: u64) -> Result<(), IcedError> {
+    a.pushfq()?;
+    a.pop(rax)?;
+    a.and(eax, take as i32)?;
+    a.mov(rdx, qword_ptr(r12 + l.rflags))?;
+    a.and(rdx, !clear as i32)?;
+    a.or(rdx, rax)?;
+    a.mov(qword_ptr(r12 + l.rflags), rdx)
+}
+
+fn inline(a: &mut CodeAssembler, f: Inline, live: bool, l: Layout, gp: &dyn Fn(usize) -> i32) -> Result<(), IcedError> {
+    // Load a guest register into a host register; a 32-bit load
+    // zero-extends, so the 64-bit store after a 32-bit op is right.
+    let load = |a: &mut CodeAssembler, host64: AsmRegister64, host32: AsmRegister32, r: usize, wide: bool| {
+        if wide {
+            a.mov(host64, qword_ptr(r12 + gp(r)))
+        } else {
+            a.mov(host32, dword_ptr(r12 + gp(r)))
+        }
+    };
+    match f {
+        Inline::MovRR { dst, src, wide } => {
+            load(a, rax, eax, src, wide)?;
+            a.mov(qword_ptr(r12 + gp(dst)), rax)?;
+        }
+        Inline::MovRI { dst, value } => {
+            a.mov(rax, value)?;
+            a.mov(qword_ptr(r12 + gp(dst)), rax)?;
+        }
+        Inline::Alu { op, dst, src, wide } => {
+            load(a, rcx, ecx, dst, wide)?;
+            if let Src::Reg(s) = src {
+                load(a, rax, eax, s, wide)?;
+            }
+            if matches!(op, Alu::Adc | Alu::Sbb) {
+                a.bt(qword_ptr(r12 + l.rflags), 0)?;
+            }
+            macro_rules! op {
+                ($m:ident) => {
+                    match (src, wide) {
+                        (Src::Reg(_), true) => a.$m(rcx, rax)?,
+                        (Src::Reg(_), false) => a.$m(ecx, eax)?,
+                        (Src::Imm(v), true) => a.$m(rcx, v)?,
+                        (Src::Imm(v), false) => a.$m(ecx, v)?,
+                    }
+                };
+            }
+            match op {
+                Alu::Add => op!(add),
+                Alu::Adc => op!(adc),
+                Alu::Sub => op!(sub),
+                Alu::Sbb => op!(sbb),
+                Alu::And => op!(and),
+                Alu::Or => op!(or),
+                Alu::Xor => op!(xor),
+                Alu::Cmp => op!(cmp),
+                Alu::Test => op!(test),
+            }
+            if !matches!(op, Alu::Cmp | Alu::Test) {
+                a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
+            }
+            if live {
+                // AF is undefined after logic ops; the interpreter (like
+                // QEMU) clears it.
+                let take = if matches!(op, Alu::And | Alu::Or | Alu::Xor | Alu::Test) {
+                    STATUS & !AF
+                } else {
+                    STATUS
+                };
+                store_flags(a, l, take, STATUS)?;
+            }
+        }
+        Inline::IncDec { inc, dst, wide } => {
+            load(a, rcx, ecx, dst, wide)?;
+            match (inc, wide) {
+                (true, true) => a.inc(rcx)?,
+                (true, false) => a.inc(ecx)?,
+                (false, true) => a.dec(rcx)?,
+                (false, false) => a.dec(ecx)?,
+            }
+            a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
+            if live {
+                store_flags(a, l, STATUS & !CF, STATUS & !CF)?;
+            }
+        }
+        Inline::Imul { dst, src, wide } => {
+            load(a, rcx, ecx, dst, wide)?;
+            load(a, rax, eax, src, wide)?;
+            if wide {
+                a.imul_2(rcx, rax)?;
+            } else {
+                a.imul_2(ecx, eax)?;
+            }
+            a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
+            if live {
+                // CF and OF from the multiply; SF ZF PF from the low half
+                // of the result and AF clear, as the interpreter sets them.
+                a.pushfq()?;
+                a.pop(rdx)?;
+                a.and(edx, (CF | OF) as i32)?;
+                if wide {
+                    a.test(rcx, rcx)?;
+                } else {
+                    a.test(ecx, ecx)?;
+                }
+                a.pushfq()?;
+                a.pop(rax)?;
+                a.and(eax, (SF | ZF | PF) as i32)?;
+                a.or(eax, edx)?;
+                a.mov(rdx, qword_ptr(r12 + l.rflags))?;
+                a.and(rdx, !STATUS as i32)?;
+                a.or(rdx, rax)?;
+                a.mov(qword_ptr(r12 + l.rflags), rdx)?;
+            }
+        }
+        Inline::Lea {
+            dst,
+            base,
+            index,
+            disp,
+            wide,
+        } => {
+            a.mov(rax, disp)?;
+            if let Some(b) = base {
+                a.add(rax, qword_ptr(r12 + gp(b)))?;
+            }
+            if let Some((x, shift)) = index {
+                a.mov(rcx, qword_ptr(r12 + gp(x)))?;
+                if shift > 0 {
+                    a.shl(rcx, shift)?;
+                }
+                a.add(rax, rcx)?;
+            }
+            if !wide {
+                a.mov(eax, eax)?;
+            }
+            a.mov(qword_ptr(r12 + gp(dst)), rax)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! The baseline JIT: hot decoded blocks of 64-bit code become host code.
+//!
+//! A translated block keeps the interpreter's data model: the guest
+//! registers and RFLAGS stay in `CpuState` (no register caching), so any
+//! point between two guest instructions is an exact interpreter state.
+//! Simple forms that cannot fault (register MOV, LEA, ALU on 32/64-bit
+//! registers, IMUL r,r, INC/DEC) are emitted inline; the guest flags of an
+//! inline ALU instruction are the host's own flags for the same operation,
+//! stored only when a later instruction (or the block end) can read them.
+//! Every other instruction is a call to its interpreter handler with the
+//! decoded instruction's address baked in (as Blink's first tier does),
+//! after storing its RIP, and the block exits after any instruction that
+//! faulted, ended the block (mode change, STI, ...), wrote to a code page,
+//! or set TF. A block whose last instruction jumps back to its own start
+//! loops in host code, bounded by the instruction budget and
+//! [`MAX_LOOPS`], so events are looked at as often as the interpreter
+//! looks at them.
+//!
+//! The code lives in a per-CPU arena; a translation belongs to its decoded
+//! block, so everything that invalidates decoded blocks (code-map tags:
+//! guest stores to code pages, DMA's `invalidate_range`, remapping)
+//! invalidates translations too. When the arena is full it is reset and
+//! every translation is dropped (generation counter).
+
+mod arena;
+mod emit;
+
+use std::time::Instant;
+
+use crate::bus::Bus;
+use crate::cpu::Cpu;
+use crate::decode::Block;
+use crate::state::flags;
+
+pub(crate) use arena::Arena;
+
+/// Self-loop iterations a translated block runs per entry at most.
+pub const MAX_LOOPS: u64 = 64;
+
+/// A translation owned by a decoded block.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Translation {
+    /// Entry point in the arena (0: none).
+    entry: usize,
+    /// Arena generation the code belongs to.
+    generation: u64,
+}
+
+/// What the JIT keeps per CPU.
+pub struct Jit {
+    arena: Arena,
+    /// Runs of a block before it is translated.
+    threshold: u32,
+}
+
+/// Passed to generated code and from it to the handler calls: the CPU and
+/// the bus of this run.
+struct Context<'a> {
+    cpu: *mut Cpu,
+    bus: *mut (dyn Bus + 'a),
+}
+
+/// Signature of a translated block: (context, cpu, instructions allowed)
+/// -> instructions executed.
+type Entry = extern "sysv64" fn(usize, usize, u64) -> u64;
+
+impl Jit {
+    /// A JIT with a fresh code arena, or `None` when the host refuses
+    /// executable memory (the interpreter then runs everything).
+    pub fn new(threshold: u32) -> Option<Jit> {
+        Some(Jit {
+            arena: Arena::new()?,
+            threshold,
+        })
+    }
+}
+
+/// Offsets of the fields generated code touches, relative to the `Cpu`.
+#[derive(Clone, Copy)]
+pub(crate) struct Layout {
+    pub gpr: i32,
+    pub rip: i32,
+    pub rflags: i32,
+}
+
+impl Layout {
+    fn of(cpu: &Cpu) -> Layout {
+        let base = cpu as *const Cpu as usize;
+        let off = |p: *const u64| (p as usize - base) as i32;
+        Layout {
+            gpr: off(cpu.state.gpr.as_ptr()),
+            rip: off(&cpu.state.rip),
+            rflags: off(&cpu.state.rflags),
+        }
+    }
+}
+
+impl Cpu {
+    /// Run `block` as translated code if it is (or now becomes) translated
+    /// and may run here. Returns the instructions executed, or `None` when
+    /// the interpreter must run it.
+    pub(crate) fn run_translated(&mut self, bus: &mut dyn Bus, block: &mut Block, allowed: u64) -> Option<u64> {
+        let jit = self.jit.as_mut()?;
+        if block.ip_mask != u64::MAX
+            || !block.cacheable()
+            || (block.instrs.len() as u64) > allowed
+            || self.state.rflags & flags::TF != 0
+            || !self.state.in_64bit()
+        {
+            return None;
+        }
+        let t = block.translation;
+        let entry = if t.entry != 0 && t.generation == jit.arena.generation() {
+            t.entry
+        } else {
+            if block.jit_failed {
+                return None;
+            }
+            block.hits += 1;
+            if block.hits <= jit.threshold {
+                return None;
+            }
+            let start = Instant::now();
+            let layout = Layout::of(self);
+            let jit = self.jit.as_mut()?;
+            let code = emit::block(block, layout, jit_step as *const () as usize);
+            let placed = code.and_then(|c| jit.arena.place(&c));
+            self.stats.jit_translate_ns += start.elapsed().as_nanos() as u64;
+            let Some((entry, generation)) = placed else {
+                block.jit_failed = true;
+                return None;
+            };
+            block.translation = Translation { entry, generation };
+            self.stats.jit_blocks += 1;
+            entry
+        };
+        let mut ctx = Context {
+            cpu: self as *mut Cpu,
+            bus: bus as *mut (dyn Bus + '_),
+        };
+        // SAFETY: `entry` is code emitted by `emit::block` for this very
+        // block (same arena generation, so not overwritten since), with the
+        // `Entry` signature; it only touches the CPU through the pointers
+        // in `ctx` and the handler calls, and the `Decoded` entries it
+        // points at live in `block`, which we hold for the whole call.
+        let executed = unsafe {
+            let f: Entry = std::mem::transmute::<usize, Entry>(entry);
+            f(&mut ctx as *mut Context as usize, ctx.cpu as usize, allowed)
+        };
+        self.stats.jit_instructions += executed;
+        Some(executed)
+    }
+}
+
+/// Called from translated code for an instruction that is not inline:
+/// execute it with its interpreter handler. Returns nonzero if the
+/// translated block must stop after it.
+extern "sysv64" fn jit_step(ctx: usize, decoded: usize) -> u64 {
+    // SAFETY: translated code passes the `Context` built by
+    // `run_translated`, alive for the whole call, and a pointer to a
+    // `Decoded` of the block being run (see there). No other reference
+    // to the CPU or the bus is live while translated code runs.
+    let (cpu, bus, d) = unsafe {
+        let ctx = &*(ctx as *const Context<'_>);
+        (
+            &mut *ctx.cpu,
+            &mut *ctx.bus,
+            &*(decoded as *const crate::decode::Decoded),
+        )
+    };
+    if !cpu.step_decoded(bus, &d.ins, d.handler, u64::MAX) {
+        return 1;
+    }
+    (cpu.end_block | cpu.code_written | (cpu.state.rflags & flags::TF != 0)) as u64
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,167 @@
+//! The JIT against the interpreter on the same programs, in lockstep:
+//! after every `run` call both CPUs must hold the same state, the same
+//! instruction count and the same stack bytes (where exceptions push
+//! their frames).
+
+use iced_x86::code_asm::*;
+
+use crate::state::CpuState;
+use crate::testbus::TestBus;
+use crate::{Cpu, Exit};
+
+const CODE: u64 = 0x10_0000;
+const STACK_TOP: u64 = 0x20_0000;
+const HANDLER: u64 = 0x8000;
+const RAM: u64 = 4 << 20;
+
+/// A long-mode machine: 1 GiB identity-mapped with 2 MiB pages (nothing
+/// above, so 0x4000_0000 page-faults), a GDT, and an IDT whose every
+/// vector goes to a HLT.
+fn machine(code: &[u8], jit: Option<u32>) -> (Cpu, TestBus) {
+    let mut bus = TestBus::new(RAM);
+    bus.write_u64(0x1000, 0x2000 | 3);
+    bus.write_u64(0x2000, 0x3000 | 3);
+    for i in 0..512u64 {
+        bus.write_u64(0x3000 + i * 8, (i << 21) | 0x83);
+    }
+    bus.write_u64(0x5010, 0x0020_9a00_0000_0000);
+    bus.write_u64(0x5018, 0x00cf_9200_0000_ffff);
+    for v in 0..32u64 {
+        let gate = 0x6000 + v * 16;
+        bus.write_u64(gate, (HANDLER & 0xffff) | (0x10 << 16) | (0x8e00u64 << 32));
+        bus.write_u64(gate + 8, 0);
+    }
+    bus.load(HANDLER, &[0xf4]);
+    bus.load(CODE, code);
+    let mut cpu = Cpu::standalone(RAM);
+    cpu.set_jit(jit);
+    let mut s = CpuState::long_mode_flat(0x1000);
+    s.gdtr.base = 0x5000;
+    s.gdtr.limit = 0x1f;
+    s.idtr.base = 0x6000;
+    s.idtr.limit = 32 * 16 - 1;
+    s.rip = CODE;
+    s.gpr[4] = STACK_TOP;
+    s.gpr[3] = 0x1234_5678_9abc_def0;
+    cpu.set_state(s);
+    (cpu, bus)
+}
+
+fn assemble(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(CODE).unwrap()
+}
+
+/// Run `code` under the interpreter and under the JIT (threshold 0), in
+/// steps of `budget` instructions, comparing after each step; returns the
+/// JIT's CPU and the instructions it ran in translated code.
+fn lockstep(code: &[u8], budget: u64) -> Cpu {
+    let (mut int, mut int_bus) = machine(code, None);
+    let (mut jit, mut jit_bus) = machine(code, Some(0));
+    assert!(jit.jit_active(), "the JIT is not available on this host");
+    for step in 0..10_000 {
+        let a = int.run(&mut int_bus, budget);
+        let b = jit.run(&mut jit_bus, budget);
+        assert_eq!(a, b, "exit at step {step}");
+        assert_eq!(int.state, jit.state, "state at step {step}");
+        assert_eq!(int.instret, jit.instret, "instret at step {step}");
+        let stack = (STACK_TOP - 256) as usize..STACK_TOP as usize;
+        assert_eq!(
+            int_bus.ram()[stack.clone()],
+            jit_bus.ram()[stack],
+            "stack at step {step}"
+        );
+        if a == Exit::Halted {
+            assert!(jit.stats.jit_instructions > 0, "nothing ran translated");
+            return jit;
+        }
+    }
+    panic!("the program did not halt");
+}
+
+#[test]
+fn fault_in_a_translated_block_is_exact() {
+    // Inline ALU with live flags, then a load that page-faults: RIP,
+    // registers, flags (pushed in the exception frame) and CR2 as the
+    // interpreter leaves them.
+    let code = assemble(|a| {
+        a.mov(rax, 5u64)?;
+        a.add(rax, rbx)?;
+        a.mov(rcx, 0x4000_0000u64)?;
+        a.lea(rdx, qword_ptr(rax + rcx * 2 + 7))?;
+        a.cmp(rax, rcx)?;
+        a.mov(rsi, qword_ptr(rcx))?;
+        a.hlt()
+    });
+    let cpu = lockstep(&code, 1000);
+    assert_eq!(cpu.state.cr2, 0x4000_0000);
+    assert_eq!(cpu.state.rip, HANDLER + 1);
+}
+
+#[test]
+fn store_into_the_running_block_is_seen() {
+    // The block stores into the immediate of its own next instruction;
+    // the new value must be executed, not the translated old one.
+    let code = assemble(|a| {
+        let mut imm = a.create_label();
+        a.lea(rdi, qword_ptr(imm))?;
+        a.add(rdi, 1)?;
+        a.mov(byte_ptr(rdi), 0x42)?;
+        a.set_label(&mut imm)?;
+        a.mov(eax, 0x11u32)?;
+        a.hlt()
+    });
+    let cpu = lockstep(&code, 1000);
+    assert_eq!(cpu.state.gpr[0], 0x42);
+}
+
+#[test]
+fn translated_code_is_dropped_when_its_page_is_written() {
+    // A loop runs translated, then the program rewrites the loop body's
+    // immediate and runs the loop again: the second run must use it.
+    let code = assemble(|a| {
+        let mut body = a.create_label();
+        let mut again = a.create_label();
+        let mut done = a.create_label();
+        a.xor(eax, eax)?;
+        a.mov(ecx, 100u32)?;
+        a.xor(r8d, r8d)?;
+        a.set_label(&mut body)?;
+        a.add(eax, 3)?;
+        a.dec(ecx)?;
+        a.jnz(body)?;
+        a.test(r8d, r8d)?;
+        a.jnz(done)?;
+        a.inc(r8d)?;
+        a.lea(rdi, qword_ptr(body))?;
+        a.mov(byte_ptr(rdi + 1), 5)?; // `add eax, imm32` is 05 imm32
+        a.mov(ecx, 100u32)?;
+        a.set_label(&mut again)?;
+        a.jmp(body)?;
+        a.set_label(&mut done)?;
+        a.hlt()
+    });
+    let cpu = lockstep(&code, 1000);
+    assert_eq!(cpu.state.gpr[0], 800);
+}
+
+#[test]
+fn self_loops_stop_at_the_budget() {
+    // A translated self-loop with budgets that end it at every possible
+    // point: same instruction counts and state as the interpreter.
+    let code = assemble(|a| {
+        let mut l = a.create_label();
+        a.mov(ecx, 500u32)?;
+        a.set_label(&mut l)?;
+        a.add(rax, rcx)?;
+        a.adc(rdx, 0)?;
+        a.imul_2(rbx, rcx)?;
+        a.dec(rcx)?;
+        a.jnz(l)?;
+        a.hlt()
+    });
+    for budget in [1, 2, 3, 5, 7, 64, 1000] {
+        lockstep(&code, budget);
+    }
+}
