@@ -29,6 +29,9 @@ use vessel_agent::{read_frame, write_frame, Request, AGENT_PORT};
 
 /// How long a throwaway VM may take to boot to its agent.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a clone of the warm-start snapshot may take to answer (it
+/// takes well under a second; then the exec boots instead).
+const WARM_TIMEOUT: Duration = Duration::from_secs(60);
 /// The exit code after `--timeout` (as timeout(1)).
 pub const TIMEOUT_EXIT: u8 = 124;
 /// Signals passed on to the command.
@@ -137,15 +140,11 @@ fn exec(a: ExecArgs) -> Result<u8, String> {
         return session(conn, &req, timeout);
     }
     if warm_eligible(&a) {
-        let kernel = default_guest("kernel/vmlinux")?;
-        let initrd = default_guest("initramfs.cpio.gz")?;
-        let snap = warm_snapshot(&a, &kernel, &initrd)?;
-        let vm = Throwaway::restore(&snap.dir)?;
-        // The snapshot may be replaced only after the clone has its memory
-        // mapped: hold the shared lock until the agent answers.
-        let conn = connect_agent(&vm.uds, Instant::now() + BOOT_TIMEOUT, || vm.check_alive());
-        drop(snap);
-        return session(conn?, &req, timeout);
+        match warm_start(&a) {
+            Ok((_vm, conn)) => return session(conn, &req, timeout),
+            // A warm start is an optimisation: say why, and boot.
+            Err(e) => eprintln!("vessel exec: no warm start ({e}); booting"),
+        }
     }
     let vm = Throwaway::start(&a)?;
     let conn = connect_agent(&vm.uds, Instant::now() + BOOT_TIMEOUT, || vm.check_alive())?;
@@ -463,6 +462,20 @@ fn private_dir() -> Result<PathBuf, String> {
 /// guest, no disks, no network, and no `--cold`.
 fn warm_eligible(a: &ExecArgs) -> bool {
     !a.cold && a.kernel.is_none() && a.initrd.is_none() && a.disks.is_empty() && a.net == "none"
+}
+
+/// A clone of the cached snapshot of the default guest, and the
+/// connection to its agent.
+fn warm_start(a: &ExecArgs) -> Result<(Throwaway, UnixStream), String> {
+    let kernel = default_guest("kernel/vmlinux")?;
+    let initrd = default_guest("initramfs.cpio.gz")?;
+    let snap = warm_snapshot(a, &kernel, &initrd)?;
+    let vm = Throwaway::restore(&snap.dir)?;
+    // The snapshot may be replaced only after the clone has its memory
+    // mapped: hold the shared lock until the agent answers.
+    let conn = connect_agent(&vm.uds, Instant::now() + WARM_TIMEOUT, || vm.check_alive())?;
+    drop(snap);
+    Ok((vm, conn))
 }
 
 /// The cached snapshot of the booted default guest, held with a shared

@@ -280,17 +280,176 @@ fn exec_passes_streams_status_signals_and_timeout() {
     assert_nothing_left(&tmp);
 }
 
-/// Twenty `vessel exec` at once all succeed and leave nothing behind.
+/// A private cache for warm-start tests: the default guest's kernel and
+/// initramfs (copies, so a test may touch them), and the snapshots
+/// `vessel exec` takes.
+fn private_cache(dir: &Path) -> std::path::PathBuf {
+    let cache = dir.join("cache");
+    std::fs::create_dir_all(cache.join("kernel")).unwrap();
+    std::os::unix::fs::symlink(artifact("kernel/vmlinux"), cache.join("kernel/vmlinux")).unwrap();
+    std::fs::copy(artifact("initramfs.cpio.gz"), cache.join("initramfs.cpio.gz")).unwrap();
+    cache
+}
+
+/// `vessel exec` on the default guest of `cache` (warm start), under emu.
+fn warm_exec(tmp: &Path, cache: &Path) -> std::process::Command {
+    let mut c = common::vessel();
+    c.env("TMPDIR", tmp)
+        .env("VESSEL_CACHE", cache)
+        .args(["exec", "--accel", "emu"]);
+    c
+}
+
+/// The warm-start snapshots in `cache`.
+fn snapshots(cache: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(cache.join("exec-snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A real guest restored from a snapshot answers `CONNECT` (it hung in
+/// its transport-reset handler, reading the config space while the device
+/// worker held its lock), and `vessel exec NAME` runs commands in a
+/// running VM: the booted original, then its clone on its own socket
+/// (`--vsock-uds`).
 #[test]
-#[ignore = "long: twenty emu guests boot at once (minutes on 2 cores)"]
+fn restored_guest_answers_and_exec_runs_in_named_vms() {
+    require_agent();
+    let dir = Scratch::new("vsock-restore");
+    let run_dir = dir.0.join("run");
+    let _reaper = common::Reaper(run_dir.clone());
+    let (a_sock, b_sock, snap) = (dir.0.join("a.sock"), dir.0.join("b.sock"), dir.0.join("snap"));
+    common::launch(
+        common::detached_with_cmdline(
+            &run_dir,
+            "orig",
+            "kernel/vmlinux",
+            "256M",
+            "console=ttyS0 reboot=k panic=-1 quiet vessel.agent=1",
+        )
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", a_sock.display())),
+    );
+    drop(connect_guest(&a_sock, 1024, Instant::now() + Duration::from_secs(600)));
+    // `vessel exec NAME` in the booted VM.
+    let mut c = common::runtime_cmd(&run_dir);
+    c.args([
+        "exec",
+        "orig",
+        "--",
+        "sh",
+        "-c",
+        "echo in-orig > /tmp/mark; cat /tmp/mark; exit 5",
+    ]);
+    let o = run_with_stdin(c, b"");
+    assert_eq!(o.status.code(), Some(5), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "in-orig\n");
+
+    common::cli_ok(
+        &run_dir,
+        &["snapshot", "orig", snap.to_str().unwrap(), "--leave-paused"],
+    );
+    common::cli_ok(&run_dir, &["kill", "orig"]);
+    common::launch(
+        common::runtime_cmd(&run_dir)
+            .args(["run", "--detach", "--name", "clone", "--restore"])
+            .arg(&snap)
+            .arg("--vsock-uds")
+            .arg(&b_sock)
+            .stdin(Stdio::null()),
+    );
+    // Answered within the retry window (it never was before the fix).
+    let s = connect_guest(&b_sock, 1024, Instant::now() + Duration::from_secs(120));
+    drop(s);
+    let mut c = common::runtime_cmd(&run_dir);
+    c.args(["exec", "clone", "--", "sh", "-c", "cat /tmp/mark; tr a-z A-Z"]);
+    let o = run_with_stdin(c, b"restored\n");
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "in-orig\nRESTORED\n");
+    common::cli_ok(&run_dir, &["kill", "clone"]);
+}
+
+/// `vessel exec` with the default guest starts warm: the first run boots
+/// the guest and snapshots it (once), the next ones are clones of that
+/// snapshot. Clones share no writable state, stdin, stdout and the exit
+/// status pass through, nothing is left behind, and a changed guest
+/// gives a new snapshot in place of the stale one.
+#[test]
+fn exec_starts_warm_from_a_cached_snapshot() {
+    require_agent();
+    let dir = Scratch::new("vsock-warm");
+    let tmp = dir.0.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let cache = private_cache(&dir.0);
+
+    let mut c = warm_exec(&tmp, &cache);
+    c.args(["--", "sh", "-c", "echo first > /tmp/mark; cat /tmp/mark"]);
+    let o = run_with_stdin(c, b"");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "first\n");
+    assert!(err.contains("taking a snapshot"), "{err}");
+    let first = snapshots(&cache);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(first[0].join("state").is_file() && first[0].join("memory").is_file());
+    assert_nothing_left(&tmp);
+
+    // Warm: no new snapshot, and the last clone's file is not here.
+    let start = Instant::now();
+    let mut c = warm_exec(&tmp, &cache);
+    c.args([
+        "--",
+        "sh",
+        "-c",
+        "test ! -e /tmp/mark || echo shared; tr a-z A-Z; exit 4",
+    ]);
+    let o = run_with_stdin(c, b"warm\n");
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "WARM\n");
+    assert!(!err.contains("taking a snapshot"), "{err}");
+    assert_eq!(snapshots(&cache), first);
+    eprintln!("warm exec (emu): {took:?}");
+    assert!(took < Duration::from_secs(120), "{took:?}");
+    assert_nothing_left(&tmp);
+
+    // A changed guest: a new snapshot replaces the stale one.
+    let initrd = cache.join("initramfs.cpio.gz");
+    let f = std::fs::OpenOptions::new().write(true).open(&initrd).unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+    drop(f);
+    let mut c = warm_exec(&tmp, &cache);
+    c.args(["--", "true"]);
+    let o = run_with_stdin(c, b"");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("taking a snapshot"), "{err}");
+    let second = snapshots(&cache);
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_ne!(second, first);
+    assert_nothing_left(&tmp);
+}
+
+/// Twenty `vessel exec` at once (warm starts from one snapshot, which
+/// the first of them takes while the others wait) all succeed and leave
+/// no processes, sockets or files behind.
+#[test]
 fn twenty_parallel_execs() {
     require_agent();
     let dir = Scratch::new("vsock-exec20");
     let tmp = dir.0.join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
+    let cache = private_cache(&dir.0);
     let runs: Vec<_> = (0..20)
         .map(|i| {
-            let mut c = exec(&tmp);
+            let mut c = warm_exec(&tmp, &cache);
             c.args(["--", "sh", "-c", &format!("echo run-{i}; exit {}", i % 5)]);
             std::thread::spawn(move || (i, run_with_stdin(c, b"")))
         })
@@ -300,5 +459,6 @@ fn twenty_parallel_execs() {
         assert_eq!(o.status.code(), Some(i % 5), "{}", String::from_utf8_lossy(&o.stderr));
         assert_eq!(String::from_utf8_lossy(&o.stdout), format!("run-{i}\n"));
     }
+    assert_eq!(snapshots(&cache).len(), 1);
     assert_nothing_left(&tmp);
 }
