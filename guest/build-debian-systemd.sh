@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build a Debian 12 root disk that boots with systemd:
 # $VESSEL_CACHE/debian/systemd-root.ext4, a 1 GiB ext4 image of
-# `mmdebstrap --variant=minbase --include=systemd-sysv bookworm` (from
+# `mmdebstrap --variant=minbase --include=systemd-sysv,udev bookworm` (from
 # deb.debian.org), with
 #   /init                     exec /lib/systemd/systemd: build-debian-initramfs.sh's
 #                             init switch_roots into /init on the root disk
@@ -46,7 +46,7 @@ ExecStart=/bin/sh -c "echo VESSEL-MULTI-USER >/dev/console"
 WantedBy=multi-user.target'
 
 log "mmdebstrap: Debian 12 minbase with systemd-sysv"
-SOURCE_DATE_EPOCH=0 mmdebstrap --mode=root --variant=minbase --include=systemd-sysv \
+SOURCE_DATE_EPOCH=0 mmdebstrap --mode=root --variant=minbase --include=systemd-sysv,udev \
 	--customize-hook='printf "#!/bin/sh\nexec /lib/systemd/systemd \"\$@\"\n" >"$1/init"; chmod 0755 "$1/init"' \
 	--customize-hook="printf '%s\n' '$unit' >\"\$1/etc/systemd/system/vessel-multi-user.service\"" \
 	--customize-hook='mkdir -p "$1/etc/systemd/system/multi-user.target.wants"; ln -sf ../vessel-multi-user.service "$1/etc/systemd/system/multi-user.target.wants/vessel-multi-user.service"' \
