@@ -149,7 +149,8 @@ pub struct FailoverInfo {
     pub checkpoint_bytes: u64,
     /// How long each epoch paused the guest (primary), in ms.
     pub pause_ms: PauseFigures,
-    /// Console output held until its epoch is acknowledged.
+    /// Output held until its epoch is acknowledged: serial and
+    /// virtio-console bytes and network frames.
     pub output_held_bytes: u64,
     /// Standby: the epoch it would resume from (took-over: resumed from).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -289,11 +290,6 @@ pub fn start_protect(ctl: &mut Controller, req: ProtectRequest) -> Result<(), Ac
         return Err(ActionError::Unsupported(
             "cannot protect a VM with a vsock device yet: its streams are not held until their epoch is acknowledged"
                 .into(),
-        ));
-    }
-    if cfg.console_output.is_some() {
-        return Err(ActionError::Unsupported(
-            "cannot protect a VM with a virtio-console yet: only the serial port's output is held until its epoch is acknowledged".into(),
         ));
     }
     let shared = ctl.failover.shared.clone();
