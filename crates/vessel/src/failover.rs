@@ -152,6 +152,9 @@ pub struct FailoverInfo {
     /// Output held until its epoch is acknowledged: serial and
     /// virtio-console bytes and network frames.
     pub output_held_bytes: u64,
+    /// Primary: disk writes held in the overlays until their epoch is
+    /// acknowledged and written to the images.
+    pub disk_held_bytes: u64,
     /// Standby: the epoch it would resume from (took-over: resumed from).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resume_epoch: Option<u64>,
@@ -170,6 +173,8 @@ struct Shared {
     pauses: Mutex<PauseStats>,
     /// `PUT /failover/takeover` asked for it.
     takeover_now: AtomicBool,
+    /// The protected VM's disk overlays (primary).
+    overlays: Mutex<Vec<Arc<vmm::virtio::epoch_overlay::EpochOverlay>>>,
 }
 
 impl Shared {
@@ -214,6 +219,14 @@ impl Slot {
         let (median, p99) = self.shared.pauses.lock().unwrap_or_else(|e| e.into_inner()).summary();
         i.pause_ms = PauseFigures { median, p99 };
         i.output_held_bytes = self.gate.held_bytes();
+        i.disk_held_bytes = self
+            .shared
+            .overlays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|o| o.held_bytes())
+            .sum();
         i
     }
 
@@ -458,6 +471,7 @@ fn primary_run(
     // Disk writes are held from epoch 0's pause on (what came before is
     // in the images, under the state epoch 0 carries).
     let overlays = vm.disk_overlays();
+    *shared.overlays.lock().unwrap_or_else(|e| e.into_inner()) = overlays.iter().map(|(_, o)| o.clone()).collect();
     let mut started = Ok(());
     let first = fo::capture(vm, || {
         gate.mark(0);

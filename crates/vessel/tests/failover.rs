@@ -102,6 +102,7 @@ fn protect(run_dir: &Path, url: &str) {
         if p["epochs"].as_u64().unwrap_or(0) >= 5 {
             assert!(p["checkpoint_bytes"].as_u64().unwrap_or(0) > 0, "{p}");
             assert!(p["pause_ms"]["median"].as_f64().unwrap_or(0.0) > 0.0, "{p}");
+            assert!(p["disk_held_bytes"].as_u64().is_some(), "{p}");
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(30), "no epochs: {p}");
