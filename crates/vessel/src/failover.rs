@@ -149,8 +149,12 @@ pub struct FailoverInfo {
     pub checkpoint_bytes: u64,
     /// How long each epoch paused the guest (primary), in ms.
     pub pause_ms: PauseFigures,
-    /// Console output held until its epoch is acknowledged.
+    /// Output held until its epoch is acknowledged: serial and
+    /// virtio-console bytes and network frames.
     pub output_held_bytes: u64,
+    /// Primary: disk writes held in the overlays until their epoch is
+    /// acknowledged and written to the images.
+    pub disk_held_bytes: u64,
     /// Standby: the epoch it would resume from (took-over: resumed from).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resume_epoch: Option<u64>,
@@ -169,6 +173,8 @@ struct Shared {
     pauses: Mutex<PauseStats>,
     /// `PUT /failover/takeover` asked for it.
     takeover_now: AtomicBool,
+    /// The protected VM's disk overlays (primary).
+    overlays: Mutex<Vec<Arc<vmm::virtio::epoch_overlay::EpochOverlay>>>,
 }
 
 impl Shared {
@@ -213,6 +219,14 @@ impl Slot {
         let (median, p99) = self.shared.pauses.lock().unwrap_or_else(|e| e.into_inner()).summary();
         i.pause_ms = PauseFigures { median, p99 };
         i.output_held_bytes = self.gate.held_bytes();
+        i.disk_held_bytes = self
+            .shared
+            .overlays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|o| o.held_bytes())
+            .sum();
         i
     }
 
@@ -289,11 +303,6 @@ pub fn start_protect(ctl: &mut Controller, req: ProtectRequest) -> Result<(), Ac
         return Err(ActionError::Unsupported(
             "cannot protect a VM with a vsock device yet: its streams are not held until their epoch is acknowledged"
                 .into(),
-        ));
-    }
-    if cfg.console_output.is_some() {
-        return Err(ActionError::Unsupported(
-            "cannot protect a VM with a virtio-console yet: only the serial port's output is held until its epoch is acknowledged".into(),
         ));
     }
     let shared = ctl.failover.shared.clone();
@@ -462,6 +471,7 @@ fn primary_run(
     // Disk writes are held from epoch 0's pause on (what came before is
     // in the images, under the state epoch 0 carries).
     let overlays = vm.disk_overlays();
+    *shared.overlays.lock().unwrap_or_else(|e| e.into_inner()) = overlays.iter().map(|(_, o)| o.clone()).collect();
     let mut started = Ok(());
     let first = fo::capture(vm, || {
         gate.mark(0);

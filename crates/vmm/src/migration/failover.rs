@@ -608,11 +608,20 @@ pub struct OutputGate {
     inner: Mutex<Gate>,
 }
 
+/// A device's way out to the world (a virtio-console's output file), for
+/// output the gate held.
+pub trait OutputSink: Send + Sync {
+    fn emit(&self, data: &[u8]);
+}
+
 /// Where one piece of held output goes.
 enum Sink {
+    /// The serial console.
     Console,
     /// A network frame, for this TAP.
     Frame(Arc<crate::virtio::tap::Tap>),
+    /// A device's byte stream.
+    Stream(Arc<dyn OutputSink>),
 }
 
 struct Chunk {
@@ -673,6 +682,18 @@ impl OutputGate {
         tap.write_frame(frame).map(|_| ())
     }
 
+    /// Bytes a device sends to `sink`: passed at once, or held until
+    /// their epoch is acknowledged.
+    pub fn send_to(&self, sink: &Arc<dyn OutputSink>, data: &[u8]) {
+        let mut g = self.lock();
+        if g.holding {
+            g.push(Sink::Stream(sink.clone()), data);
+            return;
+        }
+        drop(g);
+        sink.emit(data);
+    }
+
     /// Start holding output (protection begins).
     pub fn hold(&self) {
         let mut g = self.lock();
@@ -726,7 +747,7 @@ impl OutputGate {
         let mut kept = VecDeque::new();
         let mut bytes = 0;
         for c in chunks {
-            if matches!(c.sink, Sink::Console) {
+            if !matches!(c.sink, Sink::Frame(_)) {
                 bytes += c.data.len() as u64;
                 kept.push_back(c);
             }
@@ -779,6 +800,7 @@ impl Gate {
                 Sink::Frame(tap) => {
                     let _ = tap.write_frame(&c.data);
                 }
+                Sink::Stream(sink) => sink.emit(&c.data),
             }
         }
         if console {

@@ -13,6 +13,7 @@ use virtio_queue::Reader;
 
 use super::worker::{spawn_queue_worker, Worker};
 use super::{Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::migration::failover::{OutputGate, OutputSink};
 
 const QUEUE_SIZE: u16 = 64;
 /// Queue 0 receives (unused: no input yet); queue 1 transmits.
@@ -81,9 +82,21 @@ impl CappedOutput {
     }
 }
 
+/// The output file as the failover gate's sink.
+struct GatedOutput(std::sync::Mutex<CappedOutput>);
+
+impl OutputSink for GatedOutput {
+    fn emit(&self, data: &[u8]) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(data);
+    }
+}
+
 pub struct Console {
     output: File,
     limit: u64,
+    /// Failover's output gate, once the VM was protected: the guest's
+    /// output goes through it (held until its epoch is acknowledged).
+    gate: Arc<std::sync::OnceLock<Arc<OutputGate>>>,
     pub metrics: Arc<ConsoleMetrics>,
     worker: Option<Worker>,
 }
@@ -99,6 +112,7 @@ impl Console {
         Console {
             output,
             limit,
+            gate: Arc::default(),
             metrics: Arc::default(),
             worker: None,
         }
@@ -123,13 +137,18 @@ impl VirtioDevice for Console {
     }
 
     fn activate(&mut self, _acked: u64, a: Activation) -> std::io::Result<()> {
-        let mut output = CappedOutput::new(self.output.try_clone()?, self.limit, self.metrics.clone())?;
+        let output = CappedOutput::new(self.output.try_clone()?, self.limit, self.metrics.clone())?;
+        let output: Arc<dyn OutputSink> = Arc::new(GatedOutput(std::sync::Mutex::new(output)));
+        let gate = self.gate.clone();
         let mut buf = vec![0u8; MAX_CHUNK];
         self.worker = Some(spawn_queue_worker("virtio-console", a, TX, move |mem, chain, _dma| {
             if let Ok(mut r) = Reader::<()>::new(mem, chain) {
                 let n = r.available_bytes().min(MAX_CHUNK);
                 if r.read_exact(&mut buf[..n]).is_ok() {
-                    output.write(&buf[..n]);
+                    match gate.get() {
+                        Some(g) => g.send_to(&output, &buf[..n]),
+                        None => output.emit(&buf[..n]),
+                    }
                 }
             }
             0
@@ -139,6 +158,10 @@ impl VirtioDevice for Console {
 
     fn deactivate(&mut self) -> Option<Worker> {
         self.worker.take()
+    }
+
+    fn set_output_gate(&mut self, gate: Arc<OutputGate>) {
+        let _ = self.gate.set(gate);
     }
 }
 
