@@ -1,7 +1,8 @@
 //! Boot time, side by side: wall time from process start to the guest's
 //! marker line (`VESSEL-GUEST-READY`, printed by the initramfs's /init),
-//! for Vessel (engine emu) and for QEMU (TCG, microvm) on the same kernel
-//! and initramfs, runs alternating, in one invocation.
+//! for Vessel (engine emu, interpreter only and with `--jit on`) and for
+//! QEMU (TCG, microvm) on the same kernel and initramfs, runs alternating,
+//! in one invocation.
 //!
 //! Usage: cargo run --release -p vessel-bench --bin boot -- [RUNS] [KERNEL]
 //! (after `cargo build --release -p vessel` and `guest/build-all.sh`).
@@ -52,28 +53,38 @@ fn main() {
         .unwrap_or_else(default_kernel);
     // The guest's /init sees no command, so it would start a shell; we stop
     // each run at the marker anyway.
-    let vessel_cmd = || vessel_guest(&kernel, "console=ttyS0 reboot=k");
+    let vessel_cmd = |jit: &str| {
+        let mut c = vessel_guest(&kernel, "console=ttyS0 reboot=k");
+        c.args(["--jit", jit]);
+        c
+    };
     let qemu_cmd = || qemu_guest(&kernel, "console=ttyS0 reboot=t");
-    let (mut v, mut q) = (Vec::new(), Vec::new());
+    let (mut v, mut j, mut q) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
-        let tv = time_to_marker(vessel_cmd()).expect("Vessel did not reach the marker");
+        let tv = time_to_marker(vessel_cmd("off")).expect("Vessel did not reach the marker");
+        let tj = time_to_marker(vessel_cmd("on")).expect("Vessel --jit on did not reach the marker");
         let tq = time_to_marker(qemu_cmd()).expect("QEMU did not reach the marker");
         println!(
-            "run {}: vessel {:.3} s, qemu {:.3} s",
+            "run {}: vessel {:.3} s, vessel --jit on {:.3} s, qemu {:.3} s",
             i + 1,
             tv.as_secs_f64(),
+            tj.as_secs_f64(),
             tq.as_secs_f64()
         );
         v.push(tv);
+        j.push(tj);
         q.push(tq);
     }
-    let (mv, mq) = (median(&mut v), median(&mut q));
+    let (mv, mj, mq) = (median(&mut v), median(&mut j), median(&mut q));
     println!("kernel: {}", kernel.display());
     println!(
-        "median boot to marker: vessel (emu) {:.3} s, qemu (tcg, microvm) {:.3} s, ratio vessel/qemu {:.2}",
+        "median boot to marker: vessel (emu) {:.3} s, vessel (emu, --jit on) {:.3} s, qemu (tcg, microvm) {:.3} s; \
+         ratio vessel/qemu {:.2}, jit/qemu {:.2}",
         mv.as_secs_f64(),
+        mj.as_secs_f64(),
         mq.as_secs_f64(),
-        mv.as_secs_f64() / mq.as_secs_f64()
+        mv.as_secs_f64() / mq.as_secs_f64(),
+        mj.as_secs_f64() / mq.as_secs_f64()
     );
     println!("RATIO boot {:.2}", mv.as_secs_f64() / mq.as_secs_f64());
 }

@@ -145,6 +145,10 @@ pub struct RunArgs {
     /// guests, emu otherwise) [default: auto].
     #[arg(long)]
     pub accel: Option<String>,
+    /// emu engine: run hot guest code through the JIT tier (`on`) or only
+    /// the interpreter (`off`) [default: off].
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub jit: Option<bool>,
     /// A virtio-blk disk: path=IMAGE[,readonly=on]. Repeatable; the first
     /// is /dev/vda in the guest.
     #[arg(long = "disk", value_name = "path=IMG[,readonly=on]", value_parser = device_args::parse_disk)]
@@ -700,4 +704,13 @@ fn restore(dir: &Path, name: Option<String>, count: u32, accel: Option<String>, 
         println!("{n}");
     }
     Ok(())
+}
+
+/// `on` or `off`, for switches like `--jit`.
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{s}' is neither on nor off")),
+    }
 }

@@ -2,7 +2,8 @@
 //!
 //! ```json
 //! { "kernel": "vmlinux", "initrd": "initramfs.cpio.gz",
-//!   "cmdline": "console=ttyS0 reboot=k", "mem": "512M", "cpus": 2, "accel": "emu" }
+//!   "cmdline": "console=ttyS0 reboot=k", "mem": "512M", "cpus": 2, "accel": "emu",
+//!   "jit": true }
 //! ```
 //! Relative paths are relative to the file. Unknown keys are an error.
 
@@ -25,6 +26,7 @@ struct MachineFile {
     mem: Option<Size>,
     cpus: Option<u32>,
     accel: Option<String>,
+    jit: Option<bool>,
     #[serde(default)]
     disks: Vec<DiskEntry>,
     #[serde(default)]
@@ -125,6 +127,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings, String> {
             console_output: args.console_output,
             console_output_limit: vmm::virtio::console::DEFAULT_OUTPUT_LIMIT,
             vsock: args.vsock,
+            jit: args.jit.or(file.jit).unwrap_or(false),
         },
         accel: args.accel.or(file.accel).unwrap_or_else(|| "auto".to_string()),
     })
@@ -143,6 +146,7 @@ mod tests {
             mem: None,
             cpus: None,
             accel: None,
+            jit: None,
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,

@@ -40,6 +40,10 @@ pub struct MachineConfig {
     /// when /dev/kvm can run ordinary guests, emu otherwise).
     #[serde(default = "accel_auto")]
     pub accel: String,
+    /// Vessel: with the emu engine, run hot guest code through x86emu's
+    /// JIT tier (default false: the interpreter only).
+    #[serde(default)]
+    pub jit: bool,
 }
 
 fn huge_pages_none() -> String {
@@ -60,6 +64,7 @@ impl Default for MachineConfig {
             huge_pages: huge_pages_none(),
             cpu_template: None,
             accel: accel_auto(),
+            jit: false,
         }
     }
 }
@@ -75,6 +80,7 @@ pub struct MachineConfigUpdate {
     pub huge_pages: Option<String>,
     pub cpu_template: Option<String>,
     pub accel: Option<String>,
+    pub jit: Option<bool>,
 }
 
 impl MachineConfig {
@@ -118,6 +124,7 @@ impl MachineConfig {
             huge_pages: u.huge_pages.unwrap_or_else(|| self.huge_pages.clone()),
             cpu_template: u.cpu_template.or_else(|| self.cpu_template.clone()),
             accel: u.accel.unwrap_or_else(|| self.accel.clone()),
+            jit: u.jit.unwrap_or(self.jit),
         }
     }
 }

@@ -38,6 +38,33 @@ fn boots_one_vcpu_and_runs_a_command() {
 }
 
 #[test]
+fn boots_with_the_jit_and_runs_a_command() {
+    // The whole boot and the command with emu's JIT tier on; -v reports
+    // what the JIT did, so a run that translated nothing fails.
+    let o = common::guest_on(
+        "kernel/vmlinux",
+        1,
+        "256M",
+        "echo answer=$((6*7)); i=0; s=0; while [ $i -lt 2000 ]; do s=$((s+i*i)); i=$((i+1)); done; echo sum=$s",
+        "reboot",
+    )
+    .args(["--jit", "on", "-v"])
+    .timed_output()
+    .expect("run vessel");
+    assert_clean_run(&o);
+    let s = stdout(&o);
+    assert!(s.contains("answer=42"), "{s}");
+    assert!(s.contains("sum=2664667000"), "{s}");
+    let log = String::from_utf8_lossy(&o.stderr);
+    let jit = log
+        .lines()
+        .find_map(|l| l.split_once("JIT: ").map(|(_, r)| r.to_string()))
+        .unwrap_or_else(|| panic!("no JIT report in the log:\n{log}"));
+    let blocks: u64 = jit.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(blocks > 0, "the JIT translated nothing: {jit}");
+}
+
+#[test]
 fn boots_two_vcpus() {
     let o = boot(
         "kernel/vmlinux",

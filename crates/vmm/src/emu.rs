@@ -20,6 +20,11 @@ use crate::virtio::DmaObserver;
 /// Instructions a vCPU runs between checks of machine-wide state.
 const SLICE: u64 = 200_000;
 
+/// Runs of a decoded block before the JIT translates it. Translation costs
+/// about as much as interpreting some thousand instructions (iced's
+/// assembler), and boot code is mostly cold.
+pub const JIT_THRESHOLD: u32 = 1000;
+
 pub struct EmuEngine {
     cpus: Vec<Cpu>,
 }
@@ -28,13 +33,14 @@ impl EmuEngine {
     /// `count` vCPUs sharing `code_map` (decoded code of the guest's
     /// physical memory); the BSP starts in `boot_state`, the others wait
     /// for INIT/SIPI.
-    pub fn new(count: u32, code_map: Arc<CodeMap>, boot_state: &CpuState) -> Self {
+    pub fn new(count: u32, code_map: Arc<CodeMap>, boot_state: &CpuState, jit: bool) -> Self {
         let cpus = (0..count)
             .map(|i| {
                 let config = CpuConfig {
                     apic_id: i,
                     cpu_count: count,
                     tsc_khz: TSC_KHZ,
+                    jit: jit.then_some(JIT_THRESHOLD),
                     ..CpuConfig::default()
                 };
                 let mut cpu = Cpu::new(config, code_map.clone());
@@ -52,7 +58,7 @@ impl EmuEngine {
     }
 
     /// vCPUs that go on from saved states (a snapshot), one per state.
-    pub fn from_states(code_map: Arc<CodeMap>, states: &[CpuState]) -> Self {
+    pub fn from_states(code_map: Arc<CodeMap>, states: &[CpuState], jit: bool) -> Self {
         let count = states.len() as u32;
         let cpus = states
             .iter()
@@ -62,6 +68,7 @@ impl EmuEngine {
                     apic_id: i as u32,
                     cpu_count: count,
                     tsc_khz: TSC_KHZ,
+                    jit: jit.then_some(JIT_THRESHOLD),
                     ..CpuConfig::default()
                 };
                 let mut cpu = Cpu::new(config, code_map.clone());
@@ -80,6 +87,7 @@ pub struct EmuSetup {
     cpus: u32,
     irqs: Arc<Interrupts>,
     code_map: Arc<CodeMap>,
+    jit: bool,
 }
 
 impl EmuSetup {
@@ -90,6 +98,7 @@ impl EmuSetup {
         irqs: Arc<Interrupts>,
         code_map: Arc<CodeMap>,
         saw: Option<&CpuFeatures>,
+        jit: bool,
     ) -> crate::Result<Self> {
         if let Some(saw) = saw {
             let missing = saw.missing_from(&CpuFeatures::emu(cpus));
@@ -100,7 +109,12 @@ impl EmuSetup {
                 )));
             }
         }
-        Ok(EmuSetup { cpus, irqs, code_map })
+        Ok(EmuSetup {
+            cpus,
+            irqs,
+            code_map,
+            jit,
+        })
     }
 }
 
@@ -119,7 +133,7 @@ impl EngineSetup for EmuSetup {
 
     fn boot(self: Box<Self>, boot_state: &CpuState, _: &[MmioTransport]) -> crate::Result<Ready> {
         Ok(Ready {
-            engine: Box::new(EmuEngine::new(self.cpus, self.code_map, boot_state)),
+            engine: Box::new(EmuEngine::new(self.cpus, self.code_map, boot_state, self.jit)),
             cpu_features: CpuFeatures::emu(self.cpus),
             save: None,
             dirty_log: None,
@@ -128,7 +142,7 @@ impl EngineSetup for EmuSetup {
 
     fn restore(self: Box<Self>, state: &MachineState, _: &[MmioTransport]) -> crate::Result<Ready> {
         Ok(Ready {
-            engine: Box::new(EmuEngine::from_states(self.code_map, &state.cpus)),
+            engine: Box::new(EmuEngine::from_states(self.code_map, &state.cpus, self.jit)),
             cpu_features: CpuFeatures::emu(self.cpus),
             save: None,
             dirty_log: None,
@@ -303,6 +317,15 @@ impl Vcpu for EmuVcpu {
             st.interrupts,
             st.unimplemented
         );
+        if self.cpu.jit_active() {
+            tracing::info!(
+                "vcpu{}: JIT: {} blocks translated in {:.1} ms, {:.1}% of instructions run in translated code",
+                self.id,
+                st.jit_blocks,
+                st.jit_translate_ns as f64 / 1e6,
+                st.jit_instructions as f64 * 100.0 / st.instructions.max(1) as f64
+            );
+        }
     }
 }
 

@@ -152,7 +152,8 @@ pub struct Ready {
 /// The engine `kind` for a machine of `cpus` vCPUs over `mem`, whose own
 /// interrupt controllers are `irqs` and decoded-code cache `code_map`.
 /// `saw`: for a restore, the CPU features the guest saw, which the engine
-/// must offer (refused, naming the missing ones, otherwise).
+/// must offer (refused, naming the missing ones, otherwise). `jit`: emu
+/// runs hot code through x86emu's JIT tier.
 pub fn prepare(
     kind: EngineKind,
     mem: &vm_memory::GuestMemoryMmap,
@@ -160,9 +161,16 @@ pub fn prepare(
     irqs: &Arc<Interrupts>,
     code_map: &Arc<x86emu::CodeMap>,
     saw: Option<&CpuFeatures>,
+    jit: bool,
 ) -> Result<Box<dyn EngineSetup>> {
     Ok(match kind {
-        EngineKind::Emu => Box::new(crate::emu::EmuSetup::new(cpus, irqs.clone(), code_map.clone(), saw)?),
+        EngineKind::Emu => Box::new(crate::emu::EmuSetup::new(
+            cpus,
+            irqs.clone(),
+            code_map.clone(),
+            saw,
+            jit,
+        )?),
         EngineKind::Kvm => Box::new(crate::kvm::engine::KvmEngine::prepare(mem, cpus, saw)?),
     })
 }

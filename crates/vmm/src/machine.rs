@@ -68,6 +68,10 @@ pub struct MachineConfig {
     /// A virtio-vsock device (Firecracker's hybrid Unix-socket back end).
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// emu engine: run hot guest code through x86emu's JIT tier (host code
+    /// for blocks that ran often) instead of only its interpreter.
+    #[serde(default)]
+    pub jit: bool,
 }
 
 /// A virtio-vsock device: the guest's CID and the host socket that stands
@@ -198,6 +202,7 @@ impl Shared {
             rng: false,
             console_output: None,
             console_output_limit: 0,
+            jit: false,
             vsock: None,
         };
         Arc::new(Shared {
@@ -515,7 +520,7 @@ impl Machine {
         // The engine's interrupt controller takes the device lines. Device
         // writes to guest memory go to the engine (x86emu drops decoded code
         // there) and to the dirty log a live migration reads.
-        let setup = crate::engine::prepare(engine, &mem, cfg.cpus, &irqs, &code_map, None)?;
+        let setup = crate::engine::prepare(engine, &mem, cfg.cpus, &irqs, &code_map, None, cfg.jit)?;
         let lines = |pin: u32| setup.irq_line(pin);
         let dirty = Arc::new(DirtyLog::default());
         let dma = with_dirty_log(setup.dma_observer(), &dirty);
@@ -635,7 +640,15 @@ impl Machine {
         let cfg = &state.config;
         let irqs = Arc::new(Interrupts::new(InterruptRouter::from_state(state.interrupts.clone())));
         let code_map = Arc::new(CodeMap::new(mem.last_addr().0 + 1));
-        let setup = crate::engine::prepare(engine, &mem, cfg.cpus, &irqs, &code_map, Some(&state.cpu_features))?;
+        let setup = crate::engine::prepare(
+            engine,
+            &mem,
+            cfg.cpus,
+            &irqs,
+            &code_map,
+            Some(&state.cpu_features),
+            cfg.jit,
+        )?;
         let lines = |pin: u32| setup.irq_line(pin);
         let dirty = Arc::new(DirtyLog::default());
         let dma = with_dirty_log(setup.dma_observer(), &dirty);

@@ -366,6 +366,7 @@ pub(crate) mod tests {
                 console_output: None,
                 console_output_limit: 0,
                 vsock: None,
+                jit: false,
             },
             engine: EngineKind::Emu,
             clock_ns: 123,

@@ -81,6 +81,7 @@ fn config(dir: &Path) -> MachineConfig {
         console_output: None,
         console_output_limit: 0,
         vsock: None,
+        jit: false,
     }
 }
 

@@ -37,6 +37,12 @@ impl CodeMap {
         Some(v)
     }
 
+    /// The page array (one `AtomicU32` per page, bit 0 = holds code) and
+    /// its length, for translated code's inline store check.
+    pub(crate) fn raw(&self) -> (usize, usize) {
+        (self.pages.as_ptr() as usize, self.pages.len())
+    }
+
     /// The current tag of a page, to validate a cached block.
     #[inline(always)]
     pub fn tag(&self, phys: u64) -> u32 {

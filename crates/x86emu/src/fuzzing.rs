@@ -3,7 +3,9 @@
 //! drives it with pseudo-random inputs, so CI exercises it on stable Rust.
 //!
 //! The contract under test: whatever the bytes, `Cpu::run` returns (within
-//! its budget) and never panics.
+//! its budget) and never panics, under the interpreter and under the JIT
+//! tier (translating every block at once). [`run_bytes_lockstep`] also
+//! demands that both end in the same state.
 
 use crate::cpu::{Cpu, Exit};
 use crate::state::{cr, flags, CpuState, Segment};
@@ -22,8 +24,28 @@ fn take<const N: usize>(data: &mut &[u8]) -> [u8; N] {
     out
 }
 
-/// Build a state and memory from `data`, run it, and return how it ended.
-pub fn run_bytes(mut data: &[u8]) -> Exit {
+/// Build a state and memory from `data`, run it under the interpreter and
+/// under the JIT, and return how the interpreter's run ended.
+pub fn run_bytes(data: &[u8]) -> Exit {
+    let _ = run_with(data, Some(0));
+    run_with(data, None).0
+}
+
+/// As [`run_bytes`], and panic unless both tiers ended in the same exit,
+/// state, instruction count and memory.
+pub fn run_bytes_lockstep(data: &[u8]) -> Exit {
+    let (exit, cpu, bus) = run_with(data, None);
+    let (jit_exit, jit_cpu, jit_bus) = run_with(data, Some(0));
+    assert_eq!(exit, jit_exit, "exit: interpreter vs JIT");
+    assert_eq!(cpu.state, jit_cpu.state, "state: interpreter vs JIT");
+    assert_eq!(cpu.instret, jit_cpu.instret, "instructions: interpreter vs JIT");
+    assert!(bus.ram() == jit_bus.ram(), "memory: interpreter vs JIT");
+    exit
+}
+
+/// Build a state and memory from `data` and run it with the JIT tier set
+/// to `jit`.
+fn run_with(mut data: &[u8], jit: Option<u32>) -> (Exit, Cpu, TestBus) {
     let d = &mut data;
     let [mode, misc, cpl_bits, seed] = take::<4>(d);
     let mut bus = TestBus::new(RAM);
@@ -118,6 +140,7 @@ pub fn run_bytes(mut data: &[u8]) -> Exit {
     s.msr.lstar = code_at;
     s.efer |= if misc & 8 != 0 { cr::EFER_SCE } else { 0 };
     let mut cpu = Cpu::standalone(RAM);
+    cpu.set_jit(jit);
     cpu.set_state(s);
     if misc & 16 != 0 {
         cpu.inject_interrupt(misc);
@@ -135,7 +158,7 @@ pub fn run_bytes(mut data: &[u8]) -> Exit {
             _ => {}
         }
     }
-    exit
+    (exit, cpu, bus)
 }
 
 #[cfg(test)]
@@ -162,6 +185,28 @@ mod tests {
             let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
             // Any exit is fine; returning at all (no panic, no hang) is the test.
             let _ = run_bytes(&data);
+        }
+    }
+}
+
+#[cfg(test)]
+mod lockstep {
+    /// The same seeded inputs as the test above, each run under both tiers
+    /// and compared.
+    #[test]
+    #[ignore = "known divergence: seeded case 1511 (inc [mem]; adc ebp,ebx; loop) ends in TripleFault after 96 instructions interpreted, 500 translated; see docs/EMU-PERF.md"]
+    fn jit_ends_as_the_interpreter_on_random_bytes() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..3000 {
+            let len = 400 + (next() % 200) as usize;
+            let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let _ = super::run_bytes_lockstep(&data);
         }
     }
 }

@@ -66,7 +66,9 @@ const TLB_BITS: usize = 9;
 const TLB_SIZE: usize = 1 << TLB_BITS;
 const INVALID: u64 = 1;
 
+/// `repr(C)`: the JIT's inline data-TLB lookup reads it ([`JitTlb`]).
 #[derive(Clone, Copy)]
+#[repr(C)]
 struct Entry {
     /// Page-aligned linear address, or INVALID, per access kind.
     read_tag: u64,
@@ -89,6 +91,22 @@ const EMPTY: Entry = Entry {
     global: false,
     large: false,
 };
+
+/// What translated code needs to look up a data page inline: a set is
+/// `TLB_SIZE` entries of `entry_size` bytes indexed by linear bits 12..;
+/// a hit compares the page-aligned linear address with the read or write
+/// tag, and RAM has a non-null host pointer. A miss takes the slow path
+/// (`translate`), so write fills still call `Bus::note_write_mapping`.
+pub(crate) struct JitTlb;
+
+impl JitTlb {
+    pub const INDEX_MASK: u64 = TLB_SIZE as u64 - 1;
+    pub const ENTRY_SIZE: i32 = std::mem::size_of::<Entry>() as i32;
+    pub const READ_TAG: i32 = std::mem::offset_of!(Entry, read_tag) as i32;
+    pub const WRITE_TAG: i32 = std::mem::offset_of!(Entry, write_tag) as i32;
+    pub const PHYS: i32 = std::mem::offset_of!(Entry, phys) as i32;
+    pub const HOST: i32 = std::mem::offset_of!(Entry, host) as i32;
+}
 
 /// A direct-mapped TLB per permission context.
 pub struct Tlb {
@@ -174,6 +192,12 @@ impl Tlb {
         if access == Access::Write {
             slot.write_tag = page;
         }
+    }
+
+    /// The data set that reads and writes at privilege `user` use now, for
+    /// translated code's inline lookup (see [`JitTlb`]).
+    pub(crate) fn data_set(&self, s: &CpuState, user: bool) -> usize {
+        self.sets[Self::set(context(s, user), Access::Read)].as_ptr() as usize
     }
 
     /// Flush everything (CR0/CR4/EFER changes, INVLPG of a global page...).

@@ -99,6 +99,7 @@ impl Controller {
         self.machine.vcpu_count = u8::try_from(m.cpus).unwrap_or(u8::MAX);
         self.machine.mem_size_mib = m.mem_size >> 20;
         self.machine.accel = accel;
+        self.machine.jit = m.jit;
         self.boot_source = Some(fc::BootSource {
             kernel_image_path: m.kernel.clone(),
             initrd_path: m.initrd.clone(),
@@ -770,6 +771,7 @@ impl Controller {
                 guest_cid: u64::from(v.guest_cid),
                 uds_path: v.uds_path.clone(),
             }),
+            jit: self.machine.jit,
         })
     }
 

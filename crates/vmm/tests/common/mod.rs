@@ -72,6 +72,7 @@ pub fn guest_config(cmd: &str, end: &str) -> MachineConfig {
         console_output: None,
         console_output_limit: vmm::virtio::console::DEFAULT_OUTPUT_LIMIT,
         vsock: None,
+        jit: false,
     }
 }
 

@@ -71,6 +71,51 @@ enum Inline {
         disp: u64,
         wide: bool,
     },
+    /// MOV r, [mem] and MOV [mem], r through the inline data-TLB lookup;
+    /// anything but a RAM hit within one page (a miss, MMIO, a page
+    /// crossing, a store to a code page, a fault) calls the handler.
+    Load {
+        reg: usize,
+        mem: Mem,
+        wide: bool,
+    },
+    Store {
+        reg: usize,
+        mem: Mem,
+        wide: bool,
+    },
+}
+
+/// A 64-bit address `base + index << shift + disp` in a segment whose base
+/// is 0 in 64-bit mode (DS, SS, ES; no FS/GS).
+#[derive(Clone, Copy)]
+struct Mem {
+    base: Option<usize>,
+    index: Option<(usize, u32)>,
+    disp: u64,
+}
+
+impl Mem {
+    fn of(ins: &Instruction) -> Option<Mem> {
+        if ins.segment_prefix() != Register::None
+            || !matches!(ins.memory_segment(), Register::DS | Register::SS | Register::ES)
+        {
+            return None;
+        }
+        let base = match ins.memory_base() {
+            Register::None | Register::RIP => None,
+            r => Some(gpr(r, true)?),
+        };
+        let index = match ins.memory_index() {
+            Register::None => None,
+            r => Some((gpr(r, true)?, ins.memory_index_scale().trailing_zeros())),
+        };
+        Some(Mem {
+            base,
+            index,
+            disp: ins.memory_displacement64(),
+        })
+    }
 }
 
 impl Inline {
@@ -87,6 +132,12 @@ impl Inline {
     }
 
     /// Whether it writes all six status flags.
+    /// Whether it may call the handler (which may fault, so the flags
+    /// must be in RFLAGS before it).
+    fn may_call(&self) -> bool {
+        matches!(self, Inline::Load { .. } | Inline::Store { .. })
+    }
+
     fn writes_all_flags(&self) -> bool {
         matches!(self, Inline::Alu { .. } | Inline::Imul { .. })
     }
@@ -105,7 +156,21 @@ fn gpr(r: Register, wide: bool) -> Option<usize> {
 
 /// The inline form of `ins`, if it has one.
 fn classify(ins: &Instruction) -> Option<Inline> {
-    if ins.has_lock_prefix() || ins.op_count() == 0 || ins.op0_kind() != OpKind::Register {
+    if ins.has_lock_prefix() || ins.op_count() == 0 {
+        return None;
+    }
+    if matches!(ins.code(), Code::Mov_rm64_r64 | Code::Mov_rm32_r32)
+        && ins.op0_kind() == OpKind::Memory
+        && ins.op1_kind() == OpKind::Register
+    {
+        let wide = ins.code() == Code::Mov_rm64_r64;
+        return Some(Inline::Store {
+            reg: gpr(ins.op1_register(), wide)?,
+            mem: Mem::of(ins)?,
+            wide,
+        });
+    }
+    if ins.op0_kind() != OpKind::Register {
         return None;
     }
     let r0 = ins.op0_register();
@@ -119,6 +184,13 @@ fn classify(ins: &Instruction) -> Option<Inline> {
         }
     };
     match ins.code() {
+        Code::Mov_r64_rm64 | Code::Mov_r32_rm32 if ins.op1_kind() == OpKind::Memory => {
+            return Some(Inline::Load {
+                reg: dst,
+                mem: Mem::of(ins)?,
+                wide,
+            })
+        }
         Code::Mov_rm64_r64 | Code::Mov_r64_rm64 | Code::Mov_rm32_r32 | Code::Mov_r32_rm32 => {
             return Some(Inline::MovRR {
                 dst,
@@ -228,7 +300,7 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize) -> Result<
             for f in &forms[i + 1..] {
                 match f {
                     None => return true,
-                    Some(f) if f.reads_flags() => return true,
+                    Some(f) if f.reads_flags() || f.may_call() => return true,
                     Some(f) if f.writes_all_flags() => return false,
                     _ => {}
                 }
@@ -253,21 +325,35 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize) -> Result<
     let mut epilogue = a.create_label();
     a.set_label(&mut top)?;
     let mut exits = Vec::new();
-    for (i, (d, form)) in block.instrs.iter().zip(&forms).enumerate() {
+    // Out-of-line handler calls of inline memory accesses: (label, index,
+    // where to resume).
+    let mut slow_paths = Vec::new();
+    let call = |a: &mut CodeAssembler, i: usize, exits: &mut Vec<(CodeLabel, usize)>| -> Result<(), IcedError> {
+        let d = &block.instrs[i];
+        a.mov(rax, d.ins.ip())?;
+        a.mov(qword_ptr(r12 + l.rip), rax)?;
+        a.mov(rdi, rbx)?;
+        a.mov(rsi, d as *const _ as u64)?;
+        a.mov(rax, step as u64)?;
+        a.call(rax)?;
+        a.test(rax, rax)?;
+        let exit = a.create_label();
+        a.jnz(exit)?;
+        exits.push((exit, i + 1));
+        Ok(())
+    };
+    for (i, form) in forms.iter().enumerate() {
         match *form {
-            Some(f) => inline(a, f, live[i], l, &gp)?,
-            None => {
-                a.mov(rax, d.ins.ip())?;
-                a.mov(qword_ptr(r12 + l.rip), rax)?;
-                a.mov(rdi, rbx)?;
-                a.mov(rsi, d as *const _ as u64)?;
-                a.mov(rax, step as u64)?;
-                a.call(rax)?;
-                a.test(rax, rax)?;
-                let exit = a.create_label();
-                a.jnz(exit)?;
-                exits.push((exit, i + 1));
+            Some(Inline::Load { reg, mem, wide }) | Some(Inline::Store { reg, mem, wide }) => {
+                let slow = a.create_label();
+                let mut resume = a.create_label();
+                let store = matches!(form, Some(Inline::Store { .. }));
+                memory(a, &gp, reg, mem, wide, store, slow)?;
+                a.set_label(&mut resume)?;
+                slow_paths.push((slow, i, resume));
             }
+            Some(f) => inline(a, f, live[i], l, &gp)?,
+            None => call(a, i, &mut exits)?,
         }
     }
     let last = &block.instrs[n - 1].ins;
@@ -302,6 +388,11 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize) -> Result<
     a.pop(r12)?;
     a.pop(rbx)?;
     a.ret()?;
+    for (mut slow, i, resume) in slow_paths {
+        a.set_label(&mut slow)?;
+        call(a, i, &mut exits)?;
+        a.jmp(resume)?;
+    }
     for (mut exit, count) in exits {
         a.set_label(&mut exit)?;
         a.lea(rax, qword_ptr(r14 + count as i32))?;
@@ -333,6 +424,8 @@ fn inline(a: &mut CodeAssembler, f: Inline, live: bool, l: Layout, gp: &dyn Fn(u
         }
     };
     match f {
+        // Emitted by `memory`, with a slow path.
+        Inline::Load { .. } | Inline::Store { .. } => {}
         Inline::MovRR { dst, src, wide } => {
             load(a, rax, eax, src, wide)?;
             a.mov(qword_ptr(r12 + gp(dst)), rax)?;
@@ -449,6 +542,91 @@ fn inline(a: &mut CodeAssembler, f: Inline, live: bool, l: Layout, gp: &dyn Fn(u
                 a.mov(eax, eax)?;
             }
             a.mov(qword_ptr(r12 + gp(dst)), rax)?;
+        }
+    }
+    Ok(())
+}
+
+/// Compute a memory operand's address into RAX.
+fn address(a: &mut CodeAssembler, gp: &dyn Fn(usize) -> i32, m: Mem) -> Result<(), IcedError> {
+    a.mov(rax, m.disp)?;
+    if let Some(b) = m.base {
+        a.add(rax, qword_ptr(r12 + gp(b)))?;
+    }
+    if let Some((x, shift)) = m.index {
+        a.mov(rcx, qword_ptr(r12 + gp(x)))?;
+        if shift > 0 {
+            a.shl(rcx, shift)?;
+        }
+        a.add(rax, rcx)?;
+    }
+    Ok(())
+}
+
+/// An inline 4- or 8-byte load or store of guest register `reg`: the
+/// data-TLB set from the context, the entry for the page, the tag, the
+/// host pointer; a store also checks the page holds no code. Anything
+/// else jumps to `slow`.
+fn memory(
+    a: &mut CodeAssembler,
+    gp: &dyn Fn(usize) -> i32,
+    reg: usize,
+    m: Mem,
+    wide: bool,
+    store: bool,
+    slow: CodeLabel,
+) -> Result<(), IcedError> {
+    use crate::mmu::JitTlb;
+    let size = if wide { 8 } else { 4 };
+    address(a, gp, m)?;
+    // Within one page.
+    a.mov(ecx, eax)?;
+    a.and(ecx, 0xfff)?;
+    a.cmp(ecx, 0x1000 - size)?;
+    a.ja(slow)?;
+    a.mov(rdx, qword_ptr(rbx + super::Context::DTLB))?;
+    a.test(rdx, rdx)?;
+    a.jz(slow)?;
+    a.mov(rcx, rax)?;
+    a.shr(rcx, 12)?;
+    a.and(ecx, JitTlb::INDEX_MASK as i32)?;
+    a.imul_3(rcx, rcx, JitTlb::ENTRY_SIZE)?;
+    a.add(rdx, rcx)?;
+    a.mov(rcx, rax)?;
+    a.and(rcx, -4096)?;
+    let tag = if store { JitTlb::WRITE_TAG } else { JitTlb::READ_TAG };
+    a.cmp(rcx, qword_ptr(rdx + tag))?;
+    a.jne(slow)?;
+    if store {
+        // A page with code goes through the handler, which invalidates it.
+        a.mov(rcx, qword_ptr(rdx + JitTlb::PHYS))?;
+        a.shr(rcx, 12)?;
+        a.cmp(rcx, qword_ptr(rbx + super::Context::CODE_MAP_LEN))?;
+        a.jae(slow)?;
+        a.mov(r8, qword_ptr(rbx + super::Context::CODE_MAP))?;
+        a.test(byte_ptr(r8 + rcx * 4), 1)?;
+        a.jnz(slow)?;
+    }
+    a.mov(rdx, qword_ptr(rdx + JitTlb::HOST))?;
+    a.test(rdx, rdx)?;
+    a.jz(slow)?;
+    a.and(eax, 0xfff)?;
+    match (store, wide) {
+        (false, true) => {
+            a.mov(rcx, qword_ptr(rdx + rax))?;
+            a.mov(qword_ptr(r12 + gp(reg)), rcx)?;
+        }
+        (false, false) => {
+            a.mov(ecx, dword_ptr(rdx + rax))?;
+            a.mov(qword_ptr(r12 + gp(reg)), rcx)?;
+        }
+        (true, true) => {
+            a.mov(rcx, qword_ptr(r12 + gp(reg)))?;
+            a.mov(qword_ptr(rdx + rax), rcx)?;
+        }
+        (true, false) => {
+            a.mov(ecx, dword_ptr(r12 + gp(reg)))?;
+            a.mov(dword_ptr(rdx + rax), ecx)?;
         }
     }
     Ok(())

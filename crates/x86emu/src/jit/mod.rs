@@ -58,6 +58,29 @@ pub struct Jit {
 struct Context<'a> {
     cpu: *mut Cpu,
     bus: *mut (dyn Bus + 'a),
+    /// The data-TLB set for the current privilege, or 0 when inline
+    /// accesses must take the slow path (alignment checking is on).
+    /// Refreshed after every handler call (CPL, AC may change).
+    dtlb: usize,
+    /// The code map's page array and length (stores check bit 0).
+    code_map: usize,
+    code_map_len: usize,
+}
+
+impl Context<'_> {
+    pub(crate) const DTLB: i32 = std::mem::offset_of!(Context<'static>, dtlb) as i32;
+    pub(crate) const CODE_MAP: i32 = std::mem::offset_of!(Context<'static>, code_map) as i32;
+    pub(crate) const CODE_MAP_LEN: i32 = std::mem::offset_of!(Context<'static>, code_map_len) as i32;
+}
+
+/// The data-TLB set translated code may use inline now (see `Context`).
+fn inline_dtlb(cpu: &Cpu) -> usize {
+    let s = &cpu.state;
+    let user = s.cpl() == 3;
+    if user && s.rflags & flags::AC != 0 && s.cr0 & crate::state::cr::CR0_AM != 0 {
+        return 0;
+    }
+    cpu.tlb.data_set(s, user)
 }
 
 /// Signature of a translated block: (context, cpu, instructions allowed)
@@ -134,7 +157,11 @@ impl Cpu {
             self.stats.jit_blocks += 1;
             entry
         };
+        let (code_map, code_map_len) = self.code_map.raw();
         let mut ctx = Context {
+            dtlb: inline_dtlb(self),
+            code_map,
+            code_map_len,
             cpu: self as *mut Cpu,
             bus: bus as *mut (dyn Bus + '_),
         };
@@ -160,17 +187,15 @@ extern "sysv64" fn jit_step(ctx: usize, decoded: usize) -> u64 {
     // `run_translated`, alive for the whole call, and a pointer to a
     // `Decoded` of the block being run (see there). No other reference
     // to the CPU or the bus is live while translated code runs.
-    let (cpu, bus, d) = unsafe {
-        let ctx = &*(ctx as *const Context<'_>);
-        (
-            &mut *ctx.cpu,
-            &mut *ctx.bus,
-            &*(decoded as *const crate::decode::Decoded),
-        )
+    let (ctx, cpu, bus, d) = unsafe {
+        let ctx = &mut *(ctx as *mut Context<'_>);
+        let (cpu, bus) = (&mut *ctx.cpu, &mut *ctx.bus);
+        (ctx, cpu, bus, &*(decoded as *const crate::decode::Decoded))
     };
     if !cpu.step_decoded(bus, &d.ins, d.handler, u64::MAX) {
         return 1;
     }
+    ctx.dtlb = inline_dtlb(cpu);
     (cpu.end_block | cpu.code_written | (cpu.state.rflags & flags::TF != 0)) as u64
 }
 
