@@ -86,6 +86,12 @@ pub struct ExecArgs {
     /// starts warm).
     #[arg(long)]
     pub cold: bool,
+    /// Run the throwaway VM without the jail. As root, `vessel exec` runs
+    /// the VM's VMM under `vessel jail` (a chroot with only the guest's
+    /// files, uid and gid 65534, its own PID and mount namespaces and
+    /// cgroup); other users, and VMs with --disk, always run unjailed.
+    #[arg(long)]
+    pub no_jail: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -139,14 +145,21 @@ fn exec(a: ExecArgs) -> Result<u8, String> {
         let conn = connect_agent(&uds, Instant::now() + Duration::from_secs(10), || Ok(()))?;
         return session(conn, &req, timeout);
     }
+    let jailed = jail_wanted(&a);
+    if jailed {
+        // The jailer's VMM runs in a new PID namespace: once the jailer
+        // has forked it and exited, it is our child, to kill and reap.
+        // SAFETY: prctl with plain integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    }
     if warm_eligible(&a) {
-        match warm_start(&a) {
+        match warm_start(&a, jailed) {
             Ok((_vm, conn)) => return session(conn, &req, timeout),
             // A warm start is an optimisation: say why, and boot.
             Err(e) => eprintln!("vessel exec: no warm start ({e}); booting"),
         }
     }
-    let vm = Throwaway::start(&a)?;
+    let vm = Throwaway::start(&a, jailed)?;
     let conn = connect_agent(&vm.uds, Instant::now() + BOOT_TIMEOUT, || vm.check_alive())?;
     session(conn, &req, timeout)
 }
@@ -293,12 +306,126 @@ fn session(conn: UnixStream, req: &Request, timeout: Option<Duration>) -> Result
     result
 }
 
-/// A throwaway VM: a `vessel run` child and its private directory, both
-/// gone when this is dropped.
+/// A throwaway VM: a `vessel run` child (or a `vessel jail` child and the
+/// VMM it forks) and its private directory, all gone when this is
+/// dropped.
 struct Throwaway {
-    child: Mutex<Child>,
+    child: Mutex<Option<Child>>,
     dir: PathBuf,
     uds: PathBuf,
+    jail: Option<Jail>,
+}
+
+/// The uid and gid of a jailed VMM (`nobody`).
+const JAIL_UID: u32 = 65534;
+
+/// Whether the throwaway VM runs in the jail: as root, without
+/// `--no-jail`, and with no `--disk` (disks are not put into the jail yet).
+fn jail_wanted(a: &ExecArgs) -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    !a.no_jail && a.disks.is_empty() && unsafe { libc::geteuid() } == 0
+}
+
+/// A jail of `vessel jail`: `<base>/vessel/<id>/root` (base is
+/// `$VESSEL_CACHE/jail`), its cgroup `<id>` (v2) and the VMM's pid, which
+/// the jailer writes to `root/vessel.pid` when it forks the VMM into its
+/// PID namespace.
+struct Jail {
+    id: String,
+    base: PathBuf,
+    root: PathBuf,
+    vmm: Mutex<Option<libc::pid_t>>,
+}
+
+impl Jail {
+    fn new() -> Result<Jail, String> {
+        use std::os::unix::fs::DirBuilderExt;
+        let base = cache_dir()?.join("jail");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&base)
+            .map_err(|e| format!("{}: {e}", base.display()))?;
+        let id = format!("exec-{}-{:016x}", std::process::id(), random_u64());
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find the vessel binary: {e}"))?;
+        let name = exe.file_name().ok_or("the vessel binary has no file name")?;
+        let root = base.join(name).join(&id).join("root");
+        std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+        Ok(Jail {
+            id,
+            base,
+            root,
+            vmm: Mutex::new(None),
+        })
+    }
+
+    /// Put `src` into the jail at `/rel`, read-only for the VMM: a hard
+    /// link when the file is readable by all and on the same filesystem
+    /// (the snapshot's files are made so), a copy otherwise. The VMM's uid
+    /// owns neither, so it cannot write them.
+    fn place(&self, src: &Path, rel: &str, make_readable: bool) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let src = std::fs::canonicalize(src).map_err(|e| format!("{}: {e}", src.display()))?;
+        let dest = self.root.join(rel);
+        if let Some(d) = dest.parent() {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        let mode = std::fs::metadata(&src)
+            .map_err(|e| format!("{}: {e}", src.display()))?
+            .permissions()
+            .mode();
+        if make_readable && mode & 0o444 != 0o444 {
+            let _ = std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o644));
+        }
+        let readable = make_readable || mode & 0o004 != 0;
+        if readable && std::fs::hard_link(&src, &dest).is_ok() {
+            return Ok(());
+        }
+        std::fs::copy(&src, &dest).map_err(|e| format!("copying {} into the jail: {e}", src.display()))?;
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o444))
+            .map_err(|e| format!("{}: {e}", dest.display()))
+    }
+
+    /// The VMM's pid once the jailer has forked it; only a child of ours
+    /// (a pid file the VMM rewrote names no other process).
+    fn vmm_pid(&self) -> Option<libc::pid_t> {
+        let mut vmm = self.vmm.lock().unwrap_or_else(|e| e.into_inner());
+        if vmm.is_none() {
+            let text = std::fs::read_to_string(self.root.join("vessel.pid")).ok()?;
+            let pid: libc::pid_t = text.trim().parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // "pid (comm) state ppid ...": the comm may hold spaces.
+            let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == std::process::id()).then_some(())?;
+            *vmm = Some(pid);
+        }
+        *vmm
+    }
+
+    /// Kill the VMM and what is left in the cgroup, reap it, and remove
+    /// the jail's directory and cgroup.
+    fn tear_down(&self) {
+        if let Some(pid) = self.vmm_pid() {
+            // SAFETY: kill and waitpid on our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+        if let Err(e) = crate::jail::cgroup::remove_v2(Path::new(&self.id)) {
+            eprintln!("vessel exec: {e}");
+        }
+        if let Some(jail_dir) = self.root.parent() {
+            let _ = std::fs::remove_dir_all(jail_dir);
+        }
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut rnd = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into `rnd`, which is 8 long.
+    unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), rnd.len(), 0) };
+    u64::from_le_bytes(rnd)
 }
 
 /// The default guest's kernel command line (the agent instead of a shell).
@@ -323,7 +450,7 @@ fn default_guest(rel: &str) -> Result<PathBuf, String> {
 }
 
 impl Throwaway {
-    fn start(a: &ExecArgs) -> Result<Throwaway, String> {
+    fn start(a: &ExecArgs, jailed: bool) -> Result<Throwaway, String> {
         let kernel = match &a.kernel {
             Some(k) => k.clone(),
             None => default_guest("kernel/vmlinux")?,
@@ -333,26 +460,35 @@ impl Throwaway {
             None => default_guest("initramfs.cpio.gz")?,
         };
         let dir = private_dir()?;
-        let uds = dir.join("v.sock");
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find the vessel binary: {e}"))?;
-        let mut cmd = Command::new(exe);
-        cmd.args([
-            "run",
-            "--accel",
-            &a.accel,
-            "--mem",
-            &a.mem,
-            "--cpus",
-            &a.cpus.to_string(),
-        ])
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .arg("--cmdline")
-        .arg(AGENT_CMDLINE)
-        .arg("--vsock")
-        .arg(format!("cid=3,uds={}", uds.display()));
+        let jail = match jailed {
+            true => Some(Jail::new().inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&dir);
+            })?),
+            false => None,
+        };
+        let mut vm = Throwaway::new(dir, jail);
+        let (kernel, initrd, uds) = match &vm.jail {
+            Some(j) => {
+                j.place(&kernel, "vmlinux", false)?;
+                j.place(&initrd, "initrd", false)?;
+                (
+                    PathBuf::from("/vmlinux"),
+                    PathBuf::from("/initrd"),
+                    PathBuf::from("/v.sock"),
+                )
+            }
+            None => (kernel, initrd, vm.uds.clone()),
+        };
+        let mut cmd = Command::new("run");
+        cmd.args(["--accel", &a.accel, "--mem", &a.mem, "--cpus", &a.cpus.to_string()])
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--initrd")
+            .arg(&initrd)
+            .arg("--cmdline")
+            .arg(AGENT_CMDLINE)
+            .arg("--vsock")
+            .arg(format!("cid=3,uds={}", uds.display()));
         for d in &a.disks {
             // Read-only unless asked otherwise.
             let d = if d.contains("readonly=") {
@@ -365,29 +501,72 @@ impl Throwaway {
         if a.net != "none" {
             cmd.arg("--net").arg(&a.net);
         }
-        Throwaway::spawn(cmd, dir, uds)
+        vm.spawn(&cmd)?;
+        Ok(vm)
     }
 
     /// A clone of the snapshot in `snap`, with its own vsock socket.
-    fn restore(snap: &Path) -> Result<Throwaway, String> {
+    fn restore(snap: &Path, jailed: bool) -> Result<Throwaway, String> {
         let dir = private_dir()?;
-        let uds = dir.join("v.sock");
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find the vessel binary: {e}"))?;
-        let mut cmd = Command::new(exe);
-        cmd.arg("run").arg("--restore").arg(snap).arg("--vsock-uds").arg(&uds);
-        Throwaway::spawn(cmd, dir, uds)
+        let jail = match jailed {
+            true => Some(Jail::new().inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&dir);
+            })?),
+            false => None,
+        };
+        let mut vm = Throwaway::new(dir, jail);
+        let (snap, uds) = match &vm.jail {
+            Some(j) => {
+                // Links to the snapshot's files, read-only for the VMM:
+                // its memory is mapped copy-on-write, never written.
+                for f in [crate::cli::SNAPSHOT_STATE, crate::cli::SNAPSHOT_MEMORY] {
+                    j.place(&snap.join(f), &format!("snapshot/{f}"), true)?;
+                }
+                (PathBuf::from("/snapshot"), PathBuf::from("/v.sock"))
+            }
+            None => (snap.to_path_buf(), vm.uds.clone()),
+        };
+        let mut cmd = Command::new("run");
+        cmd.arg("--restore").arg(&snap).arg("--vsock-uds").arg(&uds);
+        vm.spawn(&cmd)?;
+        Ok(vm)
     }
 
-    /// Start `cmd` (a `vessel run`) as the VM of private directory `dir`.
-    fn spawn(mut cmd: Command, dir: PathBuf, uds: PathBuf) -> Result<Throwaway, String> {
-        let logs = std::fs::File::create(dir.join("vm.log")).and_then(|f| Ok((f.try_clone()?, f)));
-        let (log, log2) = match logs {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e.to_string());
-            }
+    /// A VM yet to start, in private directory `dir` (and `jail`). Dropping
+    /// it removes both.
+    fn new(dir: PathBuf, jail: Option<Jail>) -> Throwaway {
+        let uds = match &jail {
+            Some(j) => j.root.join("v.sock"),
+            None => dir.join("v.sock"),
         };
+        Throwaway {
+            // None until `spawn`.
+            child: Mutex::new(None),
+            dir,
+            uds,
+            jail,
+        }
+    }
+
+    /// Start `vessel run` with the arguments of `run` (a Command used as
+    /// an argument list: its program is `run`), in the jail if there is
+    /// one.
+    fn spawn(&mut self, run: &Command) -> Result<(), String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find the vessel binary: {e}"))?;
+        let mut cmd = Command::new(&exe);
+        if let Some(j) = &self.jail {
+            cmd.args(["jail", "--id", &j.id, "--exec-file"])
+                .arg(&exe)
+                .args(["--uid", &JAIL_UID.to_string(), "--gid", &JAIL_UID.to_string()])
+                .arg("--chroot-base-dir")
+                .arg(&j.base)
+                // The cgroup is `<id>` at the top of the v2 hierarchy.
+                .args(["--parent-cgroup=", "--new-pid-ns", "--"]);
+        }
+        cmd.arg("run").args(run.get_args());
+        let (log, log2) = std::fs::File::create(self.dir.join("vm.log"))
+            .and_then(|f| Ok((f.try_clone()?, f)))
+            .map_err(|e| e.to_string())?;
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2).process_group(0);
         let set = forwarded_set();
         // SAFETY: prctl and sigprocmask are async-signal-safe; the closure
@@ -399,39 +578,58 @@ impl Throwaway {
                 Ok(())
             });
         }
-        let child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(format!("starting the VM: {e}"));
-            }
-        };
-        Ok(Throwaway {
-            child: Mutex::new(child),
-            dir,
-            uds,
-        })
+        let child = cmd.spawn().map_err(|e| format!("starting the VM: {e}"))?;
+        *self.child.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(child);
+        Ok(())
     }
 
     fn check_alive(&self) -> Result<(), String> {
         let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
-        match c.try_wait() {
-            Ok(None) => Ok(()),
-            _ => {
-                let log = std::fs::read_to_string(self.dir.join("vm.log")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(10).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                Err(format!("the VM ended before its agent answered:\n{}", tail.join("\n")))
+        let ended = match c.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => return Ok(()),
+            Some(Ok(Some(status))) => status,
+            _ => return Err(self.ended()),
+        };
+        let Some(jail) = &self.jail else {
+            return Err(self.ended());
+        };
+        // The jailer exits once it has forked the VMM, which is then ours.
+        match jail.vmm_pid() {
+            // SAFETY: waitpid on our own child, without blocking.
+            Some(pid) if ended.success() && unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) } == 0 => {
+                Ok(())
             }
+            _ => Err(self.ended()),
         }
+    }
+
+    /// Why the VM is gone: the end of its log.
+    fn ended(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("vm.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(10).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!("the VM ended before its agent answered:\n{}", tail.join("\n"))
     }
 }
 
 impl Drop for Throwaway {
     fn drop(&mut self) {
         let c = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
-        let _ = c.kill();
-        let _ = c.wait();
+        if let Some(c) = c {
+            if self.jail.is_some() {
+                // The jailer only sets up and forks: let it finish, so
+                // that the VMM's pid is known.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(j) = &self.jail {
+            j.tear_down();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -441,14 +639,7 @@ fn private_dir() -> Result<PathBuf, String> {
     use std::os::unix::fs::DirBuilderExt;
     let base = std::env::temp_dir();
     for i in 0..100u32 {
-        let mut rnd = [0u8; 8];
-        // SAFETY: getrandom writes at most 8 bytes into `rnd`, which is 8 long.
-        unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), rnd.len(), 0) };
-        let p = base.join(format!(
-            "vessel-exec-{}-{:016x}{i}",
-            std::process::id(),
-            u64::from_le_bytes(rnd)
-        ));
+        let p = base.join(format!("vessel-exec-{}-{:016x}{i}", std::process::id(), random_u64()));
         match std::fs::DirBuilder::new().mode(0o700).create(&p) {
             Ok(()) => return Ok(p),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
@@ -466,11 +657,11 @@ fn warm_eligible(a: &ExecArgs) -> bool {
 
 /// A clone of the cached snapshot of the default guest, and the
 /// connection to its agent.
-fn warm_start(a: &ExecArgs) -> Result<(Throwaway, UnixStream), String> {
+fn warm_start(a: &ExecArgs, jailed: bool) -> Result<(Throwaway, UnixStream), String> {
     let kernel = default_guest("kernel/vmlinux")?;
     let initrd = default_guest("initramfs.cpio.gz")?;
     let snap = warm_snapshot(a, &kernel, &initrd)?;
-    let vm = Throwaway::restore(&snap.dir)?;
+    let vm = Throwaway::restore(&snap.dir, jailed)?;
     // The snapshot may be replaced only after the clone has its memory
     // mapped: hold the shared lock until the agent answers.
     let conn = connect_agent(&vm.uds, Instant::now() + WARM_TIMEOUT, || vm.check_alive())?;
@@ -595,30 +786,23 @@ fn remove_stale_snapshots(base: &Path, key: &str) {
 /// (paused) into `out`.
 fn build_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path, out: &Path) -> Result<(), String> {
     let dir = private_dir()?;
-    let uds = dir.join("v.sock");
     let api = dir.join("api.sock");
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the vessel binary: {e}"))?;
-    let mut cmd = Command::new(exe);
-    cmd.args([
-        "run",
-        "--accel",
-        &a.accel,
-        "--mem",
-        &a.mem,
-        "--cpus",
-        &a.cpus.to_string(),
-    ])
-    .arg("--kernel")
-    .arg(kernel)
-    .arg("--initrd")
-    .arg(initrd)
-    .arg("--cmdline")
-    .arg(AGENT_CMDLINE)
-    .arg("--vsock")
-    .arg(format!("cid=3,uds={}", uds.display()))
-    .arg("--api-sock")
-    .arg(&api);
-    let vm = Throwaway::spawn(cmd, dir, uds)?;
+    // Unjailed: it boots our own default guest, once, to an idle agent.
+    let mut vm = Throwaway::new(dir, None);
+    let uds = vm.uds.clone();
+    let mut cmd = Command::new("run");
+    cmd.args(["--accel", &a.accel, "--mem", &a.mem, "--cpus", &a.cpus.to_string()])
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .arg("--cmdline")
+        .arg(AGENT_CMDLINE)
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", uds.display()))
+        .arg("--api-sock")
+        .arg(&api);
+    vm.spawn(&cmd)?;
     let probe = connect_agent(&vm.uds, Instant::now() + BOOT_TIMEOUT, || vm.check_alive())?;
     drop(probe);
     // Let the guest see the probe's close and settle into idle.

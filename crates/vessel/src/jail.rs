@@ -23,7 +23,7 @@
 //!
 //! The VMM then installs its own seccomp filters (unless `--no-seccomp`).
 
-mod cgroup;
+pub(crate) mod cgroup;
 
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;

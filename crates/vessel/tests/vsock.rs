@@ -462,3 +462,139 @@ fn twenty_parallel_execs() {
     assert_eq!(snapshots(&cache).len(), 1);
     assert_nothing_left(&tmp);
 }
+
+/// The processes whose parent is `pid`, with their command lines.
+fn children_of(pid: u32) -> Vec<(u32, String)> {
+    let mut v = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            v.push((child, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+        }
+    }
+    v
+}
+
+fn cgroup2_mount() -> std::path::PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right
+                .starts_with("cgroup2 ")
+                .then(|| left.split_whitespace().nth(4).unwrap().into())
+        })
+        .expect("this test needs a cgroup v2 hierarchy mounted")
+}
+
+fn status_line(pid: u32, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// As root, `vessel exec` runs its VMM in the jail, warm (the snapshot's
+/// files linked in) and cold (kernel and initramfs linked in): output and
+/// status pass through; while the command runs, the VMM is chrooted (its
+/// root holds the jail's few files, not the host's), runs as uid and gid
+/// 65534 in a new PID namespace and its own cgroup; afterwards no jail
+/// directory, cgroup, process or socket is left. `--no-jail` runs it
+/// as before.
+#[test]
+fn exec_runs_the_vm_in_the_jail_and_leaves_nothing() {
+    require_agent();
+    // SAFETY: geteuid has no arguments.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test needs root: it builds the jail");
+    let dir = Scratch::new("vsock-jail");
+    let tmp = dir.0.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let cache = private_cache(&dir.0);
+    for (how, jailed) in [("warm", true), ("cold", true), ("no-jail", false)] {
+        let mut c = match how {
+            "cold" => exec(&tmp),
+            _ => warm_exec(&tmp, &cache),
+        };
+        c.env("VESSEL_CACHE", &cache);
+        if !jailed {
+            c.arg("--no-jail");
+        }
+        c.args(["--", "sh", "-c", "echo in-vm; sleep 3; echo bye >&2; exit 5"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let _dog = Watchdog::new(&child);
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line, "in-vm\n", "{how}");
+        let vmms: Vec<_> = children_of(child.id())
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(" run "))
+            .collect();
+        assert_eq!(vmms.len(), 1, "{how}: {vmms:?}");
+        let (vmm, cmd) = &vmms[0];
+        let root: Vec<String> = std::fs::read_dir(format!("/proc/{vmm}/root"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let cgroup = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+        if jailed {
+            assert_eq!(status_line(*vmm, "Uid"), "65534 65534 65534 65534", "{how}");
+            assert_eq!(status_line(*vmm, "Gid"), "65534 65534 65534 65534", "{how}");
+            assert_eq!(status_line(*vmm, "CapEff"), "0000000000000000", "{how}");
+            assert!(
+                status_line(*vmm, "NSpid").ends_with(" 1"),
+                "{how}: not pid 1 of a new PID namespace"
+            );
+            assert!(root.contains(&"v.sock".to_string()), "{how}: jail root {root:?}");
+            assert!(
+                !root.iter().any(|f| f == "etc" || f == "usr" || f == "root"),
+                "{how}: {root:?}"
+            );
+            let kernel_or_snapshot = if how == "warm" { "snapshot" } else { "vmlinux" };
+            assert!(root.contains(&kernel_or_snapshot.to_string()), "{how}: {root:?}");
+            assert!(cgroup.contains("0::/exec-"), "{how}: {cgroup}");
+            assert!(cmd.starts_with("vessel run "), "{how}: {cmd}");
+        } else {
+            assert_eq!(status_line(*vmm, "Uid"), "0 0 0 0", "{how}");
+            assert!(root.contains(&"etc".to_string()), "{how}: {root:?}");
+        }
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).unwrap();
+        let mut err = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(5), "{how}: {err}");
+        assert_eq!(rest, "", "{how}");
+        assert!(err.contains("bye"), "{how}: {err}");
+        assert_nothing_left(&tmp);
+        assert!(!Path::new(&format!("/proc/{vmm}")).exists(), "{how}: VMM {vmm} left");
+        let jails: Vec<_> = std::fs::read_dir(cache.join("jail/vessel"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(jails.is_empty(), "{how}: jails left: {jails:?}");
+        if let Some(cg) = cgroup.lines().find_map(|l| l.strip_prefix("0::")) {
+            if jailed {
+                let dir = cgroup2_mount().join(cg.trim_start_matches('/'));
+                assert!(!dir.exists(), "{how}: cgroup {} left", dir.display());
+            }
+        }
+    }
+}

@@ -40,6 +40,35 @@ pub fn join(version: Version, parent: &str, id: &str, values: &[(String, String)
     }
 }
 
+/// Kill whatever is still in the v2 cgroup `relative` and remove it.
+/// Waits up to a second for the killed tasks to leave.
+pub fn remove_v2(relative: &Path) -> Result<(), String> {
+    let base = mount_point("cgroup2", |_| true).ok_or("no cgroup v2 hierarchy is mounted")?;
+    let dir = base.join(relative);
+    if !dir.exists() {
+        return Ok(());
+    }
+    // cgroup.kill (Linux 5.14) kills every task at once; older kernels
+    // get a SIGKILL per listed task.
+    if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<libc::pid_t>().ok()) {
+            // SAFETY: kill(2) with a pid from the cgroup's own list.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    let mut last = String::new();
+    for _ in 0..100 {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(format!("removing cgroup {}: {last}", dir.display()))
+}
+
 /// The controller a cgroup file belongs to: `memory` of `memory.max`.
 fn controller(file: &str) -> Option<&str> {
     file.split_once('.').map(|(c, _)| c).filter(|c| *c != "cgroup")
