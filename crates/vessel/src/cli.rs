@@ -76,6 +76,11 @@ enum Command {
         /// Leave the restored VMs paused.
         #[arg(long)]
         paused: bool,
+        /// A vsock socket of each clone's own in place of the snapshot's
+        /// (the API's `vsock_override`); `{name}` in PATH becomes the
+        /// clone's name, and is needed with --count above 1.
+        #[arg(long, value_name = "PATH")]
+        vsock_uds: Option<String>,
     },
     /// Create, inspect, snapshot and convert disk images.
     Disk(disk_cmd::DiskArgs),
@@ -250,7 +255,8 @@ pub fn main() -> ExitCode {
             count,
             accel,
             paused,
-        } => restore(&dir, name, count, accel, paused),
+            vsock_uds,
+        } => restore(&dir, name, count, accel, paused, vsock_uds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -651,7 +657,14 @@ fn snapshot(a: SnapshotArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn restore(dir: &Path, name: Option<String>, count: u32, accel: Option<String>, paused: bool) -> Result<(), String> {
+fn restore(
+    dir: &Path,
+    name: Option<String>,
+    count: u32,
+    accel: Option<String>,
+    paused: bool,
+    vsock_uds: Option<String>,
+) -> Result<(), String> {
     if !dir.join(SNAPSHOT_STATE).exists() {
         return Err(format!(
             "{}: no snapshot here (no {SNAPSHOT_STATE} file)",
@@ -660,6 +673,13 @@ fn restore(dir: &Path, name: Option<String>, count: u32, accel: Option<String>, 
     }
     if count == 0 {
         return Err("--count must be at least 1".into());
+    }
+    if let Some(p) = &vsock_uds {
+        if count > 1 && !p.contains("{name}") {
+            return Err(format!(
+                "--vsock-uds {p}: with --count {count} each clone needs its own socket: put {{name}} in the path"
+            ));
+        }
     }
     let dir = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
     let base = name.clone().unwrap_or_else(|| {
@@ -692,6 +712,9 @@ fn restore(dir: &Path, name: Option<String>, count: u32, accel: Option<String>, 
         }
         if paused {
             cmd.arg("--paused");
+        }
+        if let Some(p) = &vsock_uds {
+            cmd.arg("--vsock-uds").arg(p.replace("{name}", n));
         }
         let out = cmd
             .stdin(std::process::Stdio::null())

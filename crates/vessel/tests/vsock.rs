@@ -371,6 +371,33 @@ fn restored_guest_answers_and_exec_runs_in_named_vms() {
     let o = run_with_stdin(c, b"restored\n");
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "in-orig\nRESTORED\n");
+
+    // `vessel restore --count 2 --vsock-uds`: two more clones next to
+    // the first, each on a socket of its own.
+    let many = dir.0.join("{name}.sock");
+    common::cli_ok(
+        &run_dir,
+        &[
+            "restore",
+            snap.to_str().unwrap(),
+            "--name",
+            "many",
+            "--count",
+            "2",
+            "--vsock-uds",
+            many.to_str().unwrap(),
+        ],
+    );
+    for n in ["many-1", "many-2"] {
+        let sock = dir.0.join(format!("{n}.sock"));
+        drop(connect_guest(&sock, 1024, Instant::now() + Duration::from_secs(120)));
+        let mut c = common::runtime_cmd(&run_dir);
+        c.args(["exec", n, "--", "cat", "/tmp/mark"]);
+        let o = run_with_stdin(c, b"");
+        assert_eq!(o.status.code(), Some(0), "{n}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "in-orig\n", "{n}");
+        common::cli_ok(&run_dir, &["kill", n]);
+    }
     common::cli_ok(&run_dir, &["kill", "clone"]);
 }
 
