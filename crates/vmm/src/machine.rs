@@ -101,6 +101,24 @@ pub struct DiskConfig {
     pub format: Option<disk::ImageFormat>,
 }
 
+impl DiskConfig {
+    /// Open the image as this configuration says (format, read-only,
+    /// backing rules): at start-up, and when a disk is taken back after a
+    /// migration or written at a failover takeover.
+    pub fn open(&self) -> disk::Result<Box<dyn disk::BlockBackend>> {
+        disk::open_with(
+            &self.path,
+            &disk::OpenOptions {
+                read_only: self.read_only,
+                format: self.format,
+            },
+            &disk::BackingRules {
+                allow_absolute_backing: self.allow_absolute_backing,
+            },
+        )
+    }
+}
+
 /// A virtio-net device on a TAP interface.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -991,17 +1009,7 @@ impl VmHandle {
             }
             let open = |dev: &MmioTransport| -> std::result::Result<Option<virtio::HostBackend>, String> {
                 if let Some(d) = cfg.disks.get(i) {
-                    let b = disk::open_with(
-                        &d.path,
-                        &disk::OpenOptions {
-                            read_only: d.read_only,
-                            format: d.format,
-                        },
-                        &disk::BackingRules {
-                            allow_absolute_backing: d.allow_absolute_backing,
-                        },
-                    )
-                    .map_err(|e| format!("disk {e}"))?;
+                    let b = d.open().map_err(|e| format!("disk {e}"))?;
                     return Ok(Some(virtio::HostBackend::Disk(Arc::from(b))));
                 }
                 if let Some(net) = dev.net_identity() {
@@ -1166,17 +1174,7 @@ fn create_virtio_devices(
 ) -> Result<Vec<MmioTransport>> {
     let mut models: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for d in &cfg.disks {
-        let backend = disk::open_with(
-            &d.path,
-            &disk::OpenOptions {
-                read_only: d.read_only,
-                format: d.format,
-            },
-            &disk::BackingRules {
-                allow_absolute_backing: d.allow_absolute_backing,
-            },
-        )
-        .map_err(|e| Error::Config(format!("disk {e}")))?;
+        let backend = d.open().map_err(|e| Error::Config(format!("disk {e}")))?;
         models.push(Box::new(Block::new(Arc::from(backend))));
     }
     for n in &cfg.nets {

@@ -255,17 +255,7 @@ pub fn write_held_disk_ops(cfg: &crate::machine::MachineConfig, ops: &[(u32, Dis
             .get(*i as usize)
             .ok_or_else(|| format!("a held write to disk {i}, which the machine does not have"))?;
         if open[*i as usize].is_none() {
-            let b = disk::open_with(
-                &d.path,
-                &disk::OpenOptions {
-                    read_only: d.read_only,
-                    format: d.format,
-                },
-                &disk::BackingRules {
-                    allow_absolute_backing: d.allow_absolute_backing,
-                },
-            )
-            .map_err(|e| format!("disk {e}"))?;
+            let b = d.open().map_err(|e| format!("disk {e}"))?;
             open[*i as usize] = Some(b);
         }
         let b = open[*i as usize].as_deref().expect("opened above");
