@@ -459,14 +459,7 @@ impl Throwaway {
             Some(i) => i.clone(),
             None => default_guest("initramfs.cpio.gz")?,
         };
-        let dir = private_dir()?;
-        let jail = match jailed {
-            true => Some(Jail::new().inspect_err(|_| {
-                let _ = std::fs::remove_dir_all(&dir);
-            })?),
-            false => None,
-        };
-        let mut vm = Throwaway::new(dir, jail);
+        let mut vm = Throwaway::prepare(jailed)?;
         let (kernel, initrd, uds) = match &vm.jail {
             Some(j) => {
                 j.place(&kernel, "vmlinux", false)?;
@@ -507,14 +500,7 @@ impl Throwaway {
 
     /// A clone of the snapshot in `snap`, with its own vsock socket.
     fn restore(snap: &Path, jailed: bool) -> Result<Throwaway, String> {
-        let dir = private_dir()?;
-        let jail = match jailed {
-            true => Some(Jail::new().inspect_err(|_| {
-                let _ = std::fs::remove_dir_all(&dir);
-            })?),
-            false => None,
-        };
-        let mut vm = Throwaway::new(dir, jail);
+        let mut vm = Throwaway::prepare(jailed)?;
         let (snap, uds) = match &vm.jail {
             Some(j) => {
                 // Links to the snapshot's files, read-only for the VMM:
@@ -530,6 +516,19 @@ impl Throwaway {
         cmd.arg("--restore").arg(&snap).arg("--vsock-uds").arg(&uds);
         vm.spawn(&cmd)?;
         Ok(vm)
+    }
+
+    /// A VM yet to start, in a new private directory, and in a new jail
+    /// when `jailed`.
+    fn prepare(jailed: bool) -> Result<Throwaway, String> {
+        let dir = private_dir()?;
+        let jail = match jailed {
+            true => Some(Jail::new().inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&dir);
+            })?),
+            false => None,
+        };
+        Ok(Throwaway::new(dir, jail))
     }
 
     /// A VM yet to start, in private directory `dir` (and `jail`). Dropping
