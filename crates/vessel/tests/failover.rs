@@ -76,9 +76,26 @@ fn start_pair_with(run_dir: &Path, listen: &str, standby_args: &[&str]) {
 
 /// `vessel protect pri --standby URL`, then a few epochs.
 fn protect(run_dir: &Path, url: &str) {
+    protect_with(run_dir, url, TIMEOUT_MS);
+}
+
+/// For the tests that stop the standby's acknowledgements for
+/// [`ACKS_STOPPED`]: long enough that neither side gives up meanwhile.
+const HOLD_TIMEOUT_MS: &str = "8000";
+const ACKS_STOPPED: Duration = Duration::from_secs(3);
+
+/// Stop (SIGSTOP) or continue (SIGCONT) the standby's VMM: while stopped
+/// it acknowledges no epoch, and the link stays up.
+fn signal_standby(run_dir: &Path, signal: i32) {
+    // SAFETY: kill(2) on a VMM this test started.
+    let rc = unsafe { libc::kill(vm_pid(run_dir, "sby"), signal) };
+    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+}
+
+fn protect_with(run_dir: &Path, url: &str, timeout_ms: &str) {
     let o = cli(
         run_dir,
-        &["protect", "pri", "--standby", url, "--timeout-ms", TIMEOUT_MS],
+        &["protect", "pri", "--standby", url, "--timeout-ms", timeout_ms],
     );
     assert!(
         o.status.success(),
@@ -600,6 +617,9 @@ fn count_rarp(tap: &str, mac: [u8; 6], stop: Arc<AtomicBool>) -> usize {
 /// client's connection carries on with every answer exactly one more than
 /// the last it saw, so no increment it saw acknowledged was lost (the
 /// primary's answers were held until their epoch was acknowledged).
+/// Before the kill, the standby is stopped (SIGSTOP) for 3 s: the client
+/// must see no answer meanwhile (the gate holds network frames), and the
+/// counter goes on once it continues.
 #[test]
 fn sigkill_of_the_primary_a_tcp_counter_client_carries_on_with_nothing_lost() {
     let _turn = turn();
@@ -685,10 +705,35 @@ fn sigkill_of_the_primary_a_tcp_counter_client_carries_on_with_nothing_lost() {
     if !wait_for("protection", 20, &client) {
         panic!("the client stopped: {:?}\n{}", client.join(), logs(&run_dir));
     }
-    protect(&run_dir, &url);
+    protect_with(&run_dir, &url, HOLD_TIMEOUT_MS);
     let protected_at = acked.load(Ordering::Acquire);
     // Answers go on while protected (released as epochs are acknowledged).
-    if !wait_for("the kill", protected_at + 20, &client) {
+    if !wait_for("the stop", protected_at + 20, &client) {
+        panic!("the client stopped: {:?}\n{}", client.join(), logs(&run_dir));
+    }
+    // The standby stopped, no epoch is acknowledged: the guest's answers
+    // are held, so the client sees none (after the moment it takes for an
+    // acknowledgement already on its way to arrive).
+    signal_standby(&run_dir, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(300));
+    let at_stop = acked.load(Ordering::Acquire);
+    std::thread::sleep(ACKS_STOPPED);
+    let after_stop = acked.load(Ordering::Acquire);
+    let held = failover(&run_dir, "pri");
+    signal_standby(&run_dir, libc::SIGCONT);
+    assert_eq!(
+        after_stop,
+        at_stop,
+        "the client saw answers {}..={after_stop} while the standby acknowledged no epoch: \
+         network frames left the primary before their epoch was acknowledged",
+        at_stop + 1
+    );
+    assert!(
+        held["output_held_bytes"].as_u64().unwrap_or(0) > 0,
+        "nothing held while the standby was stopped: {held}"
+    );
+    // Acknowledged again: the held answers go out, the counter goes on.
+    if !wait_for("the kill", after_stop + 20, &client) {
         panic!("the client stopped: {:?}\n{}", client.join(), logs(&run_dir));
     }
     let rarp = {
@@ -707,7 +752,10 @@ fn sigkill_of_the_primary_a_tcp_counter_client_carries_on_with_nothing_lost() {
         .unwrap()
         .unwrap_or_else(|e| panic!("{e}\n{}", logs(&run_dir)));
     assert!(went_on, "the client stopped at {last}");
-    eprintln!("counter: {protected_at} when protected, {at_kill} at the SIGKILL, {last} in all");
+    eprintln!(
+        "counter: {protected_at} when protected, {at_stop} while the standby was stopped, \
+         {at_kill} at the SIGKILL, {last} in all"
+    );
     assert!(!console_log(&run_dir, "sby").contains("NC-ENDED"), "{}", logs(&run_dir));
     let rarps = rarp.join().unwrap();
     assert!(
@@ -725,6 +773,29 @@ fn last_synced(log: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The highest n of a record `RECn\n` anywhere in the raw image `image`
+/// (the file's data block as the host sees it, not through any cache of
+/// the VMM's).
+fn highest_record_in(image: &Path) -> u64 {
+    let bytes = std::fs::read(image).unwrap();
+    let mut highest = 0;
+    for i in 0..bytes.len().saturating_sub(3) {
+        if &bytes[i..i + 3] != b"REC" {
+            continue;
+        }
+        let digits = bytes[i + 3..].iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 || digits > 12 || bytes.get(i + 3 + digits) != Some(&b'\n') {
+            continue;
+        }
+        let n: u64 = std::str::from_utf8(&bytes[i + 3..i + 3 + digits])
+            .unwrap()
+            .parse()
+            .unwrap();
+        highest = highest.max(n);
+    }
+    highest
+}
+
 /// `PROGRAM ARGS` (e2fsprogs), which must be there; its output.
 fn tool(program: &str, args: &[&str]) -> std::process::Output {
     std::process::Command::new(program)
@@ -739,7 +810,10 @@ fn tool(program: &str, args: &[&str]) -> std::process::Output {
 /// the held writes of the epochs it applied to the image, takes over and
 /// appends on. Afterwards (the standby killed too) the file in the image
 /// holds REC1..RECn with no gap or repeat, and n covers every record
-/// either console reported as synced.
+/// either console reported as synced. Before the kill, the standby is
+/// stopped (SIGSTOP) for 3 s: the raw image must hold no record past the
+/// last reported (the overlay holds unacknowledged epochs' writes), and
+/// the held records reach it once the standby continues.
 #[test]
 fn sigkill_of_the_primary_the_disk_holds_every_record_reported_synced() {
     let _turn = turn();
@@ -762,7 +836,7 @@ fn sigkill_of_the_primary_the_disk_holds_every_record_reported_synced() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     wait_status(&run_dir, "sby", "waiting", Duration::from_secs(10));
     wait_line(&run_dir, "pri", "SYNCED3", Duration::from_secs(180));
-    protect(&run_dir, &url);
+    protect_with(&run_dir, &url, HOLD_TIMEOUT_MS);
     let at_protect = last_synced(&console_log(&run_dir, "pri"));
     // Records go on being synced and reported while protected.
     wait_line(
@@ -770,6 +844,48 @@ fn sigkill_of_the_primary_the_disk_holds_every_record_reported_synced() {
         "pri",
         &format!("SYNCED{}", at_protect + 5),
         Duration::from_secs(60),
+    );
+    // The standby stopped, no epoch is acknowledged: the guest goes on
+    // writing and syncing records, but none of them reaches the image.
+    // Released output (SYNCEDn-1 is printed before RECn is written, and an
+    // epoch's output is released before its writes are committed) bounds
+    // what the image may hold: at most one record past the last reported.
+    signal_standby(&run_dir, libc::SIGSTOP);
+    std::thread::sleep(ACKS_STOPPED);
+    let in_image = highest_record_in(&image);
+    let reported = last_synced(&console_log(&run_dir, "pri"));
+    let held = failover(&run_dir, "pri");
+    signal_standby(&run_dir, libc::SIGCONT);
+    assert!(
+        in_image <= reported + 1,
+        "the image holds REC{in_image} while the standby acknowledged nothing and the primary \
+         reported only SYNCED{reported}: writes of unacknowledged epochs reached the image"
+    );
+    assert!(
+        held["disk_held_bytes"].as_u64().unwrap_or(0) > 0,
+        "the guest wrote nothing while the standby was stopped: {held}"
+    );
+    // Acknowledged again: the held records reach the image.
+    wait_line(
+        &run_dir,
+        "pri",
+        &format!("SYNCED{}", reported + 5),
+        Duration::from_secs(60),
+    );
+    let resumed = last_synced(&console_log(&run_dir, "pri"));
+    let start = Instant::now();
+    while highest_record_in(&image) < resumed {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "SYNCED{resumed} was released but the image holds only REC{}",
+            highest_record_in(&image)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "acks stopped: REC{in_image} in the image, SYNCED{reported} reported, {} bytes held; \
+         resumed: REC{resumed} in the image",
+        held["disk_held_bytes"]
     );
     std::thread::sleep(Duration::from_millis(random_below(2000)));
     sigkill(&run_dir, "pri");

@@ -92,7 +92,10 @@ type List = &'static [(libc::c_long, &'static str)];
 
 /// What every thread needs: the allocator, locks, time, thread exit,
 /// signal return, and writing to stderr (logging, the SIGSYS report).
+/// restart_syscall: the kernel resumes an interrupted sleep with it after
+/// SIGSTOP/SIGCONT (job control, a debugger), so a stopped VMM survives.
 const COMMON: List = syscalls!(
+    SYS_restart_syscall,
     SYS_brk,
     SYS_mmap,
     SYS_munmap,
