@@ -422,7 +422,7 @@ fn console_paste_arrives_whole() {
     start_named(
         &run_dir,
         "paste",
-        "echo PASTE-READY; head -c 4096 > /tmp/p; echo PASTE-BYTES=$(wc -c < /tmp/p) PASTE-SUM=$(md5sum < /tmp/p | cut -c1-32); sleep 100000",
+        "echo PASTE-READY; head -c 4096 > /tmp/p; echo PASTE-BYTES=$(wc -c < /tmp/p) PASTE-SUM=$(md5sum < /tmp/p | cut -c1-32) PASTE-END; sleep 100000",
     );
     wait_log(&run_dir, "paste", "PASTE-READY", Duration::from_secs(120));
     // 64 lines of 63 characters and a newline.
@@ -452,7 +452,9 @@ fn console_paste_arrives_whole() {
         .unwrap();
     std::io::Write::write_all(console.stdin.as_mut().unwrap(), data.as_bytes()).unwrap();
     drop(console.stdin.take());
-    let log = wait_log(&run_dir, "paste", "PASTE-SUM=", Duration::from_secs(60));
+    // Wait for the end of the line: the console log grows a byte at a
+    // time, and "PASTE-SUM=" alone can be read before the sum is whole.
+    let log = wait_log(&run_dir, "paste", "PASTE-END", Duration::from_secs(60));
     let _ = console.wait();
     let line = log.lines().find(|l| l.contains("PASTE-SUM=")).unwrap();
     assert!(line.contains("PASTE-BYTES=4096"), "{line}");
