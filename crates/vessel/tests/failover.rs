@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::netns::NetNs;
 use common::*;
 
 /// The tests take turns: each runs two emu guests, and a starved VMM
@@ -481,76 +482,6 @@ fn protect_refuses_what_it_cannot_hold_back() {
     assert!(r.body.contains("vsock"), "{}", r.body);
     let r = vm_api(&run_dir, "pri", "PUT", "/failover/takeover", None);
     assert_eq!(r.status, 400, "{}", r.body);
-}
-
-/// `ip ARGS`, which must succeed (the network test needs root and iproute2).
-fn ip(args: &[&str]) {
-    let o = std::process::Command::new("ip")
-        .args(args)
-        .timed_output()
-        .expect("ip (iproute2) is needed for this test");
-    assert!(
-        o.status.success(),
-        "ip {args:?}: {} (this test needs root: CAP_NET_ADMIN for the namespace and the tap)",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// A network namespace holding one persistent TAP with the host's end of
-/// a /24, removed when dropped.
-struct NetNs(String);
-
-impl NetNs {
-    fn new(tag: &str, tap: &str, host_ip: &str) -> NetNs {
-        let name = format!("vessel-{tag}-{}", std::process::id());
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &name])
-            .timed_output();
-        ip(&["netns", "add", &name]);
-        let ns = NetNs(name.clone());
-        ip(&["-n", &name, "tuntap", "add", tap, "mode", "tap"]);
-        ip(&["-n", &name, "addr", "add", host_ip, "dev", tap]);
-        ip(&["-n", &name, "link", "set", tap, "up"]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Run `f` on a thread inside the namespace (its sockets live there).
-    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
-        let path = format!("/var/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("netns file");
-            use std::os::unix::io::AsRawFd;
-            // SAFETY: setns on a namespace fd we opened; it changes only
-            // this thread's network namespace.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-
-    /// `c` (a `vessel` command) run inside the namespace.
-    fn wrap(&self, c: &std::process::Command) -> std::process::Command {
-        let mut n = std::process::Command::new("ip");
-        n.args(["netns", "exec", &self.0])
-            .arg(c.get_program())
-            .args(c.get_args());
-        for (k, v) in c.get_envs() {
-            if let Some(v) = v {
-                n.env(k, v);
-            }
-        }
-        n.stdin(Stdio::null());
-        n
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .timed_output();
-    }
 }
 
 /// RARP frames from `mac` seen on the namespace's `tap` until `stop`: an

@@ -153,6 +153,8 @@ pub const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300)
 
 /// `Command::output` with a deadline: on timeout the child is killed and
 /// the test panics with what it printed so far.
+pub mod netns;
+
 pub trait TimedOutput {
     fn timed_output(&mut self) -> std::io::Result<Output>;
 }
