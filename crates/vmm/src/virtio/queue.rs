@@ -47,8 +47,11 @@ pub fn serve(
             return Ok(true);
         }
         queue.disable_notification(mem)?;
+        // Read before iterating: a chain the driver adds meanwhile (from
+        // another vCPU) must not look like one the iterator refused.
+        let avail_before = queue.avail_idx(mem, Ordering::Acquire)?;
         let chains: Vec<Chain<'_>> = queue.iter(mem)?.collect();
-        if chains.is_empty() && queue.avail_idx(mem, Ordering::Acquire)? != std::num::Wrapping(queue.next_avail()) {
+        if chains.is_empty() && avail_before != std::num::Wrapping(queue.next_avail()) {
             return Err(QueueError::NoProgress);
         }
         budget = budget.saturating_sub(chains.len());
@@ -74,5 +77,83 @@ pub fn report_broken(broken: &AtomicBool, interrupt: &Interrupt, device: &str, e
     if !broken.swap(true, Ordering::AcqRel) {
         tracing::warn!("{device}: {err}; the device needs a reset");
         interrupt.signal_config();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::serve;
+    use crate::devices::irq_line::InterruptLine;
+    use crate::virtio::Interrupt;
+
+    const SIZE: u16 = 16;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const BUF: u64 = 0x8000;
+
+    struct NoLine;
+    impl InterruptLine for NoLine {
+        fn trigger(&self) {}
+    }
+
+    /// A driver on another vCPU adds chains while the device serves the
+    /// queue: no moment of that may look like a chain the device refused
+    /// (which marks the device broken).
+    #[test]
+    fn chains_added_while_serving_are_not_refusals() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        for slot in 0..u64::from(SIZE) {
+            let d = GuestAddress(DESC + 16 * slot);
+            mem.write_obj(BUF, d).unwrap();
+            mem.write_obj(16u32, GuestAddress(d.0 + 8)).unwrap();
+            mem.write_obj(0u16, GuestAddress(d.0 + 12)).unwrap();
+        }
+        let mut q = Queue::new(SIZE).unwrap();
+        q.set_size(SIZE);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_ready(true);
+        const CHAINS: u32 = 200_000;
+        let driver_mem = mem.clone();
+        let driver = std::thread::spawn(move || {
+            let mut avail: u16 = 0;
+            for _ in 0..CHAINS {
+                // Keep at most SIZE chains outstanding, as a driver must.
+                loop {
+                    let used: u16 = driver_mem.read_obj(GuestAddress(USED + 2)).unwrap();
+                    if avail.wrapping_sub(used) < SIZE {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                let slot = avail % SIZE;
+                let entry = GuestAddress(AVAIL + 4 + 2 * u64::from(slot));
+                driver_mem.write_obj(slot, entry).unwrap();
+                avail = avail.wrapping_add(1);
+                std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+                driver_mem.write_obj(avail, GuestAddress(AVAIL + 2)).unwrap();
+            }
+        });
+        let interrupt = Interrupt::new(Arc::new(NoLine));
+        let mut served = 0u32;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while served < CHAINS {
+            assert!(Instant::now() < deadline, "served {served} of {CHAINS} chains");
+            if let Err(e) = serve(&mut q, &mem, &interrupt, |_| {
+                served += 1;
+                0
+            }) {
+                panic!("after {served} chains: {e}");
+            }
+        }
+        driver.join().unwrap();
     }
 }

@@ -142,6 +142,7 @@ impl VirtioDevice for Vsock {
                 backend,
                 reset_event,
                 reset_unacked: None,
+                tx_waits_for_rx: false,
                 buf: vec![0u8; HDR_LEN + MAX_PKT_DATA],
             };
             if let Err(e) = port.run(&poller, &notifiers) {
@@ -182,6 +183,10 @@ struct Port {
     /// connected socket when it handles the event, so a host connection
     /// set up before that would be reset with the old ones.
     reset_unacked: Option<std::num::Wrapping<u16>>,
+    /// The tx queue stopped because the guest owes too many replies; its
+    /// notifications are off, so once rx drains the backlog we must go
+    /// back to it ourselves.
+    tx_waits_for_rx: bool,
     buf: Vec<u8>,
 }
 
@@ -201,6 +206,7 @@ impl Port {
             } else {
                 false
             };
+            let more_tx = more_tx || (self.tx_waits_for_rx && !b.rx_backlog_full());
             let now = Instant::now();
             let timeout = if more_tx || more_rx {
                 Some(std::time::Duration::ZERO)
@@ -280,11 +286,16 @@ impl Port {
                 break true;
             }
             if b.rx_backlog_full() {
+                self.tx_waits_for_rx = true;
                 break false;
             }
+            self.tx_waits_for_rx = false;
             q.disable_notification(mem)?;
+            // Read before iterating: a packet the driver adds meanwhile
+            // must not look like a chain the iterator refused.
+            let avail_before = q.avail_idx(mem, Ordering::Acquire)?;
             let Some(chain) = q.iter(mem)?.next() else {
-                if q.avail_idx(mem, Ordering::Acquire)? != std::num::Wrapping(q.next_avail()) {
+                if avail_before != std::num::Wrapping(q.next_avail()) {
                     return Err(QueueError::NoProgress);
                 }
                 if q.enable_notification(mem)? {
