@@ -74,6 +74,28 @@ pub struct MachineConfig {
     pub jit: bool,
 }
 
+impl MachineConfig {
+    /// One vCPU, `mem_size` bytes of memory, `kernel` with no initrd or
+    /// command line, and no devices: the start of a configuration that
+    /// names only what it changes.
+    pub fn new(kernel: PathBuf, mem_size: u64) -> MachineConfig {
+        MachineConfig {
+            kernel,
+            initrd: None,
+            cmdline: String::new(),
+            mem_size,
+            cpus: 1,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
+            console_output: None,
+            console_output_limit: crate::virtio::console::DEFAULT_OUTPUT_LIMIT,
+            vsock: None,
+            jit: false,
+        }
+    }
+}
+
 /// A virtio-vsock device: the guest's CID and the host socket that stands
 /// for it (docs/VSOCK.md).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -209,20 +231,7 @@ impl Shared {
     /// for tests of the buses.
     #[cfg(test)]
     pub(crate) fn for_tests(irqs: Arc<Interrupts>, console: Box<dyn Write + Send>) -> Arc<Shared> {
-        let cfg = MachineConfig {
-            kernel: PathBuf::new(),
-            initrd: None,
-            cmdline: String::new(),
-            mem_size: 32 << 20,
-            cpus: 1,
-            disks: Vec::new(),
-            nets: Vec::new(),
-            rng: false,
-            console_output: None,
-            console_output_limit: 0,
-            jit: false,
-            vsock: None,
-        };
+        let cfg = MachineConfig::new(PathBuf::new(), 32 << 20);
         Arc::new(Shared {
             mem: memory::create(cfg.mem_size).expect("memory"),
             irqs: irqs.clone(),

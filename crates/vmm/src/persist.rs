@@ -355,18 +355,8 @@ pub(crate) mod tests {
         MachineState {
             vessel_version: "test".into(),
             config: MachineConfig {
-                kernel: "/k".into(),
-                initrd: None,
                 cmdline: "console=ttyS0".into(),
-                mem_size: 64 << 20,
-                cpus: 1,
-                disks: Vec::new(),
-                nets: Vec::new(),
-                rng: false,
-                console_output: None,
-                console_output_limit: 0,
-                vsock: None,
-                jit: false,
+                ..MachineConfig::new("/k".into(), 64 << 20)
             },
             engine: EngineKind::Emu,
             clock_ns: 123,

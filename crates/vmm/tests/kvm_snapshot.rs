@@ -69,20 +69,7 @@ fn payload() -> Vec<u8> {
 fn config(dir: &Path) -> MachineConfig {
     let kernel = dir.join("payload.elf");
     std::fs::write(&kernel, elf(&payload())).unwrap();
-    MachineConfig {
-        kernel,
-        initrd: None,
-        cmdline: String::new(),
-        mem_size: 32 << 20,
-        cpus: 1,
-        disks: Vec::new(),
-        nets: Vec::new(),
-        rng: false,
-        console_output: None,
-        console_output_limit: 0,
-        vsock: None,
-        jit: false,
-    }
+    MachineConfig::new(kernel, 32 << 20)
 }
 
 fn scratch(name: &str) -> PathBuf {

@@ -58,21 +58,12 @@ pub fn b64(s: &str) -> String {
 /// `end` says (reboot, poweroff, halt).
 pub fn guest_config(cmd: &str, end: &str) -> MachineConfig {
     MachineConfig {
-        kernel: artifact("kernel/vmlinux"),
         initrd: Some(artifact("initramfs.cpio.gz")),
         cmdline: format!(
             "console=ttyS0 reboot=k panic=-1 vessel.end={end} vessel.cmd={}",
             b64(cmd)
         ),
-        mem_size: 128 << 20,
-        cpus: 1,
-        disks: Vec::new(),
-        nets: Vec::new(),
-        rng: false,
-        console_output: None,
-        console_output_limit: vmm::virtio::console::DEFAULT_OUTPUT_LIMIT,
-        vsock: None,
-        jit: false,
+        ..MachineConfig::new(artifact("kernel/vmlinux"), 128 << 20)
     }
 }
 
