@@ -400,10 +400,34 @@ fn allowed_ioctls(kind: ThreadKind) -> Vec<Ioctl> {
     all
 }
 
+/// The `fcntl` commands any thread may use: descriptor and status flags
+/// (std's `try_clone`, close-on-exec, non-blocking mode), record locks
+/// (imago locks images with open file description locks) and memfd seals.
+/// Left out are the commands that reach beyond the file: signal delivery
+/// to another process (F_SETOWN, F_SETSIG), leases and directory
+/// notifications. scripts/seccomp-trace lists the commands a workload uses.
+const FCNTL_COMMANDS: &[(libc::c_int, &str)] = &[
+    (libc::F_DUPFD, "F_DUPFD"),
+    (libc::F_DUPFD_CLOEXEC, "F_DUPFD_CLOEXEC"),
+    (libc::F_GETFD, "F_GETFD"),
+    (libc::F_SETFD, "F_SETFD"),
+    (libc::F_GETFL, "F_GETFL"),
+    (libc::F_SETFL, "F_SETFL"),
+    (libc::F_GETLK, "F_GETLK"),
+    (libc::F_SETLK, "F_SETLK"),
+    (libc::F_SETLKW, "F_SETLKW"),
+    (libc::F_OFD_GETLK, "F_OFD_GETLK"),
+    (libc::F_OFD_SETLK, "F_OFD_SETLK"),
+    (libc::F_OFD_SETLKW, "F_OFD_SETLKW"),
+    (libc::F_ADD_SEALS, "F_ADD_SEALS"),
+    (libc::F_GET_SEALS, "F_GET_SEALS"),
+];
+
 /// Calls a kind may make only with some arguments (none: any).
 /// - Device workers (and the vCPUs that start them) may create Unix
 ///   sockets only, for vsock's host connections: never an IP socket.
 /// - `ioctl` is allowed only with the requests in [`own_ioctls`].
+/// - `fcntl` only with the commands in [`FCNTL_COMMANDS`].
 fn argument_rules(
     kind: ThreadKind,
     nr: libc::c_long,
@@ -412,6 +436,15 @@ fn argument_rules(
     if nr == libc::SYS_socket && kind != ThreadKind::Vmm {
         let unix_only = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?;
         return Ok(vec![SeccompRule::new(vec![unix_only])?]);
+    }
+    if nr == libc::SYS_fcntl {
+        return FCNTL_COMMANDS
+            .iter()
+            .map(|&(cmd, _)| {
+                let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd as u64)?;
+                SeccompRule::new(vec![cond])
+            })
+            .collect();
     }
     if nr == libc::SYS_ioctl {
         // The request is an unsigned int in the kernel (the upper half of
@@ -802,6 +835,35 @@ mod tests {
             assert!(
                 libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
                 "{kind:?} with ioctl {request:#x}: {status:#x}; {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn fcntl_is_limited_to_file_commands() {
+        // F_SETOWN would have SIGIO sent to another process; no kind may.
+        for kind in ThreadKind::ALL {
+            let (status, err) = in_child(kind, || {
+                // SAFETY: fcntl on an invalid fd; the filter traps it first.
+                unsafe { libc::syscall(libc::SYS_fcntl, -1, libc::F_SETOWN, 1) };
+            });
+            assert!(
+                died_of_bad_syscall(status),
+                "{kind:?} with F_SETOWN: child status {status:#x}; {err}"
+            );
+            // What std and imago use reaches the kernel.
+            let (status, err) = in_child(kind, || {
+                use std::os::fd::AsFd;
+                // std's try_clone: F_DUPFD_CLOEXEC.
+                let _ = std::io::stderr().as_fd().try_clone_to_owned();
+                for &(cmd, _) in FCNTL_COMMANDS {
+                    // SAFETY: fcntl on an invalid fd fails with EBADF.
+                    unsafe { libc::syscall(libc::SYS_fcntl, -1, cmd, 0) };
+                }
+            });
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "{kind:?}: {status:#x}; {err}"
             );
         }
     }
