@@ -6,8 +6,9 @@
 //!
 //! A throwaway VM is a `vessel run` child in a private temporary
 //! directory: its own process group (a Ctrl-C reaches the command, not the
-//! VM), killed with the exec (PR_SET_PDEATHSIG), and removed with its
-//! directory when the command ends, so nothing is left behind.
+//! VM), killed with the exec (PR_SET_PDEATHSIG, and a [`Guard`] process
+//! for a jailed VM and the files), and removed with its directory when the
+//! command ends, so nothing is left behind.
 //!
 //! Warm start: with the default guest and no disks or network, the VM is
 //! a clone restored from a snapshot of that guest booted to an idle agent
@@ -314,6 +315,7 @@ struct Throwaway {
     dir: PathBuf,
     uds: PathBuf,
     jail: Option<Jail>,
+    guard: Option<Guard>,
 }
 
 /// The uid and gid of a jailed VMM (`nobody`).
@@ -532,18 +534,22 @@ impl Throwaway {
     }
 
     /// A VM yet to start, in private directory `dir` (and `jail`). Dropping
-    /// it removes both.
+    /// it removes both; so does its [`Guard`] if this process is killed.
     fn new(dir: PathBuf, jail: Option<Jail>) -> Throwaway {
         let uds = match &jail {
             Some(j) => j.root.join("v.sock"),
             None => dir.join("v.sock"),
         };
+        let guard = Guard::start(&dir, jail.as_ref())
+            .inspect_err(|e| eprintln!("vessel exec: no clean-up guard ({e}); a SIGKILL would leave the VM behind"))
+            .ok();
         Throwaway {
             // None until `spawn`.
             child: Mutex::new(None),
             dir,
             uds,
             jail,
+            guard,
         }
     }
 
@@ -578,6 +584,9 @@ impl Throwaway {
             });
         }
         let child = cmd.spawn().map_err(|e| format!("starting the VM: {e}"))?;
+        if let Some(g) = &self.guard {
+            g.watch(child.id());
+        }
         *self.child.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(child);
         Ok(())
     }
@@ -630,7 +639,144 @@ impl Drop for Throwaway {
             j.tear_down();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        // All done here: the guard has nothing left to do.
+        if let Some(g) = self.guard.take() {
+            g.dismiss();
+        }
     }
+}
+
+/// Cleans up after a `vessel exec` killed before it could (SIGKILL, the
+/// OOM killer). PR_SET_PDEATHSIG on the VM's process is not enough: the
+/// jailer forks the VMM into a new PID namespace and changes its uid, and
+/// both clear the parent-death signal; and nothing would remove the VM's
+/// directory, jail and cgroup. So `vessel exec` forks this guard first: a
+/// process in its own process group, holding nothing of ours but the read
+/// end of a pipe whose write end only `vessel exec` holds. When `vessel
+/// exec` ends, however it ends, the guard reads end-of-file; it then kills
+/// the VM's process (by pidfd, so never a recycled pid) and everything in
+/// the jail's cgroup (the jailer and the VMM), and removes the jail and the
+/// VM's directory. A `vessel exec` that cleaned up itself dismisses it.
+struct Guard {
+    pid: libc::pid_t,
+    /// The write end: the VM's pid goes through it; its close is the
+    /// signal.
+    pipe: std::fs::File,
+}
+
+impl Guard {
+    fn start(dir: &Path, jail: Option<&Jail>) -> Result<Guard, String> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two fds into `fds`.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+        }
+        // What the guard removes, prepared before the fork.
+        let dir = dir.to_path_buf();
+        let jail = jail.map(|j| (j.id.clone(), j.root.parent().map(Path::to_path_buf)));
+        // SAFETY: the child only makes system calls and plain file-system
+        // calls (glibc's fork leaves malloc usable in the child), then
+        // _exits; it never returns into the caller.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: closing the two fds pipe2 gave us.
+            unsafe {
+                libc::close(fds[0]);
+                libc::close(fds[1]);
+            }
+            return Err(format!("fork: {e}"));
+        }
+        if pid == 0 {
+            guard_main(fds[0], &dir, jail);
+        }
+        // SAFETY: fds[0] is ours to close (the guard has its copy).
+        unsafe { libc::close(fds[0]) };
+        // SAFETY: fds[1] is a fresh fd that nothing else owns.
+        let pipe = unsafe { std::fs::File::from_raw_fd(fds[1]) };
+        Ok(Guard { pid, pipe })
+    }
+
+    /// Tell the guard the VM's process (`vessel run`, or the jailer).
+    fn watch(&self, pid: u32) {
+        let _ = (&self.pipe).write_all(&pid.to_le_bytes());
+    }
+
+    /// The clean-up is done: end the guard and reap it.
+    fn dismiss(self) {
+        // SAFETY: kill and waitpid on our own child.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+/// The guard's life (see [`Guard`]): wait for `vessel exec` to end, then
+/// kill and remove what is left of its VM.
+fn guard_main(read_end: libc::c_int, dir: &Path, jail: Option<(String, Option<PathBuf>)>) -> ! {
+    // SAFETY: plain system calls on our own process and fds.
+    unsafe {
+        // No terminal or process-group signal meant for the exec.
+        libc::setpgid(0, 0);
+        // Hold nothing of the exec's: not its stdout (a reader would wait
+        // for our end of it), not its snapshot lock.
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        for fd in 0..3 {
+            libc::dup2(null, fd);
+        }
+        libc::dup2(read_end, 3);
+        libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+    }
+    let mut vm_pidfd: Option<libc::c_int> = None;
+    let mut buf = [0u8; 4];
+    loop {
+        // SAFETY: read into our own 4-byte buffer.
+        let n = unsafe { libc::read(3, buf.as_mut_ptr().cast(), 4) };
+        if n == 4 {
+            let pid = u32::from_le_bytes(buf) as libc::pid_t;
+            // SAFETY: pidfd_open of a pid; the fd refers to that process
+            // even if the pid is later reused.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+            if fd >= 0 {
+                vm_pidfd = Some(fd as libc::c_int);
+            }
+            continue;
+        }
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        break;
+    }
+    if let Some(fd) = vm_pidfd {
+        // SAFETY: a pidfd we opened, a signal number, a pollfd of ours.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd,
+                libc::SIGKILL,
+                std::ptr::null::<u8>(),
+                0,
+            );
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            libc::poll(&mut p, 1, 5000);
+        }
+    }
+    if let Some((id, jail_dir)) = jail {
+        // Kills the VMM, which the jailer forked into the cgroup.
+        let _ = crate::jail::cgroup::remove_v2(Path::new(&id));
+        if let Some(d) = jail_dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    // SAFETY: ends this process without running the parent's destructors.
+    unsafe { libc::_exit(0) }
 }
 
 /// A new directory only we can enter, for the VM's socket and log.
