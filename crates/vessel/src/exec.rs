@@ -89,8 +89,9 @@ pub struct ExecArgs {
     pub cold: bool,
     /// Run the throwaway VM without the jail. As root, `vessel exec` runs
     /// the VM's VMM under `vessel jail` (a chroot with only the guest's
-    /// files, uid and gid 65534, its own PID and mount namespaces and
-    /// cgroup); other users, and VMs with --disk, always run unjailed.
+    /// files and read-only disks, uid and gid 65534, its own PID and mount
+    /// namespaces and cgroup); other users, and VMs with a writable disk
+    /// or a qcow2 overlay, run unjailed.
     #[arg(long)]
     pub no_jail: bool,
     /// The command and its arguments.
@@ -146,7 +147,7 @@ fn exec(a: ExecArgs) -> Result<u8, String> {
         let conn = connect_agent(&uds, Instant::now() + Duration::from_secs(10), || Ok(()))?;
         return session(conn, &req, timeout);
     }
-    let jailed = jail_wanted(&a);
+    let jailed = jail_wanted(&a)?;
     if jailed {
         // The jailer's VMM runs in a new PID namespace: once the jailer
         // has forked it and exited, it is our child, to kill and reap.
@@ -322,10 +323,61 @@ struct Throwaway {
 const JAIL_UID: u32 = 65534;
 
 /// Whether the throwaway VM runs in the jail: as root, without
-/// `--no-jail`, and with no `--disk` (disks are not put into the jail yet).
-fn jail_wanted(a: &ExecArgs) -> bool {
+/// `--no-jail`, and with only disks the jail can hold (see
+/// [`disk_outside_the_jail`]; otherwise it says why it runs unjailed).
+fn jail_wanted(a: &ExecArgs) -> Result<bool, String> {
     // SAFETY: geteuid has no arguments and cannot fail.
-    !a.no_jail && a.disks.is_empty() && unsafe { libc::geteuid() } == 0
+    if a.no_jail || unsafe { libc::geteuid() } != 0 {
+        return Ok(false);
+    }
+    for d in &a.disks {
+        if let Some(why) = disk_outside_the_jail(d)? {
+            eprintln!("vessel exec: running the VM unjailed: --disk {d}: {why}");
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The `--disk` value `spec`, read-only unless it says otherwise.
+fn read_only_unless_asked(spec: &str) -> String {
+    if spec
+        .split(',')
+        .any(|kv| kv.starts_with("readonly=") || kv.starts_with("ro="))
+    {
+        spec.to_string()
+    } else {
+        format!("{spec},readonly=on")
+    }
+}
+
+/// Why the disk `spec` cannot go into the jail, if it cannot. The jail
+/// holds a read-only disk (the default) as a link to, or copy of, the
+/// image, owned by root. A writable one (readonly=off) would need the
+/// jailed uid to own the user's image, and a qcow2 overlay names its
+/// backing file by a host path the jail does not have: those two run
+/// unjailed.
+fn disk_outside_the_jail(spec: &str) -> Result<Option<&'static str>, String> {
+    use std::io::Read;
+    let cfg = crate::device_args::parse_disk(&read_only_unless_asked(spec))?;
+    if !cfg.read_only {
+        return Ok(Some(
+            "a writable disk (readonly=off) would have to belong to the jail's uid",
+        ));
+    }
+    if cfg.format == Some(disk::ImageFormat::Raw) {
+        return Ok(None);
+    }
+    let mut header = [0u8; 16];
+    let mut f = std::fs::File::open(&cfg.path).map_err(|e| format!("--disk {}: {e}", cfg.path.display()))?;
+    let n = f
+        .read(&mut header)
+        .map_err(|e| format!("--disk {}: {e}", cfg.path.display()))?;
+    // qcow2: magic, version, then the backing file's offset (0: none).
+    if n == 16 && header[..4] == *b"QFI\xfb" && header[8..16] != [0u8; 8] {
+        return Ok(Some("a qcow2 overlay's backing file is not in the jail"));
+    }
+    Ok(None)
 }
 
 /// A jail of `vessel jail`: `<base>/vessel/<id>/root` (base is
@@ -484,12 +536,18 @@ impl Throwaway {
             .arg(AGENT_CMDLINE)
             .arg("--vsock")
             .arg(format!("cid=3,uds={}", uds.display()));
-        for d in &a.disks {
-            // Read-only unless asked otherwise.
-            let d = if d.contains("readonly=") {
-                d.clone()
-            } else {
-                format!("{d},readonly=on")
+        for (i, d) in a.disks.iter().enumerate() {
+            let d = read_only_unless_asked(d);
+            let d = match &vm.jail {
+                // Read-only (jail_wanted saw to it): linked or copied in.
+                Some(j) => {
+                    let cfg = crate::device_args::parse_disk(&d)?;
+                    let name = format!("disk{i}");
+                    j.place(&cfg.path, &name, false)?;
+                    let format = cfg.format.map(|f| format!(",format={f}")).unwrap_or_default();
+                    format!("path=/{name},readonly=on{format}")
+                }
+                None => d,
             };
             cmd.arg("--disk").arg(d);
         }

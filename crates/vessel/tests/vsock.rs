@@ -716,3 +716,86 @@ fn a_killed_exec_leaves_nothing_behind() {
         );
     }
 }
+
+/// As root, `vessel exec --disk` runs jailed too: a read-only disk (the
+/// default) is put into the jail as `/disk0`, the guest reads it, the VMM
+/// runs as uid 65534 with `disk0` in its root, and nothing is left. A
+/// writable disk (readonly=off) cannot be the jail's (the jailed uid would
+/// have to own the user's image): that VM runs unjailed, says so, and the
+/// guest's write lands in the image.
+#[test]
+fn exec_with_a_disk_runs_in_the_jail_when_read_only() {
+    require_agent();
+    // SAFETY: geteuid has no arguments.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test needs root: it builds the jail");
+    let dir = Scratch::new("vsock-disk-jail");
+    let tmp = dir.0.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let cache = private_cache(&dir.0);
+    let img = dir.0.join("disk.img");
+    let mut data = b"disk-content-xyz".to_vec();
+    data.resize(1 << 20, 0);
+    std::fs::write(&img, &data).unwrap();
+    for (spec, jailed) in [
+        (format!("path={}", img.display()), true),
+        (format!("path={},readonly=off", img.display()), false),
+    ] {
+        let mut c = exec(&tmp);
+        c.env("VESSEL_CACHE", &cache)
+            .arg("--disk")
+            .arg(&spec)
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "echo got=$(dd if=/dev/vda bs=16 count=1 2>/dev/null); \
+                 echo written-by-guest | dd of=/dev/vda bs=16 count=1 conv=fsync 2>/dev/null; echo wrote=$?; sleep 2",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let _dog = Watchdog::new(&child);
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut got = String::new();
+        out.read_line(&mut got).unwrap();
+        assert_eq!(got, "got=disk-content-xyz\n", "{spec}");
+        let vmms: Vec<_> = children_of(child.id())
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(" run "))
+            .collect();
+        assert_eq!(vmms.len(), 1, "{spec}: {vmms:?}");
+        let vmm = vmms[0].0;
+        let root: Vec<String> = std::fs::read_dir(format!("/proc/{vmm}/root"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let uid = status_line(vmm, "Uid");
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).unwrap();
+        let mut err = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert!(child.wait().unwrap().success(), "{spec}: {err}");
+        let written = std::fs::read(&img).unwrap();
+        if jailed {
+            assert_eq!(uid, "65534 65534 65534 65534", "{spec}");
+            assert!(root.contains(&"disk0".to_string()), "{spec}: {root:?}");
+            assert!(!root.contains(&"etc".to_string()), "{spec}: {root:?}");
+            assert!(!err.contains("unjailed"), "{spec}: {err}");
+            assert_ne!(rest, "wrote=0\n", "{spec}: a read-only disk took a write");
+            assert_eq!(&written[..16], b"disk-content-xyz", "{spec}");
+        } else {
+            assert_eq!(uid, "0 0 0 0", "{spec}");
+            assert!(err.contains("running the VM unjailed"), "{spec}: {err}");
+            assert_eq!(rest, "wrote=0\n", "{spec}");
+            assert_eq!(&written[..16], b"written-by-guest", "{spec}");
+        }
+        assert_nothing_left(&tmp);
+        let jails: Vec<_> = std::fs::read_dir(cache.join("jail/vessel"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(jails.is_empty(), "{spec}: jails left: {jails:?}");
+    }
+}
