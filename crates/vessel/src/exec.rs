@@ -863,7 +863,7 @@ fn warm_eligible(a: &ExecArgs) -> bool {
 fn warm_start(a: &ExecArgs, jailed: bool) -> Result<(Throwaway, UnixStream), String> {
     let kernel = default_guest("kernel/vmlinux")?;
     let initrd = default_guest("initramfs.cpio.gz")?;
-    let snap = warm_snapshot(a, &kernel, &initrd)?;
+    let snap = warm_snapshot(a, &kernel, &initrd, jailed)?;
     let vm = Throwaway::restore(&snap.dir, jailed)?;
     // The snapshot may be replaced only after the clone has its memory
     // mapped: hold the shared lock until the agent answers.
@@ -915,7 +915,7 @@ fn flock(f: &std::fs::File, op: libc::c_int) -> bool {
 /// Built once: the first exec takes the key's lock exclusively and builds
 /// into a temporary directory that it renames into place; execs that
 /// come meanwhile wait on the lock, then find it.
-fn warm_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path) -> Result<WarmSnapshot, String> {
+fn warm_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path, jailed: bool) -> Result<WarmSnapshot, String> {
     use std::os::unix::fs::DirBuilderExt;
     let base = cache_dir()?.join("exec-snapshots");
     std::fs::DirBuilder::new()
@@ -947,7 +947,7 @@ fn warm_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path) -> Result<WarmSnaps
                 .mode(0o700)
                 .create(&tmp)
                 .map_err(|e| format!("{}: {e}", tmp.display()))?;
-            let built = build_snapshot(a, kernel, initrd, &tmp)
+            let built = build_snapshot(a, kernel, initrd, &tmp, jailed)
                 .and_then(|()| std::fs::rename(&tmp, &dir).map_err(|e| format!("{}: {e}", dir.display())));
             if let Err(e) = built {
                 let _ = std::fs::remove_dir_all(&tmp);
@@ -986,19 +986,43 @@ fn remove_stale_snapshots(base: &Path, key: &str) {
 }
 
 /// Boot the default guest, wait until its agent answers, and snapshot it
-/// (paused) into `out`.
-fn build_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path, out: &Path) -> Result<(), String> {
-    let dir = private_dir()?;
-    let api = dir.join("api.sock");
-    // Unjailed: it boots our own default guest, once, to an idle agent.
-    let mut vm = Throwaway::new(dir, None);
-    let uds = vm.uds.clone();
+/// (paused) into `out`; in the jail when `jailed`, as the clones run.
+fn build_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path, out: &Path, jailed: bool) -> Result<(), String> {
+    use crate::cli::{SNAPSHOT_MEMORY, SNAPSHOT_STATE};
+    let mut vm = Throwaway::prepare(jailed)?;
+    // Paths as the VMM sees them, and its API socket as we reach it.
+    let (kernel, initrd, uds, api, state, memory, api_here) = match &vm.jail {
+        Some(j) => {
+            j.place(kernel, "vmlinux", false)?;
+            j.place(initrd, "initrd", false)?;
+            // The jail's root belongs to the jailed uid: the VMM writes
+            // the snapshot there, and we move it out below.
+            (
+                PathBuf::from("/vmlinux"),
+                PathBuf::from("/initrd"),
+                PathBuf::from("/v.sock"),
+                PathBuf::from("/api.sock"),
+                Path::new("/").join(SNAPSHOT_STATE),
+                Path::new("/").join(SNAPSHOT_MEMORY),
+                j.root.join("api.sock"),
+            )
+        }
+        None => (
+            kernel.to_path_buf(),
+            initrd.to_path_buf(),
+            vm.uds.clone(),
+            vm.dir.join("api.sock"),
+            out.join(SNAPSHOT_STATE),
+            out.join(SNAPSHOT_MEMORY),
+            vm.dir.join("api.sock"),
+        ),
+    };
     let mut cmd = Command::new("run");
     cmd.args(["--accel", &a.accel, "--mem", &a.mem, "--cpus", &a.cpus.to_string()])
         .arg("--kernel")
-        .arg(kernel)
+        .arg(&kernel)
         .arg("--initrd")
-        .arg(initrd)
+        .arg(&initrd)
         .arg("--cmdline")
         .arg(AGENT_CMDLINE)
         .arg("--vsock")
@@ -1011,7 +1035,7 @@ fn build_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path, out: &Path) -> Res
     // Let the guest see the probe's close and settle into idle.
     std::thread::sleep(Duration::from_millis(300));
     let call = |method: &str, path: &str, body: &str| -> Result<(), String> {
-        let r = crate::api::client::request(&api, method, path, Some(body), Duration::from_secs(60))
+        let r = crate::api::client::request(&api_here, method, path, Some(body), Duration::from_secs(60))
             .map_err(|e| format!("the VM's API: {e}"))?;
         if r.status >= 400 {
             return Err(format!("{method} {path}: {}", r.fault()));
@@ -1021,9 +1045,22 @@ fn build_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path, out: &Path) -> Res
     call("PATCH", "/vm", r#"{"state": "Paused"}"#)?;
     let body = serde_json::json!({
         "snapshot_type": "Full",
-        "snapshot_path": out.join(crate::cli::SNAPSHOT_STATE),
-        "mem_file_path": out.join(crate::cli::SNAPSHOT_MEMORY),
+        "snapshot_path": state,
+        "mem_file_path": memory,
     })
     .to_string();
-    call("PUT", "/snapshot/create", &body)
+    call("PUT", "/snapshot/create", &body)?;
+    if let Some(j) = &vm.jail {
+        // Out of the jail, and root's: the clones get links to these
+        // files, which their jailed uid must not be able to write.
+        use std::os::unix::fs::PermissionsExt;
+        for f in [SNAPSHOT_STATE, SNAPSHOT_MEMORY] {
+            let (from, to) = (j.root.join(f), out.join(f));
+            std::os::unix::fs::chown(&from, Some(0), Some(0))
+                .and_then(|()| std::fs::set_permissions(&from, std::fs::Permissions::from_mode(0o644)))
+                .and_then(|()| std::fs::rename(&from, &to).or_else(|_| std::fs::copy(&from, &to).map(drop)))
+                .map_err(|e| format!("moving the snapshot's {f} out of the jail: {e}"))?;
+        }
+    }
+    Ok(())
 }

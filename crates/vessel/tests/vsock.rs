@@ -623,6 +623,22 @@ fn exec_runs_the_vm_in_the_jail_and_leaves_nothing() {
                 assert!(!dir.exists(), "{how}: cgroup {} left", dir.display());
             }
         }
+        if how == "warm" {
+            // The snapshot was taken in the jail too (its VMM saw the
+            // kernel as /vmlinux), and it is root's, not writable by the
+            // jailed uid of the clones that get links to it.
+            use std::os::unix::fs::MetadataExt;
+            let snap = &snapshots(&cache)[0];
+            let state = String::from_utf8_lossy(&std::fs::read(snap.join("state")).unwrap()).into_owned();
+            assert!(
+                state.contains(r#""kernel":"/vmlinux""#),
+                "snapshot not taken in the jail"
+            );
+            for f in ["state", "memory"] {
+                let m = std::fs::metadata(snap.join(f)).unwrap();
+                assert_eq!((m.uid(), m.gid(), m.mode() & 0o022), (0, 0, 0), "{f}");
+            }
+        }
     }
 }
 
