@@ -6,8 +6,9 @@
 //!
 //! A throwaway VM is a `vessel run` child in a private temporary
 //! directory: its own process group (a Ctrl-C reaches the command, not the
-//! VM), killed with the exec (PR_SET_PDEATHSIG), and removed with its
-//! directory when the command ends, so nothing is left behind.
+//! VM), killed with the exec (PR_SET_PDEATHSIG, and a [`Guard`] process
+//! for a jailed VM and the files), and removed with its directory when the
+//! command ends, so nothing is left behind.
 //!
 //! Warm start: with the default guest and no disks or network, the VM is
 //! a clone restored from a snapshot of that guest booted to an idle agent
@@ -88,8 +89,9 @@ pub struct ExecArgs {
     pub cold: bool,
     /// Run the throwaway VM without the jail. As root, `vessel exec` runs
     /// the VM's VMM under `vessel jail` (a chroot with only the guest's
-    /// files, uid and gid 65534, its own PID and mount namespaces and
-    /// cgroup); other users, and VMs with --disk, always run unjailed.
+    /// files and read-only disks, uid and gid 65534, its own PID and mount
+    /// namespaces and cgroup); other users, and VMs with a writable disk
+    /// or a qcow2 overlay, run unjailed.
     #[arg(long)]
     pub no_jail: bool,
     /// The command and its arguments.
@@ -145,7 +147,7 @@ fn exec(a: ExecArgs) -> Result<u8, String> {
         let conn = connect_agent(&uds, Instant::now() + Duration::from_secs(10), || Ok(()))?;
         return session(conn, &req, timeout);
     }
-    let jailed = jail_wanted(&a);
+    let jailed = jail_wanted(&a)?;
     if jailed {
         // The jailer's VMM runs in a new PID namespace: once the jailer
         // has forked it and exited, it is our child, to kill and reap.
@@ -314,16 +316,68 @@ struct Throwaway {
     dir: PathBuf,
     uds: PathBuf,
     jail: Option<Jail>,
+    guard: Option<Guard>,
 }
 
 /// The uid and gid of a jailed VMM (`nobody`).
 const JAIL_UID: u32 = 65534;
 
 /// Whether the throwaway VM runs in the jail: as root, without
-/// `--no-jail`, and with no `--disk` (disks are not put into the jail yet).
-fn jail_wanted(a: &ExecArgs) -> bool {
+/// `--no-jail`, and with only disks the jail can hold (see
+/// [`disk_outside_the_jail`]; otherwise it says why it runs unjailed).
+fn jail_wanted(a: &ExecArgs) -> Result<bool, String> {
     // SAFETY: geteuid has no arguments and cannot fail.
-    !a.no_jail && a.disks.is_empty() && unsafe { libc::geteuid() } == 0
+    if a.no_jail || unsafe { libc::geteuid() } != 0 {
+        return Ok(false);
+    }
+    for d in &a.disks {
+        if let Some(why) = disk_outside_the_jail(d)? {
+            eprintln!("vessel exec: running the VM unjailed: --disk {d}: {why}");
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The `--disk` value `spec`, read-only unless it says otherwise.
+fn read_only_unless_asked(spec: &str) -> String {
+    if spec
+        .split(',')
+        .any(|kv| kv.starts_with("readonly=") || kv.starts_with("ro="))
+    {
+        spec.to_string()
+    } else {
+        format!("{spec},readonly=on")
+    }
+}
+
+/// Why the disk `spec` cannot go into the jail, if it cannot. The jail
+/// holds a read-only disk (the default) as a link to, or copy of, the
+/// image, owned by root. A writable one (readonly=off) would need the
+/// jailed uid to own the user's image, and a qcow2 overlay names its
+/// backing file by a host path the jail does not have: those two run
+/// unjailed.
+fn disk_outside_the_jail(spec: &str) -> Result<Option<&'static str>, String> {
+    use std::io::Read;
+    let cfg = crate::device_args::parse_disk(&read_only_unless_asked(spec))?;
+    if !cfg.read_only {
+        return Ok(Some(
+            "a writable disk (readonly=off) would have to belong to the jail's uid",
+        ));
+    }
+    if cfg.format == Some(disk::ImageFormat::Raw) {
+        return Ok(None);
+    }
+    let mut header = [0u8; 16];
+    let mut f = std::fs::File::open(&cfg.path).map_err(|e| format!("--disk {}: {e}", cfg.path.display()))?;
+    let n = f
+        .read(&mut header)
+        .map_err(|e| format!("--disk {}: {e}", cfg.path.display()))?;
+    // qcow2: magic, version, then the backing file's offset (0: none).
+    if n == 16 && header[..4] == *b"QFI\xfb" && header[8..16] != [0u8; 8] {
+        return Ok(Some("a qcow2 overlay's backing file is not in the jail"));
+    }
+    Ok(None)
 }
 
 /// A jail of `vessel jail`: `<base>/vessel/<id>/root` (base is
@@ -482,12 +536,18 @@ impl Throwaway {
             .arg(AGENT_CMDLINE)
             .arg("--vsock")
             .arg(format!("cid=3,uds={}", uds.display()));
-        for d in &a.disks {
-            // Read-only unless asked otherwise.
-            let d = if d.contains("readonly=") {
-                d.clone()
-            } else {
-                format!("{d},readonly=on")
+        for (i, d) in a.disks.iter().enumerate() {
+            let d = read_only_unless_asked(d);
+            let d = match &vm.jail {
+                // Read-only (jail_wanted saw to it): linked or copied in.
+                Some(j) => {
+                    let cfg = crate::device_args::parse_disk(&d)?;
+                    let name = format!("disk{i}");
+                    j.place(&cfg.path, &name, false)?;
+                    let format = cfg.format.map(|f| format!(",format={f}")).unwrap_or_default();
+                    format!("path=/{name},readonly=on{format}")
+                }
+                None => d,
             };
             cmd.arg("--disk").arg(d);
         }
@@ -532,18 +592,22 @@ impl Throwaway {
     }
 
     /// A VM yet to start, in private directory `dir` (and `jail`). Dropping
-    /// it removes both.
+    /// it removes both; so does its [`Guard`] if this process is killed.
     fn new(dir: PathBuf, jail: Option<Jail>) -> Throwaway {
         let uds = match &jail {
             Some(j) => j.root.join("v.sock"),
             None => dir.join("v.sock"),
         };
+        let guard = Guard::start(&dir, jail.as_ref())
+            .inspect_err(|e| eprintln!("vessel exec: no clean-up guard ({e}); a SIGKILL would leave the VM behind"))
+            .ok();
         Throwaway {
             // None until `spawn`.
             child: Mutex::new(None),
             dir,
             uds,
             jail,
+            guard,
         }
     }
 
@@ -578,6 +642,9 @@ impl Throwaway {
             });
         }
         let child = cmd.spawn().map_err(|e| format!("starting the VM: {e}"))?;
+        if let Some(g) = &self.guard {
+            g.watch(child.id());
+        }
         *self.child.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(child);
         Ok(())
     }
@@ -630,7 +697,144 @@ impl Drop for Throwaway {
             j.tear_down();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        // All done here: the guard has nothing left to do.
+        if let Some(g) = self.guard.take() {
+            g.dismiss();
+        }
     }
+}
+
+/// Cleans up after a `vessel exec` killed before it could (SIGKILL, the
+/// OOM killer). PR_SET_PDEATHSIG on the VM's process is not enough: the
+/// jailer forks the VMM into a new PID namespace and changes its uid, and
+/// both clear the parent-death signal; and nothing would remove the VM's
+/// directory, jail and cgroup. So `vessel exec` forks this guard first: a
+/// process in its own process group, holding nothing of ours but the read
+/// end of a pipe whose write end only `vessel exec` holds. When `vessel
+/// exec` ends, however it ends, the guard reads end-of-file; it then kills
+/// the VM's process (by pidfd, so never a recycled pid) and everything in
+/// the jail's cgroup (the jailer and the VMM), and removes the jail and the
+/// VM's directory. A `vessel exec` that cleaned up itself dismisses it.
+struct Guard {
+    pid: libc::pid_t,
+    /// The write end: the VM's pid goes through it; its close is the
+    /// signal.
+    pipe: std::fs::File,
+}
+
+impl Guard {
+    fn start(dir: &Path, jail: Option<&Jail>) -> Result<Guard, String> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two fds into `fds`.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+        }
+        // What the guard removes, prepared before the fork.
+        let dir = dir.to_path_buf();
+        let jail = jail.map(|j| (j.id.clone(), j.root.parent().map(Path::to_path_buf)));
+        // SAFETY: the child only makes system calls and plain file-system
+        // calls (glibc's fork leaves malloc usable in the child), then
+        // _exits; it never returns into the caller.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: closing the two fds pipe2 gave us.
+            unsafe {
+                libc::close(fds[0]);
+                libc::close(fds[1]);
+            }
+            return Err(format!("fork: {e}"));
+        }
+        if pid == 0 {
+            guard_main(fds[0], &dir, jail);
+        }
+        // SAFETY: fds[0] is ours to close (the guard has its copy).
+        unsafe { libc::close(fds[0]) };
+        // SAFETY: fds[1] is a fresh fd that nothing else owns.
+        let pipe = unsafe { std::fs::File::from_raw_fd(fds[1]) };
+        Ok(Guard { pid, pipe })
+    }
+
+    /// Tell the guard the VM's process (`vessel run`, or the jailer).
+    fn watch(&self, pid: u32) {
+        let _ = (&self.pipe).write_all(&pid.to_le_bytes());
+    }
+
+    /// The clean-up is done: end the guard and reap it.
+    fn dismiss(self) {
+        // SAFETY: kill and waitpid on our own child.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+/// The guard's life (see [`Guard`]): wait for `vessel exec` to end, then
+/// kill and remove what is left of its VM.
+fn guard_main(read_end: libc::c_int, dir: &Path, jail: Option<(String, Option<PathBuf>)>) -> ! {
+    // SAFETY: plain system calls on our own process and fds.
+    unsafe {
+        // No terminal or process-group signal meant for the exec.
+        libc::setpgid(0, 0);
+        // Hold nothing of the exec's: not its stdout (a reader would wait
+        // for our end of it), not its snapshot lock.
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        for fd in 0..3 {
+            libc::dup2(null, fd);
+        }
+        libc::dup2(read_end, 3);
+        libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+    }
+    let mut vm_pidfd: Option<libc::c_int> = None;
+    let mut buf = [0u8; 4];
+    loop {
+        // SAFETY: read into our own 4-byte buffer.
+        let n = unsafe { libc::read(3, buf.as_mut_ptr().cast(), 4) };
+        if n == 4 {
+            let pid = u32::from_le_bytes(buf) as libc::pid_t;
+            // SAFETY: pidfd_open of a pid; the fd refers to that process
+            // even if the pid is later reused.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+            if fd >= 0 {
+                vm_pidfd = Some(fd as libc::c_int);
+            }
+            continue;
+        }
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        break;
+    }
+    if let Some(fd) = vm_pidfd {
+        // SAFETY: a pidfd we opened, a signal number, a pollfd of ours.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd,
+                libc::SIGKILL,
+                std::ptr::null::<u8>(),
+                0,
+            );
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            libc::poll(&mut p, 1, 5000);
+        }
+    }
+    if let Some((id, jail_dir)) = jail {
+        // Kills the VMM, which the jailer forked into the cgroup.
+        let _ = crate::jail::cgroup::remove_v2(Path::new(&id));
+        if let Some(d) = jail_dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    // SAFETY: ends this process without running the parent's destructors.
+    unsafe { libc::_exit(0) }
 }
 
 /// A new directory only we can enter, for the VM's socket and log.
@@ -659,7 +863,7 @@ fn warm_eligible(a: &ExecArgs) -> bool {
 fn warm_start(a: &ExecArgs, jailed: bool) -> Result<(Throwaway, UnixStream), String> {
     let kernel = default_guest("kernel/vmlinux")?;
     let initrd = default_guest("initramfs.cpio.gz")?;
-    let snap = warm_snapshot(a, &kernel, &initrd)?;
+    let snap = warm_snapshot(a, &kernel, &initrd, jailed)?;
     let vm = Throwaway::restore(&snap.dir, jailed)?;
     // The snapshot may be replaced only after the clone has its memory
     // mapped: hold the shared lock until the agent answers.
@@ -711,7 +915,7 @@ fn flock(f: &std::fs::File, op: libc::c_int) -> bool {
 /// Built once: the first exec takes the key's lock exclusively and builds
 /// into a temporary directory that it renames into place; execs that
 /// come meanwhile wait on the lock, then find it.
-fn warm_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path) -> Result<WarmSnapshot, String> {
+fn warm_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path, jailed: bool) -> Result<WarmSnapshot, String> {
     use std::os::unix::fs::DirBuilderExt;
     let base = cache_dir()?.join("exec-snapshots");
     std::fs::DirBuilder::new()
@@ -743,7 +947,7 @@ fn warm_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path) -> Result<WarmSnaps
                 .mode(0o700)
                 .create(&tmp)
                 .map_err(|e| format!("{}: {e}", tmp.display()))?;
-            let built = build_snapshot(a, kernel, initrd, &tmp)
+            let built = build_snapshot(a, kernel, initrd, &tmp, jailed)
                 .and_then(|()| std::fs::rename(&tmp, &dir).map_err(|e| format!("{}: {e}", dir.display())));
             if let Err(e) = built {
                 let _ = std::fs::remove_dir_all(&tmp);
@@ -782,19 +986,43 @@ fn remove_stale_snapshots(base: &Path, key: &str) {
 }
 
 /// Boot the default guest, wait until its agent answers, and snapshot it
-/// (paused) into `out`.
-fn build_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path, out: &Path) -> Result<(), String> {
-    let dir = private_dir()?;
-    let api = dir.join("api.sock");
-    // Unjailed: it boots our own default guest, once, to an idle agent.
-    let mut vm = Throwaway::new(dir, None);
-    let uds = vm.uds.clone();
+/// (paused) into `out`; in the jail when `jailed`, as the clones run.
+fn build_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path, out: &Path, jailed: bool) -> Result<(), String> {
+    use crate::cli::{SNAPSHOT_MEMORY, SNAPSHOT_STATE};
+    let mut vm = Throwaway::prepare(jailed)?;
+    // Paths as the VMM sees them, and its API socket as we reach it.
+    let (kernel, initrd, uds, api, state, memory, api_here) = match &vm.jail {
+        Some(j) => {
+            j.place(kernel, "vmlinux", false)?;
+            j.place(initrd, "initrd", false)?;
+            // The jail's root belongs to the jailed uid: the VMM writes
+            // the snapshot there, and we move it out below.
+            (
+                PathBuf::from("/vmlinux"),
+                PathBuf::from("/initrd"),
+                PathBuf::from("/v.sock"),
+                PathBuf::from("/api.sock"),
+                Path::new("/").join(SNAPSHOT_STATE),
+                Path::new("/").join(SNAPSHOT_MEMORY),
+                j.root.join("api.sock"),
+            )
+        }
+        None => (
+            kernel.to_path_buf(),
+            initrd.to_path_buf(),
+            vm.uds.clone(),
+            vm.dir.join("api.sock"),
+            out.join(SNAPSHOT_STATE),
+            out.join(SNAPSHOT_MEMORY),
+            vm.dir.join("api.sock"),
+        ),
+    };
     let mut cmd = Command::new("run");
     cmd.args(["--accel", &a.accel, "--mem", &a.mem, "--cpus", &a.cpus.to_string()])
         .arg("--kernel")
-        .arg(kernel)
+        .arg(&kernel)
         .arg("--initrd")
-        .arg(initrd)
+        .arg(&initrd)
         .arg("--cmdline")
         .arg(AGENT_CMDLINE)
         .arg("--vsock")
@@ -807,7 +1035,7 @@ fn build_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path, out: &Path) -> Res
     // Let the guest see the probe's close and settle into idle.
     std::thread::sleep(Duration::from_millis(300));
     let call = |method: &str, path: &str, body: &str| -> Result<(), String> {
-        let r = crate::api::client::request(&api, method, path, Some(body), Duration::from_secs(60))
+        let r = crate::api::client::request(&api_here, method, path, Some(body), Duration::from_secs(60))
             .map_err(|e| format!("the VM's API: {e}"))?;
         if r.status >= 400 {
             return Err(format!("{method} {path}: {}", r.fault()));
@@ -817,9 +1045,22 @@ fn build_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path, out: &Path) -> Res
     call("PATCH", "/vm", r#"{"state": "Paused"}"#)?;
     let body = serde_json::json!({
         "snapshot_type": "Full",
-        "snapshot_path": out.join(crate::cli::SNAPSHOT_STATE),
-        "mem_file_path": out.join(crate::cli::SNAPSHOT_MEMORY),
+        "snapshot_path": state,
+        "mem_file_path": memory,
     })
     .to_string();
-    call("PUT", "/snapshot/create", &body)
+    call("PUT", "/snapshot/create", &body)?;
+    if let Some(j) = &vm.jail {
+        // Out of the jail, and root's: the clones get links to these
+        // files, which their jailed uid must not be able to write.
+        use std::os::unix::fs::PermissionsExt;
+        for f in [SNAPSHOT_STATE, SNAPSHOT_MEMORY] {
+            let (from, to) = (j.root.join(f), out.join(f));
+            std::os::unix::fs::chown(&from, Some(0), Some(0))
+                .and_then(|()| std::fs::set_permissions(&from, std::fs::Permissions::from_mode(0o644)))
+                .and_then(|()| std::fs::rename(&from, &to).or_else(|_| std::fs::copy(&from, &to).map(drop)))
+                .map_err(|e| format!("moving the snapshot's {f} out of the jail: {e}"))?;
+        }
+    }
+    Ok(())
 }

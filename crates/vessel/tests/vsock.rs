@@ -623,5 +623,195 @@ fn exec_runs_the_vm_in_the_jail_and_leaves_nothing() {
                 assert!(!dir.exists(), "{how}: cgroup {} left", dir.display());
             }
         }
+        if how == "warm" {
+            // The snapshot was taken in the jail too (its VMM saw the
+            // kernel as /vmlinux), and it is root's, not writable by the
+            // jailed uid of the clones that get links to it.
+            use std::os::unix::fs::MetadataExt;
+            let snap = &snapshots(&cache)[0];
+            let state = String::from_utf8_lossy(&std::fs::read(snap.join("state")).unwrap()).into_owned();
+            assert!(
+                state.contains(r#""kernel":"/vmlinux""#),
+                "snapshot not taken in the jail"
+            );
+            for f in ["state", "memory"] {
+                let m = std::fs::metadata(snap.join(f)).unwrap();
+                assert_eq!((m.uid(), m.gid(), m.mode() & 0o022), (0, 0, 0), "{f}");
+            }
+        }
+    }
+}
+
+/// Whether `pid` is gone (or a zombie nobody has reaped yet).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
+    }
+}
+
+/// A `vessel exec` killed with SIGKILL in the middle of its command
+/// cannot clean up after itself, yet within a few seconds nothing of its
+/// VM is left: no VMM (or jailer) process, no jail directory, socket or
+/// cgroup, no file in its TMPDIR. Jailed (the VMM runs under the jailer,
+/// in a new PID namespace, as another uid, so PR_SET_PDEATHSIG set on the
+/// jailer does not reach it) and with `--no-jail`.
+#[test]
+fn a_killed_exec_leaves_nothing_behind() {
+    require_agent();
+    // SAFETY: geteuid has no arguments.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test needs root: it builds the jail");
+    let dir = Scratch::new("vsock-killed");
+    let tmp = dir.0.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let cache = private_cache(&dir.0);
+    for jailed in [true, false] {
+        let mut c = warm_exec(&tmp, &cache);
+        if !jailed {
+            c.arg("--no-jail");
+        }
+        c.args(["--", "sh", "-c", "echo in-vm; sleep 60"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = c.spawn().unwrap();
+        let _dog = Watchdog::new(&child);
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line, "in-vm\n", "jailed {jailed}");
+        let vmms: Vec<u32> = children_of(child.id())
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(" run "))
+            .map(|(pid, _)| pid)
+            .collect();
+        assert_eq!(vmms.len(), 1, "jailed {jailed}: {vmms:?}");
+        let vmm = vmms[0];
+        let cgroup = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+        let jail_dirs = || -> Vec<std::path::PathBuf> {
+            std::fs::read_dir(cache.join("jail/vessel"))
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(jail_dirs().len(), usize::from(jailed), "jailed {jailed}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let cgroup_dir = cgroup
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .filter(|_| jailed)
+            .map(|cg| cgroup2_mount().join(cg.trim_start_matches('/')));
+        let left = || {
+            let mut left = Vec::new();
+            if !gone(vmm) {
+                left.push(format!("VMM {vmm}"));
+            }
+            left.extend(jail_dirs().into_iter().map(|p| p.display().to_string()));
+            left.extend(
+                std::fs::read_dir(&tmp)
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.path().display().to_string()),
+            );
+            if let Some(d) = cgroup_dir.as_ref().filter(|d| d.exists()) {
+                left.push(d.display().to_string());
+            }
+            left
+        };
+        while !left().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            left().is_empty(),
+            "jailed {jailed}: left 5 s after SIGKILL: {:?}",
+            left()
+        );
+    }
+}
+
+/// As root, `vessel exec --disk` runs jailed too: a read-only disk (the
+/// default) is put into the jail as `/disk0`, the guest reads it, the VMM
+/// runs as uid 65534 with `disk0` in its root, and nothing is left. A
+/// writable disk (readonly=off) cannot be the jail's (the jailed uid would
+/// have to own the user's image): that VM runs unjailed, says so, and the
+/// guest's write lands in the image.
+#[test]
+fn exec_with_a_disk_runs_in_the_jail_when_read_only() {
+    require_agent();
+    // SAFETY: geteuid has no arguments.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test needs root: it builds the jail");
+    let dir = Scratch::new("vsock-disk-jail");
+    let tmp = dir.0.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let cache = private_cache(&dir.0);
+    let img = dir.0.join("disk.img");
+    let mut data = b"disk-content-xyz".to_vec();
+    data.resize(1 << 20, 0);
+    std::fs::write(&img, &data).unwrap();
+    for (spec, jailed) in [
+        (format!("path={}", img.display()), true),
+        (format!("path={},readonly=off", img.display()), false),
+    ] {
+        let mut c = exec(&tmp);
+        c.env("VESSEL_CACHE", &cache)
+            .arg("--disk")
+            .arg(&spec)
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "echo got=$(dd if=/dev/vda bs=16 count=1 2>/dev/null); \
+                 echo written-by-guest | dd of=/dev/vda bs=16 count=1 conv=fsync 2>/dev/null; echo wrote=$?; sleep 2",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let _dog = Watchdog::new(&child);
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut got = String::new();
+        out.read_line(&mut got).unwrap();
+        assert_eq!(got, "got=disk-content-xyz\n", "{spec}");
+        let vmms: Vec<_> = children_of(child.id())
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(" run "))
+            .collect();
+        assert_eq!(vmms.len(), 1, "{spec}: {vmms:?}");
+        let vmm = vmms[0].0;
+        let root: Vec<String> = std::fs::read_dir(format!("/proc/{vmm}/root"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let uid = status_line(vmm, "Uid");
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).unwrap();
+        let mut err = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert!(child.wait().unwrap().success(), "{spec}: {err}");
+        let written = std::fs::read(&img).unwrap();
+        if jailed {
+            assert_eq!(uid, "65534 65534 65534 65534", "{spec}");
+            assert!(root.contains(&"disk0".to_string()), "{spec}: {root:?}");
+            assert!(!root.contains(&"etc".to_string()), "{spec}: {root:?}");
+            assert!(!err.contains("unjailed"), "{spec}: {err}");
+            assert_ne!(rest, "wrote=0\n", "{spec}: a read-only disk took a write");
+            assert_eq!(&written[..16], b"disk-content-xyz", "{spec}");
+        } else {
+            assert_eq!(uid, "0 0 0 0", "{spec}");
+            assert!(err.contains("running the VM unjailed"), "{spec}: {err}");
+            assert_eq!(rest, "wrote=0\n", "{spec}");
+            assert_eq!(&written[..16], b"written-by-guest", "{spec}");
+        }
+        assert_nothing_left(&tmp);
+        let jails: Vec<_> = std::fs::read_dir(cache.join("jail/vessel"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(jails.is_empty(), "{spec}: jails left: {jails:?}");
     }
 }
