@@ -293,16 +293,9 @@ pub fn start_protect(ctl: &mut Controller, req: ProtectRequest) -> Result<(), Ac
             "the VM is paused: resume it before protecting it".into(),
         ));
     }
-    let cfg = handle.config();
     if handle.engine_kind() != vmm::EngineKind::Emu {
         return Err(ActionError::Unsupported(
             "failover runs under the emu engine only for now (under kvm it has not been tested)".into(),
-        ));
-    }
-    if cfg.vsock.is_some() {
-        return Err(ActionError::Unsupported(
-            "cannot protect a VM with a vsock device yet: its streams are not held until their epoch is acknowledged"
-                .into(),
         ));
     }
     let shared = ctl.failover.shared.clone();
