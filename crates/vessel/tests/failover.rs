@@ -520,6 +520,90 @@ fn wait_vsock(lines: &VsockLines, at_least: usize, timeout: Duration) {
     }
 }
 
+/// The counter lives in a file (tmpfs: guest memory), so that after a
+/// reset connection the next one goes on with the next number.
+const VSOCK_WORK: &str = "echo 0 > /tmp/n; while true; do \
+    while true; do i=$(cat /tmp/n); i=$((i+1)); echo $i > /tmp/n; echo VLINE$i; sleep 0.1; done \
+    | vessel-agent connect 2 5000; echo RECONNECT; sleep 0.2; done";
+
+/// Wait until the guest sent `n` lines on a second connection (after a
+/// takeover), then check the lines over both read as one run.
+fn vsock_one_run_after_takeover(lines: &VsockLines, run_dir: &Path) {
+    let start = Instant::now();
+    loop {
+        let conns = lines.lock().unwrap().clone();
+        if conns.len() >= 2 && conns.last().unwrap().len() >= 5 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the guest did not send over vsock again after the takeover: {conns:?}\n{}",
+            console_log(run_dir, "sby")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let conns = lines.lock().unwrap().clone();
+    assert_eq!(
+        conns.len(),
+        2,
+        "one connection before the takeover, one after: {conns:?}"
+    );
+    assert_eq!(conns[0][0], 1, "{conns:?}");
+    for part in &conns {
+        for w in part.windows(2) {
+            assert_eq!(w[1], w[0] + 1, "lost, repeated or out of order: {w:?} in {conns:?}");
+        }
+    }
+    let (last, first) = (*conns[0].last().unwrap(), conns[1][0]);
+    assert!(
+        first > last && first - last <= 30,
+        "after the takeover VLINE{first} does not follow VLINE{last}: {conns:?}"
+    );
+    eprintln!("vsock one run: primary up to VLINE{last}, standby from VLINE{first}");
+}
+
+/// A forced takeover while the primary lives: the fenced primary lets go
+/// of its vsock `uds_path` so that the standby can bind it; the guest's
+/// lines over vsock read as one run across the takeover.
+#[test]
+fn a_forced_takeover_hands_the_vsock_socket_to_the_standby() {
+    let _turn = turn();
+    let s = Scratch::new("fo-vsock-forced");
+    let run_dir = s.0.join("run");
+    let _reaper = Reaper(run_dir.clone());
+    let uds = s.0.join("v.sock");
+    let mut port = uds.clone().into_os_string();
+    port.push("_5000");
+    let lines = vsock_host_listener(Path::new(&port));
+    launch(detached(&run_dir, "pri", "128M", VSOCK_WORK).args(["--vsock", &format!("cid=3,uds={}", uds.display())]));
+    let url = format!("unix:{}", s.0.join("fo.sock").display());
+    let o = runtime_cmd(&run_dir)
+        .args([
+            "run",
+            "--detach",
+            "--name",
+            "sby",
+            "--standby",
+            &url,
+            "--manual-takeover",
+        ])
+        .stdin(Stdio::null())
+        .timed_output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_status(&run_dir, "sby", "waiting", Duration::from_secs(10));
+    wait_vsock(&lines, 3, Duration::from_secs(180));
+    protect(&run_dir, &url);
+    wait_vsock(&lines, vsock_count(&lines) + 3, Duration::from_secs(60));
+    let r = vm_api(&run_dir, "sby", "PUT", "/failover/takeover", None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let f = wait_status(&run_dir, "sby", "took-over", Duration::from_secs(30));
+    eprintln!("took over: {f}");
+    wait_status(&run_dir, "pri", "fenced", Duration::from_secs(30));
+    vsock_one_run_after_takeover(&lines, &run_dir);
+    assert!(uds.exists(), "the standby does not listen on {}", uds.display());
+}
+
 /// vsock output commit: the guest sends a numbered line every 100 ms over
 /// vsock to a host listener (`<uds>_5000`). While protected, the standby
 /// stopped (SIGSTOP) for 3 s acknowledges no epoch: nothing new reaches
@@ -539,12 +623,7 @@ fn vsock_output_is_held_until_its_epoch_is_acknowledged_and_survives_a_takeover(
     let mut port = uds.clone().into_os_string();
     port.push("_5000");
     let lines = vsock_host_listener(Path::new(&port));
-    // The counter lives in a file (tmpfs: guest memory), so that after a
-    // reset connection the next one goes on with the next number.
-    let work = "echo 0 > /tmp/n; while true; do \
-                  while true; do i=$(cat /tmp/n); i=$((i+1)); echo $i > /tmp/n; echo VLINE$i; sleep 0.1; done \
-                  | vessel-agent connect 2 5000; echo RECONNECT; sleep 0.2; done";
-    launch(detached(&run_dir, "pri", "128M", work).args(["--vsock", &format!("cid=3,uds={}", uds.display())]));
+    launch(detached(&run_dir, "pri", "128M", VSOCK_WORK).args(["--vsock", &format!("cid=3,uds={}", uds.display())]));
     let url = format!("unix:{}", s.0.join("fo.sock").display());
     let o = runtime_cmd(&run_dir)
         .args(["run", "--detach", "--name", "sby", "--standby", &url])
@@ -587,38 +666,7 @@ fn vsock_output_is_held_until_its_epoch_is_acknowledged_and_survives_a_takeover(
     let f = wait_status(&run_dir, "sby", "took-over", Duration::from_secs(30));
     eprintln!("took over: {f}");
     // The standby's guest connects again and goes on.
-    let start = Instant::now();
-    loop {
-        let conns = lines.lock().unwrap().clone();
-        if conns.len() >= 2 && conns.last().unwrap().len() >= 5 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the guest did not send over vsock again after the takeover: {conns:?}\n{}",
-            console_log(&run_dir, "sby")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let conns = lines.lock().unwrap().clone();
-    assert_eq!(
-        conns.len(),
-        2,
-        "one connection before the takeover, one after: {conns:?}"
-    );
-    let all: Vec<u64> = conns.concat();
-    assert_eq!(conns[0][0], 1, "{conns:?}");
-    for part in &conns {
-        for w in part.windows(2) {
-            assert_eq!(w[1], w[0] + 1, "lost, repeated or out of order: {w:?} in {conns:?}");
-        }
-    }
-    let (last, first) = (*conns[0].last().unwrap(), conns[1][0]);
-    assert!(
-        first > last && first - last <= 30,
-        "after the takeover VLINE{first} does not follow VLINE{last}: {all:?}"
-    );
-    eprintln!("vsock one run: primary up to VLINE{last}, standby from VLINE{first}");
+    vsock_one_run_after_takeover(&lines, &run_dir);
 }
 
 /// RARP frames from `mac` seen on the namespace's `tap` until `stop`: an
