@@ -293,16 +293,9 @@ pub fn start_protect(ctl: &mut Controller, req: ProtectRequest) -> Result<(), Ac
             "the VM is paused: resume it before protecting it".into(),
         ));
     }
-    let cfg = handle.config();
     if handle.engine_kind() != vmm::EngineKind::Emu {
         return Err(ActionError::Unsupported(
             "failover runs under the emu engine only for now (under kvm it has not been tested)".into(),
-        ));
-    }
-    if cfg.vsock.is_some() {
-        return Err(ActionError::Unsupported(
-            "cannot protect a VM with a vsock device yet: its streams are not held until their epoch is acknowledged"
-                .into(),
         ));
     }
     let shared = ctl.failover.shared.clone();
@@ -473,6 +466,7 @@ fn primary_run(
     let overlays = vm.disk_overlays();
     *shared.overlays.lock().unwrap_or_else(|e| e.into_inner()) = overlays.iter().map(|(_, o)| o.clone()).collect();
     let mut started = Ok(());
+    gate.set_pausing(true);
     let first = fo::capture(vm, || {
         gate.mark(0);
         for (_, o) in &overlays {
@@ -480,8 +474,9 @@ fn primary_run(
                 started = Err(e);
             }
         }
-    })
-    .map_err(|e| LinkEnd::Closed(e.to_string()))?;
+    });
+    gate.set_pausing(false);
+    let first = first.map_err(|e| LinkEnd::Closed(e.to_string()))?;
     started.map_err(|e| LinkEnd::Closed(format!("making the disks durable: {e}")))?;
     let committed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     shared.pauses.lock().unwrap_or_else(|e| e.into_inner()).add(first.pause);
@@ -572,6 +567,7 @@ fn primary_run(
         if now >= next_epoch {
             epoch += 1;
             let mut disk_ops = Vec::new();
+            gate.set_pausing(true);
             for (_, o) in &overlays {
                 o.set_pausing(true);
             }
@@ -579,6 +575,7 @@ fn primary_run(
                 gate.mark(epoch);
                 disk_ops = overlays.iter().map(|(i, o)| (*i, o.seal(epoch))).collect();
             });
+            gate.set_pausing(false);
             for (_, o) in &overlays {
                 o.set_pausing(false);
             }

@@ -1030,7 +1030,7 @@ impl VmHandle {
             loop {
                 let r = open(&dev).and_then(|b| match b {
                     Some(b) => dev.attach_backend(b).map_err(|e| e.to_string()),
-                    None => Ok(()),
+                    None => dev.reopen_backend().map_err(|e| e.to_string()),
                 });
                 match r {
                     Ok(()) => break,

@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -589,6 +589,11 @@ impl PauseStats {
     }
 }
 
+/// Held output bytes at most: a writer that would go over waits (the
+/// guest's output stalls) until an acknowledgement releases some, the
+/// next checkpoint's pause lets it through, or protection ends.
+pub const OUTPUT_HELD_LIMIT: u64 = 32 << 20;
+
 /// Output commit: what the guest sends to the outside world (its serial
 /// console's bytes, its network frames) is held here while the VM is
 /// protected and released, in the order the guest produced it, when the
@@ -596,6 +601,9 @@ impl PauseStats {
 /// through.
 pub struct OutputGate {
     inner: Mutex<Gate>,
+    /// Signalled when held output went out or a writer may go on anyway.
+    room: Condvar,
+    limit: u64,
 }
 
 /// A device's way out to the world (a virtio-console's output file), for
@@ -630,11 +638,23 @@ struct Gate {
     base: u64,
     /// (epoch, end of its output as a chunk count), oldest first.
     marks: VecDeque<(u64, u64)>,
+    /// A checkpoint's pause is coming: no writer waits for room now (a
+    /// vCPU or device worker waiting here would hold the pause up).
+    pausing: bool,
 }
 
 impl Default for OutputGate {
     fn default() -> Self {
+        Self::with_limit(OUTPUT_HELD_LIMIT)
+    }
+}
+
+impl OutputGate {
+    /// A gate that holds at most `limit` bytes (see [`OUTPUT_HELD_LIMIT`]).
+    pub fn with_limit(limit: u64) -> Self {
         OutputGate {
+            room: Condvar::new(),
+            limit,
             inner: Mutex::new(Gate {
                 out: None,
                 holding: false,
@@ -643,14 +663,33 @@ impl Default for OutputGate {
                 held_bytes: 0,
                 base: 0,
                 marks: VecDeque::new(),
+                pausing: false,
             }),
         }
     }
-}
 
-impl OutputGate {
     fn lock(&self) -> std::sync::MutexGuard<'_, Gate> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The gate, once `n` more bytes fit under the bound (or need not:
+    /// nothing held, not holding, fenced, a pause coming).
+    fn lock_with_room(&self, n: usize) -> std::sync::MutexGuard<'_, Gate> {
+        let mut g = self.lock();
+        while g.holding && !g.fenced && !g.pausing && g.held_bytes > 0 && g.held_bytes + n as u64 > self.limit {
+            g = self.room.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g
+    }
+
+    /// Set around a checkpoint's pause: writers waiting for room go on
+    /// (by at most one write each over the bound), so that the vCPUs and
+    /// device workers can stop.
+    pub fn set_pausing(&self, on: bool) {
+        self.lock().pausing = on;
+        if on {
+            self.room.notify_all();
+        }
     }
 
     /// A writer for the machine's console, going to `out` through the gate.
@@ -663,7 +702,7 @@ impl OutputGate {
     /// A network frame the guest transmits on `tap`: written at once, or
     /// held until its epoch is acknowledged.
     pub fn send_frame(&self, tap: &Arc<crate::virtio::tap::Tap>, frame: &[u8]) -> std::io::Result<()> {
-        let mut g = self.lock();
+        let mut g = self.lock_with_room(frame.len());
         if g.holding {
             g.push(Sink::Frame(tap.clone()), frame);
             return Ok(());
@@ -675,7 +714,7 @@ impl OutputGate {
     /// Bytes a device sends to `sink`: passed at once, or held until
     /// their epoch is acknowledged.
     pub fn send_to(&self, sink: &Arc<dyn OutputSink>, data: &[u8]) {
-        let mut g = self.lock();
+        let mut g = self.lock_with_room(data.len());
         if g.holding {
             g.push(Sink::Stream(sink.clone()), data);
             return;
@@ -711,6 +750,7 @@ impl OutputGate {
         if let Some(end) = end {
             let n = (end - g.base) as usize;
             g.emit(n);
+            self.room.notify_all();
         }
     }
 
@@ -723,6 +763,7 @@ impl OutputGate {
         g.marks.clear();
         let n = g.held.len();
         g.emit(n);
+        self.room.notify_all();
     }
 
     /// The link is gone and the standby may run the guest now: never
@@ -747,6 +788,7 @@ impl OutputGate {
         g.marks.clear();
         g.held = kept;
         g.held_bytes = bytes;
+        self.room.notify_all();
     }
 
     pub fn held_bytes(&self) -> u64 {
@@ -805,7 +847,7 @@ struct GateWriter(Arc<OutputGate>);
 
 impl Write for GateWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut g = self.0.lock();
+        let mut g = self.0.lock_with_room(buf.len());
         if g.holding {
             g.push(Sink::Console, buf);
             return Ok(buf.len());
@@ -949,6 +991,58 @@ mod tests {
         gate.release_all();
         w.write_all(b"e").unwrap();
         assert_eq!(&*sink.0.lock().unwrap(), b"abcde");
+    }
+
+    #[test]
+    fn held_output_is_bounded_the_writer_waits_for_an_ack_or_a_pause() {
+        struct Null;
+        impl OutputSink for Null {
+            fn emit(&self, _: &[u8]) {}
+        }
+        let sink: Arc<dyn OutputSink> = Arc::new(Null);
+        let gate = Arc::new(OutputGate::with_limit(10));
+        gate.hold();
+        gate.send_to(&sink, &[1; 8]);
+        gate.mark(1);
+        // 8 + 5 > 10: the writer waits.
+        let writer = |gate: &Arc<OutputGate>| {
+            let (gate, sink) = (gate.clone(), sink.clone());
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                gate.send_to(&sink, &[2; 5]);
+                let _ = tx.send(());
+            });
+            rx
+        };
+        let done = writer(&gate);
+        assert!(
+            done.recv_timeout(Duration::from_millis(200)).is_err(),
+            "went over the bound"
+        );
+        assert_eq!(gate.held_bytes(), 8);
+        // Epoch 1 acknowledged: room again.
+        gate.release(1);
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("still waiting after the ack");
+        assert_eq!(gate.held_bytes(), 5);
+        gate.send_to(&sink, &[3; 5]);
+        // Full again; a checkpoint's pause lets the waiting writer through.
+        let done = writer(&gate);
+        assert!(
+            done.recv_timeout(Duration::from_millis(200)).is_err(),
+            "went over the bound"
+        );
+        gate.set_pausing(true);
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("still waiting in a pause");
+        gate.set_pausing(false);
+        assert_eq!(gate.held_bytes(), 15);
+        // Protection ends: everything goes, and writers pass through.
+        let done = writer(&gate);
+        gate.release_all();
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("still waiting, unprotected");
+        assert_eq!(gate.held_bytes(), 0);
     }
 
     #[test]

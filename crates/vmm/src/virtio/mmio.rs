@@ -559,6 +559,11 @@ impl MmioTransport {
         self.device.attach_backend(backend)
     }
 
+    /// Reopen a resource the device opens itself ([`VirtioDevice::reopen_backend`]).
+    pub fn reopen_backend(&mut self) -> std::io::Result<()> {
+        self.device.reopen_backend()
+    }
+
     /// virtio-net's TAP and MAC ([`VirtioDevice::net_identity`]).
     pub fn net_identity(&self) -> Option<super::net::NetState> {
         self.device.net_identity()

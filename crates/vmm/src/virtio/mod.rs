@@ -192,6 +192,11 @@ pub trait VirtioDevice: Send {
     fn attach_backend(&mut self, _backend: HostBackend) -> std::io::Result<()> {
         Err(std::io::Error::other("this device has no host backend"))
     }
+    /// Take back a host resource the device opens itself (vsock's
+    /// listening socket) after [`VirtioDevice::release_backend`].
+    fn reopen_backend(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// virtio-net: the TAP and the MAC address the guest uses.
     fn net_identity(&self) -> Option<net::NetState> {
         None

@@ -12,6 +12,13 @@
 //! (unknown connection, credit overrun, bad type) resets that connection
 //! and no other. Limits: [`MAX_CONNECTIONS`] connections, each buffering
 //! at most [`BUF_SIZE`] bytes on its way to the host.
+//!
+//! Failover (docs/FAILOVER.md): once the VM is protected, what the guest
+//! sends on a connection goes through the output gate, which holds it
+//! until its epoch is acknowledged and then hands it back here
+//! ([`Released`]) to be written to the host socket. Held bytes count
+//! against the connection's credit, so the guest stalls (no credit) rather
+//! than the held bytes growing: at most [`BUF_SIZE`] per connection.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -19,11 +26,14 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::packet::*;
+use crate::migration::failover::{OutputGate, OutputSink};
 use crate::virtio::worker::Poller;
 
 /// The host's CID, as the guest addresses it.
@@ -43,6 +53,8 @@ const MAX_CONNECT_LINE: usize = 32;
 const MAX_ORPHAN_RESETS: usize = 1024;
 /// The token of the listening socket; connections get tokens above it.
 pub const LISTENER_TOKEN: u64 = 16;
+/// The token of [`Released`]'s eventfd.
+pub const RELEASED_TOKEN: u64 = LISTENER_TOKEN - 1;
 /// Report our forwarded count to the guest when this much went unreported.
 const CREDIT_UPDATE_THRESHOLD: u32 = BUF_SIZE / 4;
 /// Host-side ports of host-initiated connections start here.
@@ -59,6 +71,41 @@ pub enum BackendError {
     InUse(PathBuf),
     #[error("vsock guest_cid {0}: must be at least 3 and below 2^32 - 1")]
     BadCid(u64),
+    #[error("vsock: eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+/// Guest bytes the output gate released (their epoch was acknowledged),
+/// by connection token, for the worker to write to the host sockets; the
+/// eventfd wakes the worker.
+pub struct Released {
+    chunks: Mutex<VecDeque<(u64, Vec<u8>)>>,
+    wake: EventFd,
+}
+
+impl Released {
+    fn take(&self) -> VecDeque<(u64, Vec<u8>)> {
+        std::mem::take(&mut *self.chunks.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// One connection's way out through the gate.
+struct ConnSink {
+    token: u64,
+    released: Arc<Released>,
+}
+
+impl OutputSink for ConnSink {
+    fn emit(&self, data: &[u8]) {
+        let mut q = self.released.chunks.lock().unwrap_or_else(|e| e.into_inner());
+        // A connection's chunks follow each other: join them.
+        match q.back_mut() {
+            Some((t, d)) if *t == self.token => d.extend_from_slice(data),
+            _ => q.push_back((self.token, data.to_vec())),
+        }
+        drop(q);
+        let _ = self.released.wake.write(1);
+    }
 }
 
 /// One connection: `local` is the host-side port, `peer` the guest's.
@@ -79,8 +126,14 @@ struct Conn {
     stream: UnixStream,
     token: u64,
     state: State,
-    /// Guest bytes not yet written to the host socket.
+    /// Guest bytes not yet written to the host socket (and released by
+    /// the gate, when there is one).
     to_host: VecDeque<u8>,
+    /// Bytes the guest sent us: with `fwd_cnt`, what is on its way (held
+    /// by the gate or in `to_host`), which the credit bounds.
+    from_guest: u32,
+    /// The way through the output gate.
+    sink: Arc<dyn OutputSink>,
     /// Bytes of the guest's we passed on (our `fwd_cnt`), and the value
     /// the guest last heard.
     fwd_cnt: u32,
@@ -111,12 +164,24 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: UnixStream, token: u64, state: State, peer_buf_alloc: u32, peer_fwd_cnt: u32) -> Conn {
+    fn new(
+        stream: UnixStream,
+        token: u64,
+        state: State,
+        peer_buf_alloc: u32,
+        peer_fwd_cnt: u32,
+        released: &Arc<Released>,
+    ) -> Conn {
         Conn {
             stream,
             token,
             state,
             to_host: VecDeque::new(),
+            from_guest: 0,
+            sink: Arc::new(ConnSink {
+                token,
+                released: released.clone(),
+            }),
             fwd_cnt: 0,
             fwd_reported: 0,
             peer_buf_alloc,
@@ -140,6 +205,11 @@ impl Conn {
     fn peer_credit(&self) -> u32 {
         let in_flight = self.rx_cnt.wrapping_sub(self.peer_fwd_cnt);
         self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+
+    /// Guest bytes not yet written to the host socket, held or not.
+    fn on_the_way(&self) -> usize {
+        self.from_guest.wrapping_sub(self.fwd_cnt) as usize
     }
 
     fn wants_to_read_host(&self) -> bool {
@@ -179,7 +249,8 @@ pub struct BackendStats {
 pub struct Backend {
     cid: u64,
     uds_path: PathBuf,
-    listener: UnixListener,
+    /// `None` while let go of (a fenced failover primary).
+    listener: Option<UnixListener>,
     /// The listener's inode, so that drop removes only our socket file.
     listener_ino: (u64, u64),
     conns: HashMap<Key, Conn>,
@@ -191,6 +262,9 @@ pub struct Backend {
     orphan_rsts: VecDeque<Hdr>,
     next_token: u64,
     next_local_port: u32,
+    /// Failover's output gate, once the VM was protected.
+    gate: Arc<OnceLock<Arc<OutputGate>>>,
+    released: Arc<Released>,
     pub stats: BackendStats,
 }
 
@@ -201,25 +275,12 @@ impl Backend {
         if !(3..u64::from(u32::MAX)).contains(&cid) {
             return Err(BackendError::BadCid(cid));
         }
-        let bind_err = |e| BackendError::Bind(uds_path.to_path_buf(), e);
-        if let Ok(meta) = std::fs::symlink_metadata(uds_path) {
-            if !meta.file_type().is_socket() {
-                return Err(BackendError::NotASocket(uds_path.to_path_buf()));
-            }
-            if UnixStream::connect(uds_path).is_ok() {
-                return Err(BackendError::InUse(uds_path.to_path_buf()));
-            }
-            std::fs::remove_file(uds_path).map_err(bind_err)?;
-        }
-        let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
-        listener.set_nonblocking(true).map_err(bind_err)?;
-        let meta = std::fs::metadata(uds_path).map_err(bind_err)?;
-        use std::os::unix::fs::MetadataExt;
+        let (listener, listener_ino) = bind(uds_path)?;
         Ok(Backend {
             cid,
             uds_path: uds_path.to_path_buf(),
-            listener,
-            listener_ino: (meta.dev(), meta.ino()),
+            listener: Some(listener),
+            listener_ino,
             conns: HashMap::new(),
             by_token: HashMap::new(),
             pending: HashMap::new(),
@@ -227,10 +288,94 @@ impl Backend {
             orphan_rsts: VecDeque::new(),
             next_token: LISTENER_TOKEN + 1,
             next_local_port: first_local_port(),
+            gate: Arc::default(),
+            released: Arc::new(Released {
+                chunks: Mutex::default(),
+                wake: EventFd::new(EFD_NONBLOCK).map_err(BackendError::EventFd)?,
+            }),
             stats: BackendStats::default(),
         })
     }
 
+    /// Where failover's output gate goes, once set (shared with the
+    /// device, which sets it without this back end's lock).
+    pub fn gate_slot(&self) -> Arc<OnceLock<Arc<OutputGate>>> {
+        self.gate.clone()
+    }
+
+    /// Let go of the listening socket and every connection (a fenced
+    /// failover primary: the standby binds `uds_path` when it takes over).
+    pub fn release_host(&mut self) {
+        self.reset_connections();
+        self.released.take();
+        if let Some(l) = self.listener.take() {
+            drop(l);
+            self.remove_socket_file();
+        }
+    }
+
+    /// Listen again after [`Backend::release_host`].
+    pub fn reacquire_host(&mut self) -> Result<(), BackendError> {
+        if self.listener.is_none() {
+            let (listener, ino) = bind(&self.uds_path)?;
+            self.listener = Some(listener);
+            self.listener_ino = ino;
+        }
+        Ok(())
+    }
+
+    fn remove_socket_file(&self) {
+        // Only if it is still ours (a restored clone may have replaced it).
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::symlink_metadata(&self.uds_path) {
+            if (m.dev(), m.ino()) == self.listener_ino {
+                let _ = std::fs::remove_file(&self.uds_path);
+            }
+        }
+    }
+
+    /// Move what the gate released into the connections' host buffers.
+    fn take_released(&mut self, poller: Option<&Poller>) {
+        let _ = self.released.wake.read();
+        for (token, data) in self.released.take() {
+            let Some(&key) = self.by_token.get(&token) else {
+                continue;
+            };
+            let Some(c) = self.conns.get_mut(&key) else { continue };
+            if c.owe_rst {
+                continue;
+            }
+            c.to_host.extend(&data);
+            if !Self::flush_to_host(c, true) {
+                self.reset(poller, key);
+                continue;
+            }
+            self.after_change(poller, key);
+        }
+    }
+}
+
+/// Listen on `uds_path`: a stale socket file there (nobody listening) is
+/// replaced; a live one or a file of another kind is an error.
+fn bind(uds_path: &Path) -> Result<(UnixListener, (u64, u64)), BackendError> {
+    let bind_err = |e| BackendError::Bind(uds_path.to_path_buf(), e);
+    if let Ok(meta) = std::fs::symlink_metadata(uds_path) {
+        if !meta.file_type().is_socket() {
+            return Err(BackendError::NotASocket(uds_path.to_path_buf()));
+        }
+        if UnixStream::connect(uds_path).is_ok() {
+            return Err(BackendError::InUse(uds_path.to_path_buf()));
+        }
+        std::fs::remove_file(uds_path).map_err(bind_err)?;
+    }
+    let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    let meta = std::fs::metadata(uds_path).map_err(bind_err)?;
+    use std::os::unix::fs::MetadataExt;
+    Ok((listener, (meta.dev(), meta.ino())))
+}
+
+impl Backend {
     pub fn cid(&self) -> u64 {
         self.cid
     }
@@ -255,7 +400,12 @@ impl Backend {
 
     /// Watch the listener and every socket with `poller` (a new worker).
     pub fn register(&mut self, poller: &Poller) -> io::Result<()> {
-        poller.add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN)?;
+        if let Some(l) = &self.listener {
+            poller.add(l.as_raw_fd(), LISTENER_TOKEN, EventSet::IN)?;
+        }
+        poller.add(self.released.wake.as_raw_fd(), RELEASED_TOKEN, EventSet::IN)?;
+        // Released while no worker ran.
+        let _ = self.released.wake.write(1);
         for (token, p) in &self.pending {
             poller.add(p.stream.as_raw_fd(), *token, EventSet::IN)?;
         }
@@ -380,7 +530,16 @@ impl Backend {
             peer: hdr.src_port,
         };
         if hdr.op == OP_RST {
-            self.remove(key);
+            match self.conns.get_mut(&key) {
+                // Bytes the guest sent before are still held: the host
+                // socket closes once they are written (after their epoch's
+                // acknowledgement), never before.
+                Some(c) if c.on_the_way() > 0 && !c.owe_rst => {
+                    c.guest_done_sending = true;
+                    c.guest_done_receiving = true;
+                }
+                _ => self.remove(key),
+            }
             return;
         }
         if hdr.kind != TYPE_STREAM || data.len() != hdr.len as usize {
@@ -416,16 +575,23 @@ impl Backend {
                 }
             }
             (OP_RW, State::Established) if !c.guest_done_sending => {
-                if c.to_host.len() + data.len() > BUF_SIZE as usize {
+                if c.on_the_way() + data.len() > BUF_SIZE as usize {
                     // More than the credit we gave: the guest broke the protocol.
                     self.stats.bogus_packets += 1;
                     self.reset(poller, key);
                     return;
                 }
-                c.to_host.extend(data);
-                if !Self::flush_to_host(c, false) {
-                    self.reset(poller, key);
-                    return;
+                c.from_guest = c.from_guest.wrapping_add(data.len() as u32);
+                match self.gate.get() {
+                    // Comes back through `released` (at once, unprotected).
+                    Some(g) => g.send_to(&c.sink, data),
+                    None => {
+                        c.to_host.extend(data);
+                        if !Self::flush_to_host(c, false) {
+                            self.reset(poller, key);
+                            return;
+                        }
+                    }
                 }
             }
             (OP_CREDIT_UPDATE, State::Established) => {}
@@ -472,7 +638,8 @@ impl Backend {
         if !c.guest_done_sending && (unreported >= CREDIT_UPDATE_THRESHOLD || drained) {
             c.owe_credit = true;
         }
-        if c.to_host.is_empty() && c.guest_done_sending {
+        // The guest's shutdown only after all it sent (none held).
+        if c.on_the_way() == 0 && c.guest_done_sending {
             if c.guest_done_receiving {
                 // Closed by the guest both ways: Linux waits for our RST.
                 c.owe_rst = true;
@@ -514,7 +681,14 @@ impl Backend {
             }
         };
         let token = self.token();
-        let mut c = Conn::new(stream, token, State::Established, hdr.buf_alloc, hdr.fwd_cnt);
+        let mut c = Conn::new(
+            stream,
+            token,
+            State::Established,
+            hdr.buf_alloc,
+            hdr.fwd_cnt,
+            &self.released,
+        );
         c.owe_response = true;
         self.conns.insert(key, c);
         self.by_token.insert(token, key);
@@ -525,6 +699,10 @@ impl Backend {
     pub fn on_event(&mut self, poller: &Poller, token: u64, events: EventSet) {
         if token == LISTENER_TOKEN {
             self.accept(poller);
+            return;
+        }
+        if token == RELEASED_TOKEN {
+            self.take_released(Some(poller));
             return;
         }
         if self.pending.contains_key(&token) {
@@ -546,9 +724,9 @@ impl Backend {
 
     fn accept(&mut self, poller: &Poller) {
         loop {
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
-                Err(_) => return,
+            let stream = match self.listener.as_ref().map(|l| l.accept()) {
+                Some(Ok((s, _))) => s,
+                _ => return,
             };
             if self.conns.len() + self.pending.len() >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err() {
                 self.stats.refused += 1;
@@ -597,6 +775,7 @@ impl Backend {
             State::Connecting(Instant::now() + CONNECT_TIMEOUT),
             0,
             0,
+            &self.released,
         );
         c.owe_request = true;
         let _ = poller.remove(c.stream.as_raw_fd());
@@ -790,13 +969,8 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        // Remove the socket file if it is still ours (a restored clone
-        // may have replaced it).
-        use std::os::unix::fs::MetadataExt;
-        if let Ok(m) = std::fs::symlink_metadata(&self.uds_path) {
-            if (m.dev(), m.ino()) == self.listener_ino {
-                let _ = std::fs::remove_file(&self.uds_path);
-            }
+        if self.listener.is_some() {
+            self.remove_socket_file();
         }
     }
 }

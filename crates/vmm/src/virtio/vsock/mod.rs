@@ -65,17 +65,21 @@ pub struct Vsock {
     /// The driver reset the device: the next activation starts with no
     /// connections.
     drop_connections: Arc<AtomicBool>,
+    /// Failover's output gate (the back end's), set without its lock.
+    gate: Arc<std::sync::OnceLock<Arc<crate::migration::failover::OutputGate>>>,
 }
 
 impl Vsock {
     /// A device for guest CID `cid`, listening on `uds_path`.
     pub fn new(cid: u64, uds_path: &Path) -> Result<Vsock, BackendError> {
+        let backend = Backend::new(cid, uds_path)?;
         Ok(Vsock {
             config: VsockState {
                 guest_cid: cid,
                 uds_path: uds_path.to_path_buf(),
             },
-            backend: Arc::new(Mutex::new(Backend::new(cid, uds_path)?)),
+            gate: backend.gate_slot(),
+            backend: Arc::new(Mutex::new(backend)),
             worker: None,
             reset_event: Arc::new(AtomicBool::new(false)),
             drop_connections: Arc::new(AtomicBool::new(false)),
@@ -166,6 +170,26 @@ impl VirtioDevice for Vsock {
 
     fn restored(&mut self) {
         self.reset_event.store(true, Ordering::Release);
+    }
+
+    fn set_output_gate(&mut self, gate: Arc<crate::migration::failover::OutputGate>) {
+        // Once per machine: a second protection uses the same gate.
+        let _ = self.gate.set(gate);
+    }
+
+    fn release_backend(&mut self) -> std::io::Result<()> {
+        // Paused: the worker has ended. The connections go (what the gate
+        // still holds for them is never written), the listener too, so
+        // that the standby can bind `uds_path`; the guest hears of it as
+        // after a snapshot restore (a transport reset) if it runs here
+        // again.
+        self.backend().release_host();
+        self.reset_event.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn reopen_backend(&mut self) -> std::io::Result<()> {
+        self.backend().reacquire_host().map_err(std::io::Error::other)
     }
 }
 

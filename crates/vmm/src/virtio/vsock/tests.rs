@@ -655,3 +655,65 @@ fn restore_resets_the_transport_and_keeps_listening() {
     host.write_all(b"CONNECT 77\n").unwrap();
     d.expect("REQUEST", |h| h.op == OP_REQUEST && h.dst_port == 77);
 }
+
+/// Failover's output gate holding: the guest's bytes reach the host
+/// socket only when their epoch is released, its shutdown never overtakes
+/// them, and held bytes count against the connection's credit (a guest
+/// that sends beyond it is reset, as without a gate).
+#[test]
+fn held_output_waits_for_its_epoch_and_counts_against_the_credit() {
+    use crate::migration::failover::OutputGate;
+    use crate::virtio::VirtioDevice;
+    let dir = temp_dir("gate");
+    let uds = dir.0.join("v.sock");
+    let mut dev = Vsock::new(CID, &uds).unwrap();
+    let gate = Arc::new(OutputGate::default());
+    dev.set_output_gate(gate.clone());
+    gate.hold();
+    let mut d = Driver::with_device(dev, uds);
+    let listener = UnixListener::bind(dir.0.join("v.sock_9")).unwrap();
+    d.start();
+    // Connection A: data, then the guest closes both ways.
+    d.send(OP_REQUEST, 6000, 9, &[]);
+    d.expect("RESPONSE", |h| h.op == OP_RESPONSE && h.dst_port == 6000);
+    let (mut a, _) = listener.accept().unwrap();
+    a.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    d.send(OP_RW, 6000, 9, b"ping");
+    let mut shutdown = Hdr {
+        src_cid: CID,
+        dst_cid: HOST_CID,
+        src_port: 6000,
+        dst_port: 9,
+        kind: TYPE_STREAM,
+        op: OP_SHUTDOWN,
+        flags: SHUTDOWN_SEND | SHUTDOWN_RCV,
+        buf_alloc: 64 * 1024,
+        ..Hdr::default()
+    };
+    shutdown.len = 0;
+    d.send_hdr(shutdown, &[]);
+    let mut b = [0u8; 8];
+    let e = a.read(&mut b).expect_err("held bytes or the close reached the host");
+    assert!(
+        matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        "{e}"
+    );
+    // Connection B: the credit counts the held bytes.
+    d.send(OP_REQUEST, 6001, 9, &[]);
+    d.expect("RESPONSE", |h| h.op == OP_RESPONSE && h.dst_port == 6001);
+    let (_b, _) = listener.accept().unwrap();
+    let chunk = vec![7u8; 4096];
+    for _ in 0..BUF_SIZE as usize / 4096 {
+        d.send(OP_RW, 6001, 9, &chunk);
+    }
+    assert_eq!(gate.held_bytes(), 4 + u64::from(BUF_SIZE));
+    d.send(OP_RW, 6001, 9, b"x");
+    d.expect("RST for the credit overrun", |h| h.op == OP_RST && h.dst_port == 6001);
+    // The epoch is acknowledged: A's bytes, then its close.
+    gate.mark(1);
+    gate.release(1);
+    a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    a.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"ping");
+}
