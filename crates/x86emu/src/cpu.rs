@@ -177,6 +177,12 @@ impl Cpu {
                 if let Some(exit) = self.take_events(bus) {
                     return exit;
                 }
+                // An event whose delivery failed shuts the CPU down at
+                // once: running on would make the instructions executed
+                // before the exit depend on how blocks are chained.
+                if self.triple_fault {
+                    continue;
+                }
             }
             if self.state.events.halted {
                 return Exit::Halted;
