@@ -70,6 +70,9 @@ pub struct Cpu {
     /// The JIT tier (x86-64 hosts, when `config.jit` asks for it).
     #[cfg(all(target_arch = "x86_64", unix))]
     pub(crate) jit: Option<Box<crate::jit::Jit>>,
+    /// The interpreter checking the JIT (`jit::lockstep`), if asked for.
+    #[cfg(all(target_arch = "x86_64", unix))]
+    pub(crate) lockstep: Option<Box<crate::jit::lockstep::Lockstep>>,
 }
 
 impl Cpu {
@@ -91,6 +94,8 @@ impl Cpu {
             instret: 0,
             #[cfg(all(target_arch = "x86_64", unix))]
             jit: None,
+            #[cfg(all(target_arch = "x86_64", unix))]
+            lockstep: None,
         };
         cpu.set_jit(cpu.config.jit);
         cpu
@@ -109,6 +114,10 @@ impl Cpu {
         #[cfg(all(target_arch = "x86_64", unix))]
         {
             self.jit = threshold.and_then(crate::jit::Jit::new).map(Box::new);
+            self.lockstep = match self.jit {
+                Some(_) => crate::jit::lockstep::Lockstep::from_env(self),
+                None => None,
+            };
         }
     }
 

@@ -363,12 +363,7 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize) -> Result<
     }
     a.add(r14, n as i32)?;
     let start = block.instrs[0].ins.ip();
-    let branches_home = matches!(
-        last.flow_control(),
-        FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch
-    ) && matches!(last.op0_kind(), OpKind::NearBranch64)
-        && last.near_branch64() == start;
-    if branches_home {
+    if branches_home(block) {
         // Loop in host code while the guest loops, within the budget.
         a.mov(rax, start)?;
         a.cmp(qword_ptr(r12 + l.rip), rax)?;
@@ -399,6 +394,17 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize) -> Result<
         a.jmp(epilogue)?;
     }
     Ok(())
+}
+
+/// Whether the block's last instruction is a direct jump or branch to its
+/// first: the translated code then loops in host code.
+pub(crate) fn branches_home(block: &Block) -> bool {
+    let last = &block.instrs[block.instrs.len() - 1].ins;
+    matches!(
+        last.flow_control(),
+        FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch
+    ) && matches!(last.op0_kind(), OpKind::NearBranch64)
+        && last.near_branch64() == block.instrs[0].ins.ip()
 }
 
 /// Merge the host's status flags (`take`; the other written bits are 0)

@@ -24,6 +24,7 @@
 
 mod arena;
 mod emit;
+pub(crate) mod lockstep;
 
 use std::time::Instant;
 
@@ -157,6 +158,14 @@ impl Cpu {
             self.stats.jit_blocks += 1;
             entry
         };
+        let pending = match self.lockstep.take() {
+            Some(mut ls) => {
+                let p = ls.shadow_run(self, bus, block, allowed);
+                self.lockstep = Some(ls);
+                p
+            }
+            None => None,
+        };
         let (code_map, code_map_len) = self.code_map.raw();
         let mut ctx = Context {
             dtlb: inline_dtlb(self),
@@ -175,6 +184,10 @@ impl Cpu {
             f(&mut ctx as *mut Context as usize, ctx.cpu as usize, allowed)
         };
         self.stats.jit_instructions += executed;
+        if let (Some(p), Some(mut ls)) = (pending, self.lockstep.take()) {
+            ls.compare(self, bus, block, p, executed);
+            self.lockstep = Some(ls);
+        }
         Some(executed)
     }
 }

@@ -207,3 +207,52 @@ fn inline_store_into_the_running_block_is_seen() {
     let cpu = lockstep(&code, 1000);
     assert_eq!(cpu.state.gpr[1], 0x4242);
 }
+
+#[test]
+fn lockstep_compares_translated_runs_and_reports_a_divergence() {
+    // A loop with loads and stores, checked by lockstep as it runs.
+    let code = assemble(|a| {
+        let mut body = a.create_label();
+        a.mov(ecx, 500u32)?;
+        a.mov(rdi, 0x18_0000u64)?;
+        a.set_label(&mut body)?;
+        a.mov(rax, qword_ptr(rdi))?;
+        a.add(rax, rcx)?;
+        a.mov(qword_ptr(rdi + 8), rax)?;
+        a.add(rdi, 8)?;
+        a.dec(ecx)?;
+        a.jnz(body)?;
+        a.hlt()
+    });
+    let report = std::env::temp_dir().join(format!("x86emu-lockstep-test-{}.txt", std::process::id()));
+    let (mut cpu, mut bus) = machine(&code, Some(0));
+    cpu.lockstep = Some(super::lockstep::Lockstep::new(&cpu, report.clone()));
+    while cpu.run(&mut bus, 100) != Exit::Halted {}
+    let ls = cpu.lockstep.take().unwrap();
+    assert!(ls.divergence().is_none(), "{:?}", ls.divergence());
+    drop(ls);
+    let text = std::fs::read_to_string(&report).unwrap();
+    assert!(text.contains("no divergence"), "{text}");
+    let compared: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("compared "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(compared > 0, "{text}");
+
+    // A translated run that left the CPU where it was (as a broken
+    // translation might) is reported with the block and what differs.
+    let (mut cpu, mut bus) = machine(&code, Some(0));
+    let mut ls = super::lockstep::Lockstep::new(&cpu, report.clone());
+    let block = cpu.fetch_block(&mut bus).unwrap();
+    let pending = ls.shadow_run(&cpu, &mut bus, &block, 100).expect("comparable");
+    ls.compare(&cpu, &mut bus, &block, pending, 2);
+    let text = ls.divergence().expect("divergence found").to_string();
+    let _ = std::fs::remove_file(&report);
+    assert!(text.contains(&format!("block at RIP {CODE:#x}")), "{text}");
+    assert!(text.contains("mov ecx,1F4h"), "{text}");
+    assert!(text.contains("instructions: interpreter 8 JIT 2"), "{text}");
+    assert!(text.contains("rcx: interpreter 0x1f3 JIT 0x0"), "{text}");
+    assert!(text.contains("rip: interpreter 0x10000f JIT 0x100000"), "{text}");
+}
