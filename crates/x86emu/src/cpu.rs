@@ -44,6 +44,8 @@ pub struct Stats {
     pub jit_blocks: u64,
     pub jit_translate_ns: u64,
     pub jit_instructions: u64,
+    /// Chain links made between translated blocks.
+    pub jit_links: u64,
     /// Instructions that raised #UD because they are not implemented, by mnemonic.
     pub unimplemented: std::collections::BTreeMap<String, u64>,
 }
