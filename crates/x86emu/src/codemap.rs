@@ -43,6 +43,15 @@ impl CodeMap {
         (self.pages.as_ptr() as usize, self.pages.len())
     }
 
+    /// Put back a page's tag as it was (lockstep's shadow runs leave the
+    /// code map unchanged).
+    #[cfg(all(target_arch = "x86_64", unix))]
+    pub(crate) fn restore_tag(&self, phys: u64, tag: u32) {
+        if let Some(slot) = self.slot(phys) {
+            slot.store(tag, Ordering::Release);
+        }
+    }
+
     /// The current tag of a page, to validate a cached block.
     #[inline(always)]
     pub fn tag(&self, phys: u64) -> u32 {

@@ -44,6 +44,8 @@ pub struct Stats {
     pub jit_blocks: u64,
     pub jit_translate_ns: u64,
     pub jit_instructions: u64,
+    /// Chain links made between translated blocks.
+    pub jit_links: u64,
     /// Instructions that raised #UD because they are not implemented, by mnemonic.
     pub unimplemented: std::collections::BTreeMap<String, u64>,
 }
@@ -70,6 +72,9 @@ pub struct Cpu {
     /// The JIT tier (x86-64 hosts, when `config.jit` asks for it).
     #[cfg(all(target_arch = "x86_64", unix))]
     pub(crate) jit: Option<Box<crate::jit::Jit>>,
+    /// The interpreter checking the JIT (`jit::lockstep`), if asked for.
+    #[cfg(all(target_arch = "x86_64", unix))]
+    pub(crate) lockstep: Option<Box<crate::jit::lockstep::Lockstep>>,
 }
 
 impl Cpu {
@@ -91,6 +96,8 @@ impl Cpu {
             instret: 0,
             #[cfg(all(target_arch = "x86_64", unix))]
             jit: None,
+            #[cfg(all(target_arch = "x86_64", unix))]
+            lockstep: None,
         };
         cpu.set_jit(cpu.config.jit);
         cpu
@@ -109,6 +116,10 @@ impl Cpu {
         #[cfg(all(target_arch = "x86_64", unix))]
         {
             self.jit = threshold.and_then(crate::jit::Jit::new).map(Box::new);
+            self.lockstep = match self.jit {
+                Some(_) => crate::jit::lockstep::Lockstep::from_env(self),
+                None => None,
+            };
         }
     }
 
@@ -176,6 +187,12 @@ impl Cpu {
             if !shadow {
                 if let Some(exit) = self.take_events(bus) {
                     return exit;
+                }
+                // An event whose delivery failed shuts the CPU down at
+                // once: running on would make the instructions executed
+                // before the exit depend on how blocks are chained.
+                if self.triple_fault {
+                    continue;
                 }
             }
             if self.state.events.halted {

@@ -47,6 +47,11 @@ impl Block {
     pub(crate) fn cacheable(&self) -> bool {
         self.tag.is_some()
     }
+
+    /// Physical address the block starts at.
+    pub(crate) fn phys(&self) -> u64 {
+        self.phys
+    }
 }
 
 /// Direct-mapped cache of decoded blocks. A block is taken out of its slot
@@ -54,6 +59,10 @@ impl Block {
 /// afterwards; no reference counting on the hot path.
 pub struct DecodeCache {
     slots: Vec<Option<Box<Block>>>,
+    /// Bumped whenever a cached block is dropped: translated code follows
+    /// a chain link only if it was made in the current epoch, so it never
+    /// enters the code of a dropped block.
+    pub(crate) epoch: u64,
 }
 
 const SLOTS: usize = 1 << 14;
@@ -62,6 +71,7 @@ impl Default for DecodeCache {
     fn default() -> Self {
         DecodeCache {
             slots: (0..SLOTS).map(|_| None).collect(),
+            epoch: 1,
         }
     }
 }
@@ -71,6 +81,7 @@ impl DecodeCache {
         for s in self.slots.iter_mut() {
             *s = None;
         }
+        self.epoch += 1;
     }
 
     #[inline(always)]
@@ -83,7 +94,9 @@ impl DecodeCache {
     pub fn put_back(&mut self, block: Box<Block>) {
         if block.tag.is_some() {
             let i = Self::index(block.key);
-            self.slots[i] = Some(block);
+            if self.slots[i].replace(block).is_some() {
+                self.epoch += 1;
+            }
         }
     }
 }

@@ -429,6 +429,28 @@ mod tests {
         assert!(cpu.triple_fault);
     }
 
+    /// An event whose delivery shuts the CPU down stops it before the next
+    /// instruction, whatever the budget (it used to run on to the end of
+    /// the block chain, so the interpreter and the JIT stopped at
+    /// different places).
+    #[test]
+    fn failed_nmi_delivery_stops_before_the_next_instruction() {
+        for budget in [1, 3, 500] {
+            let mut bus = TestBus::new(1 << 21);
+            let mut s = identity_long_mode(&mut bus);
+            s.idtr.limit = 0;
+            bus.load(0x8000, &[0xff, 0xc0, 0xeb, 0xfc]); // inc eax; jmp $-2
+            let mut cpu = Cpu::standalone(1 << 21);
+            cpu.set_state(s);
+            cpu.state.rip = 0x8000;
+            cpu.state.gpr[4] = 0x10_0000;
+            cpu.inject_nmi();
+            assert_eq!(cpu.run(&mut bus, budget), crate::Exit::TripleFault, "budget {budget}");
+            assert_eq!(cpu.instret, 0, "budget {budget}");
+            assert_eq!(cpu.state.gpr[0], 0, "budget {budget}");
+        }
+    }
+
     #[test]
     fn page_fault_during_delivery_gives_double_fault() {
         let mut bus = TestBus::new(1 << 21);

@@ -29,4 +29,7 @@ pub use codemap::CodeMap;
 pub use config::{CpuConfig, Features};
 pub use cpu::{Cpu, Exit, Stats};
 pub use exception::Fault;
+/// The environment variable that turns on the JIT's lockstep check and
+/// names its report file (see the `jit::lockstep` module).
+pub const JIT_LOCKSTEP_ENV: &str = "VESSEL_JIT_LOCKSTEP";
 pub use state::{CpuState, FpuState};

@@ -7,7 +7,7 @@
 //! callee-saved in the SysV ABI, so handler calls keep them.
 
 use iced_x86::code_asm::*;
-use iced_x86::{Code, FlowControl, Instruction, Mnemonic as M, OpKind, Register};
+use iced_x86::{BlockEncoderOptions, Code, FlowControl, Instruction, Mnemonic as M, OpKind, Register};
 
 use super::{Layout, MAX_LOOPS};
 use crate::decode::Block;
@@ -283,13 +283,41 @@ fn lea(ins: &Instruction, dst: usize, wide: bool) -> Option<Inline> {
 
 /// Host code for `block`, position-independent, or `None` if the
 /// assembler refuses something (the block then stays interpreted).
-pub fn block(block: &Block, l: Layout, step: usize) -> Option<Vec<u8>> {
+/// Also returns the offset of the body, where chained jumps enter.
+/// `links`: the block's two chain links (`super::Link`).
+pub fn block(block: &Block, l: Layout, step: usize, links: usize) -> Option<(Vec<u8>, usize)> {
     let mut a = CodeAssembler::new(64).ok()?;
-    emit(&mut a, block, l, step).ok()?;
-    a.assemble(0).ok()
+    let body = emit(&mut a, block, l, step, links).ok()?;
+    let r = a
+        .assemble_options(0, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+        .ok()?;
+    let offset = r.label_ip(&body).ok()? as usize;
+    Some((r.inner.code_buffer, offset))
 }
 
-fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize) -> Result<(), IcedError> {
+/// The static successors a block can be chained to: the targets of a
+/// final direct JMP or Jcc and the fall-through of a Jcc or of a block cut
+/// short, if they lie in the block's own page (so that the code-map tag
+/// that validated the block covers them) and are not the block itself
+/// (that is the self-loop).
+pub(crate) fn chain_targets(block: &Block) -> [Option<u64>; 2] {
+    let start = block.instrs[0].ins.ip();
+    let last = &block.instrs[block.instrs.len() - 1].ins;
+    let direct = matches!(last.op0_kind(), OpKind::NearBranch64);
+    let (a, b) = match last.flow_control() {
+        FlowControl::ConditionalBranch if direct => (Some(last.near_branch64()), Some(last.next_ip())),
+        FlowControl::UnconditionalBranch if direct => (Some(last.near_branch64()), None),
+        FlowControl::Next => (Some(last.next_ip()), None),
+        _ => (None, None),
+    };
+    let same_page = |t: Option<u64>| t.filter(|&t| t >> 12 == start >> 12 && t != start);
+    if (last.next_ip() - 1) >> 12 != start >> 12 {
+        return [None, None];
+    }
+    [same_page(a), same_page(b)]
+}
+
+fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usize) -> Result<CodeLabel, IcedError> {
     let n = block.instrs.len();
     let forms: Vec<Option<Inline>> = block.instrs.iter().map(|d| classify(&d.ins)).collect();
     // Whether the flags an inline instruction writes can be read: by a
@@ -362,22 +390,46 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize) -> Result<
         a.mov(qword_ptr(r12 + l.rip), rax)?;
     }
     a.add(r14, n as i32)?;
+    a.sub(r13, n as i32)?;
     let start = block.instrs[0].ins.ip();
-    let branches_home = matches!(
-        last.flow_control(),
-        FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch
-    ) && matches!(last.op0_kind(), OpKind::NearBranch64)
-        && last.near_branch64() == start;
-    if branches_home {
+    if branches_home(block) {
         // Loop in host code while the guest loops, within the budget.
+        let mut not_home = a.create_label();
         a.mov(rax, start)?;
         a.cmp(qword_ptr(r12 + l.rip), rax)?;
-        a.jne(done)?;
-        a.sub(r13, n as i32)?;
+        a.jne(not_home)?;
         a.cmp(r13, n as i32)?;
         a.jb(done)?;
         a.dec(r15)?;
         a.jnz(top)?;
+        a.jmp(done)?;
+        a.set_label(&mut not_home)?;
+        // iced's assembler takes one label per instruction.
+        a.nop()?;
+    }
+    // Chained successors: straight into their code, within the budget and
+    // the same bound on passes as the self-loop, so events are looked at
+    // as often as the interpreter's chain of blocks looks at them.
+    for (k, target) in chain_targets(block).into_iter().enumerate() {
+        let Some(target) = target else { continue };
+        let mut other = a.create_label();
+        a.mov(rax, target)?;
+        a.cmp(qword_ptr(r12 + l.rip), rax)?;
+        a.jne(other)?;
+        a.mov(rcx, (links + k * std::mem::size_of::<super::Link>()) as u64)?;
+        a.mov(rax, qword_ptr(rcx + super::Link::BODY))?;
+        a.test(rax, rax)?;
+        a.jz(done)?;
+        a.mov(rdx, qword_ptr(rbx + super::Context::EPOCH))?;
+        a.cmp(rdx, qword_ptr(rcx + super::Link::EPOCH))?;
+        a.jne(done)?;
+        a.cmp(r13, qword_ptr(rcx + super::Link::LEN))?;
+        a.jb(done)?;
+        a.dec(r15)?;
+        a.jz(done)?;
+        a.jmp(rax)?;
+        a.set_label(&mut other)?;
+        a.nop()?;
     }
     a.set_label(&mut done)?;
     a.mov(rax, r14)?;
@@ -398,7 +450,18 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize) -> Result<
         a.lea(rax, qword_ptr(r14 + count as i32))?;
         a.jmp(epilogue)?;
     }
-    Ok(())
+    Ok(top)
+}
+
+/// Whether the block's last instruction is a direct jump or branch to its
+/// first: the translated code then loops in host code.
+pub(crate) fn branches_home(block: &Block) -> bool {
+    let last = &block.instrs[block.instrs.len() - 1].ins;
+    matches!(
+        last.flow_control(),
+        FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch
+    ) && matches!(last.op0_kind(), OpKind::NearBranch64)
+        && last.near_branch64() == block.instrs[0].ins.ip()
 }
 
 /// Merge the host's status flags (`take`; the other written bits are 0)

@@ -24,6 +24,7 @@
 
 mod arena;
 mod emit;
+pub(crate) mod lockstep;
 
 use std::time::Instant;
 
@@ -38,12 +39,47 @@ pub(crate) use arena::Arena;
 pub const MAX_LOOPS: u64 = 64;
 
 /// A translation owned by a decoded block.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Translation {
     /// Entry point in the arena (0: none).
     entry: usize,
+    /// Where a chained jump from another block enters (past the prologue).
+    body: usize,
     /// Arena generation the code belongs to.
     generation: u64,
+    /// The chain links of the block's static successors (see
+    /// `emit::chain_targets`), read by its code; boxed so their address is
+    /// fixed while the block moves in and out of the cache.
+    links: Option<Box<[Link; 2]>>,
+}
+
+/// A chain link: translated code jumps to `body` of the successor block
+/// instead of returning to the dispatcher, if `epoch` is the decode
+/// cache's current epoch (the successor is still alive) and `len`
+/// instructions are still allowed. `body` 0: not linked.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub(crate) struct Link {
+    body: u64,
+    len: u64,
+    epoch: u64,
+}
+
+impl Link {
+    pub(crate) const BODY: i32 = std::mem::offset_of!(Link, body) as i32;
+    pub(crate) const LEN: i32 = std::mem::offset_of!(Link, len) as i32;
+    pub(crate) const EPOCH: i32 = std::mem::offset_of!(Link, epoch) as i32;
+}
+
+/// A link to make once the block at `target` runs translated: the cell,
+/// the physical page of the block that owns it, and the decode-cache
+/// epoch when it was noted (the owner is alive while the epoch holds).
+struct PendingLink {
+    /// Address of the `Link`.
+    cell: usize,
+    target: u64,
+    page: u64,
+    epoch: u64,
 }
 
 /// What the JIT keeps per CPU.
@@ -51,6 +87,8 @@ pub struct Jit {
     arena: Arena,
     /// Runs of a block before it is translated.
     threshold: u32,
+    /// The exit of the last translated run, to be linked to its successor.
+    pending_link: Option<PendingLink>,
 }
 
 /// Passed to generated code and from it to the handler calls: the CPU and
@@ -65,12 +103,15 @@ struct Context<'a> {
     /// The code map's page array and length (stores check bit 0).
     code_map: usize,
     code_map_len: usize,
+    /// The decode cache's epoch (chain links of other epochs are stale).
+    epoch: u64,
 }
 
 impl Context<'_> {
     pub(crate) const DTLB: i32 = std::mem::offset_of!(Context<'static>, dtlb) as i32;
     pub(crate) const CODE_MAP: i32 = std::mem::offset_of!(Context<'static>, code_map) as i32;
     pub(crate) const CODE_MAP_LEN: i32 = std::mem::offset_of!(Context<'static>, code_map_len) as i32;
+    pub(crate) const EPOCH: i32 = std::mem::offset_of!(Context<'static>, epoch) as i32;
 }
 
 /// The data-TLB set translated code may use inline now (see `Context`).
@@ -94,6 +135,7 @@ impl Jit {
         Some(Jit {
             arena: Arena::new()?,
             threshold,
+            pending_link: None,
         })
     }
 }
@@ -124,6 +166,7 @@ impl Cpu {
     /// the interpreter must run it.
     pub(crate) fn run_translated(&mut self, bus: &mut dyn Bus, block: &mut Block, allowed: u64) -> Option<u64> {
         let jit = self.jit.as_mut()?;
+        let link = jit.pending_link.take();
         if block.ip_mask != u64::MAX
             || !block.cacheable()
             || (block.instrs.len() as u64) > allowed
@@ -132,9 +175,9 @@ impl Cpu {
         {
             return None;
         }
-        let t = block.translation;
-        let entry = if t.entry != 0 && t.generation == jit.arena.generation() {
-            t.entry
+        let t = &block.translation;
+        let (entry, body) = if t.entry != 0 && t.generation == jit.arena.generation() {
+            (t.entry, t.body)
         } else {
             if block.jit_failed {
                 return None;
@@ -146,22 +189,64 @@ impl Cpu {
             let start = Instant::now();
             let layout = Layout::of(self);
             let jit = self.jit.as_mut()?;
-            let code = emit::block(block, layout, jit_step as *const () as usize);
-            let placed = code.and_then(|c| jit.arena.place(&c));
+            let links: Box<[Link; 2]> = Box::default();
+            let code = emit::block(block, layout, jit_step as *const () as usize, links.as_ptr() as usize);
+            let generation = jit.arena.generation();
+            let placed = code.and_then(|(c, body)| Some((jit.arena.place(&c)?, body)));
             self.stats.jit_translate_ns += start.elapsed().as_nanos() as u64;
-            let Some((entry, generation)) = placed else {
+            let Some(((entry, new_generation), body)) = placed else {
                 block.jit_failed = true;
                 return None;
             };
-            block.translation = Translation { entry, generation };
+            if new_generation != generation {
+                // The arena started over: every other translation is gone,
+                // and with it every link into it.
+                self.cache.epoch += 1;
+            }
+            block.translation = Translation {
+                entry,
+                body: entry + body,
+                generation: new_generation,
+                links: Some(links),
+            };
             self.stats.jit_blocks += 1;
-            entry
+            (entry, entry + body)
+        };
+        // Link the previous translated block's exit to this block: same
+        // physical page (so one code-map tag covers both) and both alive.
+        if let Some(l) = link {
+            if l.epoch == self.cache.epoch
+                && l.target == block.instrs[0].ins.ip()
+                && l.page == block.phys() & !0xfff
+                && self.lockstep.is_none()
+            {
+                // SAFETY: the cell belongs to a block that is still alive
+                // (no cached block was dropped since the epoch was noted),
+                // and no translated code runs now.
+                unsafe {
+                    *(l.cell as *mut Link) = Link {
+                        body: body as u64,
+                        len: block.instrs.len() as u64,
+                        epoch: self.cache.epoch,
+                    };
+                }
+                self.stats.jit_links += 1;
+            }
+        }
+        let pending = match self.lockstep.take() {
+            Some(mut ls) => {
+                let p = ls.shadow_run(self, bus, block, allowed);
+                self.lockstep = Some(ls);
+                p
+            }
+            None => None,
         };
         let (code_map, code_map_len) = self.code_map.raw();
         let mut ctx = Context {
             dtlb: inline_dtlb(self),
             code_map,
             code_map_len,
+            epoch: self.cache.epoch,
             cpu: self as *mut Cpu,
             bus: bus as *mut (dyn Bus + '_),
         };
@@ -175,6 +260,29 @@ impl Cpu {
             f(&mut ctx as *mut Context as usize, ctx.cpu as usize, allowed)
         };
         self.stats.jit_instructions += executed;
+        // Note the exit for linking if it left through a static successor.
+        if !(self.end_block | self.code_written) {
+            let targets = emit::chain_targets(block);
+            let page = block.phys() & !0xfff;
+            if let Some(links) = block.translation.links.as_mut() {
+                for (k, target) in targets.into_iter().enumerate() {
+                    if target == Some(self.state.rip) && links[k].body == 0 {
+                        if let Some(jit) = self.jit.as_mut() {
+                            jit.pending_link = Some(PendingLink {
+                                cell: &mut links[k] as *mut Link as usize,
+                                target: self.state.rip,
+                                page,
+                                epoch: self.cache.epoch,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        if let (Some(p), Some(mut ls)) = (pending, self.lockstep.take()) {
+            ls.compare(self, bus, block, p, executed);
+            self.lockstep = Some(ls);
+        }
         Some(executed)
     }
 }
