@@ -142,24 +142,7 @@ fn run(dir: &Path, epoch_ms: u64, n: usize) -> Figures {
     wait_api(&a);
     wait_api(&b);
     let unprotected = rounds(&pri_out, n);
-    put(
-        &b,
-        "/failover/standby",
-        &format!(r#"{{"listen_url": "unix:{}"}}"#, fo.display()),
-    );
-    put(
-        &a,
-        "/failover/protect",
-        &format!(
-            r#"{{"standby_url": "unix:{}", "epoch_ms": {epoch_ms}, "timeout_ms": {TIMEOUT_MS}}}"#,
-            fo.display()
-        ),
-    );
-    let start = Instant::now();
-    while get(&a, "/failover").expect("primary API")["status"] != "protected" {
-        assert!(start.elapsed() < Duration::from_secs(60), "never protected");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    protect(&a, &b, &fo, epoch_ms);
     let protected = rounds(&pri_out, n);
     let f = get(&a, "/failover").expect("primary API");
     // SIGKILL, then how long until the standby serves.
@@ -347,24 +330,7 @@ fn run_net(dir: &Path, epoch_ms: u64, secs: u64) -> NetFigures {
     let t0 = Instant::now();
     std::thread::sleep(window);
     let unprotected_rps = rate(&answers, t0, Instant::now());
-    put(
-        &b,
-        "/failover/standby",
-        &format!(r#"{{"listen_url": "unix:{}"}}"#, fo.display()),
-    );
-    put(
-        &a,
-        "/failover/protect",
-        &format!(
-            r#"{{"standby_url": "unix:{}", "epoch_ms": {epoch_ms}, "timeout_ms": {TIMEOUT_MS}}}"#,
-            fo.display()
-        ),
-    );
-    let start = Instant::now();
-    while get(&a, "/failover").expect("primary API")["status"] != "protected" {
-        assert!(start.elapsed() < Duration::from_secs(60), "never protected");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    protect(&a, &b, &fo, epoch_ms);
     std::thread::sleep(Duration::from_millis(500));
     let t1 = Instant::now();
     std::thread::sleep(window);
@@ -450,4 +416,27 @@ fn main() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Make the VM behind API socket `b` a standby listening on `fo`, protect
+/// the one behind `a` with it, and wait until the initial sync is done.
+fn protect(a: &Path, b: &Path, fo: &Path, epoch_ms: u64) {
+    put(
+        b,
+        "/failover/standby",
+        &format!(r#"{{"listen_url": "unix:{}"}}"#, fo.display()),
+    );
+    put(
+        a,
+        "/failover/protect",
+        &format!(
+            r#"{{"standby_url": "unix:{}", "epoch_ms": {epoch_ms}, "timeout_ms": {TIMEOUT_MS}}}"#,
+            fo.display()
+        ),
+    );
+    let start = Instant::now();
+    while get(a, "/failover").expect("primary API")["status"] != "protected" {
+        assert!(start.elapsed() < Duration::from_secs(60), "never protected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
