@@ -911,7 +911,13 @@ fn transcendental(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecRe
     let m = ins.mnemonic();
     let binary = matches!(m, M::Fpatan | M::Fyl2x | M::Fyl2xp1);
     let pushes = matches!(m, M::Fsincos | M::Fptan);
+    let periodic = matches!(m, M::Fsin | M::Fcos | M::Fsincos | M::Fptan);
     if cpu.st_empty(0) || (binary && cpu.st_empty(1)) {
+        // C2 (argument out of range) is clear: the hardware did not look
+        // at an argument it did not have.
+        if periodic {
+            cpu.fpu_set_cc(C2, 0);
+        }
         if cpu.fpu_report(UNDERFLOW) {
             if binary {
                 cpu.set_st(1, INDEFINITE);
@@ -951,7 +957,6 @@ fn transcendental(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecRe
     } else {
         None
     };
-    let periodic = matches!(m, M::Fsin | M::Fcos | M::Fsincos | M::Fptan);
     if let Some((v, bits)) = nan.or(if periodic && x.is_inf() {
         Some((INDEFINITE, IE))
     } else {
