@@ -339,6 +339,24 @@ fn jail_wanted(a: &ExecArgs) -> Result<bool, String> {
     Ok(true)
 }
 
+/// `vessel run` arguments for the agent's guest: the engine, size,
+/// kernel, initrd, agent command line and vsock socket, as the VMM sees
+/// those paths (inside the jail or not). `Command::new("run")`: the
+/// caller's spawn puts the binary (or the jailer) in front.
+fn agent_guest_command(a: &ExecArgs, kernel: &Path, initrd: &Path, uds: &Path) -> Command {
+    let mut cmd = Command::new("run");
+    cmd.args(["--accel", &a.accel, "--mem", &a.mem, "--cpus", &a.cpus.to_string()])
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .arg("--cmdline")
+        .arg(AGENT_CMDLINE)
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", uds.display()));
+    cmd
+}
+
 /// The `--disk` value `spec`, read-only unless it says otherwise.
 fn read_only_unless_asked(spec: &str) -> String {
     if spec
@@ -526,16 +544,7 @@ impl Throwaway {
             }
             None => (kernel, initrd, vm.uds.clone()),
         };
-        let mut cmd = Command::new("run");
-        cmd.args(["--accel", &a.accel, "--mem", &a.mem, "--cpus", &a.cpus.to_string()])
-            .arg("--kernel")
-            .arg(&kernel)
-            .arg("--initrd")
-            .arg(&initrd)
-            .arg("--cmdline")
-            .arg(AGENT_CMDLINE)
-            .arg("--vsock")
-            .arg(format!("cid=3,uds={}", uds.display()));
+        let mut cmd = agent_guest_command(a, &kernel, &initrd, &uds);
         for (i, d) in a.disks.iter().enumerate() {
             let d = read_only_unless_asked(d);
             let d = match &vm.jail {
@@ -1017,18 +1026,8 @@ fn build_snapshot(a: &ExecArgs, kernel: &Path, initrd: &Path, out: &Path, jailed
             vm.dir.join("api.sock"),
         ),
     };
-    let mut cmd = Command::new("run");
-    cmd.args(["--accel", &a.accel, "--mem", &a.mem, "--cpus", &a.cpus.to_string()])
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .arg("--cmdline")
-        .arg(AGENT_CMDLINE)
-        .arg("--vsock")
-        .arg(format!("cid=3,uds={}", uds.display()))
-        .arg("--api-sock")
-        .arg(&api);
+    let mut cmd = agent_guest_command(a, &kernel, &initrd, &uds);
+    cmd.arg("--api-sock").arg(&api);
     vm.spawn(&cmd)?;
     let probe = connect_agent(&vm.uds, Instant::now() + BOOT_TIMEOUT, || vm.check_alive())?;
     drop(probe);
