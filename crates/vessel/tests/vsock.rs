@@ -490,6 +490,18 @@ fn twenty_parallel_execs() {
     assert_nothing_left(&tmp);
 }
 
+/// The one VMM (`vessel run`, directly or through the jailer) that the
+/// `vessel exec` with pid `exec` started, with its command line; `what`
+/// names the case in the failure message.
+fn vmm_of(exec: u32, what: &str) -> (u32, String) {
+    let vmms: Vec<_> = children_of(exec)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains(" run "))
+        .collect();
+    assert_eq!(vmms.len(), 1, "{what}: {vmms:?}");
+    vmms.into_iter().next().unwrap()
+}
+
 /// The processes whose parent is `pid`, with their command lines.
 fn children_of(pid: u32) -> Vec<(u32, String)> {
     let mut v = Vec::new();
@@ -570,12 +582,7 @@ fn exec_runs_the_vm_in_the_jail_and_leaves_nothing() {
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         assert_eq!(line, "in-vm\n", "{how}");
-        let vmms: Vec<_> = children_of(child.id())
-            .into_iter()
-            .filter(|(_, cmd)| cmd.contains(" run "))
-            .collect();
-        assert_eq!(vmms.len(), 1, "{how}: {vmms:?}");
-        let (vmm, cmd) = &vmms[0];
+        let (vmm, cmd) = &vmm_of(child.id(), how);
         let root: Vec<String> = std::fs::read_dir(format!("/proc/{vmm}/root"))
             .unwrap()
             .flatten()
@@ -683,13 +690,7 @@ fn a_killed_exec_leaves_nothing_behind() {
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         assert_eq!(line, "in-vm\n", "jailed {jailed}");
-        let vmms: Vec<u32> = children_of(child.id())
-            .into_iter()
-            .filter(|(_, cmd)| cmd.contains(" run "))
-            .map(|(pid, _)| pid)
-            .collect();
-        assert_eq!(vmms.len(), 1, "jailed {jailed}: {vmms:?}");
-        let vmm = vmms[0];
+        let vmm = vmm_of(child.id(), &format!("jailed {jailed}")).0;
         let cgroup = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
         let jail_dirs = || -> Vec<std::path::PathBuf> {
             std::fs::read_dir(cache.join("jail/vessel"))
@@ -777,12 +778,7 @@ fn exec_with_a_disk_runs_in_the_jail_when_read_only() {
         let mut got = String::new();
         out.read_line(&mut got).unwrap();
         assert_eq!(got, "got=disk-content-xyz\n", "{spec}");
-        let vmms: Vec<_> = children_of(child.id())
-            .into_iter()
-            .filter(|(_, cmd)| cmd.contains(" run "))
-            .collect();
-        assert_eq!(vmms.len(), 1, "{spec}: {vmms:?}");
-        let vmm = vmms[0].0;
+        let vmm = vmm_of(child.id(), &spec).0;
         let root: Vec<String> = std::fs::read_dir(format!("/proc/{vmm}/root"))
             .unwrap()
             .flatten()
