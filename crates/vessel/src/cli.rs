@@ -151,7 +151,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub accel: Option<String>,
     /// emu engine: run hot guest code through the JIT tier (`on`) or only
-    /// the interpreter (`off`) [default: off].
+    /// the interpreter (`off`) [default: on].
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub jit: Option<bool>,
     /// A virtio-blk disk: path=IMAGE[,readonly=on]. Repeatable; the first

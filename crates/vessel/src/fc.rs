@@ -64,7 +64,7 @@ impl Default for MachineConfig {
             huge_pages: huge_pages_none(),
             cpu_template: None,
             accel: accel_auto(),
-            jit: false,
+            jit: true,
         }
     }
 }
