@@ -41,8 +41,8 @@ pub struct MachineConfig {
     #[serde(default = "accel_auto")]
     pub accel: String,
     /// Vessel: with the emu engine, run hot guest code through x86emu's
-    /// JIT tier (default false: the interpreter only).
-    #[serde(default)]
+    /// JIT tier (default true; false: the interpreter only).
+    #[serde(default = "jit_on")]
     pub jit: bool,
 }
 
@@ -52,6 +52,10 @@ fn huge_pages_none() -> String {
 
 fn accel_auto() -> String {
     "auto".into()
+}
+
+fn jit_on() -> bool {
+    true
 }
 
 impl Default for MachineConfig {
@@ -518,6 +522,7 @@ mod tests {
     fn machine_config_checks() {
         let m: MachineConfig = serde_json::from_str(r#"{"vcpu_count": 2, "mem_size_mib": 256}"#).unwrap();
         assert_eq!(m.accel, "auto");
+        assert!(m.jit, "a Firecracker client that never names `jit` gets the JIT");
         m.validate().unwrap();
         assert!(serde_json::from_str::<MachineConfig>(r#"{"vcpu_count": 2}"#).is_err());
         assert!(serde_json::from_str::<MachineConfig>(r#"{"vcpu_count": 2, "mem_size_mib": 1, "x": 1}"#).is_err());

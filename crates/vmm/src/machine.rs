@@ -69,8 +69,9 @@ pub struct MachineConfig {
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
     /// emu engine: run hot guest code through x86emu's JIT tier (host code
-    /// for blocks that ran often) instead of only its interpreter.
-    #[serde(default)]
+    /// for blocks that ran often) instead of only its interpreter. On
+    /// unless turned off (also for states saved before the field existed).
+    #[serde(default = "jit_default")]
     pub jit: bool,
 }
 
@@ -91,9 +92,13 @@ impl MachineConfig {
             console_output: None,
             console_output_limit: crate::virtio::console::DEFAULT_OUTPUT_LIMIT,
             vsock: None,
-            jit: false,
+            jit: true,
         }
     }
+}
+
+fn jit_default() -> bool {
+    true
 }
 
 /// A virtio-vsock device: the guest's CID and the host socket that stands
