@@ -46,6 +46,8 @@ pub struct Stats {
     pub jit_instructions: u64,
     /// Chain links made between translated blocks.
     pub jit_links: u64,
+    /// Guest stores into a page that holds decoded (or translated) code.
+    pub code_writes: u64,
     /// Instructions that raised #UD because they are not implemented, by mnemonic.
     pub unimplemented: std::collections::BTreeMap<String, u64>,
 }

@@ -34,13 +34,104 @@ pub fn run_bytes(data: &[u8]) -> Exit {
 /// As [`run_bytes`], and panic unless both tiers ended in the same exit,
 /// state, instruction count and memory.
 pub fn run_bytes_lockstep(data: &[u8]) -> Exit {
+    lockstep_at(data, &[0])
+}
+
+/// Run `data` under the interpreter and under the JIT at each threshold,
+/// and panic unless every run ends as the interpreter's did.
+fn lockstep_at(data: &[u8], thresholds: &[u32]) -> Exit {
     let (exit, cpu, bus) = run_with(data, None);
-    let (jit_exit, jit_cpu, jit_bus) = run_with(data, Some(0));
-    assert_eq!(exit, jit_exit, "exit: interpreter vs JIT");
-    assert_eq!(cpu.state, jit_cpu.state, "state: interpreter vs JIT");
-    assert_eq!(cpu.instret, jit_cpu.instret, "instructions: interpreter vs JIT");
-    assert!(bus.ram() == jit_bus.ram(), "memory: interpreter vs JIT");
+    for &t in thresholds {
+        let (jit_exit, jit_cpu, jit_bus) = run_with(data, Some(t));
+        assert_eq!(exit, jit_exit, "exit: interpreter vs JIT (threshold {t})");
+        assert_eq!(cpu.state, jit_cpu.state, "state: interpreter vs JIT (threshold {t})");
+        assert_eq!(
+            cpu.instret, jit_cpu.instret,
+            "instructions: interpreter vs JIT (threshold {t})"
+        );
+        assert!(bus.ram() == jit_bus.ram(), "memory: interpreter vs JIT (threshold {t})");
+    }
     exit
+}
+
+/// Where [`self_modifying_program`] puts its code (64-bit mode, identity
+/// mapped; the code page is also written by the program).
+const SMC_CODE: u64 = 0x8000;
+/// Bytes per instruction slot of a self-modifying program.
+const SMC_SLOT: usize = 12;
+
+/// A 64-bit loop whose body stores into its own code while it runs, built
+/// from `data`: each pass may find different instructions, immediates or
+/// branch offsets, patched by stores of every width (absolute, RIP- and
+/// register-relative), in the same block, in a block already translated,
+/// or in one not yet run. Returned as an input for [`run_bytes`]'s machine
+/// (64-bit kernel mode, code at `SMC_CODE`).
+pub fn self_modifying_program(data: &[u8]) -> Vec<u8> {
+    let mut d = data;
+    let d = &mut d;
+    let [passes, slots] = take::<2>(d);
+    let slots = 1 + slots as usize % 16;
+    let body_len = slots * SMC_SLOT;
+    // mov ecx, passes; body; dec ecx; jnz body; hlt.
+    let mut code = vec![0xb9];
+    code.extend_from_slice(&(1 + passes as u32 % 6).to_le_bytes());
+    let body = code.len();
+    // A target byte anywhere in the program (the mov ecx, the body, the
+    // loop's tail), so stores hit opcodes, immediates and the backward jump.
+    let program_len = body + body_len + 2 + 6 + 1;
+    for _ in 0..slots {
+        let [kind, a, b, c] = take::<4>(d);
+        let at = code.len();
+        let target = SMC_CODE + (u16::from_le_bytes([a, b]) as usize % program_len) as u64;
+        let mut slot = match kind % 8 {
+            // mov byte [target], imm8
+            0 => [&[0xc6, 0x04, 0x25][..], &(target as u32).to_le_bytes(), &[c]].concat(),
+            // mov dword [target], imm32 (four bytes of data)
+            1 => [&[0xc7, 0x04, 0x25][..], &(target as u32).to_le_bytes(), &take::<4>(d)].concat(),
+            // mov [rip + disp], eax: RIP-relative, from after this instruction.
+            2 => {
+                let disp = target as i64 - (SMC_CODE as i64 + at as i64 + 6);
+                [&[0x89, 0x05][..], &(disp as i32).to_le_bytes()].concat()
+            }
+            // mov rbx, target; mov [rbx], ax: a register-relative 16-bit store.
+            3 => [&[0xbb][..], &(target as u32).to_le_bytes(), &[0x66, 0x89, 0x03]].concat(),
+            // add eax, imm32: an immediate that other slots patch.
+            4 => [&[0x05][..], &u32::from_le_bytes([a, b, c, kind]).to_le_bytes()].concat(),
+            // A register ALU operation (add/or/adc/sbb/and/sub/xor/cmp r32, r32 over eax..ebx).
+            5 => vec![(a % 8) << 3 | 1, 0xc0 | (b & 0x1b)],
+            // jz/jnz over the next slot.
+            6 => vec![0x74 | (a & 1), SMC_SLOT as u8 - 2],
+            // rep stosb of al into [target], 1-4 bytes.
+            _ => [
+                &[0xbf][..],
+                &(target as u32).to_le_bytes(),
+                &[0x51, 0xb9, 1 + (c & 3), 0, 0, 0, 0xf3, 0xaa, 0x59][..],
+            ]
+            .concat(),
+        };
+        slot.resize(slot.len().max(SMC_SLOT), 0x90);
+        code.extend_from_slice(&slot);
+    }
+    let tail = code.len();
+    code.extend_from_slice(&[0xff, 0xc9, 0x0f, 0x85]);
+    code.extend_from_slice(&((body as i64 - (tail as i64 + 8)) as i32).to_le_bytes());
+    code.push(0xf4);
+    // The machine's header: mode 2 (64-bit, CPL 0), code at 0x8000, an
+    // IDT, a TSS and registers from the input (RAX seeds the stored values).
+    let mut input = vec![2, 0, 0, 0];
+    input.extend_from_slice(&take::<2>(d));
+    input.extend_from_slice(&[0; 256 + 104]);
+    input.extend_from_slice(&u64::from_le_bytes(take::<8>(d)).to_le_bytes());
+    input.extend_from_slice(&[0; 15 * 8 + 8]);
+    input.extend_from_slice(&code);
+    input
+}
+
+/// Run [`self_modifying_program`]'s program under the interpreter and under
+/// the JIT (translating every block at once, and after two runs), and panic
+/// unless all end alike.
+pub fn run_self_modifying_lockstep(data: &[u8]) -> Exit {
+    lockstep_at(&self_modifying_program(data), &[0, 2])
 }
 
 /// Build a state and memory from `data` and run it with the JIT tier set
@@ -219,5 +310,37 @@ mod lockstep {
                 panic!("seeded case {case} ends differently under the JIT");
             }
         }
+    }
+
+    /// Seeded self-modifying programs, each run under both tiers and compared.
+    #[test]
+    fn jit_ends_as_the_interpreter_on_self_modifying_code() {
+        let n: usize = std::env::var("FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut code_writes = 0;
+        for case in 0..n {
+            let data: Vec<u8> = (0..80).map(|_| next() as u8).collect();
+            let program = super::self_modifying_program(&data);
+            let (_, cpu, _) = super::run_with(&program, None);
+            code_writes += cpu.stats.code_writes;
+            if std::panic::catch_unwind(|| super::run_self_modifying_lockstep(&data)).is_err() {
+                panic!("self-modifying case {case} ends differently under the JIT");
+            }
+        }
+        // The generator must really write code that has run: otherwise this
+        // test compares nothing of interest.
+        assert!(
+            code_writes > n as u64,
+            "only {code_writes} stores into code in {n} programs"
+        );
     }
 }

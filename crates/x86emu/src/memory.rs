@@ -115,6 +115,7 @@ impl Cpu {
                 Some(h) => {
                     if self.code_map.note_write(t.phys) {
                         self.code_written = true;
+                        self.stats.code_writes += 1;
                     }
                     // SAFETY: the bus guarantees PAGE_SIZE valid bytes at
                     // `host`, and off + len <= PAGE_SIZE.
@@ -264,6 +265,7 @@ impl Cpu {
             if let Some(h) = t.host {
                 if self.code_map.note_write(t.phys) {
                     self.code_written = true;
+                    self.stats.code_writes += 1;
                 }
                 let off_in_page = (lin & (PAGE_SIZE - 1)) as usize;
                 // SAFETY: the pointer is inside the RAM page the bus vouched

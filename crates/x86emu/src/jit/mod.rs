@@ -51,6 +51,9 @@ pub struct Translation {
     /// `emit::chain_targets`), read by its code; boxed so their address is
     /// fixed while the block moves in and out of the cache.
     links: Option<Box<[Link; 2]>>,
+    /// The guest addresses those links lead to (`emit::chain_targets`),
+    /// worked out once at translation.
+    targets: [Option<u64>; 2],
 }
 
 /// A chain link: translated code jumps to `body` of the successor block
@@ -208,6 +211,7 @@ impl Cpu {
                 body: entry + body,
                 generation: new_generation,
                 links: Some(links),
+                targets: emit::chain_targets(block),
             };
             self.stats.jit_blocks += 1;
             (entry, entry + body)
@@ -262,8 +266,8 @@ impl Cpu {
         self.stats.jit_instructions += executed;
         // Note the exit for linking if it left through a static successor.
         if !(self.end_block | self.code_written) {
-            let targets = emit::chain_targets(block);
             let page = block.phys() & !0xfff;
+            let targets = block.translation.targets;
             if let Some(links) = block.translation.links.as_mut() {
                 for (k, target) in targets.into_iter().enumerate() {
                     if target == Some(self.state.rip) && links[k].body == 0 {
