@@ -3,6 +3,8 @@
 //! `float.rs`.
 
 mod float;
+#[cfg(target_arch = "x86_64")]
+mod host;
 mod int;
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind};
