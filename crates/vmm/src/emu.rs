@@ -319,12 +319,13 @@ impl Vcpu for EmuVcpu {
         );
         if self.cpu.jit_active() {
             tracing::info!(
-                "vcpu{}: JIT: {} blocks translated in {:.1} ms, {} chain links, {:.1}% of instructions run in translated code",
+                "vcpu{}: JIT: {} blocks translated in {:.1} ms, {} chain links, {:.1}% of instructions run in translated code, {:.1} instructions per entry into translated code",
                 self.id,
                 st.jit_blocks,
                 st.jit_translate_ns as f64 / 1e6,
                 st.jit_links,
-                st.jit_instructions as f64 * 100.0 / st.instructions.max(1) as f64
+                st.jit_instructions as f64 * 100.0 / st.instructions.max(1) as f64,
+                st.jit_instructions as f64 / st.jit_entries.max(1) as f64
             );
         }
     }

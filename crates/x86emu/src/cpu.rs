@@ -46,6 +46,9 @@ pub struct Stats {
     pub jit_instructions: u64,
     /// Chain links made between translated blocks.
     pub jit_links: u64,
+    /// Entries into translated code from the dispatcher (chained and
+    /// looping runs inside it do not count).
+    pub jit_entries: u64,
     /// Guest stores into a page that holds decoded (or translated) code.
     pub code_writes: u64,
     /// Instructions that raised #UD because they are not implemented, by mnemonic.

@@ -59,7 +59,7 @@ impl Block {
 /// afterwards; no reference counting on the hot path.
 pub struct DecodeCache {
     slots: Vec<Option<Box<Block>>>,
-    /// Bumped whenever a cached block is dropped: translated code follows
+    /// Bumped whenever a translated block is dropped: translated code follows
     /// a chain link only if it was made in the current epoch, so it never
     /// enters the code of a dropped block.
     pub(crate) epoch: u64,
@@ -94,7 +94,11 @@ impl DecodeCache {
     pub fn put_back(&mut self, block: Box<Block>) {
         if block.tag.is_some() {
             let i = Self::index(block.key);
-            if self.slots[i].replace(block).is_some() {
+            // Only a dropped translation can be the target of a chain link.
+            if self.slots[i]
+                .replace(block)
+                .is_some_and(|old| old.translation.has_code())
+            {
                 self.epoch += 1;
             }
         }

@@ -68,6 +68,14 @@ pub(crate) struct Link {
     epoch: u64,
 }
 
+impl Translation {
+    /// Whether there is host code (of any arena generation) that chain
+    /// links may lead into.
+    pub(crate) fn has_code(&self) -> bool {
+        self.entry != 0
+    }
+}
+
 impl Link {
     pub(crate) const BODY: i32 = std::mem::offset_of!(Link, body) as i32;
     pub(crate) const LEN: i32 = std::mem::offset_of!(Link, len) as i32;
@@ -264,13 +272,16 @@ impl Cpu {
             f(&mut ctx as *mut Context as usize, ctx.cpu as usize, allowed)
         };
         self.stats.jit_instructions += executed;
+        self.stats.jit_entries += 1;
         // Note the exit for linking if it left through a static successor.
         if !(self.end_block | self.code_written) {
             let page = block.phys() & !0xfff;
             let targets = block.translation.targets;
             if let Some(links) = block.translation.links.as_mut() {
                 for (k, target) in targets.into_iter().enumerate() {
-                    if target == Some(self.state.rip) && links[k].body == 0 {
+                    // Unlinked, or linked in an epoch that has ended (the
+                    // link is dead then, and is made again).
+                    if target == Some(self.state.rip) && (links[k].body == 0 || links[k].epoch != self.cache.epoch) {
                         if let Some(jit) = self.jit.as_mut() {
                             jit.pending_link = Some(PendingLink {
                                 cell: &mut links[k] as *mut Link as usize,

@@ -285,3 +285,40 @@ fn chained_blocks_match_the_interpreter() {
         }
     }
 }
+
+#[test]
+fn chain_links_are_made_again_after_their_epoch_ends() {
+    // The two-block loop of the test above, run in slices; between slices
+    // the decode cache's epoch moves on (as when any translated block is
+    // dropped), which kills every link. The links must be made again, so
+    // the loop keeps running chained: few entries from the dispatcher.
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(ecx, 200_000u32)?;
+        a.set_label(&mut top)?;
+        a.add(rax, rcx)?;
+        a.test(ecx, 1)?;
+        a.jz(skip)?;
+        a.add(rdx, 3)?;
+        a.set_label(&mut skip)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    let (mut cpu, mut bus) = machine(&code, Some(0));
+    for _ in 0..20 {
+        cpu.run(&mut bus, 20_000);
+        cpu.cache.epoch += 1;
+    }
+    let (entries, instructions) = (cpu.stats.jit_entries, cpu.stats.jit_instructions);
+    assert!(
+        instructions > 350_000,
+        "only {instructions} instructions ran translated"
+    );
+    // Unchained, every block run is an entry: about 2.5 instructions each.
+    assert!(
+        instructions / entries.max(1) > 20,
+        "{entries} entries for {instructions} translated instructions: the links were not made again"
+    );
+}
