@@ -7,7 +7,7 @@
 //! callee-saved in the SysV ABI, so handler calls keep them.
 
 use iced_x86::code_asm::*;
-use iced_x86::{BlockEncoderOptions, Code, FlowControl, Instruction, Mnemonic as M, OpKind, Register};
+use iced_x86::{BlockEncoderOptions, Code, ConditionCode, FlowControl, Instruction, Mnemonic as M, OpKind, Register};
 
 use super::{Layout, MAX_LOOPS};
 use crate::decode::Block;
@@ -84,6 +84,13 @@ enum Inline {
         mem: Mem,
         wide: bool,
     },
+    /// The block's final JMP rel (`cc` None) or Jcc rel to a canonical
+    /// target: stores the new RIP, as `jcc_rel64` and `jmp_rel64` do.
+    Branch {
+        cc: ConditionCode,
+        target: u64,
+        next: u64,
+    },
 }
 
 /// A 64-bit address `base + index << shift + disp` in a segment whose base
@@ -128,7 +135,7 @@ impl Inline {
                 op: Alu::Adc | Alu::Sbb,
                 ..
             } | Inline::IncDec { .. }
-        )
+        ) || matches!(self, Inline::Branch { cc, .. } if *cc != ConditionCode::None)
     }
 
     /// Whether it writes all six status flags.
@@ -158,6 +165,17 @@ fn gpr(r: Register, wide: bool) -> Option<usize> {
 fn classify(ins: &Instruction) -> Option<Inline> {
     if ins.has_lock_prefix() || ins.op_count() == 0 {
         return None;
+    }
+    if ins.op0_kind() == OpKind::NearBranch64
+        && (ins.is_jcc_short_or_near() || matches!(ins.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64))
+    {
+        // A non-canonical target faults: the handler raises it.
+        let target = ins.near_branch64();
+        return crate::memory::is_canonical(target).then_some(Inline::Branch {
+            cc: ins.condition_code(),
+            target,
+            next: ins.next_ip(),
+        });
     }
     if matches!(ins.code(), Code::Mov_rm64_r64 | Code::Mov_rm32_r32)
         && ins.op0_kind() == OpKind::Memory
@@ -319,7 +337,28 @@ pub(crate) fn chain_targets(block: &Block) -> [Option<u64>; 2] {
 
 fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usize) -> Result<CodeLabel, IcedError> {
     let n = block.instrs.len();
-    let forms: Vec<Option<Inline>> = block.instrs.iter().map(|d| classify(&d.ins)).collect();
+    let mut forms: Vec<Option<Inline>> = block.instrs.iter().map(|d| classify(&d.ins)).collect();
+    // A branch is inline only as the block's last instruction.
+    for f in &mut forms[..n - 1] {
+        if matches!(f, Some(Inline::Branch { .. })) {
+            *f = None;
+        }
+    }
+    // The condition of a final Jcc that the inline instruction just
+    // before it evaluates from the host flags it produced (into R8B).
+    let fused: Option<ConditionCode> = match (n.checked_sub(2).and_then(|i| forms[i]), forms[n - 1]) {
+        (Some(Inline::Alu { .. }), Some(Inline::Branch { cc, .. })) if cc != ConditionCode::None => Some(cc),
+        // INC/DEC keep the guest CF, not the host's.
+        (Some(Inline::IncDec { .. }), Some(Inline::Branch { cc, .. }))
+            if !matches!(
+                cc,
+                ConditionCode::None | ConditionCode::b | ConditionCode::ae | ConditionCode::be | ConditionCode::a
+            ) =>
+        {
+            Some(cc)
+        }
+        _ => None,
+    };
     // Whether the flags an inline instruction writes can be read: by a
     // later call (which may read them or fault, and a fault pushes them),
     // by a later reader, or after the block.
@@ -380,12 +419,13 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usi
                 a.set_label(&mut resume)?;
                 slow_paths.push((slow, i, resume));
             }
-            Some(f) => inline(a, f, live[i], l, &gp)?,
+            Some(Inline::Branch { cc, target, next }) => branch(a, l, cc, target, next, fused.is_some())?,
+            Some(f) => inline(a, f, live[i], l, &gp, fused.filter(|_| i + 2 == n))?,
             None => call(a, i, &mut exits)?,
         }
     }
     let last = &block.instrs[n - 1].ins;
-    if forms[n - 1].is_some() {
+    if forms[n - 1].is_some() && !matches!(forms[n - 1], Some(Inline::Branch { .. })) {
         a.mov(rax, last.next_ip())?;
         a.mov(qword_ptr(r12 + l.rip), rax)?;
     }
@@ -476,7 +516,104 @@ fn store_flags(a: &mut CodeAssembler, l: Layout, take: u64, clear: u64) -> Resul
     a.mov(qword_ptr(r12 + l.rflags), rdx)
 }
 
-fn inline(a: &mut CodeAssembler, f: Inline, live: bool, l: Layout, gp: &dyn Fn(usize) -> i32) -> Result<(), IcedError> {
+/// Set `r` to whether `cc` holds for the host flags.
+fn setcc(a: &mut CodeAssembler, cc: ConditionCode, r: AsmRegister8) -> Result<(), IcedError> {
+    use ConditionCode as C;
+    match cc {
+        C::o => a.seto(r),
+        C::no => a.setno(r),
+        C::b => a.setb(r),
+        C::ae => a.setae(r),
+        C::e => a.sete(r),
+        C::ne => a.setne(r),
+        C::be => a.setbe(r),
+        C::a => a.seta(r),
+        C::s => a.sets(r),
+        C::ns => a.setns(r),
+        C::p => a.setp(r),
+        C::np => a.setnp(r),
+        C::l => a.setl(r),
+        C::ge => a.setge(r),
+        C::le => a.setle(r),
+        C::g => a.setg(r),
+        C::None => a.mov(r, 1),
+    }
+}
+
+/// Set the host ZF to whether `cc` does NOT hold for the guest RFLAGS in
+/// the `Cpu` (so "taken" is NZ). Clobbers EAX, EDX.
+fn guest_condition(a: &mut CodeAssembler, l: Layout, cc: ConditionCode) -> Result<bool, IcedError> {
+    use ConditionCode as C;
+    let flags = dword_ptr(r12 + l.rflags);
+    let (mask, holds_if_set) = match cc {
+        C::o | C::no => (OF, cc == C::o),
+        C::b | C::ae => (CF, cc == C::b),
+        C::e | C::ne => (ZF, cc == C::e),
+        C::be | C::a => (CF | ZF, cc == C::be),
+        C::s | C::ns => (SF, cc == C::s),
+        C::p | C::np => (PF, cc == C::p),
+        C::l | C::ge | C::le | C::g => {
+            // SF (bit 7) moved onto OF (bit 11): SF != OF.
+            a.mov(eax, flags)?;
+            a.mov(edx, eax)?;
+            a.shl(edx, 4)?;
+            a.xor(edx, eax)?;
+            a.and(edx, OF as i32)?;
+            if matches!(cc, C::le | C::g) {
+                a.and(eax, ZF as i32)?;
+                a.or(edx, eax)?;
+            }
+            return Ok(matches!(cc, C::l | C::le));
+        }
+        C::None => {
+            // Always: ZF clear.
+            a.test(esp, esp)?;
+            return Ok(true);
+        }
+    };
+    a.test(flags, mask as i32)?;
+    Ok(holds_if_set)
+}
+
+/// The block's final JMP or Jcc: RIP becomes the target if the condition
+/// holds, else the next instruction. `fused`: the instruction before left
+/// the condition in R8B.
+fn branch(
+    a: &mut CodeAssembler,
+    l: Layout,
+    cc: ConditionCode,
+    target: u64,
+    next: u64,
+    fused: bool,
+) -> Result<(), IcedError> {
+    if cc == ConditionCode::None {
+        a.mov(rax, target)?;
+        return a.mov(qword_ptr(r12 + l.rip), rax);
+    }
+    let taken_if_nz = if fused {
+        a.test(r8b, r8b)?;
+        true
+    } else {
+        guest_condition(a, l, cc)?
+    };
+    a.mov(rax, next)?;
+    a.mov(rcx, target)?;
+    if taken_if_nz {
+        a.cmovne(rax, rcx)?;
+    } else {
+        a.cmove(rax, rcx)?;
+    }
+    a.mov(qword_ptr(r12 + l.rip), rax)
+}
+
+fn inline(
+    a: &mut CodeAssembler,
+    f: Inline,
+    live: bool,
+    l: Layout,
+    gp: &dyn Fn(usize) -> i32,
+    cc_after: Option<ConditionCode>,
+) -> Result<(), IcedError> {
     // Load a guest register into a host register; a 32-bit load
     // zero-extends, so the 64-bit store after a 32-bit op is right.
     let load = |a: &mut CodeAssembler, host64: AsmRegister64, host32: AsmRegister32, r: usize, wide: bool| {
@@ -488,7 +625,7 @@ fn inline(a: &mut CodeAssembler, f: Inline, live: bool, l: Layout, gp: &dyn Fn(u
     };
     match f {
         // Emitted by `memory`, with a slow path.
-        Inline::Load { .. } | Inline::Store { .. } => {}
+        Inline::Load { .. } | Inline::Store { .. } | Inline::Branch { .. } => {}
         Inline::MovRR { dst, src, wide } => {
             load(a, rax, eax, src, wide)?;
             a.mov(qword_ptr(r12 + gp(dst)), rax)?;
@@ -526,6 +663,9 @@ fn inline(a: &mut CodeAssembler, f: Inline, live: bool, l: Layout, gp: &dyn Fn(u
                 Alu::Cmp => op!(cmp),
                 Alu::Test => op!(test),
             }
+            if let Some(cc) = cc_after {
+                setcc(a, cc, r8b)?;
+            }
             if !matches!(op, Alu::Cmp | Alu::Test) {
                 a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
             }
@@ -547,6 +687,9 @@ fn inline(a: &mut CodeAssembler, f: Inline, live: bool, l: Layout, gp: &dyn Fn(u
                 (true, false) => a.inc(ecx)?,
                 (false, true) => a.dec(rcx)?,
                 (false, false) => a.dec(ecx)?,
+            }
+            if let Some(cc) = cc_after {
+                setcc(a, cc, r8b)?;
             }
             a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
             if live {

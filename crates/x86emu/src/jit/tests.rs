@@ -285,3 +285,73 @@ fn chained_blocks_match_the_interpreter() {
         }
     }
 }
+
+/// Every Jcc after each kind of flag producer: an inline CMP/ADD/SUB/AND
+/// (condition taken from the host flags), an inline DEC (host flags but
+/// the guest CF), and POPFQ of arbitrary status flags (a handler: the
+/// condition is evaluated from the guest RFLAGS).
+#[test]
+fn inline_branches_match_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(ecx, 60u32)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, rcx)?;
+        a.imul_2(rax, r9)?;
+        a.mov(rbx, rax)?;
+        a.rol(rbx, 17)?;
+        a.mov(rdx, rax)?;
+        a.shr(rdx, 62)?;
+        let mut k = 0;
+        for producer in 0..6 {
+            for cc in 0..16u8 {
+                k += 1;
+                let mut skip = a.create_label();
+                match producer {
+                    0 => a.cmp(rax, rbx)?,
+                    1 => a.add(eax, ebx)?,
+                    2 => a.sub(rbx, rax)?,
+                    3 => a.and(rax, rbx)?,
+                    4 => a.dec(rdx)?,
+                    _ => {
+                        a.mov(rsi, rax)?;
+                        a.and(rsi, 0x8d5)?;
+                        a.push(rsi)?;
+                        a.popfq()?;
+                    }
+                }
+                // 0F 8x rel32: Jcc with condition `cc`.
+                match cc {
+                    0 => a.jo(skip)?,
+                    1 => a.jno(skip)?,
+                    2 => a.jb(skip)?,
+                    3 => a.jae(skip)?,
+                    4 => a.je(skip)?,
+                    5 => a.jne(skip)?,
+                    6 => a.jbe(skip)?,
+                    7 => a.ja(skip)?,
+                    8 => a.js(skip)?,
+                    9 => a.jns(skip)?,
+                    10 => a.jp(skip)?,
+                    11 => a.jnp(skip)?,
+                    12 => a.jl(skip)?,
+                    13 => a.jge(skip)?,
+                    14 => a.jle(skip)?,
+                    _ => a.jg(skip)?,
+                }
+                a.add(r10, k)?;
+                a.set_label(&mut skip)?;
+                a.rol(rax, 9)?;
+                a.xor(rbx, rax)?;
+            }
+        }
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for budget in [7, 1000] {
+        let cpu = lockstep(&code, budget);
+        assert_ne!(cpu.state.gpr[10], 0);
+    }
+}
