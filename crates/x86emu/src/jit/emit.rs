@@ -84,6 +84,11 @@ enum Inline {
         mem: Mem,
         wide: bool,
     },
+    /// PUSH r64, POP r64, CALL rel32 (to a canonical target, at the block
+    /// end) and RET in 64-bit mode, through the inline data-TLB lookup at
+    /// RSP (SS base 0); anything else calls the handler, with RSP
+    /// untouched until the access has succeeded.
+    Stack(StackOp),
     /// The block's final JMP rel (`cc` None) or Jcc rel to a canonical
     /// target: stores the new RIP, as `jcc_rel64` and `jmp_rel64` do.
     Branch {
@@ -91,6 +96,14 @@ enum Inline {
         target: u64,
         next: u64,
     },
+}
+
+#[derive(Clone, Copy)]
+enum StackOp {
+    Push(usize),
+    Pop(usize),
+    Call { target: u64, next: u64 },
+    Ret,
 }
 
 /// A 64-bit address `base + index << shift + disp` in a segment whose base
@@ -142,7 +155,16 @@ impl Inline {
     /// Whether it may call the handler (which may fault, so the flags
     /// must be in RFLAGS before it).
     fn may_call(&self) -> bool {
-        matches!(self, Inline::Load { .. } | Inline::Store { .. })
+        matches!(self, Inline::Load { .. } | Inline::Store { .. } | Inline::Stack(_))
+    }
+
+    /// Whether it stores the new RIP itself (a control transfer that ends
+    /// the block).
+    fn sets_rip(&self) -> bool {
+        matches!(
+            self,
+            Inline::Branch { .. } | Inline::Stack(StackOp::Call { .. } | StackOp::Ret)
+        )
     }
 
     fn writes_all_flags(&self) -> bool {
@@ -163,7 +185,23 @@ fn gpr(r: Register, wide: bool) -> Option<usize> {
 
 /// The inline form of `ins`, if it has one.
 fn classify(ins: &Instruction) -> Option<Inline> {
-    if ins.has_lock_prefix() || ins.op_count() == 0 {
+    if ins.has_lock_prefix() {
+        return None;
+    }
+    let stack = match ins.code() {
+        Code::Push_r64 => Some(StackOp::Push(gpr(ins.op0_register(), true)?)),
+        Code::Pop_r64 => Some(StackOp::Pop(gpr(ins.op0_register(), true)?)),
+        Code::Call_rel32_64 if crate::memory::is_canonical(ins.near_branch64()) => Some(StackOp::Call {
+            target: ins.near_branch64(),
+            next: ins.next_ip(),
+        }),
+        Code::Retnq => Some(StackOp::Ret),
+        _ => None,
+    };
+    if let Some(op) = stack {
+        return Some(Inline::Stack(op));
+    }
+    if ins.op_count() == 0 {
         return None;
     }
     if ins.op0_kind() == OpKind::NearBranch64
@@ -338,9 +376,9 @@ pub(crate) fn chain_targets(block: &Block) -> [Option<u64>; 2] {
 fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usize) -> Result<CodeLabel, IcedError> {
     let n = block.instrs.len();
     let mut forms: Vec<Option<Inline>> = block.instrs.iter().map(|d| classify(&d.ins)).collect();
-    // A branch is inline only as the block's last instruction.
+    // A control transfer is inline only as the block's last instruction.
     for f in &mut forms[..n - 1] {
-        if matches!(f, Some(Inline::Branch { .. })) {
+        if f.is_some_and(|f| f.sets_rip()) {
             *f = None;
         }
     }
@@ -419,13 +457,20 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usi
                 a.set_label(&mut resume)?;
                 slow_paths.push((slow, i, resume));
             }
+            Some(Inline::Stack(op)) => {
+                let slow = a.create_label();
+                let mut resume = a.create_label();
+                stack(a, l, &gp, op, slow)?;
+                a.set_label(&mut resume)?;
+                slow_paths.push((slow, i, resume));
+            }
             Some(Inline::Branch { cc, target, next }) => branch(a, l, cc, target, next, fused.is_some())?,
             Some(f) => inline(a, f, live[i], l, &gp, fused.filter(|_| i + 2 == n))?,
             None => call(a, i, &mut exits)?,
         }
     }
     let last = &block.instrs[n - 1].ins;
-    if forms[n - 1].is_some() && !matches!(forms[n - 1], Some(Inline::Branch { .. })) {
+    if forms[n - 1].is_some_and(|f| !f.sets_rip()) {
         a.mov(rax, last.next_ip())?;
         a.mov(qword_ptr(r12 + l.rip), rax)?;
     }
@@ -625,7 +670,7 @@ fn inline(
     };
     match f {
         // Emitted by `memory`, with a slow path.
-        Inline::Load { .. } | Inline::Store { .. } | Inline::Branch { .. } => {}
+        Inline::Load { .. } | Inline::Store { .. } | Inline::Branch { .. } | Inline::Stack(_) => {}
         Inline::MovRR { dst, src, wide } => {
             load(a, rax, eax, src, wide)?;
             a.mov(qword_ptr(r12 + gp(dst)), rax)?;
@@ -782,9 +827,36 @@ fn memory(
     store: bool,
     slow: CodeLabel,
 ) -> Result<(), IcedError> {
-    use crate::mmu::JitTlb;
-    let size = if wide { 8 } else { 4 };
     address(a, gp, m)?;
+    lookup(a, if wide { 8 } else { 4 }, store, slow)?;
+    match (store, wide) {
+        (false, true) => {
+            a.mov(rcx, qword_ptr(rdx + rax))?;
+            a.mov(qword_ptr(r12 + gp(reg)), rcx)?;
+        }
+        (false, false) => {
+            a.mov(ecx, dword_ptr(rdx + rax))?;
+            a.mov(qword_ptr(r12 + gp(reg)), rcx)?;
+        }
+        (true, true) => {
+            a.mov(rcx, qword_ptr(r12 + gp(reg)))?;
+            a.mov(qword_ptr(rdx + rax), rcx)?;
+        }
+        (true, false) => {
+            a.mov(ecx, dword_ptr(r12 + gp(reg)))?;
+            a.mov(dword_ptr(rdx + rax), ecx)?;
+        }
+    }
+    Ok(())
+}
+
+/// The inline data-TLB lookup of a `size`-byte access at the address in
+/// RAX: the data-TLB set from the context, the entry for the page, the
+/// tag, the host pointer; a store also checks the page holds no code.
+/// Anything else (a miss, MMIO, a page crossing, a code page) jumps to
+/// `slow`. On a hit the host address is RDX + RAX. Clobbers RCX, R8.
+fn lookup(a: &mut CodeAssembler, size: i32, store: bool, slow: CodeLabel) -> Result<(), IcedError> {
+    use crate::mmu::JitTlb;
     // Within one page.
     a.mov(ecx, eax)?;
     a.and(ecx, 0xfff)?;
@@ -817,22 +889,56 @@ fn memory(
     a.test(rdx, rdx)?;
     a.jz(slow)?;
     a.and(eax, 0xfff)?;
-    match (store, wide) {
-        (false, true) => {
-            a.mov(rcx, qword_ptr(rdx + rax))?;
-            a.mov(qword_ptr(r12 + gp(reg)), rcx)?;
-        }
-        (false, false) => {
-            a.mov(ecx, dword_ptr(rdx + rax))?;
-            a.mov(qword_ptr(r12 + gp(reg)), rcx)?;
-        }
-        (true, true) => {
+    Ok(())
+}
+
+/// PUSH, POP, CALL or RET through the inline TLB lookup (see
+/// `Inline::Stack`); RSP and RIP change only after the access.
+fn stack(
+    a: &mut CodeAssembler,
+    l: Layout,
+    gp: &dyn Fn(usize) -> i32,
+    op: StackOp,
+    slow: CodeLabel,
+) -> Result<(), IcedError> {
+    let guest_rsp = qword_ptr(r12 + gp(4));
+    a.mov(rax, guest_rsp)?;
+    match op {
+        StackOp::Push(reg) => {
+            a.sub(rax, 8)?;
+            lookup(a, 8, true, slow)?;
+            // PUSH RSP pushes the old value.
             a.mov(rcx, qword_ptr(r12 + gp(reg)))?;
             a.mov(qword_ptr(rdx + rax), rcx)?;
+            a.sub(guest_rsp, 8)?;
         }
-        (true, false) => {
-            a.mov(ecx, dword_ptr(r12 + gp(reg)))?;
-            a.mov(dword_ptr(rdx + rax), ecx)?;
+        StackOp::Call { target, next } => {
+            a.sub(rax, 8)?;
+            lookup(a, 8, true, slow)?;
+            a.mov(rcx, next)?;
+            a.mov(qword_ptr(rdx + rax), rcx)?;
+            a.sub(guest_rsp, 8)?;
+            a.mov(rax, target)?;
+            a.mov(qword_ptr(r12 + l.rip), rax)?;
+        }
+        StackOp::Pop(reg) => {
+            lookup(a, 8, false, slow)?;
+            a.mov(rcx, qword_ptr(rdx + rax))?;
+            // POP RSP: the loaded value wins over the increment.
+            a.add(guest_rsp, 8)?;
+            a.mov(qword_ptr(r12 + gp(reg)), rcx)?;
+        }
+        StackOp::Ret => {
+            lookup(a, 8, false, slow)?;
+            a.mov(rcx, qword_ptr(rdx + rax))?;
+            // A non-canonical return address: the handler raises #GP.
+            a.mov(rax, rcx)?;
+            a.shl(rax, 16)?;
+            a.sar(rax, 16)?;
+            a.cmp(rax, rcx)?;
+            a.jne(slow)?;
+            a.mov(qword_ptr(r12 + l.rip), rcx)?;
+            a.add(guest_rsp, 8)?;
         }
     }
     Ok(())

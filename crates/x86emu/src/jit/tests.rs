@@ -355,3 +355,98 @@ fn inline_branches_match_the_interpreter() {
         assert_ne!(cpu.state.gpr[10], 0);
     }
 }
+
+/// PUSH/POP/CALL/RET inline: a call tree with pushes and pops (also of
+/// RSP itself) and a stack that crosses pages (the slow path).
+#[test]
+fn inline_stack_operations_match_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        let mut leaf = a.create_label();
+        let mut mid = a.create_label();
+        let mut done = a.create_label();
+        a.mov(ecx, 200u32)?;
+        a.set_label(&mut top)?;
+        a.push(rcx)?;
+        a.push(rbx)?;
+        a.call(mid)?;
+        a.pop(rbx)?;
+        a.pop(rdx)?;
+        a.add(rbx, rdx)?;
+        // Every 16th pass: the stack moves 0xf04 bytes down, so that
+        // pushes and calls cross a 4 KiB page.
+        a.test(ecx, 15)?;
+        a.jnz(done)?;
+        a.push(rsp)?;
+        a.pop(rsi)?;
+        a.sub(rsp, 0xf04)?;
+        a.call(mid)?;
+        a.push(rsp)?;
+        a.pop(rsp)?;
+        a.add(rsp, 0xf04)?;
+        a.set_label(&mut done)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()?;
+        a.set_label(&mut mid)?;
+        a.push(rbp)?;
+        a.mov(rbp, rsp)?;
+        a.call(leaf)?;
+        a.call(leaf)?;
+        a.pop(rbp)?;
+        a.ret()?;
+        a.set_label(&mut leaf)?;
+        a.push(rax)?;
+        a.imul_2(rax, rbx)?;
+        a.pop(rdi)?;
+        a.add(rax, rdi)?;
+        a.ret()
+    });
+    for budget in [3, 5, 1000] {
+        lockstep(&code, budget);
+    }
+}
+
+/// POP and RET that fault (RSP on a page the program unmaps; then a
+/// non-canonical return address): RSP, RIP and CR2 as the interpreter
+/// leaves them, with the exception frame below the old RSP.
+#[test]
+fn faulting_inline_stack_operations_are_exact() {
+    // Unmap the 2 MiB page at STACK_TOP and load RSP with it.
+    let unmap = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+        a.mov(rax, 0x3008u64)?;
+        a.mov(qword_ptr(rax), 0)?;
+        a.mov(rax, STACK_TOP)?;
+        a.invlpg(byte_ptr(rax))?;
+        a.mov(rsp, rax)?;
+        a.nop()?;
+        Ok(())
+    };
+    let pop = assemble(|a| {
+        unmap(a)?;
+        a.pop(rcx)?;
+        a.hlt()
+    });
+    let ret = assemble(|a| {
+        unmap(a)?;
+        a.ret()
+    });
+    for code in [pop, ret] {
+        let cpu = lockstep(&code, 1000);
+        assert_eq!(cpu.state.cr2, STACK_TOP);
+        assert_eq!(cpu.state.rip, HANDLER + 1);
+    }
+    let non_canonical = assemble(|a| {
+        a.mov(rax, 0x8000_0000_0000_0000u64)?;
+        a.push(rax)?;
+        a.ret()
+    });
+    let cpu = lockstep(&non_canonical, 1000);
+    assert_eq!(cpu.state.rip, HANDLER + 1);
+    // The frame (error code included) below the 16-byte-aligned old RSP.
+    assert_eq!(
+        cpu.state.gpr[4],
+        ((STACK_TOP - 8) & !15) - 6 * 8,
+        "the RET left RSP alone"
+    );
+}
