@@ -84,6 +84,22 @@ enum Inline {
         mem: Mem,
         wide: bool,
     },
+    /// MOVZX/MOVSX/MOVSXD and MOV r8/r16 from memory (through the inline
+    /// data-TLB lookup, as `Load`) or, `mem` None, from the register
+    /// operand at byte offset `src` in the GPR file. `dst`: the byte
+    /// offset of the destination in the GPR file.
+    LoadN {
+        dst: i32,
+        mem: Option<Mem>,
+        src: i32,
+        kind: LoadKind,
+    },
+    /// MOV [mem], r8/r16 or MOV [mem], imm of `size` bytes (as `Store`).
+    StoreN {
+        src: StoreSrc,
+        mem: Mem,
+        size: i32,
+    },
     /// PUSH r64, POP r64, CALL rel32 (to a canonical target, at the block
     /// end) and RET in 64-bit mode, through the inline data-TLB lookup at
     /// RSP (SS base 0); anything else calls the handler, with RSP
@@ -96,6 +112,26 @@ enum Inline {
         target: u64,
         next: u64,
     },
+}
+
+/// How a narrow or extending load writes its register.
+#[derive(Clone, Copy)]
+enum LoadKind {
+    /// MOVZX from 1 or 2 bytes (the 32- or 64-bit result is the same).
+    Zero(u8),
+    /// MOVSX/MOVSXD from 1, 2 or 4 bytes into a 64-bit (true) or 32-bit
+    /// register (zero-extended on write).
+    Sign(u8, bool),
+    /// MOV r8/r16: replaces only those bytes.
+    Merge(u8),
+}
+
+#[derive(Clone, Copy)]
+enum StoreSrc {
+    /// Byte offset of the register operand in the GPR file.
+    Reg(i32),
+    /// Sign-extended to the store size by the host instruction.
+    Imm(i32),
 }
 
 #[derive(Clone, Copy)]
@@ -155,7 +191,14 @@ impl Inline {
     /// Whether it may call the handler (which may fault, so the flags
     /// must be in RFLAGS before it).
     fn may_call(&self) -> bool {
-        matches!(self, Inline::Load { .. } | Inline::Store { .. } | Inline::Stack(_))
+        matches!(
+            self,
+            Inline::Load { .. }
+                | Inline::Store { .. }
+                | Inline::Stack(_)
+                | Inline::LoadN { mem: Some(_), .. }
+                | Inline::StoreN { .. }
+        )
     }
 
     /// Whether it stores the new RIP itself (a control transfer that ends
@@ -169,6 +212,68 @@ impl Inline {
 
     fn writes_all_flags(&self) -> bool {
         matches!(self, Inline::Alu { .. } | Inline::Imul { .. })
+    }
+}
+
+/// Byte offset in the GPR file of an 8-bit (AH..BH: the second byte) or
+/// 16-bit general register.
+fn narrow_reg(r: Register) -> Option<i32> {
+    if r.is_gpr8() {
+        let i = r as i32 - Register::AL as i32;
+        Some(match i {
+            0..=3 => 8 * i,
+            4..=7 => 8 * (i - 4) + 1,
+            _ => 8 * (i - 4),
+        })
+    } else if r.is_gpr16() {
+        Some(8 * (r as i32 - Register::AX as i32))
+    } else {
+        None
+    }
+}
+
+/// MOVZX/MOVSX/MOVSXD and MOV with 8/16-bit operands, and MOV m, imm.
+fn classify_narrow(ins: &Instruction) -> Option<Inline> {
+    let load = |kind| {
+        let (mem, src) = match ins.op1_kind() {
+            OpKind::Memory => (Some(Mem::of(ins)?), 0),
+            OpKind::Register => (None, narrow_reg(ins.op1_register())?),
+            _ => return None,
+        };
+        let dst = match kind {
+            LoadKind::Merge(_) => narrow_reg(ins.op0_register())?,
+            _ => 8 * gpr(ins.op0_register(), ins.op0_register().is_gpr64())? as i32,
+        };
+        Some(Inline::LoadN { dst, mem, src, kind })
+    };
+    let store = |size, src| {
+        if ins.op0_kind() != OpKind::Memory {
+            return None;
+        }
+        Some(Inline::StoreN {
+            src,
+            mem: Mem::of(ins)?,
+            size,
+        })
+    };
+    let mem_dst = ins.op0_kind() == OpKind::Memory;
+    match ins.code() {
+        Code::Movzx_r32_rm8 | Code::Movzx_r64_rm8 => load(LoadKind::Zero(1)),
+        Code::Movzx_r32_rm16 | Code::Movzx_r64_rm16 => load(LoadKind::Zero(2)),
+        Code::Movsx_r32_rm8 => load(LoadKind::Sign(1, false)),
+        Code::Movsx_r64_rm8 => load(LoadKind::Sign(1, true)),
+        Code::Movsx_r32_rm16 => load(LoadKind::Sign(2, false)),
+        Code::Movsx_r64_rm16 => load(LoadKind::Sign(2, true)),
+        Code::Movsxd_r64_rm32 => load(LoadKind::Sign(4, true)),
+        Code::Mov_r8_rm8 if ins.op1_kind() == OpKind::Memory => load(LoadKind::Merge(1)),
+        Code::Mov_r16_rm16 if ins.op1_kind() == OpKind::Memory => load(LoadKind::Merge(2)),
+        Code::Mov_rm8_r8 if mem_dst => store(1, StoreSrc::Reg(narrow_reg(ins.op1_register())?)),
+        Code::Mov_rm16_r16 if mem_dst => store(2, StoreSrc::Reg(narrow_reg(ins.op1_register())?)),
+        Code::Mov_rm8_imm8 => store(1, StoreSrc::Imm(ins.immediate8() as i8 as i32)),
+        Code::Mov_rm16_imm16 => store(2, StoreSrc::Imm(ins.immediate16() as i16 as i32)),
+        Code::Mov_rm32_imm32 if mem_dst => store(4, StoreSrc::Imm(ins.immediate32() as i32)),
+        Code::Mov_rm64_imm32 if mem_dst => store(8, StoreSrc::Imm(ins.immediate32to64() as i32)),
+        _ => None,
     }
 }
 
@@ -214,6 +319,9 @@ fn classify(ins: &Instruction) -> Option<Inline> {
             target,
             next: ins.next_ip(),
         });
+    }
+    if let Some(f) = classify_narrow(ins) {
+        return Some(f);
     }
     if matches!(ins.code(), Code::Mov_rm64_r64 | Code::Mov_rm32_r32)
         && ins.op0_kind() == OpKind::Memory
@@ -457,6 +565,35 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usi
                 a.set_label(&mut resume)?;
                 slow_paths.push((slow, i, resume));
             }
+            Some(Inline::LoadN {
+                dst,
+                mem: Some(mem),
+                kind,
+                ..
+            }) => {
+                let slow = a.create_label();
+                let mut resume = a.create_label();
+                address(a, &gp, mem)?;
+                lookup(a, kind.size(), false, slow)?;
+                load_n(a, qword_ptr(rdx + rax), l.gpr + dst, kind)?;
+                a.set_label(&mut resume)?;
+                slow_paths.push((slow, i, resume));
+            }
+            Some(Inline::LoadN {
+                dst,
+                mem: None,
+                src,
+                kind,
+            }) => load_n(a, qword_ptr(r12 + (l.gpr + src)), l.gpr + dst, kind)?,
+            Some(Inline::StoreN { src, mem, size }) => {
+                let slow = a.create_label();
+                let mut resume = a.create_label();
+                address(a, &gp, mem)?;
+                lookup(a, size, true, slow)?;
+                store_n(a, l, src, size)?;
+                a.set_label(&mut resume)?;
+                slow_paths.push((slow, i, resume));
+            }
             Some(Inline::Stack(op)) => {
                 let slow = a.create_label();
                 let mut resume = a.create_label();
@@ -670,7 +807,12 @@ fn inline(
     };
     match f {
         // Emitted by `memory`, with a slow path.
-        Inline::Load { .. } | Inline::Store { .. } | Inline::Branch { .. } | Inline::Stack(_) => {}
+        Inline::Load { .. }
+        | Inline::Store { .. }
+        | Inline::Branch { .. }
+        | Inline::Stack(_)
+        | Inline::LoadN { .. }
+        | Inline::StoreN { .. } => {}
         Inline::MovRR { dst, src, wide } => {
             load(a, rax, eax, src, wide)?;
             a.mov(qword_ptr(r12 + gp(dst)), rax)?;
@@ -942,4 +1084,54 @@ fn stack(
         }
     }
     Ok(())
+}
+
+impl LoadKind {
+    fn size(self) -> i32 {
+        match self {
+            LoadKind::Zero(n) | LoadKind::Sign(n, _) | LoadKind::Merge(n) => n as i32,
+        }
+    }
+}
+
+/// Load `kind`'s operand from `from` (its size is the kind's) and write
+/// it to the guest register bytes at `dst` from the `Cpu`. Uses RCX.
+fn load_n(a: &mut CodeAssembler, from: AsmMemoryOperand, dst: i32, kind: LoadKind) -> Result<(), IcedError> {
+    match kind {
+        LoadKind::Zero(1) => a.movzx(ecx, byte_ptr(from))?,
+        LoadKind::Zero(_) => a.movzx(ecx, word_ptr(from))?,
+        LoadKind::Sign(1, false) => a.movsx(ecx, byte_ptr(from))?,
+        LoadKind::Sign(1, true) => a.movsx(rcx, byte_ptr(from))?,
+        LoadKind::Sign(2, false) => a.movsx(ecx, word_ptr(from))?,
+        LoadKind::Sign(2, true) => a.movsx(rcx, word_ptr(from))?,
+        LoadKind::Sign(_, _) => a.movsxd(rcx, dword_ptr(from))?,
+        LoadKind::Merge(1) => {
+            a.mov(cl, byte_ptr(from))?;
+            return a.mov(byte_ptr(r12 + dst), cl);
+        }
+        LoadKind::Merge(_) => {
+            a.mov(cx, word_ptr(from))?;
+            return a.mov(word_ptr(r12 + dst), cx);
+        }
+    }
+    a.mov(qword_ptr(r12 + dst), rcx)
+}
+
+/// The value of a MOV [mem], r8/r16/imm into the host address RDX + RAX.
+fn store_n(a: &mut CodeAssembler, l: Layout, src: StoreSrc, size: i32) -> Result<(), IcedError> {
+    let to = qword_ptr(rdx + rax);
+    match (src, size) {
+        (StoreSrc::Reg(r), 1) => {
+            a.mov(cl, byte_ptr(r12 + (l.gpr + r)))?;
+            a.mov(byte_ptr(to), cl)
+        }
+        (StoreSrc::Reg(r), _) => {
+            a.mov(cx, word_ptr(r12 + (l.gpr + r)))?;
+            a.mov(word_ptr(to), cx)
+        }
+        (StoreSrc::Imm(v), 1) => a.mov(byte_ptr(to), v),
+        (StoreSrc::Imm(v), 2) => a.mov(word_ptr(to), v),
+        (StoreSrc::Imm(v), 4) => a.mov(dword_ptr(to), v),
+        (StoreSrc::Imm(v), _) => a.mov(qword_ptr(to), v),
+    }
 }

@@ -72,6 +72,7 @@ fn lockstep(code: &[u8], budget: u64) -> Cpu {
             "stack at step {step}"
         );
         if a == Exit::Halted {
+            assert!(int_bus.ram() == jit_bus.ram(), "memory differs at the end");
             assert!(jit.stats.jit_instructions > 0, "nothing ran translated");
             return jit;
         }
@@ -449,4 +450,87 @@ fn faulting_inline_stack_operations_are_exact() {
         ((STACK_TOP - 8) & !15) - 6 * 8,
         "the RET left RSP alone"
     );
+}
+
+/// MOVZX/MOVSX/MOVSXD, MOV r8/r16 loads and stores (AH and REX byte
+/// registers too) and MOV [m], imm of every size, on values with the sign
+/// bits set and clear, at addresses that walk across page boundaries.
+#[test]
+fn inline_narrow_moves_match_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.mov(rsi, 0x30_0ff0u64)?;
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(ecx, 600u32)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, rcx)?;
+        a.imul_2(rax, r9)?;
+        a.mov(qword_ptr(rsi + rcx * 8), rax)?;
+        a.mov(dword_ptr(rsi + rcx * 4 + 0x1001), -5i32)?;
+        a.mov(qword_ptr(rsi + rcx * 2 + 0x2003), -0x7000_0000i32)?;
+        a.mov(word_ptr(rsi + rcx * 2 + 0x3001), 0x8123u32)?;
+        a.mov(byte_ptr(rsi + rcx + 0x3801), 0x9au32)?;
+        a.movzx(edx, byte_ptr(rsi + rcx * 8 + 7))?;
+        a.movzx(rdi, word_ptr(rsi + rcx * 8 + 5))?;
+        a.movsx(ebx, byte_ptr(rsi + rcx * 8 + 7))?;
+        a.movsx(r8, word_ptr(rsi + rcx * 2 + 0x3001))?;
+        a.movsx(r10d, word_ptr(rsi + rcx * 8 + 3))?;
+        a.movsx(r11, byte_ptr(rsi + rcx + 0x3801))?;
+        a.movsxd(r12, dword_ptr(rsi + rcx * 4 + 0x1001))?;
+        a.add(rdx, rdi)?;
+        a.add(rbx, r8)?;
+        a.add(r10, r11)?;
+        a.add(rbx, r12)?;
+        a.mov(ah, byte_ptr(rsi + rcx * 8 + 6))?;
+        a.mov(dil, byte_ptr(rsi + rcx * 8 + 2))?;
+        a.mov(r13w, word_ptr(rsi + rcx * 8 + 1))?;
+        a.mov(bx, word_ptr(rsi + rcx * 2 + 0x3001))?;
+        a.mov(byte_ptr(rsi + rcx * 4 + 0x5000), ah)?;
+        a.mov(byte_ptr(rsi + rcx * 4 + 0x5001), dil)?;
+        a.mov(word_ptr(rsi + rcx * 4 + 0x5002), r13w)?;
+        a.movzx(edx, ah)?;
+        a.movsx(r15, dil)?;
+        a.movzx(ebp, r13w)?;
+        a.movsx(edi, bh)?;
+        a.add(rbx, qword_ptr(rsi + rcx * 4 + 0x5000))?;
+        a.add(rbx, rdx)?;
+        a.add(rbx, rdi)?;
+        a.add(rbx, r15)?;
+        a.add(rbx, rbp)?;
+        a.add(rbx, rax)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for budget in [4, 1000] {
+        let cpu = lockstep(&code, budget);
+        if budget == 1000 {
+            assert!(cpu.stats.jit_instructions > 10_000, "{}", cpu.stats.jit_instructions);
+        }
+    }
+}
+
+/// Narrow loads and stores that page-fault: registers, memory and CR2 as
+/// the interpreter leaves them.
+#[test]
+fn faulting_inline_narrow_moves_are_exact() {
+    type Form = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let programs: [Form; 4] = [
+        |a| a.movzx(eax, word_ptr(rcx + 0xffe)),
+        |a| a.movsx(rax, byte_ptr(rcx)),
+        |a| a.mov(byte_ptr(rcx + 3), ah),
+        |a| a.mov(qword_ptr(rcx + 0x10), 7),
+    ];
+    for (k, form) in programs.into_iter().enumerate() {
+        let code = assemble(|a| {
+            a.mov(rax, 0x1234u64)?;
+            a.mov(rcx, 0x4000_0000u64)?;
+            a.add(rax, rbx)?;
+            form(a)?;
+            a.hlt()
+        });
+        let cpu = lockstep(&code, 1000);
+        assert_eq!(cpu.state.rip, HANDLER + 1, "form {k}");
+        assert!(cpu.state.cr2 >= 0x4000_0000, "form {k}");
+    }
 }
