@@ -100,6 +100,25 @@ enum Inline {
         mem: Mem,
         size: i32,
     },
+    /// SHL/SHR/SAR r32/r64, imm8; `count` already masked.
+    Shift {
+        op: ShiftOp,
+        dst: usize,
+        count: u32,
+        wide: bool,
+    },
+    /// SETcc r8 (byte offset in the GPR file).
+    Setcc {
+        cc: ConditionCode,
+        dst: i32,
+    },
+    /// CMOVcc r32/r64, r32/r64.
+    Cmov {
+        cc: ConditionCode,
+        dst: usize,
+        src: usize,
+        wide: bool,
+    },
     /// PUSH r64, POP r64, CALL rel32 (to a canonical target, at the block
     /// end) and RET in 64-bit mode, through the inline data-TLB lookup at
     /// RSP (SS base 0); anything else calls the handler, with RSP
@@ -112,6 +131,13 @@ enum Inline {
         target: u64,
         next: u64,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ShiftOp {
+    Shl,
+    Shr,
+    Sar,
 }
 
 /// How a narrow or extending load writes its register.
@@ -185,6 +211,7 @@ impl Inline {
                 ..
             } | Inline::IncDec { .. }
         ) || matches!(self, Inline::Branch { cc, .. } if *cc != ConditionCode::None)
+            || matches!(self, Inline::Setcc { .. } | Inline::Cmov { .. })
     }
 
     /// Whether it writes all six status flags.
@@ -212,6 +239,7 @@ impl Inline {
 
     fn writes_all_flags(&self) -> bool {
         matches!(self, Inline::Alu { .. } | Inline::Imul { .. })
+            || matches!(self, Inline::Shift { count, .. } if *count != 0)
     }
 }
 
@@ -323,6 +351,33 @@ fn classify(ins: &Instruction) -> Option<Inline> {
     if let Some(f) = classify_narrow(ins) {
         return Some(f);
     }
+    if ins.op0_kind() == OpKind::Register
+        && ins.op0_register().is_gpr8()
+        && matches!(
+            ins.mnemonic(),
+            M::Seto
+                | M::Setno
+                | M::Setb
+                | M::Setae
+                | M::Sete
+                | M::Setne
+                | M::Setbe
+                | M::Seta
+                | M::Sets
+                | M::Setns
+                | M::Setp
+                | M::Setnp
+                | M::Setl
+                | M::Setge
+                | M::Setle
+                | M::Setg
+        )
+    {
+        return Some(Inline::Setcc {
+            cc: ins.condition_code(),
+            dst: narrow_reg(ins.op0_register())?,
+        });
+    }
     if matches!(ins.code(), Code::Mov_rm64_r64 | Code::Mov_rm32_r32)
         && ins.op0_kind() == OpKind::Memory
         && ins.op1_kind() == OpKind::Register
@@ -382,6 +437,49 @@ fn classify(ins: &Instruction) -> Option<Inline> {
         }
         Code::Lea_r64_m | Code::Lea_r32_m => return lea(ins, dst, wide),
         _ => {}
+    }
+    let shift = match ins.mnemonic() {
+        M::Shl => Some(ShiftOp::Shl),
+        M::Shr => Some(ShiftOp::Shr),
+        M::Sar => Some(ShiftOp::Sar),
+        _ => None,
+    };
+    if let Some(op) = shift {
+        if ins.op_count() != 2 || ins.op1_kind() != OpKind::Immediate8 {
+            return None;
+        }
+        return Some(Inline::Shift {
+            op,
+            dst,
+            count: ins.immediate8() as u32 & if wide { 63 } else { 31 },
+            wide,
+        });
+    }
+    if matches!(
+        ins.mnemonic(),
+        M::Cmovo
+            | M::Cmovno
+            | M::Cmovb
+            | M::Cmovae
+            | M::Cmove
+            | M::Cmovne
+            | M::Cmovbe
+            | M::Cmova
+            | M::Cmovs
+            | M::Cmovns
+            | M::Cmovp
+            | M::Cmovnp
+            | M::Cmovl
+            | M::Cmovge
+            | M::Cmovle
+            | M::Cmovg
+    ) {
+        return Some(Inline::Cmov {
+            cc: ins.condition_code(),
+            dst,
+            src: reg1()?,
+            wide,
+        });
     }
     let op = match ins.mnemonic() {
         M::Add => Alu::Add,
@@ -912,6 +1010,74 @@ fn inline(
                 a.or(rdx, rax)?;
                 a.mov(qword_ptr(r12 + l.rflags), rdx)?;
             }
+        }
+        Inline::Shift { op, dst, count, wide } => {
+            load(a, rcx, ecx, dst, wide)?;
+            if count > 0 {
+                let msb = if wide { 63 } else { 31 };
+                if live && op == ShiftOp::Shr {
+                    // OF: the operand's sign bit, as the interpreter sets it
+                    // for every count (hardware defines it for 1 only).
+                    a.mov(rdx, rcx)?;
+                    a.shr(rdx, msb)?;
+                    a.shl(edx, 11)?;
+                }
+                match (op, wide) {
+                    (ShiftOp::Shl, true) => a.shl(rcx, count)?,
+                    (ShiftOp::Shl, false) => a.shl(ecx, count)?,
+                    (ShiftOp::Shr, true) => a.shr(rcx, count)?,
+                    (ShiftOp::Shr, false) => a.shr(ecx, count)?,
+                    (ShiftOp::Sar, true) => a.sar(rcx, count)?,
+                    (ShiftOp::Sar, false) => a.sar(ecx, count)?,
+                }
+                if live {
+                    // CF SF ZF PF from the host; AF clear; OF as the
+                    // interpreter's `shift_rotate_value`: SHL the result's
+                    // sign bit XOR CF, SHR above, SAR 0.
+                    a.pushfq()?;
+                    a.pop(rax)?;
+                    a.and(eax, (CF | SF | ZF | PF) as i32)?;
+                    match op {
+                        ShiftOp::Shl => {
+                            a.mov(rdx, rcx)?;
+                            a.shr(rdx, msb)?;
+                            a.xor(edx, eax)?;
+                            a.and(edx, 1)?;
+                            a.shl(edx, 11)?;
+                            a.or(eax, edx)?;
+                        }
+                        ShiftOp::Shr => a.or(eax, edx)?,
+                        ShiftOp::Sar => {}
+                    }
+                    a.mov(rdx, qword_ptr(r12 + l.rflags))?;
+                    a.and(rdx, !STATUS as i32)?;
+                    a.or(rdx, rax)?;
+                    a.mov(qword_ptr(r12 + l.rflags), rdx)?;
+                }
+            }
+            // A zero count leaves the flags but still writes the
+            // (zero-extended) register, as the interpreter does.
+            a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
+        }
+        Inline::Setcc { cc, dst } => {
+            if guest_condition(a, l, cc)? {
+                a.setne(cl)?;
+            } else {
+                a.sete(cl)?;
+            }
+            a.mov(byte_ptr(r12 + (l.gpr + dst)), cl)?;
+        }
+        Inline::Cmov { cc, dst, src, wide } => {
+            // A 32-bit destination is zero-extended even when not moved.
+            let taken_if_nz = guest_condition(a, l, cc)?;
+            load(a, rax, eax, dst, wide)?;
+            load(a, rcx, ecx, src, wide)?;
+            if taken_if_nz {
+                a.cmovne(rax, rcx)?;
+            } else {
+                a.cmove(rax, rcx)?;
+            }
+            a.mov(qword_ptr(r12 + gp(dst)), rax)?;
         }
         Inline::Lea {
             dst,

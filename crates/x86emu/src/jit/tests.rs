@@ -534,3 +534,83 @@ fn faulting_inline_narrow_moves_are_exact() {
         assert!(cpu.state.cr2 >= 0x4000_0000, "form {k}");
     }
 }
+
+/// SHL/SHR/SAR r, imm8 with every count (masked; 0 keeps the flags), the
+/// flags read by PUSHFQ and by SETcc/CMOVcc, and SETcc/CMOVcc for every
+/// condition on arbitrary flags (from POPFQ).
+#[test]
+fn inline_shifts_setcc_and_cmov_match_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(ecx, 40u32)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, rcx)?;
+        a.imul_2(rax, r9)?;
+        for count in [0u32, 1, 2, 7, 31, 32, 33, 63, 64, 65, 255] {
+            a.mov(rdx, rax)?;
+            a.mov(rbx, rax)?;
+            a.mov(rsi, rax)?;
+            a.shl(rdx, count)?;
+            a.pushfq()?;
+            a.shr(ebx, count)?;
+            a.pushfq()?;
+            a.sar(rsi, count)?;
+            a.pushfq()?;
+            a.sar(ebx, count)?;
+            a.seto(dil)?;
+            a.shr(rdx, count)?;
+            a.setc(bh)?;
+            a.shl(esi, count)?;
+            a.cmovo(r10, rsi)?;
+            a.add(r11, rdx)?;
+            a.add(r11, rbx)?;
+            a.add(r11, rsi)?;
+            a.add(r11, rdi)?;
+            a.pop(rdx)?;
+            a.pop(rbx)?;
+            a.pop(rsi)?;
+            a.xor(r11, rdx)?;
+            a.add(r11, rbx)?;
+            a.add(r11, rsi)?;
+            a.rol(rax, 11)?;
+        }
+        a.mov(rsi, rax)?;
+        a.and(rsi, 0x8d5)?;
+        a.push(rsi)?;
+        a.popfq()?;
+        a.seto(al)?;
+        a.setno(bl)?;
+        a.setb(dl)?;
+        a.setae(dil)?;
+        a.sete(r8b)?;
+        a.setne(ah)?;
+        a.setbe(bh)?;
+        a.seta(dh)?;
+        a.sets(r10b)?;
+        a.setns(r11b)?;
+        a.setp(r12b)?;
+        a.setnp(r13b)?;
+        a.setl(r14b)?;
+        a.setge(r15b)?;
+        a.setle(sil)?;
+        a.setg(bpl)?;
+        a.cmovl(r12, rcx)?;
+        a.cmovg(r13d, ecx)?;
+        a.cmova(r14d, eax)?;
+        a.cmovbe(r15, r9)?;
+        a.cmovp(esi, edi)?;
+        a.cmovnp(rbp, rax)?;
+        a.add(r11, r12)?;
+        a.add(r11, rax)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for budget in [3, 1000] {
+        let cpu = lockstep(&code, budget);
+        if budget == 1000 {
+            assert!(cpu.stats.jit_instructions > 5_000, "{}", cpu.stats.jit_instructions);
+        }
+    }
+}
