@@ -100,6 +100,11 @@ enum Inline {
         mem: Mem,
         size: i32,
     },
+    /// ADD/SUB/AND/OR/XOR/CMP/TEST with one memory operand through the
+    /// inline data-TLB lookup (slow path = handler): `op r, [m]` or
+    /// `op [m], r/imm` of 1 (immediate only), 4 or 8 bytes, done by the
+    /// host instruction on the guest RAM.
+    AluMem(AluMem),
     /// SHL/SHR/SAR r32/r64, imm8; `count` already masked.
     Shift {
         op: ShiftOp,
@@ -131,6 +136,16 @@ enum Inline {
         target: u64,
         next: u64,
     },
+}
+
+#[derive(Clone, Copy)]
+struct AluMem {
+    op: Alu,
+    mem: Mem,
+    /// `op [mem], src` (else `op reg, [mem]` with `src` the register).
+    to_mem: bool,
+    src: Src,
+    size: i32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -225,6 +240,7 @@ impl Inline {
                 | Inline::Stack(_)
                 | Inline::LoadN { mem: Some(_), .. }
                 | Inline::StoreN { .. }
+                | Inline::AluMem(_)
         )
     }
 
@@ -238,7 +254,7 @@ impl Inline {
     }
 
     fn writes_all_flags(&self) -> bool {
-        matches!(self, Inline::Alu { .. } | Inline::Imul { .. })
+        matches!(self, Inline::Alu { .. } | Inline::Imul { .. } | Inline::AluMem(_))
             || matches!(self, Inline::Shift { count, .. } if *count != 0)
     }
 }
@@ -389,6 +405,9 @@ fn classify(ins: &Instruction) -> Option<Inline> {
             wide,
         });
     }
+    if let Some(f) = classify_alu_mem(ins) {
+        return Some(f);
+    }
     if ins.op0_kind() != OpKind::Register {
         return None;
     }
@@ -519,6 +538,45 @@ fn classify(ins: &Instruction) -> Option<Inline> {
         _ => return None,
     };
     Some(Inline::Alu { op, dst, src, wide })
+}
+
+/// ALU instructions with one memory operand (see `Inline::AluMem`).
+fn classify_alu_mem(ins: &Instruction) -> Option<Inline> {
+    let op = match ins.mnemonic() {
+        M::Add => Alu::Add,
+        M::Sub => Alu::Sub,
+        M::And => Alu::And,
+        M::Or => Alu::Or,
+        M::Xor => Alu::Xor,
+        M::Cmp => Alu::Cmp,
+        M::Test => Alu::Test,
+        _ => return None,
+    };
+    if ins.op_count() != 2 {
+        return None;
+    }
+    let to_mem = ins.op0_kind() == OpKind::Memory;
+    if !to_mem && ins.op1_kind() != OpKind::Memory {
+        return None;
+    }
+    let size = ins.memory_size().size() as i32;
+    let other = if to_mem { 1 } else { 0 };
+    let src = match ins.op_kind(other) {
+        OpKind::Register if size == 4 || size == 8 => Src::Reg(gpr(ins.op_register(other), size == 8)?),
+        OpKind::Immediate8 if size == 1 => Src::Imm(ins.immediate8() as i8 as i32),
+        OpKind::Immediate8to32 if size == 4 => Src::Imm(ins.immediate8to32()),
+        OpKind::Immediate32 if size == 4 => Src::Imm(ins.immediate32() as i32),
+        OpKind::Immediate8to64 if size == 8 => Src::Imm(ins.immediate8to64() as i32),
+        OpKind::Immediate32to64 if size == 8 => Src::Imm(ins.immediate32to64() as i32),
+        _ => return None,
+    };
+    Some(Inline::AluMem(AluMem {
+        op,
+        mem: Mem::of(ins)?,
+        to_mem,
+        src,
+        size,
+    }))
 }
 
 /// LEA with a 64-bit address (RIP-relative resolved by the decoder).
@@ -689,6 +747,13 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usi
                 address(a, &gp, mem)?;
                 lookup(a, size, true, slow)?;
                 store_n(a, l, src, size)?;
+                a.set_label(&mut resume)?;
+                slow_paths.push((slow, i, resume));
+            }
+            Some(Inline::AluMem(m)) => {
+                let slow = a.create_label();
+                let mut resume = a.create_label();
+                alu_mem(a, l, &gp, m, live[i], slow)?;
                 a.set_label(&mut resume)?;
                 slow_paths.push((slow, i, resume));
             }
@@ -910,7 +975,8 @@ fn inline(
         | Inline::Branch { .. }
         | Inline::Stack(_)
         | Inline::LoadN { .. }
-        | Inline::StoreN { .. } => {}
+        | Inline::StoreN { .. }
+        | Inline::AluMem(_) => {}
         Inline::MovRR { dst, src, wide } => {
             load(a, rax, eax, src, wide)?;
             a.mov(qword_ptr(r12 + gp(dst)), rax)?;
@@ -1300,4 +1366,71 @@ fn store_n(a: &mut CodeAssembler, l: Layout, src: StoreSrc, size: i32) -> Result
         (StoreSrc::Imm(v), 4) => a.mov(dword_ptr(to), v),
         (StoreSrc::Imm(v), _) => a.mov(qword_ptr(to), v),
     }
+}
+
+/// An ALU instruction with a memory operand (see `Inline::AluMem`).
+fn alu_mem(
+    a: &mut CodeAssembler,
+    l: Layout,
+    gp: &dyn Fn(usize) -> i32,
+    m: AluMem,
+    live: bool,
+    slow: CodeLabel,
+) -> Result<(), IcedError> {
+    let writes = !matches!(m.op, Alu::Cmp | Alu::Test);
+    address(a, gp, m.mem)?;
+    lookup(a, m.size, m.to_mem && writes, slow)?;
+    let at = qword_ptr(rdx + rax);
+    let at = match m.size {
+        1 => byte_ptr(at),
+        4 => dword_ptr(at),
+        _ => at,
+    };
+    // The register operand (source, or destination of `op r, [m]`).
+    match (m.src, m.size) {
+        (Src::Reg(r), 4) => a.mov(ecx, dword_ptr(r12 + gp(r)))?,
+        (Src::Reg(r), _) => a.mov(rcx, qword_ptr(r12 + gp(r)))?,
+        _ => {}
+    }
+    macro_rules! op {
+        ($m:ident) => {
+            match (m.to_mem, m.src, m.size) {
+                (true, Src::Imm(v), _) => a.$m(at, v)?,
+                (true, Src::Reg(_), 4) => a.$m(at, ecx)?,
+                (true, Src::Reg(_), _) => a.$m(at, rcx)?,
+                (false, _, 4) => a.$m(ecx, at)?,
+                (false, _, _) => a.$m(rcx, at)?,
+            }
+        };
+    }
+    match m.op {
+        Alu::Add => op!(add),
+        Alu::Sub => op!(sub),
+        Alu::And => op!(and),
+        Alu::Or => op!(or),
+        Alu::Xor => op!(xor),
+        Alu::Cmp => op!(cmp),
+        // TEST has only the `test r/m, r` form: the operands commute.
+        Alu::Test => match (m.src, m.size) {
+            (Src::Imm(v), _) => a.test(at, v)?,
+            (Src::Reg(_), 4) => a.test(at, ecx)?,
+            (Src::Reg(_), _) => a.test(at, rcx)?,
+        },
+        Alu::Adc | Alu::Sbb => unreachable!("not classified"),
+    }
+    if !m.to_mem && writes {
+        let Src::Reg(r) = m.src else {
+            unreachable!("op r, [m] has a register")
+        };
+        a.mov(qword_ptr(r12 + gp(r)), rcx)?;
+    }
+    if live {
+        let take = if matches!(m.op, Alu::And | Alu::Or | Alu::Xor | Alu::Test) {
+            STATUS & !AF
+        } else {
+            STATUS
+        };
+        store_flags(a, l, take, STATUS)?;
+    }
+    Ok(())
 }

@@ -614,3 +614,96 @@ fn inline_shifts_setcc_and_cmov_match_the_interpreter() {
         }
     }
 }
+
+/// ADD/SUB/AND/OR/XOR/CMP/TEST with a memory operand (r, [m]; [m], r;
+/// [m], imm; byte [m], imm8), flags read by PUSHFQ and by Jcc, at
+/// addresses that cross pages; and one that page-faults.
+#[test]
+fn inline_alu_with_memory_matches_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.mov(rsi, 0x30_0ff0u64)?;
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(ecx, 300u32)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, rcx)?;
+        a.imul_2(rax, r9)?;
+        a.mov(qword_ptr(rsi + rcx * 8), rax)?;
+        a.add(rbx, qword_ptr(rsi + rcx * 8 + 3))?;
+        a.pushfq()?;
+        a.sub(edx, dword_ptr(rsi + rcx * 8 + 1))?;
+        a.pushfq()?;
+        a.xor(qword_ptr(rsi + rcx * 4 + 0x2001), rbx)?;
+        a.pushfq()?;
+        a.and(dword_ptr(rsi + rcx * 4 + 0x2005), edx)?;
+        a.or(qword_ptr(rsi + rcx * 2 + 0x3000), -3)?;
+        a.pushfq()?;
+        a.add(dword_ptr(rsi + rcx * 2 + 0x3003), 0x7fff_0000)?;
+        a.pushfq()?;
+        a.sub(byte_ptr(rsi + rcx + 0x3801), 0x81)?;
+        a.pushfq()?;
+        a.cmp(byte_ptr(rsi + rcx * 8 + 5), 0x40)?;
+        a.pushfq()?;
+        a.test(byte_ptr(rsi + rcx * 8 + 6), 0x11)?;
+        a.pushfq()?;
+        a.cmp(rdx, qword_ptr(rsi + rcx * 8 + 2))?;
+        a.pushfq()?;
+        a.test(dword_ptr(rsi + rcx * 8 + 4), eax)?;
+        a.pushfq()?;
+        a.cmp(qword_ptr(rsi + rcx * 8 + 4), 0x1234)?;
+        a.pushfq()?;
+        for _ in 0..11 {
+            a.pop(rdi)?;
+            a.add(r11, rdi)?;
+            a.rol(r11, 5)?;
+        }
+        a.or(rbx, qword_ptr(rsi + rcx * 4 + 0x2001))?;
+        a.and(edx, dword_ptr(rsi + rcx * 2 + 0x3003))?;
+        let mut skip = a.create_label();
+        a.cmp(eax, dword_ptr(rsi + rcx * 8 + 6))?;
+        a.jl(skip)?;
+        a.inc(r10)?;
+        a.set_label(&mut skip)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for budget in [4, 1000] {
+        let cpu = lockstep(&code, budget);
+        if budget == 1000 {
+            assert!(cpu.stats.jit_instructions > 5_000, "{}", cpu.stats.jit_instructions);
+        }
+    }
+    for store in [false, true] {
+        let code = assemble(|a| {
+            a.mov(rcx, 0x4000_0000u64)?;
+            a.add(rax, rbx)?;
+            if store {
+                a.add(qword_ptr(rcx + 8), rax)?;
+            } else {
+                a.cmp(eax, dword_ptr(rcx + 8))?;
+            }
+            a.hlt()
+        });
+        let cpu = lockstep(&code, 1000);
+        assert_eq!(cpu.state.cr2, 0x4000_0008);
+        assert_eq!(cpu.state.rip, HANDLER + 1);
+    }
+}
+
+/// An inline read-modify-write (ADD [m], imm) into the immediate of a
+/// later instruction of the same block: the new value must be executed.
+#[test]
+fn inline_alu_store_into_the_running_block_is_seen() {
+    let code = assemble(|a| {
+        let mut imm = a.create_label();
+        a.lea(rdi, qword_ptr(imm))?;
+        a.add(rdi, 1)?;
+        a.add(dword_ptr(rdi), 0x100)?;
+        a.set_label(&mut imm)?;
+        a.mov(ecx, 0x11u32)?;
+        a.hlt()
+    });
+    let cpu = lockstep(&code, 1000);
+    assert_eq!(cpu.state.gpr[1], 0x111);
+}
