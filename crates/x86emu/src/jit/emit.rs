@@ -3,8 +3,17 @@
 //! Register use in generated code: RBX = the `Context` (for handler
 //! calls), R12 = the `Cpu` (guest registers at `Layout` offsets from it),
 //! R13 = instructions still allowed, R14 = instructions executed, R15 =
-//! self-loop iterations left. RAX, RCX, RDX are scratch. All five are
-//! callee-saved in the SysV ABI, so handler calls keep them.
+//! self-loop iterations left. RAX, RCX, RDX, R8 are scratch (R8B carries
+//! a final Jcc's condition from the inline ALU op just before it). All
+//! five are callee-saved in the SysV ABI, so handler calls keep them.
+//!
+//! Inline besides register ALU/MOV/LEA/IMUL: the block's final JMP/Jcc
+//! rel, CALL rel32 and RET; PUSH/POP r64; MOV, MOVZX/MOVSX/MOVSXD loads
+//! and stores of 1-8 bytes; ALU with one memory operand; SHL/SHR/SAR by
+//! an immediate; SETcc; CMOVcc r, r. Memory goes through `lookup` (the
+//! inline data-TLB); its slow path calls the handler, which leaves the
+//! exact interpreter state (the inline code changes nothing before the
+//! access has succeeded).
 
 use iced_x86::code_asm::*;
 use iced_x86::{BlockEncoderOptions, Code, ConditionCode, FlowControl, Instruction, Mnemonic as M, OpKind, Register};
