@@ -9,8 +9,8 @@
 //!
 //! Inline besides register ALU/MOV/LEA/IMUL: the block's final JMP/Jcc
 //! rel, CALL rel32 and RET; PUSH/POP r64; MOV, MOVZX/MOVSX/MOVSXD loads
-//! and stores of 1-8 bytes; ALU with one memory operand; SHL/SHR/SAR by
-//! an immediate; SETcc; CMOVcc r, r. Memory goes through `lookup` (the
+//! and stores of 1-8 bytes; ALU with one memory operand; SHL/SHR/SAR/ROL/ROR
+//! by an immediate; SETcc; CMOVcc r, r. Memory goes through `lookup` (the
 //! inline data-TLB); its slow path calls the handler, which leaves the
 //! exact interpreter state (the inline code changes nothing before the
 //! access has succeeded).
@@ -114,7 +114,7 @@ enum Inline {
     /// `op [m], r/imm` of 1 (immediate only), 4 or 8 bytes, done by the
     /// host instruction on the guest RAM.
     AluMem(AluMem),
-    /// SHL/SHR/SAR r32/r64, imm8; `count` already masked.
+    /// SHL/SHR/SAR/ROL/ROR r32/r64, imm8; `count` already masked.
     Shift {
         op: ShiftOp,
         dst: usize,
@@ -162,6 +162,9 @@ enum ShiftOp {
     Shl,
     Shr,
     Sar,
+    /// Write CF and OF only.
+    Rol,
+    Ror,
 }
 
 /// How a narrow or extending load writes its register.
@@ -236,6 +239,7 @@ impl Inline {
             } | Inline::IncDec { .. }
         ) || matches!(self, Inline::Branch { cc, .. } if *cc != ConditionCode::None)
             || matches!(self, Inline::Setcc { .. } | Inline::Cmov { .. })
+            || matches!(self, Inline::Shift { op: ShiftOp::Rol | ShiftOp::Ror, count, .. } if *count != 0)
     }
 
     /// Whether it writes all six status flags.
@@ -264,7 +268,7 @@ impl Inline {
 
     fn writes_all_flags(&self) -> bool {
         matches!(self, Inline::Alu { .. } | Inline::Imul { .. } | Inline::AluMem(_))
-            || matches!(self, Inline::Shift { count, .. } if *count != 0)
+            || matches!(self, Inline::Shift { op: ShiftOp::Shl | ShiftOp::Shr | ShiftOp::Sar, count, .. } if *count != 0)
     }
 }
 
@@ -470,6 +474,8 @@ fn classify(ins: &Instruction) -> Option<Inline> {
         M::Shl => Some(ShiftOp::Shl),
         M::Shr => Some(ShiftOp::Shr),
         M::Sar => Some(ShiftOp::Sar),
+        M::Rol => Some(ShiftOp::Rol),
+        M::Ror => Some(ShiftOp::Ror),
         _ => None,
     };
     if let Some(op) = shift {
@@ -1104,8 +1110,36 @@ fn inline(
                     (ShiftOp::Shr, false) => a.shr(ecx, count)?,
                     (ShiftOp::Sar, true) => a.sar(rcx, count)?,
                     (ShiftOp::Sar, false) => a.sar(ecx, count)?,
+                    (ShiftOp::Rol, true) => a.rol(rcx, count)?,
+                    (ShiftOp::Rol, false) => a.rol(ecx, count)?,
+                    (ShiftOp::Ror, true) => a.ror(rcx, count)?,
+                    (ShiftOp::Ror, false) => a.ror(ecx, count)?,
                 }
-                if live {
+                if live && matches!(op, ShiftOp::Rol | ShiftOp::Ror) {
+                    // CF and OF from the result, as `shift_rotate_value`
+                    // sets them for every count: ROL CF = bit 0, OF = sign
+                    // XOR CF; ROR CF = sign, OF = sign XOR the bit below.
+                    a.mov(rax, rcx)?;
+                    a.shr(rax, msb)?;
+                    if op == ShiftOp::Rol {
+                        a.mov(edx, ecx)?;
+                        a.and(edx, 1)?;
+                        a.xor(eax, edx)?;
+                        a.shl(eax, 11)?;
+                        a.or(eax, edx)?;
+                    } else {
+                        a.mov(rdx, rcx)?;
+                        a.shr(rdx, msb - 1)?;
+                        a.and(edx, 1)?;
+                        a.xor(edx, eax)?;
+                        a.shl(edx, 11)?;
+                        a.or(eax, edx)?;
+                    }
+                    a.mov(rdx, qword_ptr(r12 + l.rflags))?;
+                    a.and(rdx, !(CF | OF) as i32)?;
+                    a.or(rdx, rax)?;
+                    a.mov(qword_ptr(r12 + l.rflags), rdx)?;
+                } else if live {
                     // CF SF ZF PF from the host; AF clear; OF as the
                     // interpreter's `shift_rotate_value`: SHL the result's
                     // sign bit XOR CF, SHR above, SAR 0.
@@ -1122,7 +1156,7 @@ fn inline(
                             a.or(eax, edx)?;
                         }
                         ShiftOp::Shr => a.or(eax, edx)?,
-                        ShiftOp::Sar => {}
+                        _ => {}
                     }
                     a.mov(rdx, qword_ptr(r12 + l.rflags))?;
                     a.and(rdx, !STATUS as i32)?;

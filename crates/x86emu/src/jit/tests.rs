@@ -535,7 +535,7 @@ fn faulting_inline_narrow_moves_are_exact() {
     }
 }
 
-/// SHL/SHR/SAR r, imm8 with every count (masked; 0 keeps the flags), the
+/// SHL/SHR/SAR/ROL/ROR r, imm8 with every count (masked; 0 keeps the flags), the
 /// flags read by PUSHFQ and by SETcc/CMOVcc, and SETcc/CMOVcc for every
 /// condition on arbitrary flags (from POPFQ).
 #[test]
@@ -563,6 +563,19 @@ fn inline_shifts_setcc_and_cmov_match_the_interpreter() {
             a.setc(bh)?;
             a.shl(esi, count)?;
             a.cmovo(r10, rsi)?;
+            a.rol(edi, count)?;
+            a.pushfq()?;
+            a.ror(r10, count)?;
+            a.pushfq()?;
+            a.ror(ebx, count)?;
+            a.rol(rdx, count)?;
+            a.setc(r8b)?;
+            a.seto(r8b)?;
+            a.pop(r12)?;
+            a.pop(r13)?;
+            a.add(r11, r12)?;
+            a.add(r11, r13)?;
+            a.add(r11, r10)?;
             a.add(r11, rdx)?;
             a.add(r11, rbx)?;
             a.add(r11, rsi)?;
