@@ -3,11 +3,20 @@
 //! Register use in generated code: RBX = the `Context` (for handler
 //! calls), R12 = the `Cpu` (guest registers at `Layout` offsets from it),
 //! R13 = instructions still allowed, R14 = instructions executed, R15 =
-//! self-loop iterations left. RAX, RCX, RDX are scratch. All five are
-//! callee-saved in the SysV ABI, so handler calls keep them.
+//! self-loop iterations left. RAX, RCX, RDX, R8 are scratch (R8B carries
+//! a final Jcc's condition from the inline ALU op just before it). All
+//! five are callee-saved in the SysV ABI, so handler calls keep them.
+//!
+//! Inline besides register ALU/MOV/LEA/IMUL: the block's final JMP/Jcc
+//! rel, CALL rel32 and RET; PUSH/POP r64; MOV, MOVZX/MOVSX/MOVSXD loads
+//! and stores of 1-8 bytes; ALU with one memory operand; SHL/SHR/SAR/ROL/ROR
+//! by an immediate; SETcc; CMOVcc r, r. Memory goes through `lookup` (the
+//! inline data-TLB); its slow path calls the handler, which leaves the
+//! exact interpreter state (the inline code changes nothing before the
+//! access has succeeded).
 
 use iced_x86::code_asm::*;
-use iced_x86::{BlockEncoderOptions, Code, FlowControl, Instruction, Mnemonic as M, OpKind, Register};
+use iced_x86::{BlockEncoderOptions, Code, ConditionCode, FlowControl, Instruction, Mnemonic as M, OpKind, Register};
 
 use super::{Layout, MAX_LOOPS};
 use crate::decode::Block;
@@ -84,6 +93,106 @@ enum Inline {
         mem: Mem,
         wide: bool,
     },
+    /// MOVZX/MOVSX/MOVSXD and MOV r8/r16 from memory (through the inline
+    /// data-TLB lookup, as `Load`) or, `mem` None, from the register
+    /// operand at byte offset `src` in the GPR file. `dst`: the byte
+    /// offset of the destination in the GPR file.
+    LoadN {
+        dst: i32,
+        mem: Option<Mem>,
+        src: i32,
+        kind: LoadKind,
+    },
+    /// MOV [mem], r8/r16 or MOV [mem], imm of `size` bytes (as `Store`).
+    StoreN {
+        src: StoreSrc,
+        mem: Mem,
+        size: i32,
+    },
+    /// ADD/SUB/AND/OR/XOR/CMP/TEST with one memory operand through the
+    /// inline data-TLB lookup (slow path = handler): `op r, [m]` or
+    /// `op [m], r/imm` of 1 (immediate only), 4 or 8 bytes, done by the
+    /// host instruction on the guest RAM.
+    AluMem(AluMem),
+    /// SHL/SHR/SAR/ROL/ROR r32/r64, imm8; `count` already masked.
+    Shift {
+        op: ShiftOp,
+        dst: usize,
+        count: u32,
+        wide: bool,
+    },
+    /// SETcc r8 (byte offset in the GPR file).
+    Setcc {
+        cc: ConditionCode,
+        dst: i32,
+    },
+    /// CMOVcc r32/r64, r32/r64.
+    Cmov {
+        cc: ConditionCode,
+        dst: usize,
+        src: usize,
+        wide: bool,
+    },
+    /// PUSH r64, POP r64, CALL rel32 (to a canonical target, at the block
+    /// end) and RET in 64-bit mode, through the inline data-TLB lookup at
+    /// RSP (SS base 0); anything else calls the handler, with RSP
+    /// untouched until the access has succeeded.
+    Stack(StackOp),
+    /// The block's final JMP rel (`cc` None) or Jcc rel to a canonical
+    /// target: stores the new RIP, as `jcc_rel64` and `jmp_rel64` do.
+    Branch {
+        cc: ConditionCode,
+        target: u64,
+        next: u64,
+    },
+}
+
+#[derive(Clone, Copy)]
+struct AluMem {
+    op: Alu,
+    mem: Mem,
+    /// `op [mem], src` (else `op reg, [mem]` with `src` the register).
+    to_mem: bool,
+    src: Src,
+    size: i32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ShiftOp {
+    Shl,
+    Shr,
+    Sar,
+    /// Write CF and OF only.
+    Rol,
+    Ror,
+}
+
+/// How a narrow or extending load writes its register.
+#[derive(Clone, Copy)]
+enum LoadKind {
+    /// MOVZX from 1 or 2 bytes (the 32- or 64-bit result is the same).
+    Zero(u8),
+    /// MOVSX/MOVSXD from 1, 2 or 4 bytes into a 64-bit (true) or 32-bit
+    /// register (zero-extended on write).
+    Sign(u8, bool),
+    /// MOV r8/r16: replaces only those bytes.
+    Merge(u8),
+}
+
+#[derive(Clone, Copy)]
+enum StoreSrc {
+    /// Byte offset of the register operand in the GPR file.
+    Reg(i32),
+    /// Sign-extended to the store size by the host instruction.
+    Imm(i32),
+}
+
+#[derive(Clone, Copy)]
+enum StackOp {
+    Push(usize),
+    Pop(usize),
+    Call { target: u64, next: u64 },
+    Ret,
 }
 
 /// A 64-bit address `base + index << shift + disp` in a segment whose base
@@ -128,18 +237,100 @@ impl Inline {
                 op: Alu::Adc | Alu::Sbb,
                 ..
             } | Inline::IncDec { .. }
-        )
+        ) || matches!(self, Inline::Branch { cc, .. } if *cc != ConditionCode::None)
+            || matches!(self, Inline::Setcc { .. } | Inline::Cmov { .. })
+            || matches!(self, Inline::Shift { op: ShiftOp::Rol | ShiftOp::Ror, count, .. } if *count != 0)
     }
 
     /// Whether it writes all six status flags.
     /// Whether it may call the handler (which may fault, so the flags
     /// must be in RFLAGS before it).
     fn may_call(&self) -> bool {
-        matches!(self, Inline::Load { .. } | Inline::Store { .. })
+        matches!(
+            self,
+            Inline::Load { .. }
+                | Inline::Store { .. }
+                | Inline::Stack(_)
+                | Inline::LoadN { mem: Some(_), .. }
+                | Inline::StoreN { .. }
+                | Inline::AluMem(_)
+        )
+    }
+
+    /// Whether it stores the new RIP itself (a control transfer that ends
+    /// the block).
+    fn sets_rip(&self) -> bool {
+        matches!(
+            self,
+            Inline::Branch { .. } | Inline::Stack(StackOp::Call { .. } | StackOp::Ret)
+        )
     }
 
     fn writes_all_flags(&self) -> bool {
-        matches!(self, Inline::Alu { .. } | Inline::Imul { .. })
+        matches!(self, Inline::Alu { .. } | Inline::Imul { .. } | Inline::AluMem(_))
+            || matches!(self, Inline::Shift { op: ShiftOp::Shl | ShiftOp::Shr | ShiftOp::Sar, count, .. } if *count != 0)
+    }
+}
+
+/// Byte offset in the GPR file of an 8-bit (AH..BH: the second byte) or
+/// 16-bit general register.
+fn narrow_reg(r: Register) -> Option<i32> {
+    if r.is_gpr8() {
+        let i = r as i32 - Register::AL as i32;
+        Some(match i {
+            0..=3 => 8 * i,
+            4..=7 => 8 * (i - 4) + 1,
+            _ => 8 * (i - 4),
+        })
+    } else if r.is_gpr16() {
+        Some(8 * (r as i32 - Register::AX as i32))
+    } else {
+        None
+    }
+}
+
+/// MOVZX/MOVSX/MOVSXD and MOV with 8/16-bit operands, and MOV m, imm.
+fn classify_narrow(ins: &Instruction) -> Option<Inline> {
+    let load = |kind| {
+        let (mem, src) = match ins.op1_kind() {
+            OpKind::Memory => (Some(Mem::of(ins)?), 0),
+            OpKind::Register => (None, narrow_reg(ins.op1_register())?),
+            _ => return None,
+        };
+        let dst = match kind {
+            LoadKind::Merge(_) => narrow_reg(ins.op0_register())?,
+            _ => 8 * gpr(ins.op0_register(), ins.op0_register().is_gpr64())? as i32,
+        };
+        Some(Inline::LoadN { dst, mem, src, kind })
+    };
+    let store = |size, src| {
+        if ins.op0_kind() != OpKind::Memory {
+            return None;
+        }
+        Some(Inline::StoreN {
+            src,
+            mem: Mem::of(ins)?,
+            size,
+        })
+    };
+    let mem_dst = ins.op0_kind() == OpKind::Memory;
+    match ins.code() {
+        Code::Movzx_r32_rm8 | Code::Movzx_r64_rm8 => load(LoadKind::Zero(1)),
+        Code::Movzx_r32_rm16 | Code::Movzx_r64_rm16 => load(LoadKind::Zero(2)),
+        Code::Movsx_r32_rm8 => load(LoadKind::Sign(1, false)),
+        Code::Movsx_r64_rm8 => load(LoadKind::Sign(1, true)),
+        Code::Movsx_r32_rm16 => load(LoadKind::Sign(2, false)),
+        Code::Movsx_r64_rm16 => load(LoadKind::Sign(2, true)),
+        Code::Movsxd_r64_rm32 => load(LoadKind::Sign(4, true)),
+        Code::Mov_r8_rm8 if ins.op1_kind() == OpKind::Memory => load(LoadKind::Merge(1)),
+        Code::Mov_r16_rm16 if ins.op1_kind() == OpKind::Memory => load(LoadKind::Merge(2)),
+        Code::Mov_rm8_r8 if mem_dst => store(1, StoreSrc::Reg(narrow_reg(ins.op1_register())?)),
+        Code::Mov_rm16_r16 if mem_dst => store(2, StoreSrc::Reg(narrow_reg(ins.op1_register())?)),
+        Code::Mov_rm8_imm8 => store(1, StoreSrc::Imm(ins.immediate8() as i8 as i32)),
+        Code::Mov_rm16_imm16 => store(2, StoreSrc::Imm(ins.immediate16() as i16 as i32)),
+        Code::Mov_rm32_imm32 if mem_dst => store(4, StoreSrc::Imm(ins.immediate32() as i32)),
+        Code::Mov_rm64_imm32 if mem_dst => store(8, StoreSrc::Imm(ins.immediate32to64() as i32)),
+        _ => None,
     }
 }
 
@@ -156,8 +347,65 @@ fn gpr(r: Register, wide: bool) -> Option<usize> {
 
 /// The inline form of `ins`, if it has one.
 fn classify(ins: &Instruction) -> Option<Inline> {
-    if ins.has_lock_prefix() || ins.op_count() == 0 {
+    if ins.has_lock_prefix() {
         return None;
+    }
+    let stack = match ins.code() {
+        Code::Push_r64 => Some(StackOp::Push(gpr(ins.op0_register(), true)?)),
+        Code::Pop_r64 => Some(StackOp::Pop(gpr(ins.op0_register(), true)?)),
+        Code::Call_rel32_64 if crate::memory::is_canonical(ins.near_branch64()) => Some(StackOp::Call {
+            target: ins.near_branch64(),
+            next: ins.next_ip(),
+        }),
+        Code::Retnq => Some(StackOp::Ret),
+        _ => None,
+    };
+    if let Some(op) = stack {
+        return Some(Inline::Stack(op));
+    }
+    if ins.op_count() == 0 {
+        return None;
+    }
+    if ins.op0_kind() == OpKind::NearBranch64
+        && (ins.is_jcc_short_or_near() || matches!(ins.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64))
+    {
+        // A non-canonical target faults: the handler raises it.
+        let target = ins.near_branch64();
+        return crate::memory::is_canonical(target).then_some(Inline::Branch {
+            cc: ins.condition_code(),
+            target,
+            next: ins.next_ip(),
+        });
+    }
+    if let Some(f) = classify_narrow(ins) {
+        return Some(f);
+    }
+    if ins.op0_kind() == OpKind::Register
+        && ins.op0_register().is_gpr8()
+        && matches!(
+            ins.mnemonic(),
+            M::Seto
+                | M::Setno
+                | M::Setb
+                | M::Setae
+                | M::Sete
+                | M::Setne
+                | M::Setbe
+                | M::Seta
+                | M::Sets
+                | M::Setns
+                | M::Setp
+                | M::Setnp
+                | M::Setl
+                | M::Setge
+                | M::Setle
+                | M::Setg
+        )
+    {
+        return Some(Inline::Setcc {
+            cc: ins.condition_code(),
+            dst: narrow_reg(ins.op0_register())?,
+        });
     }
     if matches!(ins.code(), Code::Mov_rm64_r64 | Code::Mov_rm32_r32)
         && ins.op0_kind() == OpKind::Memory
@@ -169,6 +417,9 @@ fn classify(ins: &Instruction) -> Option<Inline> {
             mem: Mem::of(ins)?,
             wide,
         });
+    }
+    if let Some(f) = classify_alu_mem(ins) {
+        return Some(f);
     }
     if ins.op0_kind() != OpKind::Register {
         return None;
@@ -219,6 +470,51 @@ fn classify(ins: &Instruction) -> Option<Inline> {
         Code::Lea_r64_m | Code::Lea_r32_m => return lea(ins, dst, wide),
         _ => {}
     }
+    let shift = match ins.mnemonic() {
+        M::Shl => Some(ShiftOp::Shl),
+        M::Shr => Some(ShiftOp::Shr),
+        M::Sar => Some(ShiftOp::Sar),
+        M::Rol => Some(ShiftOp::Rol),
+        M::Ror => Some(ShiftOp::Ror),
+        _ => None,
+    };
+    if let Some(op) = shift {
+        if ins.op_count() != 2 || ins.op1_kind() != OpKind::Immediate8 {
+            return None;
+        }
+        return Some(Inline::Shift {
+            op,
+            dst,
+            count: ins.immediate8() as u32 & if wide { 63 } else { 31 },
+            wide,
+        });
+    }
+    if matches!(
+        ins.mnemonic(),
+        M::Cmovo
+            | M::Cmovno
+            | M::Cmovb
+            | M::Cmovae
+            | M::Cmove
+            | M::Cmovne
+            | M::Cmovbe
+            | M::Cmova
+            | M::Cmovs
+            | M::Cmovns
+            | M::Cmovp
+            | M::Cmovnp
+            | M::Cmovl
+            | M::Cmovge
+            | M::Cmovle
+            | M::Cmovg
+    ) {
+        return Some(Inline::Cmov {
+            cc: ins.condition_code(),
+            dst,
+            src: reg1()?,
+            wide,
+        });
+    }
     let op = match ins.mnemonic() {
         M::Add => Alu::Add,
         M::Adc => Alu::Adc,
@@ -257,6 +553,45 @@ fn classify(ins: &Instruction) -> Option<Inline> {
         _ => return None,
     };
     Some(Inline::Alu { op, dst, src, wide })
+}
+
+/// ALU instructions with one memory operand (see `Inline::AluMem`).
+fn classify_alu_mem(ins: &Instruction) -> Option<Inline> {
+    let op = match ins.mnemonic() {
+        M::Add => Alu::Add,
+        M::Sub => Alu::Sub,
+        M::And => Alu::And,
+        M::Or => Alu::Or,
+        M::Xor => Alu::Xor,
+        M::Cmp => Alu::Cmp,
+        M::Test => Alu::Test,
+        _ => return None,
+    };
+    if ins.op_count() != 2 {
+        return None;
+    }
+    let to_mem = ins.op0_kind() == OpKind::Memory;
+    if !to_mem && ins.op1_kind() != OpKind::Memory {
+        return None;
+    }
+    let size = ins.memory_size().size() as i32;
+    let other = if to_mem { 1 } else { 0 };
+    let src = match ins.op_kind(other) {
+        OpKind::Register if size == 4 || size == 8 => Src::Reg(gpr(ins.op_register(other), size == 8)?),
+        OpKind::Immediate8 if size == 1 => Src::Imm(ins.immediate8() as i8 as i32),
+        OpKind::Immediate8to32 if size == 4 => Src::Imm(ins.immediate8to32()),
+        OpKind::Immediate32 if size == 4 => Src::Imm(ins.immediate32() as i32),
+        OpKind::Immediate8to64 if size == 8 => Src::Imm(ins.immediate8to64() as i32),
+        OpKind::Immediate32to64 if size == 8 => Src::Imm(ins.immediate32to64() as i32),
+        _ => return None,
+    };
+    Some(Inline::AluMem(AluMem {
+        op,
+        mem: Mem::of(ins)?,
+        to_mem,
+        src,
+        size,
+    }))
 }
 
 /// LEA with a 64-bit address (RIP-relative resolved by the decoder).
@@ -319,7 +654,28 @@ pub(crate) fn chain_targets(block: &Block) -> [Option<u64>; 2] {
 
 fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usize) -> Result<CodeLabel, IcedError> {
     let n = block.instrs.len();
-    let forms: Vec<Option<Inline>> = block.instrs.iter().map(|d| classify(&d.ins)).collect();
+    let mut forms: Vec<Option<Inline>> = block.instrs.iter().map(|d| classify(&d.ins)).collect();
+    // A control transfer is inline only as the block's last instruction.
+    for f in &mut forms[..n - 1] {
+        if f.is_some_and(|f| f.sets_rip()) {
+            *f = None;
+        }
+    }
+    // The condition of a final Jcc that the inline instruction just
+    // before it evaluates from the host flags it produced (into R8B).
+    let fused: Option<ConditionCode> = match (n.checked_sub(2).and_then(|i| forms[i]), forms[n - 1]) {
+        (Some(Inline::Alu { .. }), Some(Inline::Branch { cc, .. })) if cc != ConditionCode::None => Some(cc),
+        // INC/DEC keep the guest CF, not the host's.
+        (Some(Inline::IncDec { .. }), Some(Inline::Branch { cc, .. }))
+            if !matches!(
+                cc,
+                ConditionCode::None | ConditionCode::b | ConditionCode::ae | ConditionCode::be | ConditionCode::a
+            ) =>
+        {
+            Some(cc)
+        }
+        _ => None,
+    };
     // Whether the flags an inline instruction writes can be read: by a
     // later call (which may read them or fault, and a fault pushes them),
     // by a later reader, or after the block.
@@ -380,12 +736,56 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usi
                 a.set_label(&mut resume)?;
                 slow_paths.push((slow, i, resume));
             }
-            Some(f) => inline(a, f, live[i], l, &gp)?,
+            Some(Inline::LoadN {
+                dst,
+                mem: Some(mem),
+                kind,
+                ..
+            }) => {
+                let slow = a.create_label();
+                let mut resume = a.create_label();
+                address(a, &gp, mem)?;
+                lookup(a, kind.size(), false, slow)?;
+                load_n(a, qword_ptr(rdx + rax), l.gpr + dst, kind)?;
+                a.set_label(&mut resume)?;
+                slow_paths.push((slow, i, resume));
+            }
+            Some(Inline::LoadN {
+                dst,
+                mem: None,
+                src,
+                kind,
+            }) => load_n(a, qword_ptr(r12 + (l.gpr + src)), l.gpr + dst, kind)?,
+            Some(Inline::StoreN { src, mem, size }) => {
+                let slow = a.create_label();
+                let mut resume = a.create_label();
+                address(a, &gp, mem)?;
+                lookup(a, size, true, slow)?;
+                store_n(a, l, src, size)?;
+                a.set_label(&mut resume)?;
+                slow_paths.push((slow, i, resume));
+            }
+            Some(Inline::AluMem(m)) => {
+                let slow = a.create_label();
+                let mut resume = a.create_label();
+                alu_mem(a, l, &gp, m, live[i], slow)?;
+                a.set_label(&mut resume)?;
+                slow_paths.push((slow, i, resume));
+            }
+            Some(Inline::Stack(op)) => {
+                let slow = a.create_label();
+                let mut resume = a.create_label();
+                stack(a, l, &gp, op, slow)?;
+                a.set_label(&mut resume)?;
+                slow_paths.push((slow, i, resume));
+            }
+            Some(Inline::Branch { cc, target, next }) => branch(a, l, cc, target, next, fused.is_some())?,
+            Some(f) => inline(a, f, live[i], l, &gp, fused.filter(|_| i + 2 == n))?,
             None => call(a, i, &mut exits)?,
         }
     }
     let last = &block.instrs[n - 1].ins;
-    if forms[n - 1].is_some() {
+    if forms[n - 1].is_some_and(|f| !f.sets_rip()) {
         a.mov(rax, last.next_ip())?;
         a.mov(qword_ptr(r12 + l.rip), rax)?;
     }
@@ -476,7 +876,104 @@ fn store_flags(a: &mut CodeAssembler, l: Layout, take: u64, clear: u64) -> Resul
     a.mov(qword_ptr(r12 + l.rflags), rdx)
 }
 
-fn inline(a: &mut CodeAssembler, f: Inline, live: bool, l: Layout, gp: &dyn Fn(usize) -> i32) -> Result<(), IcedError> {
+/// Set `r` to whether `cc` holds for the host flags.
+fn setcc(a: &mut CodeAssembler, cc: ConditionCode, r: AsmRegister8) -> Result<(), IcedError> {
+    use ConditionCode as C;
+    match cc {
+        C::o => a.seto(r),
+        C::no => a.setno(r),
+        C::b => a.setb(r),
+        C::ae => a.setae(r),
+        C::e => a.sete(r),
+        C::ne => a.setne(r),
+        C::be => a.setbe(r),
+        C::a => a.seta(r),
+        C::s => a.sets(r),
+        C::ns => a.setns(r),
+        C::p => a.setp(r),
+        C::np => a.setnp(r),
+        C::l => a.setl(r),
+        C::ge => a.setge(r),
+        C::le => a.setle(r),
+        C::g => a.setg(r),
+        C::None => a.mov(r, 1),
+    }
+}
+
+/// Set the host ZF to whether `cc` does NOT hold for the guest RFLAGS in
+/// the `Cpu` (so "taken" is NZ). Clobbers EAX, EDX.
+fn guest_condition(a: &mut CodeAssembler, l: Layout, cc: ConditionCode) -> Result<bool, IcedError> {
+    use ConditionCode as C;
+    let flags = dword_ptr(r12 + l.rflags);
+    let (mask, holds_if_set) = match cc {
+        C::o | C::no => (OF, cc == C::o),
+        C::b | C::ae => (CF, cc == C::b),
+        C::e | C::ne => (ZF, cc == C::e),
+        C::be | C::a => (CF | ZF, cc == C::be),
+        C::s | C::ns => (SF, cc == C::s),
+        C::p | C::np => (PF, cc == C::p),
+        C::l | C::ge | C::le | C::g => {
+            // SF (bit 7) moved onto OF (bit 11): SF != OF.
+            a.mov(eax, flags)?;
+            a.mov(edx, eax)?;
+            a.shl(edx, 4)?;
+            a.xor(edx, eax)?;
+            a.and(edx, OF as i32)?;
+            if matches!(cc, C::le | C::g) {
+                a.and(eax, ZF as i32)?;
+                a.or(edx, eax)?;
+            }
+            return Ok(matches!(cc, C::l | C::le));
+        }
+        C::None => {
+            // Always: ZF clear.
+            a.test(esp, esp)?;
+            return Ok(true);
+        }
+    };
+    a.test(flags, mask as i32)?;
+    Ok(holds_if_set)
+}
+
+/// The block's final JMP or Jcc: RIP becomes the target if the condition
+/// holds, else the next instruction. `fused`: the instruction before left
+/// the condition in R8B.
+fn branch(
+    a: &mut CodeAssembler,
+    l: Layout,
+    cc: ConditionCode,
+    target: u64,
+    next: u64,
+    fused: bool,
+) -> Result<(), IcedError> {
+    if cc == ConditionCode::None {
+        a.mov(rax, target)?;
+        return a.mov(qword_ptr(r12 + l.rip), rax);
+    }
+    let taken_if_nz = if fused {
+        a.test(r8b, r8b)?;
+        true
+    } else {
+        guest_condition(a, l, cc)?
+    };
+    a.mov(rax, next)?;
+    a.mov(rcx, target)?;
+    if taken_if_nz {
+        a.cmovne(rax, rcx)?;
+    } else {
+        a.cmove(rax, rcx)?;
+    }
+    a.mov(qword_ptr(r12 + l.rip), rax)
+}
+
+fn inline(
+    a: &mut CodeAssembler,
+    f: Inline,
+    live: bool,
+    l: Layout,
+    gp: &dyn Fn(usize) -> i32,
+    cc_after: Option<ConditionCode>,
+) -> Result<(), IcedError> {
     // Load a guest register into a host register; a 32-bit load
     // zero-extends, so the 64-bit store after a 32-bit op is right.
     let load = |a: &mut CodeAssembler, host64: AsmRegister64, host32: AsmRegister32, r: usize, wide: bool| {
@@ -488,7 +985,13 @@ fn inline(a: &mut CodeAssembler, f: Inline, live: bool, l: Layout, gp: &dyn Fn(u
     };
     match f {
         // Emitted by `memory`, with a slow path.
-        Inline::Load { .. } | Inline::Store { .. } => {}
+        Inline::Load { .. }
+        | Inline::Store { .. }
+        | Inline::Branch { .. }
+        | Inline::Stack(_)
+        | Inline::LoadN { .. }
+        | Inline::StoreN { .. }
+        | Inline::AluMem(_) => {}
         Inline::MovRR { dst, src, wide } => {
             load(a, rax, eax, src, wide)?;
             a.mov(qword_ptr(r12 + gp(dst)), rax)?;
@@ -526,6 +1029,9 @@ fn inline(a: &mut CodeAssembler, f: Inline, live: bool, l: Layout, gp: &dyn Fn(u
                 Alu::Cmp => op!(cmp),
                 Alu::Test => op!(test),
             }
+            if let Some(cc) = cc_after {
+                setcc(a, cc, r8b)?;
+            }
             if !matches!(op, Alu::Cmp | Alu::Test) {
                 a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
             }
@@ -547,6 +1053,9 @@ fn inline(a: &mut CodeAssembler, f: Inline, live: bool, l: Layout, gp: &dyn Fn(u
                 (true, false) => a.inc(ecx)?,
                 (false, true) => a.dec(rcx)?,
                 (false, false) => a.dec(ecx)?,
+            }
+            if let Some(cc) = cc_after {
+                setcc(a, cc, r8b)?;
             }
             a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
             if live {
@@ -582,6 +1091,102 @@ fn inline(a: &mut CodeAssembler, f: Inline, live: bool, l: Layout, gp: &dyn Fn(u
                 a.or(rdx, rax)?;
                 a.mov(qword_ptr(r12 + l.rflags), rdx)?;
             }
+        }
+        Inline::Shift { op, dst, count, wide } => {
+            load(a, rcx, ecx, dst, wide)?;
+            if count > 0 {
+                let msb = if wide { 63 } else { 31 };
+                if live && op == ShiftOp::Shr {
+                    // OF: the operand's sign bit, as the interpreter sets it
+                    // for every count (hardware defines it for 1 only).
+                    a.mov(rdx, rcx)?;
+                    a.shr(rdx, msb)?;
+                    a.shl(edx, 11)?;
+                }
+                match (op, wide) {
+                    (ShiftOp::Shl, true) => a.shl(rcx, count)?,
+                    (ShiftOp::Shl, false) => a.shl(ecx, count)?,
+                    (ShiftOp::Shr, true) => a.shr(rcx, count)?,
+                    (ShiftOp::Shr, false) => a.shr(ecx, count)?,
+                    (ShiftOp::Sar, true) => a.sar(rcx, count)?,
+                    (ShiftOp::Sar, false) => a.sar(ecx, count)?,
+                    (ShiftOp::Rol, true) => a.rol(rcx, count)?,
+                    (ShiftOp::Rol, false) => a.rol(ecx, count)?,
+                    (ShiftOp::Ror, true) => a.ror(rcx, count)?,
+                    (ShiftOp::Ror, false) => a.ror(ecx, count)?,
+                }
+                if live && matches!(op, ShiftOp::Rol | ShiftOp::Ror) {
+                    // CF and OF from the result, as `shift_rotate_value`
+                    // sets them for every count: ROL CF = bit 0, OF = sign
+                    // XOR CF; ROR CF = sign, OF = sign XOR the bit below.
+                    a.mov(rax, rcx)?;
+                    a.shr(rax, msb)?;
+                    if op == ShiftOp::Rol {
+                        a.mov(edx, ecx)?;
+                        a.and(edx, 1)?;
+                        a.xor(eax, edx)?;
+                        a.shl(eax, 11)?;
+                        a.or(eax, edx)?;
+                    } else {
+                        a.mov(rdx, rcx)?;
+                        a.shr(rdx, msb - 1)?;
+                        a.and(edx, 1)?;
+                        a.xor(edx, eax)?;
+                        a.shl(edx, 11)?;
+                        a.or(eax, edx)?;
+                    }
+                    a.mov(rdx, qword_ptr(r12 + l.rflags))?;
+                    a.and(rdx, !(CF | OF) as i32)?;
+                    a.or(rdx, rax)?;
+                    a.mov(qword_ptr(r12 + l.rflags), rdx)?;
+                } else if live {
+                    // CF SF ZF PF from the host; AF clear; OF as the
+                    // interpreter's `shift_rotate_value`: SHL the result's
+                    // sign bit XOR CF, SHR above, SAR 0.
+                    a.pushfq()?;
+                    a.pop(rax)?;
+                    a.and(eax, (CF | SF | ZF | PF) as i32)?;
+                    match op {
+                        ShiftOp::Shl => {
+                            a.mov(rdx, rcx)?;
+                            a.shr(rdx, msb)?;
+                            a.xor(edx, eax)?;
+                            a.and(edx, 1)?;
+                            a.shl(edx, 11)?;
+                            a.or(eax, edx)?;
+                        }
+                        ShiftOp::Shr => a.or(eax, edx)?,
+                        _ => {}
+                    }
+                    a.mov(rdx, qword_ptr(r12 + l.rflags))?;
+                    a.and(rdx, !STATUS as i32)?;
+                    a.or(rdx, rax)?;
+                    a.mov(qword_ptr(r12 + l.rflags), rdx)?;
+                }
+            }
+            // A zero count leaves the flags but still writes the
+            // (zero-extended) register, as the interpreter does.
+            a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
+        }
+        Inline::Setcc { cc, dst } => {
+            if guest_condition(a, l, cc)? {
+                a.setne(cl)?;
+            } else {
+                a.sete(cl)?;
+            }
+            a.mov(byte_ptr(r12 + (l.gpr + dst)), cl)?;
+        }
+        Inline::Cmov { cc, dst, src, wide } => {
+            // A 32-bit destination is zero-extended even when not moved.
+            let taken_if_nz = guest_condition(a, l, cc)?;
+            load(a, rax, eax, dst, wide)?;
+            load(a, rcx, ecx, src, wide)?;
+            if taken_if_nz {
+                a.cmovne(rax, rcx)?;
+            } else {
+                a.cmove(rax, rcx)?;
+            }
+            a.mov(qword_ptr(r12 + gp(dst)), rax)?;
         }
         Inline::Lea {
             dst,
@@ -639,9 +1244,36 @@ fn memory(
     store: bool,
     slow: CodeLabel,
 ) -> Result<(), IcedError> {
-    use crate::mmu::JitTlb;
-    let size = if wide { 8 } else { 4 };
     address(a, gp, m)?;
+    lookup(a, if wide { 8 } else { 4 }, store, slow)?;
+    match (store, wide) {
+        (false, true) => {
+            a.mov(rcx, qword_ptr(rdx + rax))?;
+            a.mov(qword_ptr(r12 + gp(reg)), rcx)?;
+        }
+        (false, false) => {
+            a.mov(ecx, dword_ptr(rdx + rax))?;
+            a.mov(qword_ptr(r12 + gp(reg)), rcx)?;
+        }
+        (true, true) => {
+            a.mov(rcx, qword_ptr(r12 + gp(reg)))?;
+            a.mov(qword_ptr(rdx + rax), rcx)?;
+        }
+        (true, false) => {
+            a.mov(ecx, dword_ptr(r12 + gp(reg)))?;
+            a.mov(dword_ptr(rdx + rax), ecx)?;
+        }
+    }
+    Ok(())
+}
+
+/// The inline data-TLB lookup of a `size`-byte access at the address in
+/// RAX: the data-TLB set from the context, the entry for the page, the
+/// tag, the host pointer; a store also checks the page holds no code.
+/// Anything else (a miss, MMIO, a page crossing, a code page) jumps to
+/// `slow`. On a hit the host address is RDX + RAX. Clobbers RCX, R8.
+fn lookup(a: &mut CodeAssembler, size: i32, store: bool, slow: CodeLabel) -> Result<(), IcedError> {
+    use crate::mmu::JitTlb;
     // Within one page.
     a.mov(ecx, eax)?;
     a.and(ecx, 0xfff)?;
@@ -674,23 +1306,174 @@ fn memory(
     a.test(rdx, rdx)?;
     a.jz(slow)?;
     a.and(eax, 0xfff)?;
-    match (store, wide) {
-        (false, true) => {
-            a.mov(rcx, qword_ptr(rdx + rax))?;
-            a.mov(qword_ptr(r12 + gp(reg)), rcx)?;
-        }
-        (false, false) => {
-            a.mov(ecx, dword_ptr(rdx + rax))?;
-            a.mov(qword_ptr(r12 + gp(reg)), rcx)?;
-        }
-        (true, true) => {
+    Ok(())
+}
+
+/// PUSH, POP, CALL or RET through the inline TLB lookup (see
+/// `Inline::Stack`); RSP and RIP change only after the access.
+fn stack(
+    a: &mut CodeAssembler,
+    l: Layout,
+    gp: &dyn Fn(usize) -> i32,
+    op: StackOp,
+    slow: CodeLabel,
+) -> Result<(), IcedError> {
+    let guest_rsp = qword_ptr(r12 + gp(4));
+    a.mov(rax, guest_rsp)?;
+    match op {
+        StackOp::Push(reg) => {
+            a.sub(rax, 8)?;
+            lookup(a, 8, true, slow)?;
+            // PUSH RSP pushes the old value.
             a.mov(rcx, qword_ptr(r12 + gp(reg)))?;
             a.mov(qword_ptr(rdx + rax), rcx)?;
+            a.sub(guest_rsp, 8)?;
         }
-        (true, false) => {
-            a.mov(ecx, dword_ptr(r12 + gp(reg)))?;
-            a.mov(dword_ptr(rdx + rax), ecx)?;
+        StackOp::Call { target, next } => {
+            a.sub(rax, 8)?;
+            lookup(a, 8, true, slow)?;
+            a.mov(rcx, next)?;
+            a.mov(qword_ptr(rdx + rax), rcx)?;
+            a.sub(guest_rsp, 8)?;
+            a.mov(rax, target)?;
+            a.mov(qword_ptr(r12 + l.rip), rax)?;
         }
+        StackOp::Pop(reg) => {
+            lookup(a, 8, false, slow)?;
+            a.mov(rcx, qword_ptr(rdx + rax))?;
+            // POP RSP: the loaded value wins over the increment.
+            a.add(guest_rsp, 8)?;
+            a.mov(qword_ptr(r12 + gp(reg)), rcx)?;
+        }
+        StackOp::Ret => {
+            lookup(a, 8, false, slow)?;
+            a.mov(rcx, qword_ptr(rdx + rax))?;
+            // A non-canonical return address: the handler raises #GP.
+            a.mov(rax, rcx)?;
+            a.shl(rax, 16)?;
+            a.sar(rax, 16)?;
+            a.cmp(rax, rcx)?;
+            a.jne(slow)?;
+            a.mov(qword_ptr(r12 + l.rip), rcx)?;
+            a.add(guest_rsp, 8)?;
+        }
+    }
+    Ok(())
+}
+
+impl LoadKind {
+    fn size(self) -> i32 {
+        match self {
+            LoadKind::Zero(n) | LoadKind::Sign(n, _) | LoadKind::Merge(n) => n as i32,
+        }
+    }
+}
+
+/// Load `kind`'s operand from `from` (its size is the kind's) and write
+/// it to the guest register bytes at `dst` from the `Cpu`. Uses RCX.
+fn load_n(a: &mut CodeAssembler, from: AsmMemoryOperand, dst: i32, kind: LoadKind) -> Result<(), IcedError> {
+    match kind {
+        LoadKind::Zero(1) => a.movzx(ecx, byte_ptr(from))?,
+        LoadKind::Zero(_) => a.movzx(ecx, word_ptr(from))?,
+        LoadKind::Sign(1, false) => a.movsx(ecx, byte_ptr(from))?,
+        LoadKind::Sign(1, true) => a.movsx(rcx, byte_ptr(from))?,
+        LoadKind::Sign(2, false) => a.movsx(ecx, word_ptr(from))?,
+        LoadKind::Sign(2, true) => a.movsx(rcx, word_ptr(from))?,
+        LoadKind::Sign(_, _) => a.movsxd(rcx, dword_ptr(from))?,
+        LoadKind::Merge(1) => {
+            a.mov(cl, byte_ptr(from))?;
+            return a.mov(byte_ptr(r12 + dst), cl);
+        }
+        LoadKind::Merge(_) => {
+            a.mov(cx, word_ptr(from))?;
+            return a.mov(word_ptr(r12 + dst), cx);
+        }
+    }
+    a.mov(qword_ptr(r12 + dst), rcx)
+}
+
+/// The value of a MOV [mem], r8/r16/imm into the host address RDX + RAX.
+fn store_n(a: &mut CodeAssembler, l: Layout, src: StoreSrc, size: i32) -> Result<(), IcedError> {
+    let to = qword_ptr(rdx + rax);
+    match (src, size) {
+        (StoreSrc::Reg(r), 1) => {
+            a.mov(cl, byte_ptr(r12 + (l.gpr + r)))?;
+            a.mov(byte_ptr(to), cl)
+        }
+        (StoreSrc::Reg(r), _) => {
+            a.mov(cx, word_ptr(r12 + (l.gpr + r)))?;
+            a.mov(word_ptr(to), cx)
+        }
+        (StoreSrc::Imm(v), 1) => a.mov(byte_ptr(to), v),
+        (StoreSrc::Imm(v), 2) => a.mov(word_ptr(to), v),
+        (StoreSrc::Imm(v), 4) => a.mov(dword_ptr(to), v),
+        (StoreSrc::Imm(v), _) => a.mov(qword_ptr(to), v),
+    }
+}
+
+/// An ALU instruction with a memory operand (see `Inline::AluMem`).
+fn alu_mem(
+    a: &mut CodeAssembler,
+    l: Layout,
+    gp: &dyn Fn(usize) -> i32,
+    m: AluMem,
+    live: bool,
+    slow: CodeLabel,
+) -> Result<(), IcedError> {
+    let writes = !matches!(m.op, Alu::Cmp | Alu::Test);
+    address(a, gp, m.mem)?;
+    lookup(a, m.size, m.to_mem && writes, slow)?;
+    let at = qword_ptr(rdx + rax);
+    let at = match m.size {
+        1 => byte_ptr(at),
+        4 => dword_ptr(at),
+        _ => at,
+    };
+    // The register operand (source, or destination of `op r, [m]`).
+    match (m.src, m.size) {
+        (Src::Reg(r), 4) => a.mov(ecx, dword_ptr(r12 + gp(r)))?,
+        (Src::Reg(r), _) => a.mov(rcx, qword_ptr(r12 + gp(r)))?,
+        _ => {}
+    }
+    macro_rules! op {
+        ($m:ident) => {
+            match (m.to_mem, m.src, m.size) {
+                (true, Src::Imm(v), _) => a.$m(at, v)?,
+                (true, Src::Reg(_), 4) => a.$m(at, ecx)?,
+                (true, Src::Reg(_), _) => a.$m(at, rcx)?,
+                (false, _, 4) => a.$m(ecx, at)?,
+                (false, _, _) => a.$m(rcx, at)?,
+            }
+        };
+    }
+    match m.op {
+        Alu::Add => op!(add),
+        Alu::Sub => op!(sub),
+        Alu::And => op!(and),
+        Alu::Or => op!(or),
+        Alu::Xor => op!(xor),
+        Alu::Cmp => op!(cmp),
+        // TEST has only the `test r/m, r` form: the operands commute.
+        Alu::Test => match (m.src, m.size) {
+            (Src::Imm(v), _) => a.test(at, v)?,
+            (Src::Reg(_), 4) => a.test(at, ecx)?,
+            (Src::Reg(_), _) => a.test(at, rcx)?,
+        },
+        Alu::Adc | Alu::Sbb => unreachable!("not classified"),
+    }
+    if !m.to_mem && writes {
+        let Src::Reg(r) = m.src else {
+            unreachable!("op r, [m] has a register")
+        };
+        a.mov(qword_ptr(r12 + gp(r)), rcx)?;
+    }
+    if live {
+        let take = if matches!(m.op, Alu::And | Alu::Or | Alu::Xor | Alu::Test) {
+            STATUS & !AF
+        } else {
+            STATUS
+        };
+        store_flags(a, l, take, STATUS)?;
     }
     Ok(())
 }

@@ -72,6 +72,7 @@ fn lockstep(code: &[u8], budget: u64) -> Cpu {
             "stack at step {step}"
         );
         if a == Exit::Halted {
+            assert!(int_bus.ram() == jit_bus.ram(), "memory differs at the end");
             assert!(jit.stats.jit_instructions > 0, "nothing ran translated");
             return jit;
         }
@@ -284,6 +285,440 @@ fn chained_blocks_match_the_interpreter() {
             assert!(cpu.stats.jit_links > 0, "no chain links made");
         }
     }
+}
+
+/// Every Jcc after each kind of flag producer: an inline CMP/ADD/SUB/AND
+/// (condition taken from the host flags), an inline DEC (host flags but
+/// the guest CF), and POPFQ of arbitrary status flags (a handler: the
+/// condition is evaluated from the guest RFLAGS).
+#[test]
+fn inline_branches_match_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(ecx, 60u32)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, rcx)?;
+        a.imul_2(rax, r9)?;
+        a.mov(rbx, rax)?;
+        a.rol(rbx, 17)?;
+        a.mov(rdx, rax)?;
+        a.shr(rdx, 62)?;
+        let mut k = 0;
+        for producer in 0..6 {
+            for cc in 0..16u8 {
+                k += 1;
+                let mut skip = a.create_label();
+                match producer {
+                    0 => a.cmp(rax, rbx)?,
+                    1 => a.add(eax, ebx)?,
+                    2 => a.sub(rbx, rax)?,
+                    3 => a.and(rax, rbx)?,
+                    4 => a.dec(rdx)?,
+                    _ => {
+                        a.mov(rsi, rax)?;
+                        a.and(rsi, 0x8d5)?;
+                        a.push(rsi)?;
+                        a.popfq()?;
+                    }
+                }
+                // 0F 8x rel32: Jcc with condition `cc`.
+                match cc {
+                    0 => a.jo(skip)?,
+                    1 => a.jno(skip)?,
+                    2 => a.jb(skip)?,
+                    3 => a.jae(skip)?,
+                    4 => a.je(skip)?,
+                    5 => a.jne(skip)?,
+                    6 => a.jbe(skip)?,
+                    7 => a.ja(skip)?,
+                    8 => a.js(skip)?,
+                    9 => a.jns(skip)?,
+                    10 => a.jp(skip)?,
+                    11 => a.jnp(skip)?,
+                    12 => a.jl(skip)?,
+                    13 => a.jge(skip)?,
+                    14 => a.jle(skip)?,
+                    _ => a.jg(skip)?,
+                }
+                a.add(r10, k)?;
+                a.set_label(&mut skip)?;
+                a.rol(rax, 9)?;
+                a.xor(rbx, rax)?;
+            }
+        }
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for budget in [7, 1000] {
+        let cpu = lockstep(&code, budget);
+        assert_ne!(cpu.state.gpr[10], 0);
+    }
+}
+
+/// PUSH/POP/CALL/RET inline: a call tree with pushes and pops (also of
+/// RSP itself) and a stack that crosses pages (the slow path).
+#[test]
+fn inline_stack_operations_match_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        let mut leaf = a.create_label();
+        let mut mid = a.create_label();
+        let mut done = a.create_label();
+        a.mov(ecx, 200u32)?;
+        a.set_label(&mut top)?;
+        a.push(rcx)?;
+        a.push(rbx)?;
+        a.call(mid)?;
+        a.pop(rbx)?;
+        a.pop(rdx)?;
+        a.add(rbx, rdx)?;
+        // Every 16th pass: the stack moves 0xf04 bytes down, so that
+        // pushes and calls cross a 4 KiB page.
+        a.test(ecx, 15)?;
+        a.jnz(done)?;
+        a.push(rsp)?;
+        a.pop(rsi)?;
+        a.sub(rsp, 0xf04)?;
+        a.call(mid)?;
+        a.push(rsp)?;
+        a.pop(rsp)?;
+        a.add(rsp, 0xf04)?;
+        a.set_label(&mut done)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()?;
+        a.set_label(&mut mid)?;
+        a.push(rbp)?;
+        a.mov(rbp, rsp)?;
+        a.call(leaf)?;
+        a.call(leaf)?;
+        a.pop(rbp)?;
+        a.ret()?;
+        a.set_label(&mut leaf)?;
+        a.push(rax)?;
+        a.imul_2(rax, rbx)?;
+        a.pop(rdi)?;
+        a.add(rax, rdi)?;
+        a.ret()
+    });
+    for budget in [3, 5, 1000] {
+        lockstep(&code, budget);
+    }
+}
+
+/// POP and RET that fault (RSP on a page the program unmaps; then a
+/// non-canonical return address): RSP, RIP and CR2 as the interpreter
+/// leaves them, with the exception frame below the old RSP.
+#[test]
+fn faulting_inline_stack_operations_are_exact() {
+    // Unmap the 2 MiB page at STACK_TOP and load RSP with it.
+    let unmap = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+        a.mov(rax, 0x3008u64)?;
+        a.mov(qword_ptr(rax), 0)?;
+        a.mov(rax, STACK_TOP)?;
+        a.invlpg(byte_ptr(rax))?;
+        a.mov(rsp, rax)?;
+        a.nop()?;
+        Ok(())
+    };
+    let pop = assemble(|a| {
+        unmap(a)?;
+        a.pop(rcx)?;
+        a.hlt()
+    });
+    let ret = assemble(|a| {
+        unmap(a)?;
+        a.ret()
+    });
+    for code in [pop, ret] {
+        let cpu = lockstep(&code, 1000);
+        assert_eq!(cpu.state.cr2, STACK_TOP);
+        assert_eq!(cpu.state.rip, HANDLER + 1);
+    }
+    let non_canonical = assemble(|a| {
+        a.mov(rax, 0x8000_0000_0000_0000u64)?;
+        a.push(rax)?;
+        a.ret()
+    });
+    let cpu = lockstep(&non_canonical, 1000);
+    assert_eq!(cpu.state.rip, HANDLER + 1);
+    // The frame (error code included) below the 16-byte-aligned old RSP.
+    assert_eq!(
+        cpu.state.gpr[4],
+        ((STACK_TOP - 8) & !15) - 6 * 8,
+        "the RET left RSP alone"
+    );
+}
+
+/// MOVZX/MOVSX/MOVSXD, MOV r8/r16 loads and stores (AH and REX byte
+/// registers too) and MOV [m], imm of every size, on values with the sign
+/// bits set and clear, at addresses that walk across page boundaries.
+#[test]
+fn inline_narrow_moves_match_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.mov(rsi, 0x30_0ff0u64)?;
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(ecx, 600u32)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, rcx)?;
+        a.imul_2(rax, r9)?;
+        a.mov(qword_ptr(rsi + rcx * 8), rax)?;
+        a.mov(dword_ptr(rsi + rcx * 4 + 0x1001), -5i32)?;
+        a.mov(qword_ptr(rsi + rcx * 2 + 0x2003), -0x7000_0000i32)?;
+        a.mov(word_ptr(rsi + rcx * 2 + 0x3001), 0x8123u32)?;
+        a.mov(byte_ptr(rsi + rcx + 0x3801), 0x9au32)?;
+        a.movzx(edx, byte_ptr(rsi + rcx * 8 + 7))?;
+        a.movzx(rdi, word_ptr(rsi + rcx * 8 + 5))?;
+        a.movsx(ebx, byte_ptr(rsi + rcx * 8 + 7))?;
+        a.movsx(r8, word_ptr(rsi + rcx * 2 + 0x3001))?;
+        a.movsx(r10d, word_ptr(rsi + rcx * 8 + 3))?;
+        a.movsx(r11, byte_ptr(rsi + rcx + 0x3801))?;
+        a.movsxd(r12, dword_ptr(rsi + rcx * 4 + 0x1001))?;
+        a.add(rdx, rdi)?;
+        a.add(rbx, r8)?;
+        a.add(r10, r11)?;
+        a.add(rbx, r12)?;
+        a.mov(ah, byte_ptr(rsi + rcx * 8 + 6))?;
+        a.mov(dil, byte_ptr(rsi + rcx * 8 + 2))?;
+        a.mov(r13w, word_ptr(rsi + rcx * 8 + 1))?;
+        a.mov(bx, word_ptr(rsi + rcx * 2 + 0x3001))?;
+        a.mov(byte_ptr(rsi + rcx * 4 + 0x5000), ah)?;
+        a.mov(byte_ptr(rsi + rcx * 4 + 0x5001), dil)?;
+        a.mov(word_ptr(rsi + rcx * 4 + 0x5002), r13w)?;
+        a.movzx(edx, ah)?;
+        a.movsx(r15, dil)?;
+        a.movzx(ebp, r13w)?;
+        a.movsx(edi, bh)?;
+        a.add(rbx, qword_ptr(rsi + rcx * 4 + 0x5000))?;
+        a.add(rbx, rdx)?;
+        a.add(rbx, rdi)?;
+        a.add(rbx, r15)?;
+        a.add(rbx, rbp)?;
+        a.add(rbx, rax)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for budget in [4, 1000] {
+        let cpu = lockstep(&code, budget);
+        if budget == 1000 {
+            assert!(cpu.stats.jit_instructions > 10_000, "{}", cpu.stats.jit_instructions);
+        }
+    }
+}
+
+/// Narrow loads and stores that page-fault: registers, memory and CR2 as
+/// the interpreter leaves them.
+#[test]
+fn faulting_inline_narrow_moves_are_exact() {
+    type Form = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let programs: [Form; 4] = [
+        |a| a.movzx(eax, word_ptr(rcx + 0xffe)),
+        |a| a.movsx(rax, byte_ptr(rcx)),
+        |a| a.mov(byte_ptr(rcx + 3), ah),
+        |a| a.mov(qword_ptr(rcx + 0x10), 7),
+    ];
+    for (k, form) in programs.into_iter().enumerate() {
+        let code = assemble(|a| {
+            a.mov(rax, 0x1234u64)?;
+            a.mov(rcx, 0x4000_0000u64)?;
+            a.add(rax, rbx)?;
+            form(a)?;
+            a.hlt()
+        });
+        let cpu = lockstep(&code, 1000);
+        assert_eq!(cpu.state.rip, HANDLER + 1, "form {k}");
+        assert!(cpu.state.cr2 >= 0x4000_0000, "form {k}");
+    }
+}
+
+/// SHL/SHR/SAR/ROL/ROR r, imm8 with every count (masked; 0 keeps the flags), the
+/// flags read by PUSHFQ and by SETcc/CMOVcc, and SETcc/CMOVcc for every
+/// condition on arbitrary flags (from POPFQ).
+#[test]
+fn inline_shifts_setcc_and_cmov_match_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(ecx, 40u32)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, rcx)?;
+        a.imul_2(rax, r9)?;
+        for count in [0u32, 1, 2, 7, 31, 32, 33, 63, 64, 65, 255] {
+            a.mov(rdx, rax)?;
+            a.mov(rbx, rax)?;
+            a.mov(rsi, rax)?;
+            a.shl(rdx, count)?;
+            a.pushfq()?;
+            a.shr(ebx, count)?;
+            a.pushfq()?;
+            a.sar(rsi, count)?;
+            a.pushfq()?;
+            a.sar(ebx, count)?;
+            a.seto(dil)?;
+            a.shr(rdx, count)?;
+            a.setc(bh)?;
+            a.shl(esi, count)?;
+            a.cmovo(r10, rsi)?;
+            a.rol(edi, count)?;
+            a.pushfq()?;
+            a.ror(r10, count)?;
+            a.pushfq()?;
+            a.ror(ebx, count)?;
+            a.rol(rdx, count)?;
+            a.setc(r8b)?;
+            a.seto(r8b)?;
+            a.pop(r12)?;
+            a.pop(r13)?;
+            a.add(r11, r12)?;
+            a.add(r11, r13)?;
+            a.add(r11, r10)?;
+            a.add(r11, rdx)?;
+            a.add(r11, rbx)?;
+            a.add(r11, rsi)?;
+            a.add(r11, rdi)?;
+            a.pop(rdx)?;
+            a.pop(rbx)?;
+            a.pop(rsi)?;
+            a.xor(r11, rdx)?;
+            a.add(r11, rbx)?;
+            a.add(r11, rsi)?;
+            a.rol(rax, 11)?;
+        }
+        a.mov(rsi, rax)?;
+        a.and(rsi, 0x8d5)?;
+        a.push(rsi)?;
+        a.popfq()?;
+        a.seto(al)?;
+        a.setno(bl)?;
+        a.setb(dl)?;
+        a.setae(dil)?;
+        a.sete(r8b)?;
+        a.setne(ah)?;
+        a.setbe(bh)?;
+        a.seta(dh)?;
+        a.sets(r10b)?;
+        a.setns(r11b)?;
+        a.setp(r12b)?;
+        a.setnp(r13b)?;
+        a.setl(r14b)?;
+        a.setge(r15b)?;
+        a.setle(sil)?;
+        a.setg(bpl)?;
+        a.cmovl(r12, rcx)?;
+        a.cmovg(r13d, ecx)?;
+        a.cmova(r14d, eax)?;
+        a.cmovbe(r15, r9)?;
+        a.cmovp(esi, edi)?;
+        a.cmovnp(rbp, rax)?;
+        a.add(r11, r12)?;
+        a.add(r11, rax)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for budget in [3, 1000] {
+        let cpu = lockstep(&code, budget);
+        if budget == 1000 {
+            assert!(cpu.stats.jit_instructions > 5_000, "{}", cpu.stats.jit_instructions);
+        }
+    }
+}
+
+/// ADD/SUB/AND/OR/XOR/CMP/TEST with a memory operand (r, [m]; [m], r;
+/// [m], imm; byte [m], imm8), flags read by PUSHFQ and by Jcc, at
+/// addresses that cross pages; and one that page-faults.
+#[test]
+fn inline_alu_with_memory_matches_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.mov(rsi, 0x30_0ff0u64)?;
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(ecx, 300u32)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, rcx)?;
+        a.imul_2(rax, r9)?;
+        a.mov(qword_ptr(rsi + rcx * 8), rax)?;
+        a.add(rbx, qword_ptr(rsi + rcx * 8 + 3))?;
+        a.pushfq()?;
+        a.sub(edx, dword_ptr(rsi + rcx * 8 + 1))?;
+        a.pushfq()?;
+        a.xor(qword_ptr(rsi + rcx * 4 + 0x2001), rbx)?;
+        a.pushfq()?;
+        a.and(dword_ptr(rsi + rcx * 4 + 0x2005), edx)?;
+        a.or(qword_ptr(rsi + rcx * 2 + 0x3000), -3)?;
+        a.pushfq()?;
+        a.add(dword_ptr(rsi + rcx * 2 + 0x3003), 0x7fff_0000)?;
+        a.pushfq()?;
+        a.sub(byte_ptr(rsi + rcx + 0x3801), 0x81)?;
+        a.pushfq()?;
+        a.cmp(byte_ptr(rsi + rcx * 8 + 5), 0x40)?;
+        a.pushfq()?;
+        a.test(byte_ptr(rsi + rcx * 8 + 6), 0x11)?;
+        a.pushfq()?;
+        a.cmp(rdx, qword_ptr(rsi + rcx * 8 + 2))?;
+        a.pushfq()?;
+        a.test(dword_ptr(rsi + rcx * 8 + 4), eax)?;
+        a.pushfq()?;
+        a.cmp(qword_ptr(rsi + rcx * 8 + 4), 0x1234)?;
+        a.pushfq()?;
+        for _ in 0..11 {
+            a.pop(rdi)?;
+            a.add(r11, rdi)?;
+            a.rol(r11, 5)?;
+        }
+        a.or(rbx, qword_ptr(rsi + rcx * 4 + 0x2001))?;
+        a.and(edx, dword_ptr(rsi + rcx * 2 + 0x3003))?;
+        let mut skip = a.create_label();
+        a.cmp(eax, dword_ptr(rsi + rcx * 8 + 6))?;
+        a.jl(skip)?;
+        a.inc(r10)?;
+        a.set_label(&mut skip)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for budget in [4, 1000] {
+        let cpu = lockstep(&code, budget);
+        if budget == 1000 {
+            assert!(cpu.stats.jit_instructions > 5_000, "{}", cpu.stats.jit_instructions);
+        }
+    }
+    for store in [false, true] {
+        let code = assemble(|a| {
+            a.mov(rcx, 0x4000_0000u64)?;
+            a.add(rax, rbx)?;
+            if store {
+                a.add(qword_ptr(rcx + 8), rax)?;
+            } else {
+                a.cmp(eax, dword_ptr(rcx + 8))?;
+            }
+            a.hlt()
+        });
+        let cpu = lockstep(&code, 1000);
+        assert_eq!(cpu.state.cr2, 0x4000_0008);
+        assert_eq!(cpu.state.rip, HANDLER + 1);
+    }
+}
+
+/// An inline read-modify-write (ADD [m], imm) into the immediate of a
+/// later instruction of the same block: the new value must be executed.
+#[test]
+fn inline_alu_store_into_the_running_block_is_seen() {
+    let code = assemble(|a| {
+        let mut imm = a.create_label();
+        a.lea(rdi, qword_ptr(imm))?;
+        a.add(rdi, 1)?;
+        a.add(dword_ptr(rdi), 0x100)?;
+        a.set_label(&mut imm)?;
+        a.mov(ecx, 0x11u32)?;
+        a.hlt()
+    });
+    let cpu = lockstep(&code, 1000);
+    assert_eq!(cpu.state.gpr[1], 0x111);
 }
 
 #[test]
