@@ -41,7 +41,7 @@ fn fresh_image(path: &Path, format: &str) {
 fn run(mut cmd: Command) -> BTreeMap<String, f64> {
     let out = cmd
         .stdin(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .output()
         .expect("start the VMM");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -56,7 +56,13 @@ fn run(mut cmd: Command) -> BTreeMap<String, f64> {
             .unwrap_or(0.0);
         r.insert(phase, mbps);
     }
-    assert_eq!(r.len(), PHASES.len(), "the guest did not finish its phases:\n{text}");
+    assert_eq!(
+        r.len(),
+        PHASES.len(),
+        "the guest did not finish its phases under {cmd:?} ({}):\n{text}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     r
 }
 
@@ -81,7 +87,9 @@ fn main() {
                 fresh_image(&image, format);
                 let cmd = if vmm == "vessel" {
                     let mut c = vessel_guest(&default_kernel(), &cmdline("k"));
-                    c.arg("--disk").arg(format!("path={}", image.display()));
+                    // The format is named, as Vessel never guesses it from the
+                    // image's bytes.
+                    c.arg("--disk").arg(format!("path={},format={format}", image.display()));
                     c.arg("--disk").arg(format!("path={},readonly=on", tools.display()));
                     c
                 } else {
