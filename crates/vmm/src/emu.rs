@@ -290,7 +290,7 @@ impl Vcpu for EmuVcpu {
         let start = std::time::Instant::now();
         shared.irqs.halt(self.id, &|| shared.now_ns(), wait, interrupts);
         if self.idle.note_halt(start.elapsed()) {
-            self.cpu.flush_translations();
+            self.cpu.release_code_memory();
             // SAFETY: malloc_trim only returns free heap pages to the
             // kernel (madvise); it touches no memory still allocated.
             unsafe { libc::malloc_trim(0) };

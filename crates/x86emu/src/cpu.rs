@@ -159,6 +159,18 @@ impl Cpu {
         self.cache.clear();
     }
 
+    /// As `flush_translations`, and give the memory they took back to the
+    /// host: the decode cache's slot pages and the JIT's code pages. For a
+    /// vCPU that has been idle (an idle VM's memory is mostly this).
+    pub fn release_code_memory(&mut self) {
+        self.tlb.flush_all();
+        self.cache.release();
+        #[cfg(all(target_arch = "x86_64", unix))]
+        if let Some(jit) = self.jit.as_mut() {
+            jit.release();
+        }
+    }
+
     /// Inject an external interrupt (like KVM_INTERRUPT). It is delivered
     /// when RFLAGS.IF allows and no interrupt shadow is active.
     pub fn inject_interrupt(&mut self, vector: u8) {

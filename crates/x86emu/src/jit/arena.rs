@@ -51,6 +51,20 @@ impl Arena {
     /// relative jumps inside themselves and absolute calls) into the
     /// arena. Returns its entry and generation, or `None` if the host
     /// refuses the protection change.
+    /// Drop all code (a new generation) and give the used pages back to
+    /// the host.
+    pub fn release(&mut self) {
+        let used = (self.used + PAGE - 1) & !(PAGE - 1);
+        if used > 0 {
+            // SAFETY: the range is the start of our own mapping; the code in
+            // it belongs to the current generation, which ends here, so no
+            // translation that could run it is used again.
+            unsafe { libc::madvise(self.base as *mut libc::c_void, used, libc::MADV_DONTNEED) };
+        }
+        self.used = 0;
+        self.generation += 1;
+    }
+
     pub fn place(&mut self, code: &[u8]) -> Option<(usize, u64)> {
         if code.len() > SIZE {
             return None;

@@ -140,6 +140,13 @@ fn inline_dtlb(cpu: &Cpu) -> usize {
 type Entry = extern "sysv64" fn(usize, usize, u64) -> u64;
 
 impl Jit {
+    /// Drop all host code (the decode cache must have been cleared, so no
+    /// translation refers to it) and give its pages back.
+    pub(crate) fn release(&mut self) {
+        self.arena.release();
+        self.pending_link = None;
+    }
+
     /// A JIT with a fresh code arena, or `None` when the host refuses
     /// executable memory (the interpreter then runs everything).
     pub fn new(threshold: u32) -> Option<Jit> {

@@ -757,3 +757,37 @@ fn chain_links_are_made_again_after_their_epoch_ends() {
         "{entries} entries for {instructions} translated instructions: the links were not made again"
     );
 }
+
+#[test]
+fn released_code_memory_is_decoded_and_translated_again() {
+    // An idle vCPU gives its decoded blocks, slot pages and JIT code pages
+    // back; running on must decode and translate again and end as the
+    // interpreter does.
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.mov(ecx, 20_000u32)?;
+        a.set_label(&mut top)?;
+        a.add(rax, rcx)?;
+        a.xor(rdx, rax)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    let (mut int, mut int_bus) = machine(&code, None);
+    let (mut jit, mut jit_bus) = machine(&code, Some(0));
+    for slice in 1..=20 {
+        int.run(&mut int_bus, 10_000);
+        jit.run(&mut jit_bus, 10_000);
+        int.release_code_memory();
+        jit.release_code_memory();
+        assert_eq!(int.state, jit.state);
+        assert_eq!(int.instret, jit.instret);
+        if int.state.events.halted {
+            // The loop was translated again in every slice.
+            let translated = jit.stats.jit_blocks;
+            assert!(translated >= slice, "{translated} blocks translated in {slice} slices");
+            return;
+        }
+    }
+    panic!("the loop did not end");
+}
