@@ -10,7 +10,8 @@
 //! Inline besides register ALU/MOV/LEA/IMUL: the block's final JMP/Jcc
 //! rel, CALL rel32 and RET; PUSH/POP r64; MOV, MOVZX/MOVSX/MOVSXD loads
 //! and stores of 1-8 bytes; ALU with one memory operand; SHL/SHR/SAR/ROL/ROR
-//! by an immediate; SETcc; CMOVcc r, r. Memory goes through `lookup` (the
+//! by an immediate; SHLD/SHRD r, r by an immediate or CL; one-operand
+//! MUL/IMUL r32/r64; SETcc; CMOVcc r, r. Memory goes through `lookup` (the
 //! inline data-TLB); its slow path calls the handler, which leaves the
 //! exact interpreter state (the inline code changes nothing before the
 //! access has succeeded).
@@ -119,6 +120,21 @@ enum Inline {
         op: ShiftOp,
         dst: usize,
         count: u32,
+        wide: bool,
+    },
+    /// MUL/IMUL r32/r64 with one operand: RDX:RAX (EDX:EAX) = the
+    /// accumulator times `src`.
+    MulAcc {
+        signed: bool,
+        src: usize,
+        wide: bool,
+    },
+    /// SHLD/SHRD r32/r64, r32/r64, imm8 (`count` masked) or CL (None).
+    DoubleShift {
+        left: bool,
+        dst: usize,
+        src: usize,
+        count: Option<u32>,
         wide: bool,
     },
     /// SETcc r8 (byte offset in the GPR file).
@@ -240,6 +256,8 @@ impl Inline {
         ) || matches!(self, Inline::Branch { cc, .. } if *cc != ConditionCode::None)
             || matches!(self, Inline::Setcc { .. } | Inline::Cmov { .. })
             || matches!(self, Inline::Shift { op: ShiftOp::Rol | ShiftOp::Ror, count, .. } if *count != 0)
+            // By CL: a zero count keeps all of them.
+            || matches!(self, Inline::DoubleShift { count: None, .. })
     }
 
     /// Whether it writes all six status flags.
@@ -267,7 +285,10 @@ impl Inline {
     }
 
     fn writes_all_flags(&self) -> bool {
-        matches!(self, Inline::Alu { .. } | Inline::Imul { .. } | Inline::AluMem(_))
+        matches!(
+            self,
+            Inline::Alu { .. } | Inline::Imul { .. } | Inline::AluMem(_) | Inline::MulAcc { .. }
+        ) || matches!(self, Inline::DoubleShift { count: Some(c), .. } if *c != 0)
             || matches!(self, Inline::Shift { op: ShiftOp::Shl | ShiftOp::Shr | ShiftOp::Sar, count, .. } if *count != 0)
     }
 }
@@ -469,6 +490,31 @@ fn classify(ins: &Instruction) -> Option<Inline> {
         }
         Code::Lea_r64_m | Code::Lea_r32_m => return lea(ins, dst, wide),
         _ => {}
+    }
+    if matches!(ins.mnemonic(), M::Mul | M::Imul) && ins.op_count() == 1 {
+        return Some(Inline::MulAcc {
+            signed: ins.mnemonic() == M::Imul,
+            src: dst,
+            wide,
+        });
+    }
+    if matches!(ins.mnemonic(), M::Shld | M::Shrd) && ins.op_count() == 3 {
+        let count = match ins.op2_kind() {
+            OpKind::Immediate8 => Some(ins.immediate8() as u32 & if wide { 63 } else { 31 }),
+            OpKind::Register if ins.op2_register() == Register::CL => None,
+            _ => return None,
+        };
+        return Some(Inline::DoubleShift {
+            left: ins.mnemonic() == M::Shld,
+            dst,
+            src: if ins.op1_kind() == OpKind::Register {
+                gpr(ins.op1_register(), wide)?
+            } else {
+                return None;
+            },
+            count,
+            wide,
+        });
     }
     let shift = match ins.mnemonic() {
         M::Shl => Some(ShiftOp::Shl),
@@ -1167,6 +1213,100 @@ fn inline(
             // A zero count leaves the flags but still writes the
             // (zero-extended) register, as the interpreter does.
             a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
+        }
+        Inline::MulAcc { signed, src, wide } => {
+            load(a, rax, eax, 0, wide)?;
+            load(a, rcx, ecx, src, wide)?;
+            match (signed, wide) {
+                (false, true) => a.mul(rcx)?,
+                (false, false) => a.mul(ecx)?,
+                (true, true) => a.imul(rcx)?,
+                (true, false) => a.imul(ecx)?,
+            }
+            // A 32-bit multiply zero-extends EAX and EDX, as the
+            // interpreter's register writes do.
+            a.mov(qword_ptr(r12 + gp(0)), rax)?;
+            a.mov(qword_ptr(r12 + gp(2)), rdx)?;
+            if live {
+                // As `mul_flags`: CF=OF from the multiply, SF ZF PF from the
+                // low half, AF clear.
+                a.pushfq()?;
+                a.pop(rdx)?;
+                a.and(edx, (CF | OF) as i32)?;
+                if wide {
+                    a.test(rax, rax)?;
+                } else {
+                    a.test(eax, eax)?;
+                }
+                a.pushfq()?;
+                a.pop(rax)?;
+                a.and(eax, (SF | ZF | PF) as i32)?;
+                a.or(eax, edx)?;
+                a.mov(rdx, qword_ptr(r12 + l.rflags))?;
+                a.and(rdx, !STATUS as i32)?;
+                a.or(rdx, rax)?;
+                a.mov(qword_ptr(r12 + l.rflags), rdx)?;
+            }
+        }
+        Inline::DoubleShift {
+            left,
+            dst,
+            src,
+            count,
+            wide,
+        } => {
+            load(a, rax, eax, dst, wide)?;
+            if count == Some(0) {
+                // Only the (zero-extended) register write, as
+                // `double_shift_value` with a zero count.
+                return a.mov(qword_ptr(r12 + gp(dst)), rax);
+            }
+            load(a, rdx, edx, src, wide)?;
+            a.mov(r8, rax)?;
+            macro_rules! shift {
+                ($c:expr) => {
+                    match (left, wide) {
+                        (true, true) => a.shld(rax, rdx, $c)?,
+                        (true, false) => a.shld(eax, edx, $c)?,
+                        (false, true) => a.shrd(rax, rdx, $c)?,
+                        (false, false) => a.shrd(eax, edx, $c)?,
+                    }
+                };
+            }
+            // The host masks a CL count as the guest does (31 or 63).
+            match count {
+                Some(c) => shift!(c),
+                None => {
+                    a.mov(ecx, dword_ptr(r12 + gp(1)))?;
+                    shift!(cl)
+                }
+            }
+            a.mov(qword_ptr(r12 + gp(dst)), rax)?;
+            if live {
+                // CF SF ZF PF from the host; AF clear; OF = the sign bit
+                // changed, as the interpreter sets it for every count.
+                a.pushfq()?;
+                a.pop(rdx)?;
+                let mut skip = a.create_label();
+                if count.is_none() {
+                    // A zero count keeps the flags.
+                    a.and(ecx, if wide { 63 } else { 31 })?;
+                    a.jz(skip)?;
+                }
+                a.and(edx, (CF | SF | ZF | PF) as i32)?;
+                a.xor(r8, rax)?;
+                a.shr(r8, if wide { 63 } else { 31 })?;
+                a.shl(r8d, 11)?;
+                a.or(edx, r8d)?;
+                a.mov(rax, qword_ptr(r12 + l.rflags))?;
+                a.and(rax, !STATUS as i32)?;
+                a.or(rax, rdx)?;
+                a.mov(qword_ptr(r12 + l.rflags), rax)?;
+                if count.is_none() {
+                    a.set_label(&mut skip)?;
+                    a.nop()?;
+                }
+            }
         }
         Inline::Setcc { cc, dst } => {
             if guest_condition(a, l, cc)? {

@@ -757,3 +757,114 @@ fn chain_links_are_made_again_after_their_epoch_ends() {
         "{entries} entries for {instructions} translated instructions: the links were not made again"
     );
 }
+
+/// MUL/IMUL r32/r64 into RDX:RAX and SHLD/SHRD r, r, imm8 and CL, for
+/// counts 0..=65 (CL is masked, so 32, 64, 65 wrap), flags read by PUSHFQ,
+/// SETcc and a Jcc; the accumulator and count registers as sources too.
+#[test]
+fn inline_mul_and_double_shifts_match_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(r15d, 70u32)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, r15)?;
+        a.imul_2(rax, r9)?;
+        a.mov(rbx, rax)?;
+        a.rol(rbx, 23)?;
+        a.mov(rsi, rax)?;
+        a.mul(rbx)?;
+        a.pushfq()?;
+        a.add(r11, rdx)?;
+        a.imul(rsi)?;
+        a.pushfq()?;
+        a.xor(r11, rdx)?;
+        a.mul(ebx)?;
+        a.seto(r10b)?;
+        a.add(r11, r10)?;
+        a.imul(esi)?;
+        a.pushfq()?;
+        a.imul(r15)?;
+        a.pushfq()?;
+        a.imul(r15d)?;
+        a.pushfq()?;
+        a.mul(rax)?;
+        a.pushfq()?;
+        a.imul(edx)?;
+        a.pushfq()?;
+        for _ in 0..7 {
+            a.pop(r12)?;
+            a.add(r11, r12)?;
+        }
+        a.add(r11, rax)?;
+        a.add(r11, rdx)?;
+        // Small multipliers: no overflow, CF=OF=0.
+        a.mov(eax, 3u32)?;
+        a.mov(ecx, 5u32)?;
+        a.imul(rcx)?;
+        a.pushfq()?;
+        a.mul(ecx)?;
+        a.pushfq()?;
+        a.pop(r12)?;
+        a.add(r11, r12)?;
+        a.pop(r12)?;
+        a.add(r11, r12)?;
+        for count in [0u32, 1, 7, 31, 32, 33, 63, 64] {
+            a.mov(rdi, rsi)?;
+            a.mov(r8, rbx)?;
+            a.shld(rdi, rbx, count)?;
+            a.pushfq()?;
+            a.shrd(r8d, esi, count)?;
+            a.pushfq()?;
+            a.shrd(rsi, r8, count)?;
+            a.seto(r10b)?;
+            a.shld(ebx, edi, count)?;
+            a.setc(r10b)?;
+            a.pushfq()?;
+            for _ in 0..3 {
+                a.pop(r12)?;
+                a.add(r11, r12)?;
+            }
+            a.add(r11, rdi)?;
+            a.add(r11, r8)?;
+            a.add(r11, r10)?;
+        }
+        // By CL: the loop counter's low bits run through 0..=69 (masked).
+        a.lea(ecx, dword_ptr(r15 - 3))?;
+        a.mov(rdi, rsi)?;
+        a.mov(edx, ebx)?;
+        a.shld(rdi, rbx, cl)?;
+        a.pushfq()?;
+        a.shrd(rbx, rsi, cl)?;
+        a.pushfq()?;
+        a.shld(edx, esi, cl)?;
+        a.pushfq()?;
+        a.shrd(esi, edi, cl)?;
+        a.pushfq()?;
+        // A zero count keeps the flags of the ADD, read by the Jcc.
+        a.add(r11, rdi)?;
+        a.shld(rcx, rcx, cl)?;
+        a.shrd(edx, ecx, cl)?;
+        let mut odd = a.create_label();
+        a.js(odd)?;
+        a.add(r11, 1)?;
+        a.set_label(&mut odd)?;
+        for _ in 0..4 {
+            a.pop(r12)?;
+            a.add(r11, r12)?;
+        }
+        a.add(r11, rbx)?;
+        a.add(r11, rdx)?;
+        a.add(r11, rsi)?;
+        a.add(r11, rcx)?;
+        a.dec(r15d)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for budget in [3, 1000] {
+        let cpu = lockstep(&code, budget);
+        if budget == 1000 {
+            assert!(cpu.stats.jit_instructions > 5_000, "{}", cpu.stats.jit_instructions);
+        }
+    }
+}
