@@ -10,7 +10,7 @@
 //! Inline besides register ALU/MOV/LEA/IMUL: the block's final JMP/Jcc
 //! rel, CALL rel32 and RET; PUSH/POP r64; MOV, MOVZX/MOVSX/MOVSXD loads
 //! and stores of 1-8 bytes; ALU with one memory operand; SHL/SHR/SAR/ROL/ROR
-//! by an immediate; SHLD/SHRD r, r by an immediate or CL; one-operand
+//! by an immediate or CL; SHLD/SHRD r, r by an immediate or CL; one-operand
 //! MUL/IMUL r32/r64; SETcc; CMOVcc r, r. Memory goes through `lookup` (the
 //! inline data-TLB); its slow path calls the handler, which leaves the
 //! exact interpreter state (the inline code changes nothing before the
@@ -120,6 +120,12 @@ enum Inline {
         op: ShiftOp,
         dst: usize,
         count: u32,
+        wide: bool,
+    },
+    /// SHL/SHR/SAR/ROL/ROR r32/r64, CL.
+    ShiftCl {
+        op: ShiftOp,
+        dst: usize,
         wide: bool,
     },
     /// MUL/IMUL r32/r64 with one operand: RDX:RAX (EDX:EAX) = the
@@ -257,7 +263,7 @@ impl Inline {
             || matches!(self, Inline::Setcc { .. } | Inline::Cmov { .. })
             || matches!(self, Inline::Shift { op: ShiftOp::Rol | ShiftOp::Ror, count, .. } if *count != 0)
             // By CL: a zero count keeps all of them.
-            || matches!(self, Inline::DoubleShift { count: None, .. })
+            || matches!(self, Inline::DoubleShift { count: None, .. } | Inline::ShiftCl { .. })
     }
 
     /// Whether it writes all six status flags.
@@ -525,6 +531,9 @@ fn classify(ins: &Instruction) -> Option<Inline> {
         _ => None,
     };
     if let Some(op) = shift {
+        if ins.op_count() == 2 && ins.op1_kind() == OpKind::Register && ins.op1_register() == Register::CL {
+            return Some(Inline::ShiftCl { op, dst, wide });
+        }
         if ins.op_count() != 2 || ins.op1_kind() != OpKind::Immediate8 {
             return None;
         }
@@ -1213,6 +1222,87 @@ fn inline(
             // A zero count leaves the flags but still writes the
             // (zero-extended) register, as the interpreter does.
             a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
+        }
+        Inline::ShiftCl { op, dst, wide } => {
+            let msb = if wide { 63 } else { 31 };
+            a.mov(ecx, dword_ptr(r12 + gp(1)))?;
+            load(a, rax, eax, dst, wide)?;
+            if live && op == ShiftOp::Shr {
+                // OF: the operand's sign bit (see `Inline::Shift`).
+                a.mov(r8, rax)?;
+                a.shr(r8, msb)?;
+                a.shl(r8d, 11)?;
+            }
+            // The host masks the count as the guest does (31 or 63).
+            match (op, wide) {
+                (ShiftOp::Shl, true) => a.shl(rax, cl)?,
+                (ShiftOp::Shl, false) => a.shl(eax, cl)?,
+                (ShiftOp::Shr, true) => a.shr(rax, cl)?,
+                (ShiftOp::Shr, false) => a.shr(eax, cl)?,
+                (ShiftOp::Sar, true) => a.sar(rax, cl)?,
+                (ShiftOp::Sar, false) => a.sar(eax, cl)?,
+                (ShiftOp::Rol, true) => a.rol(rax, cl)?,
+                (ShiftOp::Rol, false) => a.rol(eax, cl)?,
+                (ShiftOp::Ror, true) => a.ror(rax, cl)?,
+                (ShiftOp::Ror, false) => a.ror(eax, cl)?,
+            }
+            // A zero count still writes the (zero-extended) register.
+            a.mov(qword_ptr(r12 + gp(dst)), rax)?;
+            if live {
+                a.pushfq()?;
+                a.pop(rdx)?;
+                let mut skip = a.create_label();
+                // A zero count keeps the flags.
+                a.and(ecx, msb)?;
+                a.jz(skip)?;
+                // The new status bits into EDX, the bits they replace into ECX.
+                match op {
+                    ShiftOp::Rol | ShiftOp::Ror => {
+                        // As `Inline::Shift`: ROL CF = bit 0, OF = sign XOR
+                        // CF; ROR CF = sign, OF = sign XOR the bit below.
+                        a.mov(rdx, rax)?;
+                        a.shr(rdx, msb)?;
+                        if op == ShiftOp::Rol {
+                            a.mov(r8d, eax)?;
+                            a.and(r8d, 1)?;
+                            a.xor(edx, r8d)?;
+                            a.shl(edx, 11)?;
+                            a.or(edx, r8d)?;
+                        } else {
+                            a.mov(r8, rax)?;
+                            a.shr(r8, msb - 1)?;
+                            a.and(r8d, 1)?;
+                            a.xor(r8d, edx)?;
+                            a.shl(r8d, 11)?;
+                            a.or(edx, r8d)?;
+                        }
+                        a.mov(ecx, (CF | OF) as u32)?;
+                    }
+                    _ => {
+                        // CF SF ZF PF from the host; AF clear; OF: SHL the
+                        // result's sign XOR CF, SHR the operand's sign, SAR 0.
+                        a.and(edx, (CF | SF | ZF | PF) as i32)?;
+                        match op {
+                            ShiftOp::Shl => {
+                                a.shr(rax, msb)?;
+                                a.xor(eax, edx)?;
+                                a.and(eax, 1)?;
+                                a.shl(eax, 11)?;
+                                a.or(edx, eax)?;
+                            }
+                            ShiftOp::Shr => a.or(edx, r8d)?,
+                            _ => {}
+                        }
+                        a.mov(ecx, STATUS as u32)?;
+                    }
+                }
+                a.not(rcx)?;
+                a.and(rcx, qword_ptr(r12 + l.rflags))?;
+                a.or(rcx, rdx)?;
+                a.mov(qword_ptr(r12 + l.rflags), rcx)?;
+                a.set_label(&mut skip)?;
+                a.nop()?;
+            }
         }
         Inline::MulAcc { signed, src, wide } => {
             load(a, rax, eax, 0, wide)?;

@@ -868,3 +868,70 @@ fn inline_mul_and_double_shifts_match_the_interpreter() {
         }
     }
 }
+
+/// SHL/SHR/SAR/ROL/ROR r32/r64, CL for CL = 0..=69 (masked to 31 or 63),
+/// flags read by PUSHFQ, SETcc and a Jcc after a zero count; CL as the
+/// shifted register too.
+#[test]
+fn inline_shifts_by_cl_match_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(r15d, 70u32)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, r15)?;
+        a.imul_2(rax, r9)?;
+        a.lea(ecx, dword_ptr(r15 - 1))?;
+        a.mov(rdx, rax)?;
+        a.mov(rbx, rax)?;
+        a.mov(rsi, rax)?;
+        a.mov(rdi, rax)?;
+        a.shl(rdx, cl)?;
+        a.pushfq()?;
+        a.shr(ebx, cl)?;
+        a.pushfq()?;
+        a.sar(rsi, cl)?;
+        a.pushfq()?;
+        a.sar(edi, cl)?;
+        a.seto(r10b)?;
+        a.shr(rdi, cl)?;
+        a.setc(r10b)?;
+        a.shl(esi, cl)?;
+        a.pushfq()?;
+        a.rol(edx, cl)?;
+        a.pushfq()?;
+        a.ror(rbx, cl)?;
+        a.pushfq()?;
+        a.rol(rsi, cl)?;
+        a.pushfq()?;
+        a.ror(edi, cl)?;
+        a.pushfq()?;
+        // A zero count keeps the flags of the ADD, read by the Jcc.
+        a.add(r11, rax)?;
+        a.shl(rcx, cl)?;
+        a.rol(ecx, cl)?;
+        let mut sign = a.create_label();
+        a.js(sign)?;
+        a.add(r11, 1)?;
+        a.set_label(&mut sign)?;
+        for _ in 0..8 {
+            a.pop(r12)?;
+            a.add(r11, r12)?;
+        }
+        a.add(r11, rbx)?;
+        a.add(r11, rdx)?;
+        a.add(r11, rsi)?;
+        a.add(r11, rdi)?;
+        a.add(r11, rcx)?;
+        a.add(r11, r10)?;
+        a.dec(r15d)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for budget in [3, 1000] {
+        let cpu = lockstep(&code, budget);
+        if budget == 1000 {
+            assert!(cpu.stats.jit_instructions > 3_000, "{}", cpu.stats.jit_instructions);
+        }
+    }
+}
