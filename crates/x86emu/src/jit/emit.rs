@@ -12,7 +12,8 @@
 //! and stores of 1-8 bytes; ALU with one memory operand; SHL/SHR/SAR/ROL/ROR
 //! by an immediate or CL; SHLD/SHRD r, r by an immediate or CL; one-operand
 //! MUL/IMUL r32/r64; SETcc; CMOVcc r, r. Memory goes through `lookup` (the
-//! inline data-TLB); its slow path calls the handler, which leaves the
+//! inline data-TLB; FS/GS bases are added at run time); its slow path
+//! calls the handler, which leaves the
 //! exact interpreter state (the inline code changes nothing before the
 //! access has succeeded).
 
@@ -22,6 +23,7 @@ use iced_x86::{BlockEncoderOptions, Code, ConditionCode, FlowControl, Instructio
 use super::{Layout, MAX_LOOPS};
 use crate::decode::Block;
 use crate::state::flags::{AF, CF, OF, PF, SF, STATUS, ZF};
+use crate::state::{Seg, Segment};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Alu {
@@ -218,21 +220,25 @@ enum StackOp {
 }
 
 /// A 64-bit address `base + index << shift + disp` in a segment whose base
-/// is 0 in 64-bit mode (DS, SS, ES; no FS/GS).
+/// is 0 in 64-bit mode (DS, SS, ES) or, `seg` set, in FS or GS (their base
+/// is added at run time; a non-canonical sum misses the TLB, and the
+/// handler raises the #GP).
 #[derive(Clone, Copy)]
 struct Mem {
     base: Option<usize>,
     index: Option<(usize, u32)>,
     disp: u64,
+    seg: Option<Seg>,
 }
 
 impl Mem {
     fn of(ins: &Instruction) -> Option<Mem> {
-        if ins.segment_prefix() != Register::None
-            || !matches!(ins.memory_segment(), Register::DS | Register::SS | Register::ES)
-        {
-            return None;
-        }
+        let seg = match (ins.segment_prefix(), ins.memory_segment()) {
+            (Register::None, Register::DS | Register::SS | Register::ES) => None,
+            (Register::FS, Register::FS) => Some(Seg::Fs),
+            (Register::GS, Register::GS) => Some(Seg::Gs),
+            _ => return None,
+        };
         let base = match ins.memory_base() {
             Register::None | Register::RIP => None,
             r => Some(gpr(r, true)?),
@@ -245,6 +251,7 @@ impl Mem {
             base,
             index,
             disp: ins.memory_displacement64(),
+            seg,
         })
     }
 }
@@ -787,7 +794,7 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usi
                 let slow = a.create_label();
                 let mut resume = a.create_label();
                 let store = matches!(form, Some(Inline::Store { .. }));
-                memory(a, &gp, reg, mem, wide, store, slow)?;
+                memory(a, l, reg, mem, wide, store, slow)?;
                 a.set_label(&mut resume)?;
                 slow_paths.push((slow, i, resume));
             }
@@ -799,7 +806,7 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usi
             }) => {
                 let slow = a.create_label();
                 let mut resume = a.create_label();
-                address(a, &gp, mem)?;
+                address(a, l, &gp, mem)?;
                 lookup(a, kind.size(), false, slow)?;
                 load_n(a, qword_ptr(rdx + rax), l.gpr + dst, kind)?;
                 a.set_label(&mut resume)?;
@@ -814,7 +821,7 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usi
             Some(Inline::StoreN { src, mem, size }) => {
                 let slow = a.create_label();
                 let mut resume = a.create_label();
-                address(a, &gp, mem)?;
+                address(a, l, &gp, mem)?;
                 lookup(a, size, true, slow)?;
                 store_n(a, l, src, size)?;
                 a.set_label(&mut resume)?;
@@ -1446,7 +1453,7 @@ fn inline(
 }
 
 /// Compute a memory operand's address into RAX.
-fn address(a: &mut CodeAssembler, gp: &dyn Fn(usize) -> i32, m: Mem) -> Result<(), IcedError> {
+fn address(a: &mut CodeAssembler, l: Layout, gp: &dyn Fn(usize) -> i32, m: Mem) -> Result<(), IcedError> {
     a.mov(rax, m.disp)?;
     if let Some(b) = m.base {
         a.add(rax, qword_ptr(r12 + gp(b)))?;
@@ -1458,6 +1465,11 @@ fn address(a: &mut CodeAssembler, gp: &dyn Fn(usize) -> i32, m: Mem) -> Result<(
         }
         a.add(rax, rcx)?;
     }
+    if let Some(seg) = m.seg {
+        let base =
+            l.segs + (seg as usize * std::mem::size_of::<Segment>() + std::mem::offset_of!(Segment, base)) as i32;
+        a.add(rax, qword_ptr(r12 + base))?;
+    }
     Ok(())
 }
 
@@ -1467,14 +1479,15 @@ fn address(a: &mut CodeAssembler, gp: &dyn Fn(usize) -> i32, m: Mem) -> Result<(
 /// else jumps to `slow`.
 fn memory(
     a: &mut CodeAssembler,
-    gp: &dyn Fn(usize) -> i32,
+    l: Layout,
     reg: usize,
     m: Mem,
     wide: bool,
     store: bool,
     slow: CodeLabel,
 ) -> Result<(), IcedError> {
-    address(a, gp, m)?;
+    let gp = |r: usize| l.gpr + 8 * r as i32;
+    address(a, l, &gp, m)?;
     lookup(a, if wide { 8 } else { 4 }, store, slow)?;
     match (store, wide) {
         (false, true) => {
@@ -1651,7 +1664,7 @@ fn alu_mem(
     slow: CodeLabel,
 ) -> Result<(), IcedError> {
     let writes = !matches!(m.op, Alu::Cmp | Alu::Test);
-    address(a, gp, m.mem)?;
+    address(a, l, gp, m.mem)?;
     lookup(a, m.size, m.to_mem && writes, slow)?;
     let at = qword_ptr(rdx + rax);
     let at = match m.size {

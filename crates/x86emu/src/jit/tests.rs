@@ -935,3 +935,90 @@ fn inline_shifts_by_cl_match_the_interpreter() {
         }
     }
 }
+
+/// Set an MSR (FS_BASE, GS_BASE, KERNEL_GS_BASE) to `value` with WRMSR.
+fn wrmsr(a: &mut CodeAssembler, msr: u32, value: u64) -> Result<(), IcedError> {
+    a.mov(ecx, msr)?;
+    a.mov(eax, value as u32)?;
+    a.mov(edx, (value >> 32) as u32)?;
+    a.wrmsr()
+}
+
+/// Loads, stores, MOVZX and ALU with an FS or GS segment (per-CPU and TLS
+/// accesses): the base is read at run time (SWAPGS changes it every pass),
+/// some accesses cross pages; then a page fault and a non-canonical #GP
+/// through a segment base.
+#[test]
+fn inline_fs_gs_accesses_match_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        wrmsr(a, 0xc000_0100, 0x30_0000)?;
+        wrmsr(a, 0xc000_0101, 0x2f_e000)?;
+        wrmsr(a, 0xc000_0102, 0x2f_c008)?;
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(r15d, 300u32)?;
+        a.xor(esi, esi)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, r15)?;
+        a.imul_2(rax, r9)?;
+        a.mov(qword_ptr(rsi + r15 * 8).fs(), rax)?;
+        a.mov(qword_ptr(r15 * 8 + 0xffd).gs(), rax)?;
+        a.mov(rbx, qword_ptr(r15 * 4 + 0x10).gs())?;
+        a.add(qword_ptr(r15 * 8 + 0x800).gs(), rbx)?;
+        a.pushfq()?;
+        a.sub(edx, dword_ptr(r15 * 8 + 3).fs())?;
+        a.pushfq()?;
+        a.movzx(ecx, byte_ptr(r15 + 0x1001).gs())?;
+        a.movsxd(rdi, dword_ptr(r15 * 2 + 0xffe).fs())?;
+        a.mov(word_ptr(r15 * 2 + 0x600).gs(), cx)?;
+        a.mov(dword_ptr(r15 * 4 + 0x700).fs(), 0x1234_5678)?;
+        a.cmp(qword_ptr(r15 * 8 + 0x800).gs(), rdi)?;
+        a.pushfq()?;
+        a.mov(r8d, dword_ptr(0x10).fs())?;
+        for _ in 0..3 {
+            a.pop(r12)?;
+            a.add(r11, r12)?;
+        }
+        a.add(r11, rbx)?;
+        a.add(r11, rcx)?;
+        a.add(r11, rdx)?;
+        a.add(r11, rdi)?;
+        a.add(r11, r8)?;
+        a.swapgs()?;
+        a.dec(r15d)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for budget in [4, 1000] {
+        let cpu = lockstep(&code, budget);
+        if budget == 1000 {
+            assert!(cpu.stats.jit_instructions > 3_000, "{}", cpu.stats.jit_instructions);
+        }
+    }
+    for (use_fs, base, fault) in [
+        (false, 0x4000_0000u64, 14u8),
+        (true, 0x3fff_fff0, 14),
+        (true, 0x7fff_ffff_fff8, 13),
+        (false, 0x8000_0000_0000_0000, 13),
+    ] {
+        let code = assemble(|a| {
+            wrmsr(a, if use_fs { 0xc000_0100 } else { 0xc000_0101 }, base)?;
+            a.mov(rcx, 0x18u64)?;
+            a.add(rax, rbx)?;
+            match (use_fs, fault) {
+                (false, 14) => a.add(qword_ptr(rcx - 0x10).gs(), rax)?,
+                (true, 14) => a.mov(dword_ptr(rcx).fs(), eax)?,
+                (true, _) => a.movzx(eax, word_ptr(rcx).fs())?,
+                (false, _) => a.mov(rax, qword_ptr(rcx).gs())?,
+            }
+            a.hlt()
+        });
+        let cpu = lockstep(&code, 1000);
+        assert_eq!(cpu.state.rip, HANDLER + 1);
+        if fault == 14 {
+            assert_eq!(cpu.state.cr2, base.wrapping_add(if use_fs { 0x18 } else { 8 }));
+        } else {
+            assert_eq!(cpu.state.cr2, 0, "a #GP, not a page fault");
+        }
+    }
+}
