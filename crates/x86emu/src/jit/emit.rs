@@ -11,11 +11,10 @@
 //! rel, CALL rel32 and RET; PUSH/POP r64; MOV, MOVZX/MOVSX/MOVSXD loads
 //! and stores of 1-8 bytes; ALU with one memory operand; SHL/SHR/SAR/ROL/ROR
 //! by an immediate or CL; SHLD/SHRD r, r by an immediate or CL; one-operand
-//! MUL/IMUL r32/r64; SETcc; CMOVcc r, r. Memory goes through `lookup` (the
+//! MUL/IMUL r32/r64; NEG/NOT r32/r64; SETcc; CMOVcc r, r. Memory goes through `lookup` (the
 //! inline data-TLB; FS/GS bases are added at run time); its slow path
-//! calls the handler, which leaves the
-//! exact interpreter state (the inline code changes nothing before the
-//! access has succeeded).
+//! calls the handler, which leaves the exact interpreter state (the inline
+//! code changes nothing before the access has succeeded).
 
 use iced_x86::code_asm::*;
 use iced_x86::{BlockEncoderOptions, Code, ConditionCode, FlowControl, Instruction, Mnemonic as M, OpKind, Register};
@@ -127,6 +126,12 @@ enum Inline {
     /// SHL/SHR/SAR/ROL/ROR r32/r64, CL.
     ShiftCl {
         op: ShiftOp,
+        dst: usize,
+        wide: bool,
+    },
+    /// NEG/NOT r32/r64.
+    NegNot {
+        neg: bool,
         dst: usize,
         wide: bool,
     },
@@ -300,7 +305,11 @@ impl Inline {
     fn writes_all_flags(&self) -> bool {
         matches!(
             self,
-            Inline::Alu { .. } | Inline::Imul { .. } | Inline::AluMem(_) | Inline::MulAcc { .. }
+            Inline::Alu { .. }
+                | Inline::Imul { .. }
+                | Inline::AluMem(_)
+                | Inline::MulAcc { .. }
+                | Inline::NegNot { neg: true, .. }
         ) || matches!(self, Inline::DoubleShift { count: Some(c), .. } if *c != 0)
             || matches!(self, Inline::Shift { op: ShiftOp::Shl | ShiftOp::Shr | ShiftOp::Sar, count, .. } if *count != 0)
     }
@@ -503,6 +512,13 @@ fn classify(ins: &Instruction) -> Option<Inline> {
         }
         Code::Lea_r64_m | Code::Lea_r32_m => return lea(ins, dst, wide),
         _ => {}
+    }
+    if matches!(ins.mnemonic(), M::Neg | M::Not) && ins.op_count() == 1 {
+        return Some(Inline::NegNot {
+            neg: ins.mnemonic() == M::Neg,
+            dst,
+            wide,
+        });
     }
     if matches!(ins.mnemonic(), M::Mul | M::Imul) && ins.op_count() == 1 {
         return Some(Inline::MulAcc {
@@ -1309,6 +1325,20 @@ fn inline(
                 a.mov(qword_ptr(r12 + l.rflags), rcx)?;
                 a.set_label(&mut skip)?;
                 a.nop()?;
+            }
+        }
+        Inline::NegNot { neg, dst, wide } => {
+            load(a, rcx, ecx, dst, wide)?;
+            match (neg, wide) {
+                (true, true) => a.neg(rcx)?,
+                (true, false) => a.neg(ecx)?,
+                (false, true) => a.not(rcx)?,
+                (false, false) => a.not(ecx)?,
+            }
+            a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
+            if live && neg {
+                // The flags of 0 - the operand, as the interpreter's SUB.
+                store_flags(a, l, STATUS, STATUS)?;
             }
         }
         Inline::MulAcc { signed, src, wide } => {

@@ -758,7 +758,7 @@ fn chain_links_are_made_again_after_their_epoch_ends() {
     );
 }
 
-/// MUL/IMUL r32/r64 into RDX:RAX and SHLD/SHRD r, r, imm8 and CL, for
+/// MUL/IMUL r32/r64 into RDX:RAX, NEG/NOT, and SHLD/SHRD r, r, imm8 and CL, for
 /// counts 0..=65 (CL is masked, so 32, 64, 65 wrap), flags read by PUSHFQ,
 /// SETcc and a Jcc; the accumulator and count registers as sources too.
 #[test]
@@ -792,7 +792,22 @@ fn inline_mul_and_double_shifts_match_the_interpreter() {
         a.pushfq()?;
         a.imul(edx)?;
         a.pushfq()?;
-        for _ in 0..7 {
+        // NEG/NOT, of 0 too (CF clear) and of the most negative value (OF).
+        a.neg(rsi)?;
+        a.pushfq()?;
+        a.not(esi)?;
+        a.neg(ebx)?;
+        a.pushfq()?;
+        a.not(rbx)?;
+        a.mov(edi, 0u32)?;
+        a.neg(rdi)?;
+        a.pushfq()?;
+        a.mov(edi, 0x8000_0000u32)?;
+        a.neg(edi)?;
+        a.pushfq()?;
+        a.add(r11, rsi)?;
+        a.add(r11, rbx)?;
+        for _ in 0..11 {
             a.pop(r12)?;
             a.add(r11, r12)?;
         }
