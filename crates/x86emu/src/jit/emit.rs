@@ -10,10 +10,11 @@
 //! Inline besides register ALU/MOV/LEA/IMUL: the block's final JMP/Jcc
 //! rel, CALL rel32 and RET; PUSH/POP r64; MOV, MOVZX/MOVSX/MOVSXD loads
 //! and stores of 1-8 bytes; ALU with one memory operand; SHL/SHR/SAR/ROL/ROR
-//! by an immediate; SETcc; CMOVcc r, r. Memory goes through `lookup` (the
-//! inline data-TLB); its slow path calls the handler, which leaves the
-//! exact interpreter state (the inline code changes nothing before the
-//! access has succeeded).
+//! by an immediate or CL; SHLD/SHRD r, r by an immediate or CL; one-operand
+//! MUL/IMUL r32/r64; NEG/NOT r32/r64; SETcc; CMOVcc r, r. Memory goes through `lookup` (the
+//! inline data-TLB; FS/GS bases are added at run time); its slow path
+//! calls the handler, which leaves the exact interpreter state (the inline
+//! code changes nothing before the access has succeeded).
 
 use iced_x86::code_asm::*;
 use iced_x86::{BlockEncoderOptions, Code, ConditionCode, FlowControl, Instruction, Mnemonic as M, OpKind, Register};
@@ -21,6 +22,7 @@ use iced_x86::{BlockEncoderOptions, Code, ConditionCode, FlowControl, Instructio
 use super::{Layout, MAX_LOOPS};
 use crate::decode::Block;
 use crate::state::flags::{AF, CF, OF, PF, SF, STATUS, ZF};
+use crate::state::{Seg, Segment};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Alu {
@@ -121,6 +123,33 @@ enum Inline {
         count: u32,
         wide: bool,
     },
+    /// SHL/SHR/SAR/ROL/ROR r32/r64, CL.
+    ShiftCl {
+        op: ShiftOp,
+        dst: usize,
+        wide: bool,
+    },
+    /// NEG/NOT r32/r64.
+    NegNot {
+        neg: bool,
+        dst: usize,
+        wide: bool,
+    },
+    /// MUL/IMUL r32/r64 with one operand: RDX:RAX (EDX:EAX) = the
+    /// accumulator times `src`.
+    MulAcc {
+        signed: bool,
+        src: usize,
+        wide: bool,
+    },
+    /// SHLD/SHRD r32/r64, r32/r64, imm8 (`count` masked) or CL (None).
+    DoubleShift {
+        left: bool,
+        dst: usize,
+        src: usize,
+        count: Option<u32>,
+        wide: bool,
+    },
     /// SETcc r8 (byte offset in the GPR file).
     Setcc {
         cc: ConditionCode,
@@ -196,21 +225,25 @@ enum StackOp {
 }
 
 /// A 64-bit address `base + index << shift + disp` in a segment whose base
-/// is 0 in 64-bit mode (DS, SS, ES; no FS/GS).
+/// is 0 in 64-bit mode (DS, SS, ES) or, `seg` set, in FS or GS (their base
+/// is added at run time; a non-canonical sum misses the TLB, and the
+/// handler raises the #GP).
 #[derive(Clone, Copy)]
 struct Mem {
     base: Option<usize>,
     index: Option<(usize, u32)>,
     disp: u64,
+    seg: Option<Seg>,
 }
 
 impl Mem {
     fn of(ins: &Instruction) -> Option<Mem> {
-        if ins.segment_prefix() != Register::None
-            || !matches!(ins.memory_segment(), Register::DS | Register::SS | Register::ES)
-        {
-            return None;
-        }
+        let seg = match (ins.segment_prefix(), ins.memory_segment()) {
+            (Register::None, Register::DS | Register::SS | Register::ES) => None,
+            (Register::FS, Register::FS) => Some(Seg::Fs),
+            (Register::GS, Register::GS) => Some(Seg::Gs),
+            _ => return None,
+        };
         let base = match ins.memory_base() {
             Register::None | Register::RIP => None,
             r => Some(gpr(r, true)?),
@@ -223,6 +256,7 @@ impl Mem {
             base,
             index,
             disp: ins.memory_displacement64(),
+            seg,
         })
     }
 }
@@ -240,6 +274,8 @@ impl Inline {
         ) || matches!(self, Inline::Branch { cc, .. } if *cc != ConditionCode::None)
             || matches!(self, Inline::Setcc { .. } | Inline::Cmov { .. })
             || matches!(self, Inline::Shift { op: ShiftOp::Rol | ShiftOp::Ror, count, .. } if *count != 0)
+            // By CL: a zero count keeps all of them.
+            || matches!(self, Inline::DoubleShift { count: None, .. } | Inline::ShiftCl { .. })
     }
 
     /// Whether it writes all six status flags.
@@ -267,7 +303,14 @@ impl Inline {
     }
 
     fn writes_all_flags(&self) -> bool {
-        matches!(self, Inline::Alu { .. } | Inline::Imul { .. } | Inline::AluMem(_))
+        matches!(
+            self,
+            Inline::Alu { .. }
+                | Inline::Imul { .. }
+                | Inline::AluMem(_)
+                | Inline::MulAcc { .. }
+                | Inline::NegNot { neg: true, .. }
+        ) || matches!(self, Inline::DoubleShift { count: Some(c), .. } if *c != 0)
             || matches!(self, Inline::Shift { op: ShiftOp::Shl | ShiftOp::Shr | ShiftOp::Sar, count, .. } if *count != 0)
     }
 }
@@ -470,6 +513,38 @@ fn classify(ins: &Instruction) -> Option<Inline> {
         Code::Lea_r64_m | Code::Lea_r32_m => return lea(ins, dst, wide),
         _ => {}
     }
+    if matches!(ins.mnemonic(), M::Neg | M::Not) && ins.op_count() == 1 {
+        return Some(Inline::NegNot {
+            neg: ins.mnemonic() == M::Neg,
+            dst,
+            wide,
+        });
+    }
+    if matches!(ins.mnemonic(), M::Mul | M::Imul) && ins.op_count() == 1 {
+        return Some(Inline::MulAcc {
+            signed: ins.mnemonic() == M::Imul,
+            src: dst,
+            wide,
+        });
+    }
+    if matches!(ins.mnemonic(), M::Shld | M::Shrd) && ins.op_count() == 3 {
+        let count = match ins.op2_kind() {
+            OpKind::Immediate8 => Some(ins.immediate8() as u32 & if wide { 63 } else { 31 }),
+            OpKind::Register if ins.op2_register() == Register::CL => None,
+            _ => return None,
+        };
+        return Some(Inline::DoubleShift {
+            left: ins.mnemonic() == M::Shld,
+            dst,
+            src: if ins.op1_kind() == OpKind::Register {
+                gpr(ins.op1_register(), wide)?
+            } else {
+                return None;
+            },
+            count,
+            wide,
+        });
+    }
     let shift = match ins.mnemonic() {
         M::Shl => Some(ShiftOp::Shl),
         M::Shr => Some(ShiftOp::Shr),
@@ -479,6 +554,9 @@ fn classify(ins: &Instruction) -> Option<Inline> {
         _ => None,
     };
     if let Some(op) = shift {
+        if ins.op_count() == 2 && ins.op1_kind() == OpKind::Register && ins.op1_register() == Register::CL {
+            return Some(Inline::ShiftCl { op, dst, wide });
+        }
         if ins.op_count() != 2 || ins.op1_kind() != OpKind::Immediate8 {
             return None;
         }
@@ -732,7 +810,7 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usi
                 let slow = a.create_label();
                 let mut resume = a.create_label();
                 let store = matches!(form, Some(Inline::Store { .. }));
-                memory(a, &gp, reg, mem, wide, store, slow)?;
+                memory(a, l, reg, mem, wide, store, slow)?;
                 a.set_label(&mut resume)?;
                 slow_paths.push((slow, i, resume));
             }
@@ -744,7 +822,7 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usi
             }) => {
                 let slow = a.create_label();
                 let mut resume = a.create_label();
-                address(a, &gp, mem)?;
+                address(a, l, &gp, mem)?;
                 lookup(a, kind.size(), false, slow)?;
                 load_n(a, qword_ptr(rdx + rax), l.gpr + dst, kind)?;
                 a.set_label(&mut resume)?;
@@ -759,7 +837,7 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usi
             Some(Inline::StoreN { src, mem, size }) => {
                 let slow = a.create_label();
                 let mut resume = a.create_label();
-                address(a, &gp, mem)?;
+                address(a, l, &gp, mem)?;
                 lookup(a, size, true, slow)?;
                 store_n(a, l, src, size)?;
                 a.set_label(&mut resume)?;
@@ -1168,6 +1246,195 @@ fn inline(
             // (zero-extended) register, as the interpreter does.
             a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
         }
+        Inline::ShiftCl { op, dst, wide } => {
+            let msb = if wide { 63 } else { 31 };
+            a.mov(ecx, dword_ptr(r12 + gp(1)))?;
+            load(a, rax, eax, dst, wide)?;
+            if live && op == ShiftOp::Shr {
+                // OF: the operand's sign bit (see `Inline::Shift`).
+                a.mov(r8, rax)?;
+                a.shr(r8, msb)?;
+                a.shl(r8d, 11)?;
+            }
+            // The host masks the count as the guest does (31 or 63).
+            match (op, wide) {
+                (ShiftOp::Shl, true) => a.shl(rax, cl)?,
+                (ShiftOp::Shl, false) => a.shl(eax, cl)?,
+                (ShiftOp::Shr, true) => a.shr(rax, cl)?,
+                (ShiftOp::Shr, false) => a.shr(eax, cl)?,
+                (ShiftOp::Sar, true) => a.sar(rax, cl)?,
+                (ShiftOp::Sar, false) => a.sar(eax, cl)?,
+                (ShiftOp::Rol, true) => a.rol(rax, cl)?,
+                (ShiftOp::Rol, false) => a.rol(eax, cl)?,
+                (ShiftOp::Ror, true) => a.ror(rax, cl)?,
+                (ShiftOp::Ror, false) => a.ror(eax, cl)?,
+            }
+            // A zero count still writes the (zero-extended) register.
+            a.mov(qword_ptr(r12 + gp(dst)), rax)?;
+            if live {
+                a.pushfq()?;
+                a.pop(rdx)?;
+                let mut skip = a.create_label();
+                // A zero count keeps the flags.
+                a.and(ecx, msb)?;
+                a.jz(skip)?;
+                // The new status bits into EDX, the bits they replace into ECX.
+                match op {
+                    ShiftOp::Rol | ShiftOp::Ror => {
+                        // As `Inline::Shift`: ROL CF = bit 0, OF = sign XOR
+                        // CF; ROR CF = sign, OF = sign XOR the bit below.
+                        a.mov(rdx, rax)?;
+                        a.shr(rdx, msb)?;
+                        if op == ShiftOp::Rol {
+                            a.mov(r8d, eax)?;
+                            a.and(r8d, 1)?;
+                            a.xor(edx, r8d)?;
+                            a.shl(edx, 11)?;
+                            a.or(edx, r8d)?;
+                        } else {
+                            a.mov(r8, rax)?;
+                            a.shr(r8, msb - 1)?;
+                            a.and(r8d, 1)?;
+                            a.xor(r8d, edx)?;
+                            a.shl(r8d, 11)?;
+                            a.or(edx, r8d)?;
+                        }
+                        a.mov(ecx, (CF | OF) as u32)?;
+                    }
+                    _ => {
+                        // CF SF ZF PF from the host; AF clear; OF: SHL the
+                        // result's sign XOR CF, SHR the operand's sign, SAR 0.
+                        a.and(edx, (CF | SF | ZF | PF) as i32)?;
+                        match op {
+                            ShiftOp::Shl => {
+                                a.shr(rax, msb)?;
+                                a.xor(eax, edx)?;
+                                a.and(eax, 1)?;
+                                a.shl(eax, 11)?;
+                                a.or(edx, eax)?;
+                            }
+                            ShiftOp::Shr => a.or(edx, r8d)?,
+                            _ => {}
+                        }
+                        a.mov(ecx, STATUS as u32)?;
+                    }
+                }
+                a.not(rcx)?;
+                a.and(rcx, qword_ptr(r12 + l.rflags))?;
+                a.or(rcx, rdx)?;
+                a.mov(qword_ptr(r12 + l.rflags), rcx)?;
+                a.set_label(&mut skip)?;
+                a.nop()?;
+            }
+        }
+        Inline::NegNot { neg, dst, wide } => {
+            load(a, rcx, ecx, dst, wide)?;
+            match (neg, wide) {
+                (true, true) => a.neg(rcx)?,
+                (true, false) => a.neg(ecx)?,
+                (false, true) => a.not(rcx)?,
+                (false, false) => a.not(ecx)?,
+            }
+            a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
+            if live && neg {
+                // The flags of 0 - the operand, as the interpreter's SUB.
+                store_flags(a, l, STATUS, STATUS)?;
+            }
+        }
+        Inline::MulAcc { signed, src, wide } => {
+            load(a, rax, eax, 0, wide)?;
+            load(a, rcx, ecx, src, wide)?;
+            match (signed, wide) {
+                (false, true) => a.mul(rcx)?,
+                (false, false) => a.mul(ecx)?,
+                (true, true) => a.imul(rcx)?,
+                (true, false) => a.imul(ecx)?,
+            }
+            // A 32-bit multiply zero-extends EAX and EDX, as the
+            // interpreter's register writes do.
+            a.mov(qword_ptr(r12 + gp(0)), rax)?;
+            a.mov(qword_ptr(r12 + gp(2)), rdx)?;
+            if live {
+                // As `mul_flags`: CF=OF from the multiply, SF ZF PF from the
+                // low half, AF clear.
+                a.pushfq()?;
+                a.pop(rdx)?;
+                a.and(edx, (CF | OF) as i32)?;
+                if wide {
+                    a.test(rax, rax)?;
+                } else {
+                    a.test(eax, eax)?;
+                }
+                a.pushfq()?;
+                a.pop(rax)?;
+                a.and(eax, (SF | ZF | PF) as i32)?;
+                a.or(eax, edx)?;
+                a.mov(rdx, qword_ptr(r12 + l.rflags))?;
+                a.and(rdx, !STATUS as i32)?;
+                a.or(rdx, rax)?;
+                a.mov(qword_ptr(r12 + l.rflags), rdx)?;
+            }
+        }
+        Inline::DoubleShift {
+            left,
+            dst,
+            src,
+            count,
+            wide,
+        } => {
+            load(a, rax, eax, dst, wide)?;
+            if count == Some(0) {
+                // Only the (zero-extended) register write, as
+                // `double_shift_value` with a zero count.
+                return a.mov(qword_ptr(r12 + gp(dst)), rax);
+            }
+            load(a, rdx, edx, src, wide)?;
+            a.mov(r8, rax)?;
+            macro_rules! shift {
+                ($c:expr) => {
+                    match (left, wide) {
+                        (true, true) => a.shld(rax, rdx, $c)?,
+                        (true, false) => a.shld(eax, edx, $c)?,
+                        (false, true) => a.shrd(rax, rdx, $c)?,
+                        (false, false) => a.shrd(eax, edx, $c)?,
+                    }
+                };
+            }
+            // The host masks a CL count as the guest does (31 or 63).
+            match count {
+                Some(c) => shift!(c),
+                None => {
+                    a.mov(ecx, dword_ptr(r12 + gp(1)))?;
+                    shift!(cl)
+                }
+            }
+            a.mov(qword_ptr(r12 + gp(dst)), rax)?;
+            if live {
+                // CF SF ZF PF from the host; AF clear; OF = the sign bit
+                // changed, as the interpreter sets it for every count.
+                a.pushfq()?;
+                a.pop(rdx)?;
+                let mut skip = a.create_label();
+                if count.is_none() {
+                    // A zero count keeps the flags.
+                    a.and(ecx, if wide { 63 } else { 31 })?;
+                    a.jz(skip)?;
+                }
+                a.and(edx, (CF | SF | ZF | PF) as i32)?;
+                a.xor(r8, rax)?;
+                a.shr(r8, if wide { 63 } else { 31 })?;
+                a.shl(r8d, 11)?;
+                a.or(edx, r8d)?;
+                a.mov(rax, qword_ptr(r12 + l.rflags))?;
+                a.and(rax, !STATUS as i32)?;
+                a.or(rax, rdx)?;
+                a.mov(qword_ptr(r12 + l.rflags), rax)?;
+                if count.is_none() {
+                    a.set_label(&mut skip)?;
+                    a.nop()?;
+                }
+            }
+        }
         Inline::Setcc { cc, dst } => {
             if guest_condition(a, l, cc)? {
                 a.setne(cl)?;
@@ -1216,7 +1483,7 @@ fn inline(
 }
 
 /// Compute a memory operand's address into RAX.
-fn address(a: &mut CodeAssembler, gp: &dyn Fn(usize) -> i32, m: Mem) -> Result<(), IcedError> {
+fn address(a: &mut CodeAssembler, l: Layout, gp: &dyn Fn(usize) -> i32, m: Mem) -> Result<(), IcedError> {
     a.mov(rax, m.disp)?;
     if let Some(b) = m.base {
         a.add(rax, qword_ptr(r12 + gp(b)))?;
@@ -1228,6 +1495,11 @@ fn address(a: &mut CodeAssembler, gp: &dyn Fn(usize) -> i32, m: Mem) -> Result<(
         }
         a.add(rax, rcx)?;
     }
+    if let Some(seg) = m.seg {
+        let base =
+            l.segs + (seg as usize * std::mem::size_of::<Segment>() + std::mem::offset_of!(Segment, base)) as i32;
+        a.add(rax, qword_ptr(r12 + base))?;
+    }
     Ok(())
 }
 
@@ -1237,14 +1509,15 @@ fn address(a: &mut CodeAssembler, gp: &dyn Fn(usize) -> i32, m: Mem) -> Result<(
 /// else jumps to `slow`.
 fn memory(
     a: &mut CodeAssembler,
-    gp: &dyn Fn(usize) -> i32,
+    l: Layout,
     reg: usize,
     m: Mem,
     wide: bool,
     store: bool,
     slow: CodeLabel,
 ) -> Result<(), IcedError> {
-    address(a, gp, m)?;
+    let gp = |r: usize| l.gpr + 8 * r as i32;
+    address(a, l, &gp, m)?;
     lookup(a, if wide { 8 } else { 4 }, store, slow)?;
     match (store, wide) {
         (false, true) => {
@@ -1421,7 +1694,7 @@ fn alu_mem(
     slow: CodeLabel,
 ) -> Result<(), IcedError> {
     let writes = !matches!(m.op, Alu::Cmp | Alu::Test);
-    address(a, gp, m.mem)?;
+    address(a, l, gp, m.mem)?;
     lookup(a, m.size, m.to_mem && writes, slow)?;
     let at = qword_ptr(rdx + rax);
     let at = match m.size {

@@ -164,6 +164,8 @@ pub(crate) struct Layout {
     pub gpr: i32,
     pub rip: i32,
     pub rflags: i32,
+    /// The segment registers (`CpuState::segs`).
+    pub segs: i32,
 }
 
 impl Layout {
@@ -174,6 +176,7 @@ impl Layout {
             gpr: off(cpu.state.gpr.as_ptr()),
             rip: off(&cpu.state.rip),
             rflags: off(&cpu.state.rflags),
+            segs: (cpu.state.segs.as_ptr() as usize - base) as i32,
         }
     }
 }

@@ -758,6 +758,286 @@ fn chain_links_are_made_again_after_their_epoch_ends() {
     );
 }
 
+/// MUL/IMUL r32/r64 into RDX:RAX, NEG/NOT, and SHLD/SHRD r, r, imm8 and CL, for
+/// counts 0..=65 (CL is masked, so 32, 64, 65 wrap), flags read by PUSHFQ,
+/// SETcc and a Jcc; the accumulator and count registers as sources too.
+#[test]
+fn inline_mul_and_double_shifts_match_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(r15d, 70u32)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, r15)?;
+        a.imul_2(rax, r9)?;
+        a.mov(rbx, rax)?;
+        a.rol(rbx, 23)?;
+        a.mov(rsi, rax)?;
+        a.mul(rbx)?;
+        a.pushfq()?;
+        a.add(r11, rdx)?;
+        a.imul(rsi)?;
+        a.pushfq()?;
+        a.xor(r11, rdx)?;
+        a.mul(ebx)?;
+        a.seto(r10b)?;
+        a.add(r11, r10)?;
+        a.imul(esi)?;
+        a.pushfq()?;
+        a.imul(r15)?;
+        a.pushfq()?;
+        a.imul(r15d)?;
+        a.pushfq()?;
+        a.mul(rax)?;
+        a.pushfq()?;
+        a.imul(edx)?;
+        a.pushfq()?;
+        // NEG/NOT, of 0 too (CF clear) and of the most negative value (OF).
+        a.neg(rsi)?;
+        a.pushfq()?;
+        a.not(esi)?;
+        a.neg(ebx)?;
+        a.pushfq()?;
+        a.not(rbx)?;
+        a.mov(edi, 0u32)?;
+        a.neg(rdi)?;
+        a.pushfq()?;
+        a.mov(edi, 0x8000_0000u32)?;
+        a.neg(edi)?;
+        a.pushfq()?;
+        a.add(r11, rsi)?;
+        a.add(r11, rbx)?;
+        for _ in 0..11 {
+            a.pop(r12)?;
+            a.add(r11, r12)?;
+        }
+        a.add(r11, rax)?;
+        a.add(r11, rdx)?;
+        // Small multipliers: no overflow, CF=OF=0.
+        a.mov(eax, 3u32)?;
+        a.mov(ecx, 5u32)?;
+        a.imul(rcx)?;
+        a.pushfq()?;
+        a.mul(ecx)?;
+        a.pushfq()?;
+        a.pop(r12)?;
+        a.add(r11, r12)?;
+        a.pop(r12)?;
+        a.add(r11, r12)?;
+        for count in [0u32, 1, 7, 31, 32, 33, 63, 64] {
+            a.mov(rdi, rsi)?;
+            a.mov(r8, rbx)?;
+            a.shld(rdi, rbx, count)?;
+            a.pushfq()?;
+            a.shrd(r8d, esi, count)?;
+            a.pushfq()?;
+            a.shrd(rsi, r8, count)?;
+            a.seto(r10b)?;
+            a.shld(ebx, edi, count)?;
+            a.setc(r10b)?;
+            a.pushfq()?;
+            for _ in 0..3 {
+                a.pop(r12)?;
+                a.add(r11, r12)?;
+            }
+            a.add(r11, rdi)?;
+            a.add(r11, r8)?;
+            a.add(r11, r10)?;
+        }
+        // By CL: the loop counter's low bits run through 0..=69 (masked).
+        a.lea(ecx, dword_ptr(r15 - 3))?;
+        a.mov(rdi, rsi)?;
+        a.mov(edx, ebx)?;
+        a.shld(rdi, rbx, cl)?;
+        a.pushfq()?;
+        a.shrd(rbx, rsi, cl)?;
+        a.pushfq()?;
+        a.shld(edx, esi, cl)?;
+        a.pushfq()?;
+        a.shrd(esi, edi, cl)?;
+        a.pushfq()?;
+        // A zero count keeps the flags of the ADD, read by the Jcc.
+        a.add(r11, rdi)?;
+        a.shld(rcx, rcx, cl)?;
+        a.shrd(edx, ecx, cl)?;
+        let mut odd = a.create_label();
+        a.js(odd)?;
+        a.add(r11, 1)?;
+        a.set_label(&mut odd)?;
+        for _ in 0..4 {
+            a.pop(r12)?;
+            a.add(r11, r12)?;
+        }
+        a.add(r11, rbx)?;
+        a.add(r11, rdx)?;
+        a.add(r11, rsi)?;
+        a.add(r11, rcx)?;
+        a.dec(r15d)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for budget in [3, 1000] {
+        let cpu = lockstep(&code, budget);
+        if budget == 1000 {
+            assert!(cpu.stats.jit_instructions > 5_000, "{}", cpu.stats.jit_instructions);
+        }
+    }
+}
+
+/// SHL/SHR/SAR/ROL/ROR r32/r64, CL for CL = 0..=69 (masked to 31 or 63),
+/// flags read by PUSHFQ, SETcc and a Jcc after a zero count; CL as the
+/// shifted register too.
+#[test]
+fn inline_shifts_by_cl_match_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(r15d, 70u32)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, r15)?;
+        a.imul_2(rax, r9)?;
+        a.lea(ecx, dword_ptr(r15 - 1))?;
+        a.mov(rdx, rax)?;
+        a.mov(rbx, rax)?;
+        a.mov(rsi, rax)?;
+        a.mov(rdi, rax)?;
+        a.shl(rdx, cl)?;
+        a.pushfq()?;
+        a.shr(ebx, cl)?;
+        a.pushfq()?;
+        a.sar(rsi, cl)?;
+        a.pushfq()?;
+        a.sar(edi, cl)?;
+        a.seto(r10b)?;
+        a.shr(rdi, cl)?;
+        a.setc(r10b)?;
+        a.shl(esi, cl)?;
+        a.pushfq()?;
+        a.rol(edx, cl)?;
+        a.pushfq()?;
+        a.ror(rbx, cl)?;
+        a.pushfq()?;
+        a.rol(rsi, cl)?;
+        a.pushfq()?;
+        a.ror(edi, cl)?;
+        a.pushfq()?;
+        // A zero count keeps the flags of the ADD, read by the Jcc.
+        a.add(r11, rax)?;
+        a.shl(rcx, cl)?;
+        a.rol(ecx, cl)?;
+        let mut sign = a.create_label();
+        a.js(sign)?;
+        a.add(r11, 1)?;
+        a.set_label(&mut sign)?;
+        for _ in 0..8 {
+            a.pop(r12)?;
+            a.add(r11, r12)?;
+        }
+        a.add(r11, rbx)?;
+        a.add(r11, rdx)?;
+        a.add(r11, rsi)?;
+        a.add(r11, rdi)?;
+        a.add(r11, rcx)?;
+        a.add(r11, r10)?;
+        a.dec(r15d)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for budget in [3, 1000] {
+        let cpu = lockstep(&code, budget);
+        if budget == 1000 {
+            assert!(cpu.stats.jit_instructions > 3_000, "{}", cpu.stats.jit_instructions);
+        }
+    }
+}
+
+/// Set an MSR (FS_BASE, GS_BASE, KERNEL_GS_BASE) to `value` with WRMSR.
+fn wrmsr(a: &mut CodeAssembler, msr: u32, value: u64) -> Result<(), IcedError> {
+    a.mov(ecx, msr)?;
+    a.mov(eax, value as u32)?;
+    a.mov(edx, (value >> 32) as u32)?;
+    a.wrmsr()
+}
+
+/// Loads, stores, MOVZX and ALU with an FS or GS segment (per-CPU and TLS
+/// accesses): the base is read at run time (SWAPGS changes it every pass),
+/// some accesses cross pages; then a page fault and a non-canonical #GP
+/// through a segment base.
+#[test]
+fn inline_fs_gs_accesses_match_the_interpreter() {
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        wrmsr(a, 0xc000_0100, 0x30_0000)?;
+        wrmsr(a, 0xc000_0101, 0x2f_e000)?;
+        wrmsr(a, 0xc000_0102, 0x2f_c008)?;
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(r15d, 300u32)?;
+        a.xor(esi, esi)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, r15)?;
+        a.imul_2(rax, r9)?;
+        a.mov(qword_ptr(rsi + r15 * 8).fs(), rax)?;
+        a.mov(qword_ptr(r15 * 8 + 0xffd).gs(), rax)?;
+        a.mov(rbx, qword_ptr(r15 * 4 + 0x10).gs())?;
+        a.add(qword_ptr(r15 * 8 + 0x800).gs(), rbx)?;
+        a.pushfq()?;
+        a.sub(edx, dword_ptr(r15 * 8 + 3).fs())?;
+        a.pushfq()?;
+        a.movzx(ecx, byte_ptr(r15 + 0x1001).gs())?;
+        a.movsxd(rdi, dword_ptr(r15 * 2 + 0xffe).fs())?;
+        a.mov(word_ptr(r15 * 2 + 0x600).gs(), cx)?;
+        a.mov(dword_ptr(r15 * 4 + 0x700).fs(), 0x1234_5678)?;
+        a.cmp(qword_ptr(r15 * 8 + 0x800).gs(), rdi)?;
+        a.pushfq()?;
+        a.mov(r8d, dword_ptr(0x10).fs())?;
+        for _ in 0..3 {
+            a.pop(r12)?;
+            a.add(r11, r12)?;
+        }
+        a.add(r11, rbx)?;
+        a.add(r11, rcx)?;
+        a.add(r11, rdx)?;
+        a.add(r11, rdi)?;
+        a.add(r11, r8)?;
+        a.swapgs()?;
+        a.dec(r15d)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for budget in [4, 1000] {
+        let cpu = lockstep(&code, budget);
+        if budget == 1000 {
+            assert!(cpu.stats.jit_instructions > 3_000, "{}", cpu.stats.jit_instructions);
+        }
+    }
+    for (use_fs, base, fault) in [
+        (false, 0x4000_0000u64, 14u8),
+        (true, 0x3fff_fff0, 14),
+        (true, 0x7fff_ffff_fff8, 13),
+        (false, 0x8000_0000_0000_0000, 13),
+    ] {
+        let code = assemble(|a| {
+            wrmsr(a, if use_fs { 0xc000_0100 } else { 0xc000_0101 }, base)?;
+            a.mov(rcx, 0x18u64)?;
+            a.add(rax, rbx)?;
+            match (use_fs, fault) {
+                (false, 14) => a.add(qword_ptr(rcx - 0x10).gs(), rax)?,
+                (true, 14) => a.mov(dword_ptr(rcx).fs(), eax)?,
+                (true, _) => a.movzx(eax, word_ptr(rcx).fs())?,
+                (false, _) => a.mov(rax, qword_ptr(rcx).gs())?,
+            }
+            a.hlt()
+        });
+        let cpu = lockstep(&code, 1000);
+        assert_eq!(cpu.state.rip, HANDLER + 1);
+        if fault == 14 {
+            assert_eq!(cpu.state.cr2, base.wrapping_add(if use_fs { 0x18 } else { 8 }));
+        } else {
+            assert_eq!(cpu.state.cr2, 0, "a #GP, not a page fault");
+        }
+    }
+}
+
 #[test]
 fn released_code_memory_is_decoded_and_translated_again() {
     // An idle vCPU gives its decoded blocks, slot pages and JIT code pages
