@@ -1044,6 +1044,35 @@ fn branch(
     a.mov(qword_ptr(r12 + l.rip), rax)
 }
 
+/// A multiply's guest flags, as the interpreter's `mul_flags` sets them:
+/// CF and OF from the multiply just done (the host flags now), SF ZF PF
+/// from the low half of the result in `low`, AF clear. Clobbers RAX and
+/// RDX (`low` may be RAX: it is tested before RAX is reused).
+fn store_mul_flags(
+    a: &mut CodeAssembler,
+    l: Layout,
+    wide: bool,
+    low: AsmRegister64,
+    low32: AsmRegister32,
+) -> Result<(), IcedError> {
+    a.pushfq()?;
+    a.pop(rdx)?;
+    a.and(edx, (CF | OF) as i32)?;
+    if wide {
+        a.test(low, low)?;
+    } else {
+        a.test(low32, low32)?;
+    }
+    a.pushfq()?;
+    a.pop(rax)?;
+    a.and(eax, (SF | ZF | PF) as i32)?;
+    a.or(eax, edx)?;
+    a.mov(rdx, qword_ptr(r12 + l.rflags))?;
+    a.and(rdx, !STATUS as i32)?;
+    a.or(rdx, rax)?;
+    a.mov(qword_ptr(r12 + l.rflags), rdx)
+}
+
 fn inline(
     a: &mut CodeAssembler,
     f: Inline,
@@ -1150,24 +1179,7 @@ fn inline(
             }
             a.mov(qword_ptr(r12 + gp(dst)), rcx)?;
             if live {
-                // CF and OF from the multiply; SF ZF PF from the low half
-                // of the result and AF clear, as the interpreter sets them.
-                a.pushfq()?;
-                a.pop(rdx)?;
-                a.and(edx, (CF | OF) as i32)?;
-                if wide {
-                    a.test(rcx, rcx)?;
-                } else {
-                    a.test(ecx, ecx)?;
-                }
-                a.pushfq()?;
-                a.pop(rax)?;
-                a.and(eax, (SF | ZF | PF) as i32)?;
-                a.or(eax, edx)?;
-                a.mov(rdx, qword_ptr(r12 + l.rflags))?;
-                a.and(rdx, !STATUS as i32)?;
-                a.or(rdx, rax)?;
-                a.mov(qword_ptr(r12 + l.rflags), rdx)?;
+                store_mul_flags(a, l, wide, rcx, ecx)?;
             }
         }
         Inline::Shift { op, dst, count, wide } => {
@@ -1355,24 +1367,7 @@ fn inline(
             a.mov(qword_ptr(r12 + gp(0)), rax)?;
             a.mov(qword_ptr(r12 + gp(2)), rdx)?;
             if live {
-                // As `mul_flags`: CF=OF from the multiply, SF ZF PF from the
-                // low half, AF clear.
-                a.pushfq()?;
-                a.pop(rdx)?;
-                a.and(edx, (CF | OF) as i32)?;
-                if wide {
-                    a.test(rax, rax)?;
-                } else {
-                    a.test(eax, eax)?;
-                }
-                a.pushfq()?;
-                a.pop(rax)?;
-                a.and(eax, (SF | ZF | PF) as i32)?;
-                a.or(eax, edx)?;
-                a.mov(rdx, qword_ptr(r12 + l.rflags))?;
-                a.and(rdx, !STATUS as i32)?;
-                a.or(rdx, rax)?;
-                a.mov(qword_ptr(r12 + l.rflags), rdx)?;
+                store_mul_flags(a, l, wide, rax, eax)?;
             }
         }
         Inline::DoubleShift {

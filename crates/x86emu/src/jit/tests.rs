@@ -723,7 +723,8 @@ fn inline_alu_store_into_the_running_block_is_seen() {
 
 #[test]
 fn chain_links_are_made_again_after_their_epoch_ends() {
-    // The two-block loop of the test above, run in slices; between slices
+    // The two-block loop of chained_blocks_match_the_interpreter, run in
+    // slices; between slices
     // the decode cache's epoch moves on (as when any translated block is
     // dropped), which kills every link. The links must be made again, so
     // the loop keeps running chained: few entries from the dispatcher.
