@@ -258,6 +258,27 @@ fn machine(mut data: &[u8], jit: Option<u32>) -> (Cpu, TestBus) {
     (cpu, bus)
 }
 
+/// Cases per seeded test: `FUZZ_CASES`, 3000 by default.
+#[cfg(test)]
+fn seeded_cases() -> usize {
+    std::env::var("FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000)
+}
+
+/// The seeded tests' pseudo-random source (xorshift64).
+#[cfg(test)]
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,17 +287,7 @@ mod tests {
     /// biased toward plausible instruction bytes.
     #[test]
     fn random_bytes_never_panic_or_hang() {
-        let n: usize = std::env::var("FUZZ_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3000);
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let (n, mut next) = (seeded_cases(), xorshift(0x9e37_79b9_7f4a_7c15));
         for _ in 0..n {
             let len = 400 + (next() % 200) as usize;
             let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
@@ -288,21 +299,13 @@ mod tests {
 
 #[cfg(test)]
 mod lockstep {
+    use super::{seeded_cases, xorshift};
+
     /// The same seeded inputs as the test above, each run under both tiers
     /// and compared.
     #[test]
     fn jit_ends_as_the_interpreter_on_random_bytes() {
-        let n: usize = std::env::var("FUZZ_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3000);
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let (n, mut next) = (seeded_cases(), xorshift(0x9e37_79b9_7f4a_7c15));
         for case in 0..n {
             let len = 400 + (next() % 200) as usize;
             let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
@@ -315,17 +318,7 @@ mod lockstep {
     /// Seeded self-modifying programs, each run under both tiers and compared.
     #[test]
     fn jit_ends_as_the_interpreter_on_self_modifying_code() {
-        let n: usize = std::env::var("FUZZ_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3000);
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let (n, mut next) = (seeded_cases(), super::xorshift(0x2545_f491_4f6c_dd1d));
         let mut code_writes = 0;
         for case in 0..n {
             let data: Vec<u8> = (0..80).map(|_| next() as u8).collect();
