@@ -80,6 +80,17 @@ fn lockstep(code: &[u8], budget: u64) -> Cpu {
     panic!("the program did not halt");
 }
 
+/// Run `code` in lockstep (see `lockstep`) and check that it ended in the
+/// exception handler, with CR2 = `fault_address` for a page fault.
+fn assert_faults(code: &[u8], fault_address: Option<u64>, what: &str) -> Cpu {
+    let cpu = lockstep(code, 1000);
+    if let Some(addr) = fault_address {
+        assert_eq!(cpu.state.cr2, addr, "{what}");
+    }
+    assert_eq!(cpu.state.rip, HANDLER + 1, "{what}");
+    cpu
+}
+
 #[test]
 fn fault_in_a_translated_block_is_exact() {
     // Inline ALU with live flags, then a load that page-faults: RIP,
@@ -94,9 +105,7 @@ fn fault_in_a_translated_block_is_exact() {
         a.mov(rsi, qword_ptr(rcx))?;
         a.hlt()
     });
-    let cpu = lockstep(&code, 1000);
-    assert_eq!(cpu.state.cr2, 0x4000_0000);
-    assert_eq!(cpu.state.rip, HANDLER + 1);
+    assert_faults(&code, Some(0x4000_0000), "load");
 }
 
 #[test]
@@ -433,17 +442,14 @@ fn faulting_inline_stack_operations_are_exact() {
         a.ret()
     });
     for code in [pop, ret] {
-        let cpu = lockstep(&code, 1000);
-        assert_eq!(cpu.state.cr2, STACK_TOP);
-        assert_eq!(cpu.state.rip, HANDLER + 1);
+        assert_faults(&code, Some(STACK_TOP), "pop/ret");
     }
     let non_canonical = assemble(|a| {
         a.mov(rax, 0x8000_0000_0000_0000u64)?;
         a.push(rax)?;
         a.ret()
     });
-    let cpu = lockstep(&non_canonical, 1000);
-    assert_eq!(cpu.state.rip, HANDLER + 1);
+    let cpu = assert_faults(&non_canonical, None, "non-canonical ret");
     // The frame (error code included) below the 16-byte-aligned old RSP.
     assert_eq!(
         cpu.state.gpr[4],
@@ -529,8 +535,7 @@ fn faulting_inline_narrow_moves_are_exact() {
             form(a)?;
             a.hlt()
         });
-        let cpu = lockstep(&code, 1000);
-        assert_eq!(cpu.state.rip, HANDLER + 1, "form {k}");
+        let cpu = assert_faults(&code, None, &format!("form {k}"));
         assert!(cpu.state.cr2 >= 0x4000_0000, "form {k}");
     }
 }
@@ -698,9 +703,7 @@ fn inline_alu_with_memory_matches_the_interpreter() {
             }
             a.hlt()
         });
-        let cpu = lockstep(&code, 1000);
-        assert_eq!(cpu.state.cr2, 0x4000_0008);
-        assert_eq!(cpu.state.rip, HANDLER + 1);
+        assert_faults(&code, Some(0x4000_0008), if store { "alu store" } else { "alu load" });
     }
 }
 
@@ -1029,8 +1032,7 @@ fn inline_fs_gs_accesses_match_the_interpreter() {
             }
             a.hlt()
         });
-        let cpu = lockstep(&code, 1000);
-        assert_eq!(cpu.state.rip, HANDLER + 1);
+        let cpu = assert_faults(&code, None, "fs/gs");
         if fault == 14 {
             assert_eq!(cpu.state.cr2, base.wrapping_add(if use_fs { 0x18 } else { 8 }));
         } else {
