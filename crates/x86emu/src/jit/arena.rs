@@ -47,10 +47,6 @@ impl Arena {
         self.generation
     }
 
-    /// Copy position-independent `code` (translated blocks use only
-    /// relative jumps inside themselves and absolute calls) into the
-    /// arena. Returns its entry and generation, or `None` if the host
-    /// refuses the protection change.
     /// Drop all code (a new generation) and give the used pages back to
     /// the host.
     pub fn release(&mut self) {
@@ -65,6 +61,10 @@ impl Arena {
         self.generation += 1;
     }
 
+    /// Copy position-independent `code` (translated blocks use only
+    /// relative jumps inside themselves and absolute calls) into the
+    /// arena. Returns its entry and generation, or `None` if the host
+    /// refuses the protection change.
     pub fn place(&mut self, code: &[u8]) -> Option<(usize, u64)> {
         if code.len() > SIZE {
             return None;
