@@ -105,6 +105,18 @@ impl Cpu {
         Ok(())
     }
 
+    /// Before a guest store to physical `phys`: if its page holds decoded
+    /// code, that code is invalid now and the running block must end.
+    /// Every path that stores into guest RAM through a host pointer calls
+    /// this.
+    #[inline(always)]
+    pub(crate) fn note_code_write(&mut self, phys: u64) {
+        if self.code_map.note_write(phys) {
+            self.code_written = true;
+            self.stats.code_writes += 1;
+        }
+    }
+
     /// Read `buf.len()` bytes at a linear address.
     pub fn read_linear(&mut self, bus: &mut dyn Bus, lin: u64, buf: &mut [u8], user: bool) -> ExecResult {
         let len = buf.len();
@@ -136,10 +148,7 @@ impl Cpu {
             let t = mmu::translate(&mut self.tlb, bus, &self.state, lin, Access::Write, user)?;
             match t.host {
                 Some(h) => {
-                    if self.code_map.note_write(t.phys) {
-                        self.code_written = true;
-                        self.stats.code_writes += 1;
-                    }
+                    self.note_code_write(t.phys);
                     // SAFETY: the bus guarantees PAGE_SIZE valid bytes at
                     // `host`, and off + len <= PAGE_SIZE.
                     unsafe { copy_small(data.as_ptr(), h.as_ptr().add(off), len) }
@@ -162,7 +171,7 @@ impl Cpu {
     /// a read or write of that page would), with the physical address of
     /// the page. `None` when the range is not inside one page or the page is
     /// not RAM. The pointer is valid for `len` bytes. A caller that writes
-    /// through it must note the write in `code_map` itself.
+    /// through it must call `note_code_write` itself.
     pub(crate) fn host_range(
         &mut self,
         bus: &mut dyn Bus,
@@ -286,10 +295,7 @@ impl Cpu {
         if locked && in_page && lin & (size as u64 - 1) == 0 {
             let t = mmu::translate(&mut self.tlb, bus, &self.state, lin, Access::Write, user)?;
             if let Some(h) = t.host {
-                if self.code_map.note_write(t.phys) {
-                    self.code_written = true;
-                    self.stats.code_writes += 1;
-                }
+                self.note_code_write(t.phys);
                 let off_in_page = (lin & (PAGE_SIZE - 1)) as usize;
                 // SAFETY: the pointer is inside the RAM page the bus vouched
                 // for, and naturally aligned for `size` (checked above).

@@ -692,9 +692,7 @@ fn compare_exchange_128(cpu: &mut Cpu, bus: &mut dyn Bus, lin: u64, expected: u1
     let user = cpu.state.cpl() == 3;
     let t = mmu::translate(&mut cpu.tlb, bus, &cpu.state, lin, Access::Write, user)?;
     if let Some(host) = t.host {
-        if cpu.code_map.note_write(t.phys) {
-            cpu.code_written = true;
-        }
+        cpu.note_code_write(t.phys);
         let offset = (lin & (crate::bus::PAGE_SIZE - 1)) as usize;
         // SAFETY: the bus vouches for PAGE_SIZE bytes at `host`; the caller
         // checked 16-byte alignment, so all 16 bytes lie inside the page.

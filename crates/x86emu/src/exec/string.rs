@@ -479,9 +479,7 @@ fn fast_chunk(cpu: &mut Cpu, bus: &mut dyn Bus, op: &Op, count: u64) -> ExecResu
             }
         }
     }
-    if cpu.code_map.note_write(dst_phys) {
-        cpu.code_written = true;
-    }
+    cpu.note_code_write(dst_phys);
     if op.kind == Kind::Movs {
         advance(cpu, op, reg::RSI, elements);
     }
