@@ -127,7 +127,7 @@ pub fn resolve(args: RunArgs) -> Result<Settings, String> {
             console_output: args.console_output,
             console_output_limit: vmm::virtio::console::DEFAULT_OUTPUT_LIMIT,
             vsock: args.vsock,
-            jit: args.jit.or(file.jit).unwrap_or(true),
+            jit: args.jit.or(file.jit).unwrap_or(vmm::machine::JIT_DEFAULT),
         },
         accel: args.accel.or(file.accel).unwrap_or_else(|| "auto".to_string()),
     })

@@ -55,7 +55,7 @@ fn accel_auto() -> String {
 }
 
 fn jit_on() -> bool {
-    true
+    vmm::machine::JIT_DEFAULT
 }
 
 impl Default for MachineConfig {
@@ -68,7 +68,7 @@ impl Default for MachineConfig {
             huge_pages: huge_pages_none(),
             cpu_template: None,
             accel: accel_auto(),
-            jit: true,
+            jit: jit_on(),
         }
     }
 }

@@ -92,13 +92,17 @@ impl MachineConfig {
             console_output: None,
             console_output_limit: crate::virtio::console::DEFAULT_OUTPUT_LIMIT,
             vsock: None,
-            jit: true,
+            jit: JIT_DEFAULT,
         }
     }
 }
 
+/// Whether the emu engine uses its JIT tier when nobody says: the one
+/// default that the CLI, the API and saved states all take.
+pub const JIT_DEFAULT: bool = true;
+
 fn jit_default() -> bool {
-    true
+    JIT_DEFAULT
 }
 
 /// A virtio-vsock device: the guest's CID and the host socket that stands
