@@ -1044,6 +1044,36 @@ fn branch(
     a.mov(qword_ptr(r12 + l.rip), rax)
 }
 
+/// ROL/ROR's CF (bit 0) and OF (bit 11) into `out`, from the rotated
+/// value in `value` whose sign is bit `msb`, as `shift_rotate_value` sets
+/// them for every count: ROL CF = bit 0, OF = sign XOR CF; ROR CF = sign,
+/// OF = sign XOR the bit below. Clobbers `scratch`.
+fn rotate_flags(
+    a: &mut CodeAssembler,
+    rol: bool,
+    msb: i32,
+    (value, value32): (AsmRegister64, AsmRegister32),
+    (out, out32): (AsmRegister64, AsmRegister32),
+    (scratch, scratch32): (AsmRegister64, AsmRegister32),
+) -> Result<(), IcedError> {
+    a.mov(out, value)?;
+    a.shr(out, msb)?;
+    if rol {
+        a.mov(scratch32, value32)?;
+        a.and(scratch32, 1)?;
+        a.xor(out32, scratch32)?;
+        a.shl(out32, 11)?;
+        a.or(out32, scratch32)
+    } else {
+        a.mov(scratch, value)?;
+        a.shr(scratch, msb - 1)?;
+        a.and(scratch32, 1)?;
+        a.xor(scratch32, out32)?;
+        a.shl(scratch32, 11)?;
+        a.or(out32, scratch32)
+    }
+}
+
 /// A multiply's guest flags, as the interpreter's `mul_flags` sets them:
 /// CF and OF from the multiply just done (the host flags now), SF ZF PF
 /// from the low half of the result in `low`, AF clear. Clobbers RAX and
@@ -1206,25 +1236,7 @@ fn inline(
                     (ShiftOp::Ror, false) => a.ror(ecx, count)?,
                 }
                 if live && matches!(op, ShiftOp::Rol | ShiftOp::Ror) {
-                    // CF and OF from the result, as `shift_rotate_value`
-                    // sets them for every count: ROL CF = bit 0, OF = sign
-                    // XOR CF; ROR CF = sign, OF = sign XOR the bit below.
-                    a.mov(rax, rcx)?;
-                    a.shr(rax, msb)?;
-                    if op == ShiftOp::Rol {
-                        a.mov(edx, ecx)?;
-                        a.and(edx, 1)?;
-                        a.xor(eax, edx)?;
-                        a.shl(eax, 11)?;
-                        a.or(eax, edx)?;
-                    } else {
-                        a.mov(rdx, rcx)?;
-                        a.shr(rdx, msb - 1)?;
-                        a.and(edx, 1)?;
-                        a.xor(edx, eax)?;
-                        a.shl(edx, 11)?;
-                        a.or(eax, edx)?;
-                    }
+                    rotate_flags(a, op == ShiftOp::Rol, msb, (rcx, ecx), (rax, eax), (rdx, edx))?;
                     a.mov(rdx, qword_ptr(r12 + l.rflags))?;
                     a.and(rdx, !(CF | OF) as i32)?;
                     a.or(rdx, rax)?;
@@ -1293,24 +1305,7 @@ fn inline(
                 // The new status bits into EDX, the bits they replace into ECX.
                 match op {
                     ShiftOp::Rol | ShiftOp::Ror => {
-                        // As `Inline::Shift`: ROL CF = bit 0, OF = sign XOR
-                        // CF; ROR CF = sign, OF = sign XOR the bit below.
-                        a.mov(rdx, rax)?;
-                        a.shr(rdx, msb)?;
-                        if op == ShiftOp::Rol {
-                            a.mov(r8d, eax)?;
-                            a.and(r8d, 1)?;
-                            a.xor(edx, r8d)?;
-                            a.shl(edx, 11)?;
-                            a.or(edx, r8d)?;
-                        } else {
-                            a.mov(r8, rax)?;
-                            a.shr(r8, msb - 1)?;
-                            a.and(r8d, 1)?;
-                            a.xor(r8d, edx)?;
-                            a.shl(r8d, 11)?;
-                            a.or(edx, r8d)?;
-                        }
+                        rotate_flags(a, op == ShiftOp::Rol, msb, (rax, eax), (rdx, edx), (r8, r8d))?;
                         a.mov(ecx, (CF | OF) as u32)?;
                     }
                     _ => {
