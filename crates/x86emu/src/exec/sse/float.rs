@@ -511,31 +511,33 @@ fn fp_op(
     Ok(())
 }
 
-/// With every exception masked, run the operation on the host's SSE unit
-/// (exact: see `host.rs`); the software path handles the rest.
+/// Run the operation on the host's SSE unit, which is exact when
+/// `host_is_exact` (see `host.rs`); the software path handles the rest.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn on_host(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction, f: super::host::HostOp) -> Option<ExecResult> {
-    if cpu.state.fpu.mxcsr & super::host::ALL_MASKED != super::host::ALL_MASKED {
-        return None;
-    }
-    Some((|| {
-        check_sse(cpu)?;
-        let a = load(cpu, bus, ins, 0)?;
-        let b = load(cpu, bus, ins, 1)?;
-        let (r, raised) = f(a, b, cpu.state.fpu.mxcsr);
-        cpu.state.fpu.mxcsr |= raised;
-        cpu.state.fpu.xmm[xmm_of(ins, 0)] = r;
-        Ok(())
-    })())
+fn on_host(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction, f: super::host::HostOp) -> ExecResult {
+    check_sse(cpu)?;
+    let a = load(cpu, bus, ins, 0)?;
+    let b = load(cpu, bus, ins, 1)?;
+    let (r, raised) = f(a, b, cpu.state.fpu.mxcsr);
+    cpu.state.fpu.mxcsr |= raised;
+    cpu.state.fpu.xmm[xmm_of(ins, 0)] = r;
+    Ok(())
+}
+
+/// Whether `on_host` gives the exact result: every exception masked.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn host_is_exact(cpu: &Cpu) -> bool {
+    cpu.state.fpu.mxcsr & super::host::ALL_MASKED == super::host::ALL_MASKED
 }
 
 macro_rules! arith {
     ($($name:ident: $shape:ident $fmt:ident $op:ident),* $(,)?) => {$(
         fn $name(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
             #[cfg(target_arch = "x86_64")]
-            if let Some(r) = on_host(cpu, bus, ins, super::host::$name) {
-                return r;
+            if host_is_exact(cpu) {
+                return on_host(cpu, bus, ins, super::host::$name);
             }
             fp_op(cpu, bus, ins, Shape::$shape, |e, a, b, _| e.arith::<$fmt>(Op::$op, a, b))
         }
@@ -564,8 +566,8 @@ macro_rules! sqrt {
     ($($name:ident: $shape:ident $fmt:ident),* $(,)?) => {$(
         fn $name(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResult {
             #[cfg(target_arch = "x86_64")]
-            if let Some(r) = on_host(cpu, bus, ins, super::host::$name) {
-                return r;
+            if host_is_exact(cpu) {
+                return on_host(cpu, bus, ins, super::host::$name);
             }
             fp_op(cpu, bus, ins, Shape::$shape, |e, _a, b, _| e.sqrt::<$fmt>(b))
         }
