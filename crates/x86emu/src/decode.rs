@@ -103,7 +103,8 @@ impl DecodeCache {
         self.clear();
         let start = self.slots.as_mut_ptr() as usize;
         let end = start + std::mem::size_of_val(&*self.slots);
-        let (first, last) = ((start + 4095) & !4095, end & !4095);
+        let page = PAGE_SIZE as usize;
+        let (first, last) = ((start + page - 1) & !(page - 1), end & !(page - 1));
         #[cfg(unix)]
         if last > first {
             // SAFETY: the range lies inside the slot array, which holds only
