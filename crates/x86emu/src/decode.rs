@@ -237,9 +237,6 @@ impl Cpu {
             if instrs.is_empty() {
                 return self.decode_slow(bus, lin, bits);
             }
-            // Cached blocks are most of an idle VM's own memory: keep no
-            // spare capacity (48 bytes an instruction).
-            instrs.shrink_to_fit();
             return Ok(Block {
                 instrs,
                 key: 0,
