@@ -200,7 +200,12 @@ impl Cpu {
                 return Exit::WaitForSipi;
             }
             // Events are taken at instruction boundaries, outside a shadow.
-            let shadow = std::mem::take(&mut self.state.events.interrupt_shadow);
+            // The shadow stays in the state until the instruction it covers
+            // runs: returning here (budget, exit request) must keep it, or
+            // an interrupt could land between STI and HLT and the CPU would
+            // halt with the work that interrupt brought pending (a guest
+            // idle loop that never wakes).
+            let shadow = self.state.events.interrupt_shadow;
             if !shadow {
                 if let Some(exit) = self.take_events(bus) {
                     return exit;
@@ -221,6 +226,7 @@ impl Cpu {
             if bus.exit_requested() {
                 return Exit::ExitRequested;
             }
+            self.state.events.interrupt_shadow = false;
             // In a shadow, run exactly one instruction so the check above
             // happens right after it.
             let limit = if shadow { 1 } else { end - self.instret };

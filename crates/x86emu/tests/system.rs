@@ -317,6 +317,24 @@ fn sti_blocks_interrupts_for_one_instruction() {
 }
 
 #[test]
+fn an_sti_shadow_outlives_a_return_from_run() {
+    // STI then HLT: the run ends right after the STI (budget spent), and
+    // an interrupt arrives before the next run. The HLT still runs in the
+    // shadow, and the interrupt wakes it: it returns after the HLT. Were
+    // the shadow dropped at the return, the interrupt would be taken
+    // before the HLT, which would then halt with its work pending.
+    let mut e = Env::long();
+    e.cpu.state.rflags = flags::FIXED1;
+    e.cpu.state.rip = 0x11400;
+    assert_eq!(e.cpu.run(&mut e.bus, 1), Exit::Budget);
+    assert_eq!(e.cpu.state.rip, 0x11401, "only the STI ran");
+    e.cpu.inject_interrupt(0x20);
+    assert_eq!(e.run(), Exit::Halted);
+    assert_eq!(e.vector(), 0x20);
+    assert_eq!(e.stack64(0), 0x11402, "the HLT ran in the shadow before the interrupt");
+}
+
+#[test]
 fn mov_cr3_and_invlpg_flush_the_tlb() {
     let mut e = Env::long();
     e.bus.write_u64(0x20_0000, 0xaaaa);

@@ -55,12 +55,12 @@ pub fn register(r: &mut Registry) {
             M::Prefetchw,
             M::Lfence,
             M::Sfence,
-            M::Mfence,
             M::Pause,
         ],
         G,
         nop,
     );
+    r.add(M::Mfence, G, mfence);
     // Instructions of features not offered through CPUID, and the
     // undefined opcodes: #UD without counting them as unimplemented.
     r.add_all(
@@ -174,6 +174,15 @@ pub fn far_call(cpu: &mut Cpu, bus: &mut dyn Bus, ins: &Instruction) -> ExecResu
 }
 
 fn nop(_cpu: &mut Cpu, _bus: &mut dyn Bus, _ins: &Instruction) -> ExecResult {
+    Ok(())
+}
+
+/// Guest stores are host stores, so the host's store buffer may let a
+/// later guest load pass an earlier guest store, as on real hardware:
+/// MFENCE must stop that between vCPUs (LFENCE and SFENCE order nothing
+/// that x86's TSO does not already order for ordinary memory).
+fn mfence(_cpu: &mut Cpu, _bus: &mut dyn Bus, _ins: &Instruction) -> ExecResult {
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     Ok(())
 }
 
