@@ -94,6 +94,9 @@ fn live_migration(s: &Scratch, url: &str) {
     let _watchdog = Watchdog::new(&migrate);
     let mut tick_during_precopy = tick_at_start;
     let mut transferred_seen = Vec::new();
+    // The source's console as last seen: its run directory goes when it
+    // exits, and a destination that stalls is read beside it.
+    let mut src_log = String::new();
     while migrate.try_wait().unwrap().is_none() {
         let sock = run_dir.join("src").join("api.sock");
         if let Ok(r) = client::request(&sock, "GET", "/migration", None, Duration::from_secs(2)) {
@@ -102,6 +105,10 @@ fn live_migration(s: &Scratch, url: &str) {
                 tick_during_precopy = tick_during_precopy.max(last_tick(&console_log(&run_dir, "src")));
                 transferred_seen.push(m["transferred_bytes"].as_u64().unwrap_or(0));
             }
+        }
+        let l = console_log(&run_dir, "src");
+        if l.len() >= src_log.len() {
+            src_log = l;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -130,7 +137,7 @@ fn live_migration(s: &Scratch, url: &str) {
     // Generous: timings stay out of pass/fail (the figure is in BENCHMARKS.md).
     assert!(downtime < 10_000, "{m}");
     // The destination finishes the work.
-    let l = wait_log(&run_dir, "dst", "WORK-DONE", Duration::from_secs(240));
+    let l = wait_log_beside(&run_dir, "dst", "WORK-DONE", Duration::from_secs(240), &src_log);
     assert!(!l.contains("PAT-BAD"), "the pattern broke:\n{l}");
     assert!(
         l.contains(&format!("SUM={}", cpu_sum(1, CPU_LOOP))),
