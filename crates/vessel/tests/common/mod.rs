@@ -305,18 +305,6 @@ pub fn console_log(run_dir: &std::path::Path, name: &str) -> String {
 
 /// Wait until a named VM's console shows `what`; its console output then.
 pub fn wait_log(run_dir: &std::path::Path, name: &str, what: &str, timeout: std::time::Duration) -> String {
-    wait_log_beside(run_dir, name, what, timeout, "")
-}
-
-/// [`wait_log`] that, when the wait fails, also shows `other` (such as
-/// the console of a VM that is gone by then).
-pub fn wait_log_beside(
-    run_dir: &std::path::Path,
-    name: &str,
-    what: &str,
-    timeout: std::time::Duration,
-    other: &str,
-) -> String {
     let start = std::time::Instant::now();
     loop {
         let l = console_log(run_dir, name);
@@ -325,12 +313,7 @@ pub fn wait_log_beside(
         }
         assert!(
             start.elapsed() < timeout,
-            "{name}: no {what:?} within {timeout:?}:\n{l}{}",
-            if other.is_empty() {
-                String::new()
-            } else {
-                format!("\n--- beside it ---\n{other}")
-            }
+            "{name}: no {what:?} within {timeout:?}:\n{l}"
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
