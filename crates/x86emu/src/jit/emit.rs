@@ -11,7 +11,9 @@
 //! rel, CALL rel32 and RET; PUSH/POP r64; MOV, MOVZX/MOVSX/MOVSXD loads
 //! and stores of 1-8 bytes; ALU with one memory operand; SHL/SHR/SAR/ROL/ROR
 //! by an immediate or CL; SHLD/SHRD r, r by an immediate or CL; one-operand
-//! MUL/IMUL r32/r64; NEG/NOT r32/r64; SETcc; CMOVcc r, r. Memory goes through `lookup` (the
+//! MUL/IMUL r32/r64; NEG/NOT r32/r64; SETcc; CMOVcc r, r; whole-XMM SSE2
+//! moves, PCMPEQ*, PMINUB/PMAXUB, PAND/PANDN/POR/PXOR (and the PS/PD
+//! bitwise forms), PADD*/PSUB* and PMOVMSKB (XMM0, XMM1 scratch). Memory goes through `lookup` (the
 //! inline data-TLB; FS/GS bases are added at run time); its slow path
 //! calls the handler, which leaves the exact interpreter state (the inline
 //! code changes nothing before the access has succeeded).
@@ -167,6 +169,28 @@ enum Inline {
     /// RSP (SS base 0); anything else calls the handler, with RSP
     /// untouched until the access has succeeded.
     Stack(StackOp),
+    /// A whole-XMM SSE2 move or integer/bitwise op with an XMM register
+    /// or 16-byte memory source (`op` None: a move): the host instruction
+    /// on the guest register file. Memory goes through the inline
+    /// data-TLB lookup; a misaligned operand of a form that requires
+    /// alignment, SSE off (CR0.EM, CR0.TS, no CR4.OSFXSR) and anything
+    /// the lookup refuses call the handler, which raises what it must.
+    XmmLoad {
+        op: Option<VecOp>,
+        dst: usize,
+        src: XmmSrc,
+    },
+    /// MOVDQU/MOVDQA/MOVUPS/MOVAPS/MOVUPD/MOVAPD [mem], xmm (as `XmmLoad`).
+    XmmStore {
+        src: usize,
+        mem: Mem,
+        aligned: bool,
+    },
+    /// PMOVMSKB r32/r64, xmm (zero-extended into the 64-bit register).
+    Pmovmskb {
+        dst: usize,
+        src: usize,
+    },
     /// The block's final JMP rel (`cc` None) or Jcc rel to a canonical
     /// target: stores the new RIP, as `jcc_rel64` and `jmp_rel64` do.
     Branch {
@@ -174,6 +198,37 @@ enum Inline {
         target: u64,
         next: u64,
     },
+}
+
+/// The source of an `Inline::XmmLoad`.
+#[derive(Clone, Copy)]
+enum XmmSrc {
+    Reg(usize),
+    Mem { mem: Mem, aligned: bool },
+}
+
+/// The SSE2 operations on whole XMM registers emitted inline: each is the
+/// host instruction of the same name (none reads or writes MXCSR or
+/// RFLAGS).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum VecOp {
+    Pcmpeqb,
+    Pcmpeqw,
+    Pcmpeqd,
+    Pminub,
+    Pmaxub,
+    Pand,
+    Pandn,
+    Por,
+    Pxor,
+    Paddb,
+    Paddw,
+    Paddd,
+    Paddq,
+    Psubb,
+    Psubw,
+    Psubd,
+    Psubq,
 }
 
 #[derive(Clone, Copy)]
@@ -290,6 +345,9 @@ impl Inline {
                 | Inline::LoadN { mem: Some(_), .. }
                 | Inline::StoreN { .. }
                 | Inline::AluMem(_)
+                | Inline::XmmLoad { .. }
+                | Inline::XmmStore { .. }
+                | Inline::Pmovmskb { .. }
         )
     }
 
@@ -462,6 +520,9 @@ fn classify(ins: &Instruction) -> Option<Inline> {
         });
     }
     if let Some(f) = classify_alu_mem(ins) {
+        return Some(f);
+    }
+    if let Some(f) = classify_sse(ins) {
         return Some(f);
     }
     if ins.op0_kind() != OpKind::Register {
@@ -672,6 +733,77 @@ fn classify_alu_mem(ins: &Instruction) -> Option<Inline> {
     }))
 }
 
+/// Whole-XMM SSE2 moves, integer and bitwise ops and PMOVMSKB (see
+/// `Inline::XmmLoad`). Legacy (non-VEX) encodings only.
+fn classify_sse(ins: &Instruction) -> Option<Inline> {
+    let xmm = |n: u32| {
+        let r = ins.op_register(n);
+        r.is_xmm().then(|| r.number() & 15)
+    };
+    let op = match ins.code() {
+        Code::Movdqu_xmm_xmmm128
+        | Code::Movdqa_xmm_xmmm128
+        | Code::Movups_xmm_xmmm128
+        | Code::Movaps_xmm_xmmm128
+        | Code::Movupd_xmm_xmmm128
+        | Code::Movapd_xmm_xmmm128 => None,
+        Code::Movdqu_xmmm128_xmm
+        | Code::Movdqa_xmmm128_xmm
+        | Code::Movups_xmmm128_xmm
+        | Code::Movaps_xmmm128_xmm
+        | Code::Movupd_xmmm128_xmm
+        | Code::Movapd_xmmm128_xmm => {
+            let src = xmm(1)?;
+            if ins.op0_kind() == OpKind::Memory {
+                return Some(Inline::XmmStore {
+                    src,
+                    mem: Mem::of(ins)?,
+                    aligned: !matches!(ins.mnemonic(), M::Movdqu | M::Movups | M::Movupd),
+                });
+            }
+            return Some(Inline::XmmLoad {
+                op: None,
+                dst: xmm(0)?,
+                src: XmmSrc::Reg(src),
+            });
+        }
+        Code::Pmovmskb_r32_xmm | Code::Pmovmskb_r64_xmm => {
+            return Some(Inline::Pmovmskb {
+                dst: gpr(ins.op0_register().full_register(), true)?,
+                src: xmm(1)?,
+            });
+        }
+        Code::Pcmpeqb_xmm_xmmm128 => Some(VecOp::Pcmpeqb),
+        Code::Pcmpeqw_xmm_xmmm128 => Some(VecOp::Pcmpeqw),
+        Code::Pcmpeqd_xmm_xmmm128 => Some(VecOp::Pcmpeqd),
+        Code::Pminub_xmm_xmmm128 => Some(VecOp::Pminub),
+        Code::Pmaxub_xmm_xmmm128 => Some(VecOp::Pmaxub),
+        Code::Pand_xmm_xmmm128 | Code::Andps_xmm_xmmm128 | Code::Andpd_xmm_xmmm128 => Some(VecOp::Pand),
+        Code::Pandn_xmm_xmmm128 | Code::Andnps_xmm_xmmm128 | Code::Andnpd_xmm_xmmm128 => Some(VecOp::Pandn),
+        Code::Por_xmm_xmmm128 | Code::Orps_xmm_xmmm128 | Code::Orpd_xmm_xmmm128 => Some(VecOp::Por),
+        Code::Pxor_xmm_xmmm128 | Code::Xorps_xmm_xmmm128 | Code::Xorpd_xmm_xmmm128 => Some(VecOp::Pxor),
+        Code::Paddb_xmm_xmmm128 => Some(VecOp::Paddb),
+        Code::Paddw_xmm_xmmm128 => Some(VecOp::Paddw),
+        Code::Paddd_xmm_xmmm128 => Some(VecOp::Paddd),
+        Code::Paddq_xmm_xmmm128 => Some(VecOp::Paddq),
+        Code::Psubb_xmm_xmmm128 => Some(VecOp::Psubb),
+        Code::Psubw_xmm_xmmm128 => Some(VecOp::Psubw),
+        Code::Psubd_xmm_xmmm128 => Some(VecOp::Psubd),
+        Code::Psubq_xmm_xmmm128 => Some(VecOp::Psubq),
+        _ => return None,
+    };
+    let src = match ins.op1_kind() {
+        OpKind::Register => XmmSrc::Reg(xmm(1)?),
+        OpKind::Memory => XmmSrc::Mem {
+            mem: Mem::of(ins)?,
+            // Only the unaligned moves take any 16-byte operand.
+            aligned: !matches!(ins.mnemonic(), M::Movdqu | M::Movups | M::Movupd),
+        },
+        _ => return None,
+    };
+    Some(Inline::XmmLoad { op, dst: xmm(0)?, src })
+}
+
 /// LEA with a 64-bit address (RIP-relative resolved by the decoder).
 fn lea(ins: &Instruction, dst: usize, wide: bool) -> Option<Inline> {
     if ins.op1_kind() != OpKind::Memory {
@@ -854,6 +986,13 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usi
                 let slow = a.create_label();
                 let mut resume = a.create_label();
                 stack(a, l, &gp, op, slow)?;
+                a.set_label(&mut resume)?;
+                slow_paths.push((slow, i, resume));
+            }
+            Some(f @ (Inline::XmmLoad { .. } | Inline::XmmStore { .. } | Inline::Pmovmskb { .. })) => {
+                let slow = a.create_label();
+                let mut resume = a.create_label();
+                sse(a, l, &gp, f, slow)?;
                 a.set_label(&mut resume)?;
                 slow_paths.push((slow, i, resume));
             }
@@ -1128,6 +1267,9 @@ fn inline(
         | Inline::Stack(_)
         | Inline::LoadN { .. }
         | Inline::StoreN { .. }
+        | Inline::XmmLoad { .. }
+        | Inline::XmmStore { .. }
+        | Inline::Pmovmskb { .. }
         | Inline::AluMem(_) => {}
         Inline::MovRR { dst, src, wide } => {
             load(a, rax, eax, src, wide)?;
@@ -1622,6 +1764,84 @@ fn stack(
         }
     }
     Ok(())
+}
+
+/// An SSE form (see `Inline::XmmLoad`): the checks the handler makes
+/// before anything else (SSE on, then the memory operand's alignment and
+/// the inline lookup), each jumping to `slow`, then the host instruction
+/// on the guest XMM registers in the `Cpu`. Uses XMM0, XMM1 (caller-saved,
+/// nothing of the VMM lives in them across the call into the block).
+fn sse(
+    a: &mut CodeAssembler,
+    l: Layout,
+    gp: &dyn Fn(usize) -> i32,
+    f: Inline,
+    slow: CodeLabel,
+) -> Result<(), IcedError> {
+    use crate::state::cr;
+    let xmm = |r: usize| xmmword_ptr(r12 + (l.xmm + 16 * r as i32));
+    // #UD without OS support or with emulation on, #NM while TS is set.
+    a.mov(rcx, qword_ptr(r12 + l.cr0))?;
+    a.test(ecx, (cr::CR0_EM | cr::CR0_TS) as i32)?;
+    a.jnz(slow)?;
+    a.mov(rcx, qword_ptr(r12 + l.cr4))?;
+    a.test(ecx, cr::CR4_OSFXSR as i32)?;
+    a.jz(slow)?;
+    // The 16 bytes at `mem`: host address RDX + RAX.
+    let guest_memory = |a: &mut CodeAssembler, mem: Mem, aligned: bool, store: bool| -> Result<(), IcedError> {
+        address(a, l, gp, mem)?;
+        if aligned {
+            a.test(al, 15)?;
+            a.jnz(slow)?;
+        }
+        lookup(a, 16, store, slow)
+    };
+    match f {
+        Inline::XmmLoad { op, dst, src } => {
+            match src {
+                XmmSrc::Reg(r) => a.movdqu(xmm1, xmm(r))?,
+                XmmSrc::Mem { mem, aligned } => {
+                    guest_memory(a, mem, aligned, false)?;
+                    a.movdqu(xmm1, xmmword_ptr(rdx + rax))?;
+                }
+            }
+            let Some(op) = op else {
+                return a.movdqu(xmm(dst), xmm1);
+            };
+            a.movdqu(xmm0, xmm(dst))?;
+            match op {
+                VecOp::Pcmpeqb => a.pcmpeqb(xmm0, xmm1)?,
+                VecOp::Pcmpeqw => a.pcmpeqw(xmm0, xmm1)?,
+                VecOp::Pcmpeqd => a.pcmpeqd(xmm0, xmm1)?,
+                VecOp::Pminub => a.pminub(xmm0, xmm1)?,
+                VecOp::Pmaxub => a.pmaxub(xmm0, xmm1)?,
+                VecOp::Pand => a.pand(xmm0, xmm1)?,
+                VecOp::Pandn => a.pandn(xmm0, xmm1)?,
+                VecOp::Por => a.por(xmm0, xmm1)?,
+                VecOp::Pxor => a.pxor(xmm0, xmm1)?,
+                VecOp::Paddb => a.paddb(xmm0, xmm1)?,
+                VecOp::Paddw => a.paddw(xmm0, xmm1)?,
+                VecOp::Paddd => a.paddd(xmm0, xmm1)?,
+                VecOp::Paddq => a.paddq(xmm0, xmm1)?,
+                VecOp::Psubb => a.psubb(xmm0, xmm1)?,
+                VecOp::Psubw => a.psubw(xmm0, xmm1)?,
+                VecOp::Psubd => a.psubd(xmm0, xmm1)?,
+                VecOp::Psubq => a.psubq(xmm0, xmm1)?,
+            }
+            a.movdqu(xmm(dst), xmm0)
+        }
+        Inline::XmmStore { src, mem, aligned } => {
+            guest_memory(a, mem, aligned, true)?;
+            a.movdqu(xmm0, xmm(src))?;
+            a.movdqu(xmmword_ptr(rdx + rax), xmm0)
+        }
+        Inline::Pmovmskb { dst, src } => {
+            a.movdqu(xmm0, xmm(src))?;
+            a.pmovmskb(eax, xmm0)?;
+            a.mov(qword_ptr(r12 + gp(dst)), rax)
+        }
+        _ => unreachable!("sse() is called for the SSE forms only"),
+    }
 }
 
 impl LoadKind {

@@ -166,6 +166,10 @@ pub(crate) struct Layout {
     pub rflags: i32,
     /// The segment registers (`CpuState::segs`).
     pub segs: i32,
+    pub cr0: i32,
+    pub cr4: i32,
+    /// The XMM register file (`Fpu::xmm`, 16 bytes each).
+    pub xmm: i32,
 }
 
 impl Layout {
@@ -177,6 +181,9 @@ impl Layout {
             rip: off(&cpu.state.rip),
             rflags: off(&cpu.state.rflags),
             segs: (cpu.state.segs.as_ptr() as usize - base) as i32,
+            cr0: off(&cpu.state.cr0),
+            cr4: off(&cpu.state.cr4),
+            xmm: (cpu.state.fpu.xmm.as_ptr() as usize - base) as i32,
         }
     }
 }
