@@ -205,6 +205,11 @@ impl Cpu {
             // an interrupt could land between STI and HLT and the CPU would
             // halt with the work that interrupt brought pending (a guest
             // idle loop that never wakes).
+            // A halted CPU is past the instruction a shadow covers (a
+            // restored state may still carry one): it wakes as usual.
+            if self.state.events.halted {
+                self.state.events.interrupt_shadow = false;
+            }
             let shadow = self.state.events.interrupt_shadow;
             if !shadow {
                 if let Some(exit) = self.take_events(bus) {

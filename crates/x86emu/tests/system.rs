@@ -335,6 +335,22 @@ fn an_sti_shadow_outlives_a_return_from_run() {
 }
 
 #[test]
+fn a_halted_cpu_with_a_shadow_in_its_state_still_wakes() {
+    // A restored state (a snapshot file is untrusted) may say halted and
+    // in a shadow at once. A halted CPU is past any instruction a shadow
+    // covers: an interrupt must wake it, not be held off for ever.
+    let mut e = Env::long();
+    e.cpu.state.rflags = flags::FIXED1 | flags::IF;
+    e.cpu.state.rip = 0x11402;
+    e.cpu.state.events.halted = true;
+    e.cpu.state.events.interrupt_shadow = true;
+    e.cpu.inject_interrupt(0x20);
+    assert_eq!(e.run(), Exit::Halted);
+    assert_eq!(e.vector(), 0x20, "the interrupt was delivered");
+    assert_eq!(e.stack64(0), 0x11402, "to the halted CPU");
+}
+
+#[test]
 fn mov_cr3_and_invlpg_flush_the_tlb() {
     let mut e = Env::long();
     e.bus.write_u64(0x20_0000, 0xaaaa);
