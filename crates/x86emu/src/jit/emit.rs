@@ -169,28 +169,8 @@ enum Inline {
     /// RSP (SS base 0); anything else calls the handler, with RSP
     /// untouched until the access has succeeded.
     Stack(StackOp),
-    /// A whole-XMM SSE2 move or integer/bitwise op with an XMM register
-    /// or 16-byte memory source (`op` None: a move): the host instruction
-    /// on the guest register file. Memory goes through the inline
-    /// data-TLB lookup; a misaligned operand of a form that requires
-    /// alignment, SSE off (CR0.EM, CR0.TS, no CR4.OSFXSR) and anything
-    /// the lookup refuses call the handler, which raises what it must.
-    XmmLoad {
-        op: Option<VecOp>,
-        dst: usize,
-        src: XmmSrc,
-    },
-    /// MOVDQU/MOVDQA/MOVUPS/MOVAPS/MOVUPD/MOVAPD [mem], xmm (as `XmmLoad`).
-    XmmStore {
-        src: usize,
-        mem: Mem,
-        aligned: bool,
-    },
-    /// PMOVMSKB r32/r64, xmm (zero-extended into the 64-bit register).
-    Pmovmskb {
-        dst: usize,
-        src: usize,
-    },
+    /// Whole-XMM SSE2 forms (see `SseForm`).
+    Sse(SseForm),
     /// The block's final JMP rel (`cc` None) or Jcc rel to a canonical
     /// target: stores the new RIP, as `jcc_rel64` and `jmp_rel64` do.
     Branch {
@@ -200,7 +180,23 @@ enum Inline {
     },
 }
 
-/// The source of an `Inline::XmmLoad`.
+/// The SSE2 forms emitted inline, on the guest register file. Memory goes
+/// through the inline data-TLB lookup; a misaligned operand of a form
+/// that requires alignment, SSE off (CR0.EM, CR0.TS, no CR4.OSFXSR) and
+/// anything the lookup refuses call the handler, which raises what it
+/// must.
+#[derive(Clone, Copy)]
+enum SseForm {
+    /// A move or integer/bitwise op with an XMM register or 16-byte
+    /// memory source (`op` None: a move): the host instruction.
+    Load { op: Option<VecOp>, dst: usize, src: XmmSrc },
+    /// MOVDQU/MOVDQA/MOVUPS/MOVAPS/MOVUPD/MOVAPD [mem], xmm.
+    Store { src: usize, mem: Mem, aligned: bool },
+    /// PMOVMSKB r32/r64, xmm (zero-extended into the 64-bit register).
+    Pmovmskb { dst: usize, src: usize },
+}
+
+/// The source of an `SseForm::Load`.
 #[derive(Clone, Copy)]
 enum XmmSrc {
     Reg(usize),
@@ -345,9 +341,7 @@ impl Inline {
                 | Inline::LoadN { mem: Some(_), .. }
                 | Inline::StoreN { .. }
                 | Inline::AluMem(_)
-                | Inline::XmmLoad { .. }
-                | Inline::XmmStore { .. }
-                | Inline::Pmovmskb { .. }
+                | Inline::Sse(_)
         )
     }
 
@@ -734,12 +728,14 @@ fn classify_alu_mem(ins: &Instruction) -> Option<Inline> {
 }
 
 /// Whole-XMM SSE2 moves, integer and bitwise ops and PMOVMSKB (see
-/// `Inline::XmmLoad`). Legacy (non-VEX) encodings only.
+/// `SseForm`). Legacy (non-VEX) encodings only.
 fn classify_sse(ins: &Instruction) -> Option<Inline> {
     let xmm = |n: u32| {
         let r = ins.op_register(n);
         r.is_xmm().then(|| r.number() & 15)
     };
+    // The interpreter's rule for which 16-byte operands must be aligned.
+    let aligned = !crate::exec::sse::unaligned_ok(ins.mnemonic());
     let op = match ins.code() {
         Code::Movdqu_xmm_xmmm128
         | Code::Movdqa_xmm_xmmm128
@@ -755,23 +751,23 @@ fn classify_sse(ins: &Instruction) -> Option<Inline> {
         | Code::Movapd_xmmm128_xmm => {
             let src = xmm(1)?;
             if ins.op0_kind() == OpKind::Memory {
-                return Some(Inline::XmmStore {
+                return Some(Inline::Sse(SseForm::Store {
                     src,
                     mem: Mem::of(ins)?,
-                    aligned: !matches!(ins.mnemonic(), M::Movdqu | M::Movups | M::Movupd),
-                });
+                    aligned,
+                }));
             }
-            return Some(Inline::XmmLoad {
+            return Some(Inline::Sse(SseForm::Load {
                 op: None,
                 dst: xmm(0)?,
                 src: XmmSrc::Reg(src),
-            });
+            }));
         }
         Code::Pmovmskb_r32_xmm | Code::Pmovmskb_r64_xmm => {
-            return Some(Inline::Pmovmskb {
+            return Some(Inline::Sse(SseForm::Pmovmskb {
                 dst: gpr(ins.op0_register().full_register(), true)?,
                 src: xmm(1)?,
-            });
+            }));
         }
         Code::Pcmpeqb_xmm_xmmm128 => Some(VecOp::Pcmpeqb),
         Code::Pcmpeqw_xmm_xmmm128 => Some(VecOp::Pcmpeqw),
@@ -796,12 +792,11 @@ fn classify_sse(ins: &Instruction) -> Option<Inline> {
         OpKind::Register => XmmSrc::Reg(xmm(1)?),
         OpKind::Memory => XmmSrc::Mem {
             mem: Mem::of(ins)?,
-            // Only the unaligned moves take any 16-byte operand.
-            aligned: !matches!(ins.mnemonic(), M::Movdqu | M::Movups | M::Movupd),
+            aligned,
         },
         _ => return None,
     };
-    Some(Inline::XmmLoad { op, dst: xmm(0)?, src })
+    Some(Inline::Sse(SseForm::Load { op, dst: xmm(0)?, src }))
 }
 
 /// LEA with a 64-bit address (RIP-relative resolved by the decoder).
@@ -989,7 +984,7 @@ fn emit(a: &mut CodeAssembler, block: &Block, l: Layout, step: usize, links: usi
                 a.set_label(&mut resume)?;
                 slow_paths.push((slow, i, resume));
             }
-            Some(f @ (Inline::XmmLoad { .. } | Inline::XmmStore { .. } | Inline::Pmovmskb { .. })) => {
+            Some(Inline::Sse(f)) => {
                 let slow = a.create_label();
                 let mut resume = a.create_label();
                 sse(a, l, &gp, f, slow)?;
@@ -1267,9 +1262,7 @@ fn inline(
         | Inline::Stack(_)
         | Inline::LoadN { .. }
         | Inline::StoreN { .. }
-        | Inline::XmmLoad { .. }
-        | Inline::XmmStore { .. }
-        | Inline::Pmovmskb { .. }
+        | Inline::Sse(_)
         | Inline::AluMem(_) => {}
         Inline::MovRR { dst, src, wide } => {
             load(a, rax, eax, src, wide)?;
@@ -1766,7 +1759,7 @@ fn stack(
     Ok(())
 }
 
-/// An SSE form (see `Inline::XmmLoad`): the checks the handler makes
+/// An SSE form (see `SseForm`): the checks the handler makes
 /// before anything else (SSE on, then the memory operand's alignment and
 /// the inline lookup), each jumping to `slow`, then the host instruction
 /// on the guest XMM registers in the `Cpu`. Uses XMM0, XMM1 (caller-saved,
@@ -1775,7 +1768,7 @@ fn sse(
     a: &mut CodeAssembler,
     l: Layout,
     gp: &dyn Fn(usize) -> i32,
-    f: Inline,
+    f: SseForm,
     slow: CodeLabel,
 ) -> Result<(), IcedError> {
     use crate::state::cr;
@@ -1797,7 +1790,7 @@ fn sse(
         lookup(a, 16, store, slow)
     };
     match f {
-        Inline::XmmLoad { op, dst, src } => {
+        SseForm::Load { op, dst, src } => {
             match src {
                 XmmSrc::Reg(r) => a.movdqu(xmm1, xmm(r))?,
                 XmmSrc::Mem { mem, aligned } => {
@@ -1830,17 +1823,16 @@ fn sse(
             }
             a.movdqu(xmm(dst), xmm0)
         }
-        Inline::XmmStore { src, mem, aligned } => {
+        SseForm::Store { src, mem, aligned } => {
             guest_memory(a, mem, aligned, true)?;
             a.movdqu(xmm0, xmm(src))?;
             a.movdqu(xmmword_ptr(rdx + rax), xmm0)
         }
-        Inline::Pmovmskb { dst, src } => {
+        SseForm::Pmovmskb { dst, src } => {
             a.movdqu(xmm0, xmm(src))?;
             a.pmovmskb(eax, xmm0)?;
             a.mov(qword_ptr(r12 + gp(dst)), rax)
         }
-        _ => unreachable!("sse() is called for the SSE forms only"),
     }
 }
 

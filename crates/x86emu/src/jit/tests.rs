@@ -1161,8 +1161,9 @@ fn inline_sse_matches_the_interpreter() {
 
 /// SSE forms that fault: misaligned MOVDQA/PCMPEQB operands (#GP), a
 /// page fault on a load and on a store, SSE with CR0.TS (#NM) and without
-/// CR4.OSFXSR (#UD), each after the same form ran translated without
-/// faulting; registers, memory and CR2 as the interpreter leaves them.
+/// CR4.OSFXSR (#UD), in translated code (threshold 0) after a loop of the
+/// same forms ran there without faulting; registers, memory and CR2 as
+/// the interpreter leaves them.
 #[test]
 fn faulting_inline_sse_is_exact() {
     type Form = fn(&mut CodeAssembler) -> Result<(), IcedError>;
@@ -1202,7 +1203,7 @@ fn faulting_inline_sse_is_exact() {
             a.mov(edx, 300u32)?;
             a.mov(rbx, 0x30_0000u64)?;
             a.set_label(&mut top)?;
-            // Warm up: the same block shape with a good operand.
+            // The same forms with good operands first.
             a.movdqa(xmm1, xmmword_ptr(rbx))?;
             a.pcmpeqb(xmm1, xmmword_ptr(rbx + 0x10))?;
             a.pmovmskb(eax, xmm1)?;

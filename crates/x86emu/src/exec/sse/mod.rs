@@ -142,7 +142,7 @@ pub(crate) fn set_mm(cpu: &mut Cpu, i: usize, v: u64) {
 }
 
 /// Memory operands that may be misaligned although they are 16 bytes.
-fn unaligned_ok(m: M) -> bool {
+pub(crate) fn unaligned_ok(m: M) -> bool {
     matches!(m, M::Movups | M::Movupd | M::Movdqu | M::Lddqu)
 }
 
