@@ -39,11 +39,16 @@ fn workload() -> String {
     )
 }
 
-/// Check every `SUMr=` and `PAT-SUMr=` line of a console log against the
-/// host's figures; how many of each it holds.
-fn checked_work(log: &str) -> (usize, usize) {
+/// The md5 of the guest's first pattern file, `seq 1 200000`.
+fn pattern_md5() -> String {
     let pattern: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
-    let pattern_md5 = md5_of(pattern.as_bytes());
+    md5_of(pattern.as_bytes())
+}
+
+/// Check every `SUMr=` and `PAT-SUMr=` line of a console log against the
+/// host's figures (`pattern_md5` is [`pattern_md5`]); how many of each it
+/// holds.
+fn checked_work(log: &str, pattern_md5: &str) -> (usize, usize) {
     let (mut sums, mut patterns) = (0, 0);
     for line in log.lines().map(str::trim) {
         if let Some((round, value)) = line.strip_prefix("SUM").and_then(|l| l.split_once('=')) {
@@ -65,11 +70,12 @@ fn checked_work(log: &str) -> (usize, usize) {
 /// a right pattern checksum, see `checked_work`), and no broken pattern;
 /// `other` (such as the source's console) is shown too if it does not.
 fn wait_work(run_dir: &Path, name: &str, other: &str) -> String {
+    let pattern_md5 = pattern_md5();
     let start = Instant::now();
     loop {
         let l = console_log(run_dir, name);
         assert!(!l.contains("PAT-BAD"), "the pattern broke:\n{l}");
-        let (sums, patterns) = checked_work(&l);
+        let (sums, patterns) = checked_work(&l, &pattern_md5);
         if sums > 0 && patterns > 0 {
             return l;
         }
